@@ -1,0 +1,1 @@
+"""Peregrine's desktop app: Qt views over plain-Python services."""

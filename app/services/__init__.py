@@ -1,0 +1,1 @@
+"""Qt-free services: chat store, engine client, library, downloads, settings."""

@@ -1,0 +1,1 @@
+"""Peregrine's engine: a headless, Qt-free process that serves GGUF models."""
