@@ -1,0 +1,249 @@
+"""Chats and their messages in SQLite (WAL), saved token by token as answers stream.
+
+Every appended delta is committed at once. In WAL mode with synchronous=NORMAL a
+commit is one append to the WAL file without fsync, so it costs microseconds and
+a crash of the app or the engine loses at most the token in flight. (A power cut
+may lose the last commits; that is the trade WAL/NORMAL makes.)
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from engine.errors import PeregrineError
+
+Role = Literal["system", "user", "assistant"]
+# streaming: being written; complete: the model finished; stopped: the user
+# stopped it; interrupted: the engine or the app died; error: nothing usable.
+Status = Literal["streaming", "complete", "stopped", "interrupted", "error"]
+
+_SCHEMA = """
+CREATE TABLE IF NOT EXISTS chats (
+    id INTEGER PRIMARY KEY,
+    title TEXT NOT NULL,
+    system_prompt TEXT NOT NULL DEFAULT '',
+    preset TEXT NOT NULL DEFAULT 'Balanced',
+    created_at REAL NOT NULL,
+    updated_at REAL NOT NULL
+);
+CREATE TABLE IF NOT EXISTS messages (
+    id INTEGER PRIMARY KEY,
+    chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
+    content TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT 'complete',
+    meta TEXT NOT NULL DEFAULT '{}',
+    created_at REAL NOT NULL
+);
+CREATE INDEX IF NOT EXISTS messages_by_chat ON messages(chat_id, id);
+"""
+
+
+class ChatStoreError(PeregrineError):
+    """A chat or message that does not exist, or input the store refuses."""
+
+
+@dataclass(frozen=True)
+class Chat:
+    """One conversation's header."""
+
+    id: int
+    title: str
+    system_prompt: str
+    preset: str
+    created_at: float
+    updated_at: float
+
+
+@dataclass(frozen=True)
+class Message:
+    """One message as stored."""
+
+    id: int
+    chat_id: int
+    role: Role
+    content: str
+    status: Status
+    created_at: float
+    meta: dict[str, Any] = field(default_factory=dict)
+
+
+class ChatStore:
+    """The chat database. One instance per thread (sqlite3 connections are thread-bound)."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(str(path), isolation_level=None)
+        self._db.row_factory = sqlite3.Row
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=NORMAL")
+        self._db.execute("PRAGMA foreign_keys=ON")
+        self._db.executescript(_SCHEMA)
+        # A message still "streaming" at open was cut off by a crash: keep its
+        # text, say what happened.
+        self._db.execute("UPDATE messages SET status='interrupted' WHERE status='streaming'")
+
+    def close(self) -> None:
+        self._db.close()
+
+    # chats ------------------------------------------------------------------
+
+    def create_chat(
+        self, title: str = "New chat", system_prompt: str = "", preset: str = "Balanced"
+    ) -> Chat:
+        title = _clean_title(title)
+        now = self._clock()
+        cur = self._db.execute(
+            "INSERT INTO chats(title, system_prompt, preset, created_at, updated_at)"
+            " VALUES (?, ?, ?, ?, ?)",
+            (title, system_prompt, preset, now, now),
+        )
+        return self.chat(_rowid(cur))
+
+    def chat(self, chat_id: int) -> Chat:
+        row = self._db.execute("SELECT * FROM chats WHERE id=?", (chat_id,)).fetchone()
+        if row is None:
+            raise ChatStoreError(f"chat {chat_id} does not exist")
+        return Chat(**dict(row))
+
+    def list_chats(self, search: str = "") -> list[Chat]:
+        """Chats, most recently active first; `search` matches titles and message text."""
+        if search.strip():
+            pattern = "%" + _escape_like(search.strip()) + "%"
+            rows = self._db.execute(
+                "SELECT * FROM chats WHERE title LIKE ?1 ESCAPE '\\' OR id IN"
+                " (SELECT chat_id FROM messages WHERE content LIKE ?1 ESCAPE '\\')"
+                " ORDER BY updated_at DESC, id DESC",
+                (pattern,),
+            ).fetchall()
+        else:
+            rows = self._db.execute(
+                "SELECT * FROM chats ORDER BY updated_at DESC, id DESC"
+            ).fetchall()
+        return [Chat(**dict(r)) for r in rows]
+
+    def rename_chat(self, chat_id: int, title: str) -> Chat:
+        self._update_chat(chat_id, "title", _clean_title(title))
+        return self.chat(chat_id)
+
+    def set_system_prompt(self, chat_id: int, system_prompt: str) -> Chat:
+        self._update_chat(chat_id, "system_prompt", system_prompt)
+        return self.chat(chat_id)
+
+    def set_preset(self, chat_id: int, preset: str) -> Chat:
+        self._update_chat(chat_id, "preset", preset)
+        return self.chat(chat_id)
+
+    def delete_chat(self, chat_id: int) -> None:
+        cur = self._db.execute("DELETE FROM chats WHERE id=?", (chat_id,))
+        if cur.rowcount == 0:
+            raise ChatStoreError(f"chat {chat_id} does not exist")
+
+    def _update_chat(self, chat_id: int, column: str, value: str) -> None:
+        cur = self._db.execute(
+            f"UPDATE chats SET {column}=?, updated_at=? WHERE id=?",  # column is ours, not input
+            (value, self._clock(), chat_id),
+        )
+        if cur.rowcount == 0:
+            raise ChatStoreError(f"chat {chat_id} does not exist")
+
+    # messages ---------------------------------------------------------------
+
+    def add_message(
+        self, chat_id: int, role: Role, content: str, status: Status = "complete"
+    ) -> Message:
+        self.chat(chat_id)  # a clear error instead of a foreign-key failure
+        now = self._clock()
+        with self._db:
+            self._db.execute("BEGIN")
+            cur = self._db.execute(
+                "INSERT INTO messages(chat_id, role, content, status, created_at)"
+                " VALUES (?, ?, ?, ?, ?)",
+                (chat_id, role, content, status, now),
+            )
+            self._db.execute("UPDATE chats SET updated_at=? WHERE id=?", (now, chat_id))
+        return self.message(_rowid(cur))
+
+    def message(self, message_id: int) -> Message:
+        row = self._db.execute("SELECT * FROM messages WHERE id=?", (message_id,)).fetchone()
+        if row is None:
+            raise ChatStoreError(f"message {message_id} does not exist")
+        return _message(row)
+
+    def messages(self, chat_id: int) -> list[Message]:
+        rows = self._db.execute(
+            "SELECT * FROM messages WHERE chat_id=? ORDER BY id", (chat_id,)
+        ).fetchall()
+        return [_message(r) for r in rows]
+
+    def append_delta(self, message_id: int, delta: str) -> None:
+        """Appends streamed text to a message and commits (see the module docstring)."""
+        cur = self._db.execute(
+            "UPDATE messages SET content = content || ? WHERE id=?", (delta, message_id)
+        )
+        if cur.rowcount == 0:
+            raise ChatStoreError(f"message {message_id} does not exist")
+
+    def finish_message(
+        self, message_id: int, status: Status, meta: dict[str, Any] | None = None
+    ) -> Message:
+        cur = self._db.execute(
+            "UPDATE messages SET status=?, meta=? WHERE id=?",
+            (status, json.dumps(meta or {}), message_id),
+        )
+        if cur.rowcount == 0:
+            raise ChatStoreError(f"message {message_id} does not exist")
+        return self.message(message_id)
+
+    def edit_message(self, message_id: int, content: str) -> Message:
+        cur = self._db.execute("UPDATE messages SET content=? WHERE id=?", (content, message_id))
+        if cur.rowcount == 0:
+            raise ChatStoreError(f"message {message_id} does not exist")
+        return self.message(message_id)
+
+    def delete_messages_after(self, message_id: int) -> int:
+        """Deletes the later messages of the same chat (for regenerate and edit-and-resend)."""
+        msg = self.message(message_id)
+        cur = self._db.execute(
+            "DELETE FROM messages WHERE chat_id=? AND id>?", (msg.chat_id, message_id)
+        )
+        return cur.rowcount
+
+    def delete_message(self, message_id: int) -> None:
+        cur = self._db.execute("DELETE FROM messages WHERE id=?", (message_id,))
+        if cur.rowcount == 0:
+            raise ChatStoreError(f"message {message_id} does not exist")
+
+    def journal_mode(self) -> str:
+        return str(self._db.execute("PRAGMA journal_mode").fetchone()[0])
+
+
+def _message(row: sqlite3.Row) -> Message:
+    data = dict(row)
+    data["meta"] = json.loads(data["meta"] or "{}")
+    return Message(**data)
+
+
+def _rowid(cur: sqlite3.Cursor) -> int:
+    if cur.lastrowid is None:
+        raise ChatStoreError("the database did not return a row id")
+    return cur.lastrowid
+
+
+def _clean_title(title: str) -> str:
+    title = " ".join(title.split())
+    if not title:
+        raise ChatStoreError("a chat title cannot be empty")
+    return title[:200]
+
+
+def _escape_like(text: str) -> str:
+    return text.replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")

@@ -1,0 +1,171 @@
+"""The app's settings: one typed model with a schema version, stored as JSON.
+
+Older files are migrated step by step on load. A file that cannot be read is
+never overwritten: it is moved aside so nothing the user wrote is lost.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from engine.errors import PeregrineError
+
+log = logging.getLogger(__name__)
+
+SCHEMA_VERSION = 2
+
+
+class SettingsError(PeregrineError):
+    """The settings file exists but cannot be used as it is."""
+
+
+class RemoteEndpoint(BaseModel):
+    """An OpenAI-compatible server the chat can run against instead of the local engine."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    name: str = Field(min_length=1)
+    base_url: str = Field(min_length=1)
+    api_key: str = ""
+    model: str = ""  # empty: the server's first model
+
+    @field_validator("base_url")
+    @classmethod
+    def _http_url(cls, value: str) -> str:
+        value = value.strip()
+        if not value.startswith(("http://", "https://")):
+            raise ValueError("must start with http:// or https://")
+        return value.rstrip("/")
+
+
+class EngineSettings(BaseModel):
+    """How the local engine is started; None lets the engine choose."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    n_ctx: int | None = Field(default=None, ge=16)
+    threads: int | None = Field(default=None, ge=1)
+    draft_model: str | None = None
+
+
+class Settings(BaseModel):
+    """Everything the desktop app remembers between runs."""
+
+    model_config = ConfigDict(extra="ignore", validate_assignment=True)
+
+    schema_version: int = SCHEMA_VERSION
+    last_model_path: str | None = None
+    engine: EngineSettings = Field(default_factory=EngineSettings)
+    remote_endpoints: list[RemoteEndpoint] = Field(default_factory=list)
+    # Name of the remote endpoint in use; None means the local engine.
+    active_endpoint: str | None = None
+    # Replaces the model library's default scan folders when set.
+    library_scan_folders: list[str] | None = None
+    default_preset: str = "Balanced"
+    default_system_prompt: str = ""
+
+    def endpoint(self, name: str | None) -> RemoteEndpoint | None:
+        """The remote endpoint with this name, or None for the local engine."""
+        if name is None:
+            return None
+        for endpoint in self.remote_endpoints:
+            if endpoint.name == name:
+                return endpoint
+        return None
+
+
+def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
+    # Version 1 kept a single remote server as flat keys.
+    data = dict(data)
+    url = data.pop("remote_url", None)
+    key = data.pop("remote_api_key", "")
+    endpoints = list(data.get("remote_endpoints") or [])
+    if url:
+        endpoints.append({"name": "Remote", "base_url": url, "api_key": key or ""})
+    data["remote_endpoints"] = endpoints
+    if "model_path" in data and "last_model_path" not in data:
+        data["last_model_path"] = data.pop("model_path")
+    data["schema_version"] = 2
+    return data
+
+
+# from-version -> function producing the next version's dict.
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+
+
+def migrate(data: dict[str, Any]) -> dict[str, Any]:
+    """Brings a settings dict of any known older version up to SCHEMA_VERSION."""
+    version = data.get("schema_version", 1)
+    if not isinstance(version, int) or version < 1:
+        raise SettingsError(f"settings: schema_version {version!r} is not a positive integer")
+    if version > SCHEMA_VERSION:
+        raise SettingsError(
+            f"settings were written by a newer Peregrine (schema {version}, "
+            f"this one knows {SCHEMA_VERSION}); upgrade Peregrine"
+        )
+    while version < SCHEMA_VERSION:
+        data = MIGRATIONS[version](data)
+        version = data["schema_version"]
+    return data
+
+
+class SettingsStore:
+    """Loads and saves Settings at one path (normally Paths.settings_file)."""
+
+    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+        self.path = path
+        self._clock = clock
+
+    def load(self) -> Settings:
+        """Reads the settings; defaults when there is no file yet; SettingsError when unusable."""
+        try:
+            text = self.path.read_text(encoding="utf-8")
+        except FileNotFoundError:
+            return Settings()
+        except OSError as exc:
+            raise SettingsError(f"cannot read settings {self.path}: {exc.strerror}") from exc
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as exc:
+            raise SettingsError(
+                f"settings {self.path} are not valid JSON (line {exc.lineno}: {exc.msg})"
+            ) from exc
+        if not isinstance(data, dict):
+            raise SettingsError(f"settings {self.path} must hold a JSON object")
+        data = migrate(data)
+        try:
+            return Settings.model_validate(data)
+        except ValidationError as exc:
+            first = exc.errors()[0]
+            where = ".".join(str(p) for p in first["loc"]) or "(top level)"
+            raise SettingsError(f"settings {self.path}: {where}: {first['msg']}") from exc
+
+    def load_or_reset(self) -> tuple[Settings, str | None]:
+        """Like load(), but an unusable file is moved aside and defaults are used.
+
+        Returns the settings and, when the file was moved aside, a message for the user.
+        """
+        try:
+            return self.load(), None
+        except SettingsError as exc:
+            if not self.path.exists():
+                raise
+            aside = self.path.with_name(f"{self.path.name}.broken-{int(self._clock())}")
+            os.replace(self.path, aside)
+            log.warning("%s; moved to %s", exc, aside)
+            return Settings(), f"{exc}. The file was kept as {aside.name}; defaults are in use."
+
+    def save(self, settings: Settings) -> None:
+        """Writes atomically: a crash mid-write leaves the previous file intact."""
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(self.path.name + ".tmp")
+        tmp.write_text(settings.model_dump_json(indent=2) + "\n", encoding="utf-8")
+        os.replace(tmp, self.path)

@@ -1,0 +1,93 @@
+"""Settings: one typed model, schema version and migrations, nothing lost on bad input."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from app.services.settings import (
+    SCHEMA_VERSION,
+    RemoteEndpoint,
+    Settings,
+    SettingsError,
+    SettingsStore,
+)
+from engine.paths import Paths
+
+
+def _store() -> SettingsStore:
+    return SettingsStore(Paths.from_env().settings_file, clock=lambda: 1700000000.0)
+
+
+def test_first_run_gives_defaults_without_writing() -> None:
+    store = _store()
+    settings = store.load()
+    assert settings == Settings()
+    assert settings.schema_version == SCHEMA_VERSION
+    assert settings.last_model_path is None
+    assert not store.path.exists()
+
+
+def test_round_trip_keeps_every_field() -> None:
+    store = _store()
+    settings = Settings(
+        last_model_path="/models/a.gguf",
+        remote_endpoints=[
+            RemoteEndpoint(name="lab", base_url="http://10.0.0.2:8080/v1/", api_key="k")
+        ],
+        active_endpoint="lab",
+        library_scan_folders=["/data/gguf"],
+    )
+    store.save(settings)
+    loaded = store.load()
+    assert loaded == settings
+    assert loaded.endpoint("lab") is not None
+    assert loaded.endpoint("lab").base_url == "http://10.0.0.2:8080/v1"  # type: ignore[union-attr]
+    assert loaded.endpoint(None) is None
+    assert not store.path.with_name("settings.json.tmp").exists()
+
+
+def test_version_1_file_is_migrated() -> None:
+    store = _store()
+    store.path.parent.mkdir(parents=True)
+    store.path.write_text(
+        json.dumps(
+            {"model_path": "/m/old.gguf", "remote_url": "http://h:1/v1", "remote_api_key": "s"}
+        )
+    )
+    loaded = store.load()
+    assert loaded.schema_version == SCHEMA_VERSION
+    assert loaded.last_model_path == "/m/old.gguf"
+    assert [(e.name, e.base_url, e.api_key) for e in loaded.remote_endpoints] == [
+        ("Remote", "http://h:1/v1", "s")
+    ]
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ("{not json", "not valid JSON"),
+        ("[1, 2]", "JSON object"),
+        (json.dumps({"schema_version": 99}), "newer Peregrine"),
+        (
+            json.dumps(
+                {"schema_version": 2, "remote_endpoints": [{"name": "x", "base_url": "ftp://x"}]}
+            ),
+            "remote_endpoints.0.base_url",
+        ),
+    ],
+)
+def test_unusable_file_is_a_clear_error_and_is_kept(content: str, message: str) -> None:
+    store = _store()
+    store.path.parent.mkdir(parents=True)
+    store.path.write_text(content)
+    with pytest.raises(SettingsError, match=message):
+        store.load()
+    assert store.path.read_text() == content  # load never rewrites
+    settings, warning = store.load_or_reset()
+    assert settings == Settings()
+    assert warning is not None and message.split()[0] in warning
+    aside = store.path.with_name("settings.json.broken-1700000000")
+    assert aside.read_text() == content
+    assert not store.path.exists()
