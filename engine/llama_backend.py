@@ -1,0 +1,389 @@
+"""A thin, typed wrapper over llama-cpp-python's low-level API.
+
+Everything that touches a llama.cpp handle lives here; the decoding loop in
+`decoder.py` talks only to `LlamaModel`. One instance is used from one thread
+(the engine's decode thread): llama.cpp contexts are not thread-safe.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import logging
+import os
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+import llama_cpp
+
+from engine.errors import PeregrineError
+from engine.wire import KV_TYPE_IDS, LoadRequest
+
+log = logging.getLogger("peregrine.llama")
+
+FLASH_ATTN_TYPES = {"auto": -1, "off": 0, "on": 1}
+# ggml_log_level: NONE 0, DEBUG 1, INFO 2, WARN 3, ERROR 4, CONT 5 (continues the previous line).
+_LLAMA_LEVELS = {1: logging.DEBUG, 2: logging.INFO, 3: logging.WARNING, 4: logging.ERROR}
+
+
+class DecodeError(PeregrineError):
+    """llama_decode failed (no KV slot, aborted, or an internal error)."""
+
+
+@dataclass(frozen=True)
+class MemoryReport:
+    """Buffer sizes as llama.cpp logged them while loading (bytes)."""
+
+    weights: int = 0
+    kv: int = 0
+    compute: int = 0
+
+    @property
+    def total(self) -> int:
+        return self.weights + self.kv + self.compute
+
+
+class LlamaLogCapture:
+    """Routes llama.cpp's log to Python logging and keeps the buffer sizes it reports.
+
+    The ctypes callback object must outlive every call llama.cpp makes, so the
+    capture is created once per process and kept alive by its owner.
+    """
+
+    def __init__(self) -> None:
+        self.lines: list[str] = []
+        self._partial = ""
+        self._callback = llama_cpp.llama_log_callback(self._on_log)
+        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+
+    def _on_log(self, level: int, text: bytes, _user: Any) -> None:
+        message = self._partial + text.decode("utf-8", errors="replace")
+        if not message.endswith("\n"):
+            self._partial = message
+            return
+        self._partial = ""
+        for line in message.splitlines():
+            if line.strip():
+                self.lines.append(line)
+                log.log(_LLAMA_LEVELS.get(level, logging.INFO), "%s", line)
+        if len(self.lines) > 4000:
+            del self.lines[:2000]
+
+    def mark(self) -> int:
+        return len(self.lines)
+
+    def memory_since(self, mark: int) -> MemoryReport:
+        return parse_memory_log(self.lines[mark:])
+
+
+def parse_memory_log(lines: Sequence[str]) -> MemoryReport:
+    """Sums the model, KV and compute buffer sizes from llama.cpp's log lines."""
+    weights = kv = compute = 0.0
+    for line in lines:
+        if "model buffer size" in line and "=" in line:
+            weights += _mib(line.rsplit("=", 1)[1])
+        elif line.startswith("llama_kv_cache: size") or "llama_kv_cache: size" in line:
+            kv += _mib(line.split("=", 1)[1].split("(")[0])
+        elif "compute buffer size" in line and "=" in line:
+            compute += _mib(line.rsplit("=", 1)[1])
+    return MemoryReport(int(weights * 2**20), int(kv * 2**20), int(compute * 2**20))
+
+
+def _mib(text: str) -> float:
+    number = text.strip().split()[0]
+    try:
+        return float(number)
+    except ValueError:
+        return 0.0
+
+
+def default_threads() -> int:
+    """Physical cores: hyperthreads slow llama.cpp's decode down."""
+    try:
+        import psutil
+
+        cores = psutil.cpu_count(logical=False)
+    except Exception:  # psutil may be unable to read the topology in containers
+        cores = None
+    return max(1, cores or os.cpu_count() or 1)
+
+
+class LlamaModel:
+    """One loaded model with one context (sequence 0), driven from one thread."""
+
+    def __init__(
+        self,
+        request: LoadRequest,
+        *,
+        progress: Callable[[float], None] | None = None,
+        log_capture: LlamaLogCapture | None = None,
+    ) -> None:
+        self.request = request
+        self._log = log_capture
+        mark = log_capture.mark() if log_capture else 0
+        llama_cpp.llama_backend_init()
+
+        mparams = llama_cpp.llama_model_default_params()
+        mparams.n_gpu_layers = request.n_gpu_layers if request.n_gpu_layers >= 0 else 999
+        self._tensor_split: Any = None
+        if request.tensor_split:
+            arr = (ctypes.c_float * len(request.tensor_split))(*request.tensor_split)
+            self._tensor_split = arr
+            mparams.tensor_split = arr
+        # Keep the callback referenced for the whole load.
+        self._progress_cb = llama_cpp.llama_progress_callback(
+            lambda value, _user: (progress(float(value)) if progress else None) or True
+        )
+        mparams.progress_callback = self._progress_cb
+        model = llama_cpp.llama_model_load_from_file(request.model.encode("utf-8"), mparams)
+        if not model:
+            raise PeregrineError(f"llama.cpp could not load the model: {request.model}")
+        self.model = model
+        self.vocab = llama_cpp.llama_model_get_vocab(model)
+
+        threads = request.threads or default_threads()
+        cparams = llama_cpp.llama_context_default_params()
+        cparams.n_ctx = request.n_ctx
+        cparams.n_batch = request.n_batch
+        cparams.n_ubatch = min(request.n_ubatch, request.n_batch)
+        cparams.n_seq_max = 1
+        cparams.n_threads = threads
+        cparams.n_threads_batch = threads
+        cparams.flash_attn_type = FLASH_ATTN_TYPES[request.flash_attn]
+        cparams.type_k = KV_TYPE_IDS[request.type_k]
+        cparams.type_v = KV_TYPE_IDS[request.type_v]
+        cparams.no_perf = True
+        ctx = llama_cpp.llama_init_from_model(model, cparams)
+        if not ctx:
+            llama_cpp.llama_model_free(model)
+            raise PeregrineError(
+                "llama.cpp could not create the context "
+                f"(n_ctx {request.n_ctx}, K {request.type_k}, V {request.type_v}, "
+                f"flash attention {request.flash_attn}): not enough memory, or a "
+                "quantized V cache without flash attention"
+            )
+        self.ctx = ctx
+        self.memory = llama_cpp.llama_get_memory(ctx)
+        self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
+        self.n_batch = request.n_batch
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
+        self.threads = threads
+        self._batch = llama_cpp.llama_batch_init(max(self.n_batch, 64), 0, 1)
+        self._batch_capacity = max(self.n_batch, 64)
+        self._pieces: dict[int, bytes] = {}
+        self._piece_buf = ctypes.create_string_buffer(256)
+        self.memory_report = log_capture.memory_since(mark) if log_capture else MemoryReport()
+        self.has_recurrent_state = bool(
+            llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
+        )
+
+    # --- metadata -----------------------------------------------------------------
+
+    def meta(self, key: str) -> str | None:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self.model, key.encode(), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    def token_text(self, token: int) -> str:
+        text = llama_cpp.llama_vocab_get_text(self.vocab, token)
+        return text.decode("utf-8", errors="replace") if text else ""
+
+    @property
+    def bos(self) -> int:
+        return int(llama_cpp.llama_vocab_bos(self.vocab))
+
+    @property
+    def eos(self) -> int:
+        return int(llama_cpp.llama_vocab_eos(self.vocab))
+
+    @property
+    def add_bos(self) -> bool:
+        return bool(llama_cpp.llama_vocab_get_add_bos(self.vocab))
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    # --- text <-> tokens ----------------------------------------------------------
+
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]:
+        data = text.encode("utf-8")
+        capacity = len(data) + 8
+        tokens = (llama_cpp.llama_token * capacity)()
+        n = llama_cpp.llama_tokenize(
+            self.vocab, data, len(data), tokens, capacity, add_special, parse_special
+        )
+        if n < 0:
+            capacity = -n
+            tokens = (llama_cpp.llama_token * capacity)()
+            n = llama_cpp.llama_tokenize(
+                self.vocab, data, len(data), tokens, capacity, add_special, parse_special
+            )
+            if n < 0:
+                raise PeregrineError("the prompt could not be tokenized")
+        return list(tokens[:n])
+
+    def piece(self, token: int) -> bytes:
+        """The bytes a token renders to (control tokens render to nothing)."""
+        cached = self._pieces.get(token)
+        if cached is not None:
+            return cached
+        buf = self._piece_buf
+        n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self.vocab, token, buf, len(buf), 0, False)
+        piece = bytes(buf.raw[: max(n, 0)])
+        self._pieces[token] = piece
+        return piece
+
+    # --- evaluation ---------------------------------------------------------------
+
+    def decode(self, tokens: Sequence[int], pos0: int, *, logits_all: bool = False) -> float:
+        """Evaluates tokens at positions pos0.., returning the wall time in ms.
+
+        Logits are kept for the last token only, or for every row when
+        `logits_all` (the verify step of speculative decoding). Inputs longer
+        than n_batch are split; with `logits_all` they must fit one batch.
+        """
+        if logits_all and len(tokens) > self._batch_capacity:
+            raise DecodeError("verify batch larger than n_batch")
+        start = time.perf_counter()
+        batch = self._batch
+        step = self._batch_capacity
+        for offset in range(0, len(tokens), step):
+            chunk = tokens[offset : offset + step]
+            last_chunk = offset + step >= len(tokens)
+            n = len(chunk)
+            for i, token in enumerate(chunk):
+                batch.token[i] = token
+                batch.pos[i] = pos0 + offset + i
+                batch.n_seq_id[i] = 1
+                batch.seq_id[i][0] = 0
+                batch.logits[i] = logits_all
+            if last_chunk:
+                batch.logits[n - 1] = True
+            batch.n_tokens = n
+            rc = llama_cpp.llama_decode(self.ctx, batch)
+            if rc != 0:
+                raise DecodeError(
+                    "the context is full" if rc == 1 else f"llama_decode failed ({rc})"
+                )
+        return (time.perf_counter() - start) * 1000.0
+
+    def truncate(self, n_keep: int) -> bool:
+        """Drops every KV cell at position >= n_keep. False if llama.cpp refused."""
+        return bool(llama_cpp.llama_memory_seq_rm(self.memory, 0, n_keep, -1))
+
+    def clear(self) -> None:
+        llama_cpp.llama_memory_clear(self.memory, True)
+
+    def pos_max(self) -> int:
+        return int(llama_cpp.llama_memory_seq_pos_max(self.memory, 0))
+
+    # --- sequence state (per-chat KV snapshots) -----------------------------------
+
+    def save_state(self) -> bytes:
+        size = int(llama_cpp.llama_state_seq_get_size(self.ctx, 0))
+        buf = (ctypes.c_uint8 * size)()
+        written = int(llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, 0))
+        return bytes(memoryview(buf)[:written])
+
+    def restore_state(self, data: bytes) -> bool:
+        """Replaces sequence 0 with a saved state. False if llama.cpp refused it."""
+        self.clear()
+        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        read = int(llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(data), 0))
+        if read == 0:
+            self.clear()
+            return False
+        return True
+
+    # --- sampling -----------------------------------------------------------------
+
+    def sample(self, sampler: Any, row: int) -> int:
+        """Samples (and accepts into the chain) a token from output row `row`."""
+        return int(llama_cpp.llama_sampler_sample(sampler, self.ctx, row))
+
+    def close(self) -> None:
+        if getattr(self, "_batch", None) is not None:
+            llama_cpp.llama_batch_free(self._batch)
+            self._batch = None
+        if getattr(self, "ctx", None):
+            llama_cpp.llama_free(self.ctx)
+            self.ctx = None
+        if getattr(self, "model", None):
+            llama_cpp.llama_model_free(self.model)
+            self.model = None
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    """How to pick each token; `temperature <= 0` means greedy."""
+
+    temperature: float = 0.8
+    top_k: int = 40
+    top_p: float = 0.95
+    min_p: float = 0.05
+    repeat_penalty: float = 1.0
+    repeat_last_n: int = 64
+    frequency_penalty: float = 0.0
+    presence_penalty: float = 0.0
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature <= 0.0
+
+
+class SamplerChain:
+    """A llama.cpp sampler chain built from SamplingParams, freed on close."""
+
+    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
+        chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        self.handle = chain
+        penalize = (
+            params.repeat_penalty != 1.0
+            or params.frequency_penalty != 0.0
+            or params.presence_penalty != 0.0
+        )
+        if penalize:
+            llama_cpp.llama_sampler_chain_add(
+                chain,
+                llama_cpp.llama_sampler_init_penalties(
+                    n_vocab,
+                    params.repeat_last_n,
+                    params.repeat_penalty,
+                    params.frequency_penalty,
+                    params.presence_penalty,
+                ),
+            )
+        if params.greedy:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
+            return
+        if params.top_k > 0:
+            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+        if params.top_p < 1.0:
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1)
+            )
+        if params.min_p > 0.0:
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1)
+            )
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+        seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
+        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+
+    def accept(self, token: int) -> None:
+        llama_cpp.llama_sampler_accept(self.handle, token)
+
+    def close(self) -> None:
+        if self.handle is not None:
+            llama_cpp.llama_sampler_free(self.handle)
+            self.handle = None

@@ -1,0 +1,338 @@
+"""The engine core: one decode thread, a bounded queue, load/unload and status.
+
+Everything that touches llama.cpp runs on the decode thread; HTTP handlers
+submit jobs and receive plain events back through callbacks. Cancellation is
+cooperative: a job's `cancel` event is checked by the decoder on every token.
+"""
+
+from __future__ import annotations
+
+import logging
+import queue
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from engine.chat_template import ChatTemplate
+from engine.decoder import Decoder, GenerationRequest, GenerationResult, SpecParams
+from engine.errors import PeregrineError
+from engine.llama_backend import LlamaLogCapture, LlamaModel, SamplingParams
+from engine.prefix_cache import PrefixStateCache
+from engine.wire import (
+    EngineState,
+    EngineStatus,
+    LoadRequest,
+    MemoryFigures,
+    ModelRef,
+    QueueInfo,
+    RuntimeInfo,
+    SpeculativeStatus,
+)
+
+log = logging.getLogger("peregrine.scheduler")
+
+
+class QueueFull(PeregrineError):
+    """Too many requests are waiting."""
+
+
+class NotReady(PeregrineError):
+    """No model is loaded (or it is still loading)."""
+
+
+class PromptTooLong(PeregrineError):
+    """The prompt does not fit the context."""
+
+    def __init__(self, n_prompt: int, n_ctx: int) -> None:
+        super().__init__(
+            f"the prompt has {n_prompt} tokens, more than the context of {n_ctx} tokens allows"
+        )
+        self.n_prompt = n_prompt
+        self.n_ctx = n_ctx
+
+
+@dataclass
+class PromptSpec:
+    """A prompt as the client sent it: chat messages, text, or token ids."""
+
+    messages: list[dict[str, Any]] | None = None
+    text: str | None = None
+    token_ids: list[int] | None = None
+
+
+@dataclass
+class Job:
+    """One generation request in flight, with callbacks run on the decode thread."""
+
+    prompt: PromptSpec
+    sampling: SamplingParams
+    max_tokens: int | None
+    stop: list[str]
+    speculative: SpecParams
+    on_start: Callable[[int, int], None]  # (prompt tokens, max_tokens granted)
+    on_text: Callable[[str], None]
+    on_done: Callable[[GenerationResult | None, BaseException | None], None]
+    cancel: threading.Event = field(default_factory=threading.Event)
+
+
+def model_id_for(path: str) -> str:
+    name = Path(path).name
+    return name[:-5] if name.lower().endswith(".gguf") else name
+
+
+class Engine:
+    """Owns the model and serialises all work on it."""
+
+    def __init__(
+        self,
+        *,
+        queue_limit: int = 16,
+        state_cache_bytes: int = 1 << 30,
+        runtime: RuntimeInfo | None = None,
+        validate: Callable[[str], object] | None = None,
+        log_capture: LlamaLogCapture | None = None,
+    ) -> None:
+        self.queue_limit = queue_limit
+        self.runtime = runtime or RuntimeInfo(name="default", backend="cpu")
+        self._validate = validate
+        self._log_capture = log_capture or LlamaLogCapture()
+        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        self._lock = threading.Lock()
+        self._waiting = 0
+        self.state: EngineState = "idle"
+        self.load_progress = 0.0
+        self.error: str | None = None
+        self.settings: LoadRequest | None = None
+        self.model: LlamaModel | None = None
+        self.decoder: Decoder | None = None
+        self.template: ChatTemplate | None = None
+        self._state_cache = PrefixStateCache(state_cache_bytes)
+        self._current: Job | None = None
+        self._load_done = threading.Event()
+        self._thread = threading.Thread(target=self._run, name="peregrine-decode", daemon=True)
+        self._thread.start()
+
+    # --- decode thread ------------------------------------------------------------
+
+    def _run(self) -> None:
+        while True:
+            work = self._jobs.get()
+            if work is None:
+                break
+            try:
+                work()
+            except Exception:  # a job's own handler reports errors; this is a last guard
+                log.exception("engine job failed")
+        self._unload_now()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        with self._lock:
+            if self._current is not None:
+                self._current.cancel.set()
+        self._jobs.put(None)
+        self._thread.join(timeout)
+
+    # --- loading ------------------------------------------------------------------
+
+    def load(self, request: LoadRequest) -> threading.Event:
+        """Queues a model load; returns an event set when it finished (or failed)."""
+        done = threading.Event()
+        with self._lock:
+            self.state = "loading"
+            self.load_progress = 0.0
+            self.error = None
+            self.settings = request
+
+        def work() -> None:
+            try:
+                self._load_now(request)
+            finally:
+                done.set()
+
+        self._jobs.put(work)
+        return done
+
+    def _load_now(self, request: LoadRequest) -> None:
+        self._unload_now()
+        with self._lock:
+            self.state = "loading"
+            self.settings = request
+        try:
+            if self._validate is not None:
+                self._validate(request.model)
+            model = LlamaModel(request, progress=self._on_progress, log_capture=self._log_capture)
+            self.template = ChatTemplate(
+                model.meta("tokenizer.chat_template"),
+                bos_token=model.token_text(model.bos) if model.bos >= 0 else "",
+                eos_token=model.token_text(model.eos) if model.eos >= 0 else "",
+            )
+        except PeregrineError as exc:
+            self._fail_load(str(exc))
+            return
+        except Exception as exc:
+            log.exception("model load failed")
+            self._fail_load(f"{type(exc).__name__}: {exc}")
+            return
+        self.model = model
+        self.decoder = Decoder(model, state_cache=self._state_cache)
+        with self._lock:
+            self.state = "ready"
+            self.load_progress = 1.0
+        log.info("model loaded: %s (n_ctx %d)", request.model, model.n_ctx)
+
+    def _fail_load(self, message: str) -> None:
+        with self._lock:
+            self.state = "error"
+            self.error = message
+        log.error("model load failed: %s", message)
+
+    def _on_progress(self, value: float) -> None:
+        self.load_progress = max(0.0, min(1.0, value))
+
+    def unload(self) -> threading.Event:
+        done = threading.Event()
+
+        def work() -> None:
+            try:
+                self._unload_now()
+                with self._lock:
+                    self.state = "idle"
+                    self.settings = None
+            finally:
+                done.set()
+
+        self._jobs.put(work)
+        return done
+
+    def _unload_now(self) -> None:
+        if self.model is not None:
+            self.model.close()
+        self.model = None
+        self.decoder = None
+        self.template = None
+        self._state_cache.clear()
+
+    # --- generation ---------------------------------------------------------------
+
+    def submit(self, job: Job) -> None:
+        """Queues a generation; raises QueueFull or NotReady at once."""
+        with self._lock:
+            if self.state == "loading":
+                raise NotReady("the model is still loading")
+            if self.model is None or self.state == "error":
+                raise NotReady(self.error or "no model is loaded")
+            if self._waiting >= self.queue_limit:
+                raise QueueFull(f"the engine is busy: {self._waiting} requests are waiting")
+            self._waiting += 1
+        self._jobs.put(lambda: self._generate(job))
+
+    def _generate(self, job: Job) -> None:
+        with self._lock:
+            self._waiting -= 1
+            self._current = job
+            previous = self.state
+            self.state = "generating"
+        result: GenerationResult | None = None
+        error: BaseException | None = None
+        try:
+            if job.cancel.is_set():
+                return
+            if self.model is None or self.decoder is None:
+                raise NotReady("no model is loaded")
+            tokens = self._tokenize(job.prompt)
+            n_ctx = self.model.n_ctx
+            if len(tokens) >= n_ctx:
+                raise PromptTooLong(len(tokens), n_ctx)
+            room = n_ctx - len(tokens)
+            granted = room if job.max_tokens is None else min(job.max_tokens, room)
+            job.on_start(len(tokens), granted)
+            result = self.decoder.generate(
+                GenerationRequest(
+                    prompt_tokens=tokens,
+                    sampling=job.sampling,
+                    max_tokens=granted,
+                    stop=job.stop,
+                    speculative=job.speculative,
+                    cancel=job.cancel,
+                ),
+                job.on_text,
+            )
+        except BaseException as exc:
+            error = exc
+        finally:
+            with self._lock:
+                self._current = None
+                if self.state == "generating":
+                    self.state = "ready" if previous in ("ready", "generating") else previous
+            job.on_done(result, error)
+
+    def _tokenize(self, prompt: PromptSpec) -> list[int]:
+        assert self.model is not None and self.template is not None
+        if prompt.token_ids is not None:
+            bad = [t for t in prompt.token_ids if not 0 <= t < self.model.n_vocab]
+            if bad:
+                raise PeregrineError(f"token id {bad[0]} is outside the vocabulary")
+            return list(prompt.token_ids)
+        if prompt.messages is not None:
+            text = self.template.render(prompt.messages)
+            # The template writes the BOS token itself when the model wants one.
+            tokens = self.model.tokenize(text, add_special=False, parse_special=True)
+            if self.model.add_bos and (not tokens or tokens[0] != self.model.bos):
+                tokens.insert(0, self.model.bos)
+            return tokens
+        return self.model.tokenize(prompt.text or "", add_special=True, parse_special=True)
+
+    # --- status -------------------------------------------------------------------
+
+    @property
+    def model_id(self) -> str | None:
+        return model_id_for(self.settings.model) if self.settings else None
+
+    def wait_idle(self, timeout: float = 10.0) -> bool:
+        """Blocks until the queue is drained (tests and shutdown)."""
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            with self._lock:
+                if self._current is None and self._waiting == 0:
+                    return True
+            time.sleep(0.01)
+        return False
+
+    def status(self) -> EngineStatus:
+        with self._lock:
+            model = self.model
+            mem = model.memory_report if model else None
+            decoder = self.decoder
+            ctl = decoder.controller if decoder else None
+            return EngineStatus(
+                state=self.state,
+                load_progress=self.load_progress,
+                error=self.error,
+                model=ModelRef(id=model_id_for(self.settings.model), path=self.settings.model)
+                if self.settings
+                else None,
+                settings=self.settings,
+                memory=MemoryFigures(
+                    weights=mem.weights, kv=mem.kv, compute=mem.compute, total=mem.total
+                )
+                if mem
+                else MemoryFigures(),
+                speculative=SpeculativeStatus(
+                    drafter=decoder.last_drafter if decoder else None,
+                    acceptance=ctl.acceptance_rate if ctl else None,
+                    n_draft=ctl.current_k if ctl else 0,
+                ),
+                runtime=self.runtime,
+                queue=QueueInfo(waiting=self._waiting, limit=self.queue_limit),
+            )
+
+    def health(self) -> str:
+        with self._lock:
+            if self.state == "loading":
+                return "loading"
+            if self.state == "error":
+                return "error"
+            return "ok"

@@ -1,0 +1,255 @@
+"""`peregrine serve`: the engine process (CONTRACTS.md, "peregrine serve").
+
+stdout carries only start-up events, one JSON object per line: `loading`
+(zero or more), then exactly one `ready` or one `error` (then exit 1). Logs go
+to stderr.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import ipaddress
+import json
+import logging
+import os
+import secrets
+import signal
+import socket
+import sys
+import threading
+import time
+from pathlib import Path
+from typing import Any, TextIO
+
+from engine.errors import PeregrineError, UsageError
+from engine.paths import Paths
+from engine.wire import LoadRequest
+
+log = logging.getLogger("peregrine.serve")
+
+KV_CHOICES = ["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
+
+
+class EventWriter:
+    """Writes start-up events to stdout, one JSON line each, flushed at once."""
+
+    def __init__(self, out: TextIO) -> None:
+        self._out = out
+        self._lock = threading.Lock()
+        self._last_progress = -1.0
+
+    def emit(self, event: str, **fields: Any) -> None:
+        with self._lock:
+            self._out.write(json.dumps({"event": event, **fields}) + "\n")
+            self._out.flush()
+
+    def progress(self, value: float) -> None:
+        # At most ~20 loading events per load.
+        if value - self._last_progress >= 0.05 or (value >= 1.0 > self._last_progress):
+            self._last_progress = value
+            self.emit("loading", progress=round(min(max(value, 0.0), 1.0), 3))
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="peregrine serve",
+        description="Run the engine: an OpenAI-compatible HTTP server for one GGUF model. "
+        "stdout carries JSON start-up events (loading, then ready or error); logs go to stderr.",
+    )
+    g = p.add_argument_group("model")
+    g.add_argument("--model", "-m", help="GGUF file to serve (default: the built-in model)")
+    g.add_argument("--draft-model", help="GGUF of a small draft model for speculative decoding")
+    g = p.add_argument_group("network")
+    g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
+    g.add_argument("--port", type=int, default=0, help="port, 0 for a free one (default 0)")
+    g.add_argument("--api-key", default=None, help="bearer key (env PEREGRINE_API_KEY; default: random)")
+    g.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
+                   help="extra Host header name to accept (repeatable)")
+    g = p.add_argument_group("memory")
+    g.add_argument("--ctx", "-c", type=int, default=None, help="context length in tokens")
+    g.add_argument("--gpu-layers", "-ngl", type=int, default=None, help="layers on the GPU, -1 all")
+    g.add_argument("--cache-type-k", "-ctk", choices=KV_CHOICES, default=None)
+    g.add_argument("--cache-type-v", "-ctv", choices=KV_CHOICES, default=None)
+    g.add_argument("--flash-attn", "-fa", choices=["on", "off", "auto"], default=None)
+    g.add_argument("--threads", "-t", type=int, default=None)
+    g.add_argument("--batch-size", "-b", type=int, default=None, help="n_batch")
+    g.add_argument("--ubatch-size", "-ub", type=int, default=None, help="n_ubatch")
+    g.add_argument("--cache-ram", type=int, default=1024,
+                   help="MiB for saved KV states of recent chats (default 1024, 0 off)")
+    g.add_argument("--queue-limit", type=int, default=16, help="requests allowed to wait (default 16)")
+    g = p.add_argument_group("plan and runtime")
+    g.add_argument("--plan", choices=["auto", "none"], default="none",
+                   help="auto: let the memory planner pick settings not given explicitly")
+    g.add_argument("--runtime", default=None, help="engine runtime under PEREGRINE_HOME/runtimes/")
+    g = p.add_argument_group("lifetime")
+    g.add_argument("--parent-pid", type=int, default=None,
+                   help="exit within 2 s of this process's death")
+    return p
+
+
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
+
+
+def _load_request(args: argparse.Namespace, model_path: str) -> LoadRequest:
+    base: dict[str, Any] = {"model": model_path, "draft_model": args.draft_model, "runtime": args.runtime}
+    if args.plan == "auto":
+        from engine.planner import plan_for_file  # the planner is optional at this layer
+
+        planned = plan_for_file(Path(model_path)).load.model_dump()
+        base = {**planned, **{k: v for k, v in base.items() if v is not None}}
+    else:
+        base.update(n_ctx=4096, flash_attn="auto")
+    explicit = {
+        "n_ctx": args.ctx,
+        "n_gpu_layers": args.gpu_layers,
+        "type_k": args.cache_type_k,
+        "type_v": args.cache_type_v,
+        "flash_attn": args.flash_attn,
+        "threads": args.threads,
+        "n_batch": args.batch_size,
+        "n_ubatch": args.ubatch_size,
+    }
+    base.update({k: v for k, v in explicit.items() if v is not None})
+    try:
+        return LoadRequest.model_validate(base)
+    except Exception as exc:
+        raise UsageError(f"invalid settings: {exc}") from exc
+
+
+def _select_runtime(name: str | None) -> tuple[str, str]:
+    """Points llama-cpp-python at an installed runtime before it is imported."""
+    if not name:
+        return "default", "cpu"
+    folder = Paths.from_env().runtimes / name
+    manifest = folder / "runtime.json"
+    if not manifest.is_file():
+        raise PeregrineError(f"engine runtime {name!r} is not installed ({manifest} is missing)")
+    try:
+        info = json.loads(manifest.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        raise PeregrineError(f"engine runtime {name!r} has an unreadable runtime.json: {exc}") from exc
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(folder / "lib")
+    return name, str(info.get("backend", "unknown"))
+
+
+def _validate_model(path: str) -> object:
+    p = Path(path)
+    if not p.exists():
+        raise PeregrineError(f"model file not found: {path}")
+    if not p.is_file():
+        raise PeregrineError(f"not a model file: {path}")
+    try:
+        from engine.gguf_header import validate_gguf_file
+    except ImportError:  # pragma: no cover - the reader ships with the engine
+        return None
+    return validate_gguf_file(p)
+
+
+def _watch_parent(pid: int, on_death: Any) -> None:
+    def run() -> None:
+        while True:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                break
+            except PermissionError:
+                pass  # exists, owned by someone else
+            if os.getppid() == 1 and pid != 1:
+                break  # re-parented to init: our parent is gone
+            time.sleep(0.4)
+        log.warning("parent process %d is gone; shutting down", pid)
+        on_death()
+        time.sleep(1.2)
+        os._exit(0)  # the graceful path did not finish in time
+
+    threading.Thread(target=run, name="parent-watch", daemon=True).start()
+
+
+def main(argv: list[str]) -> int:
+    args = build_parser().parse_args(argv)
+    events = EventWriter(sys.stdout)
+    # Nothing but events may reach stdout: route stray prints (from libraries) to stderr.
+    sys.stdout = sys.stderr
+    logging.getLogger().setLevel(min(logging.getLogger().level, logging.INFO))
+    for name in ("peregrine.llama", "aiohttp.access"):
+        logging.getLogger(name).setLevel(logging.WARNING)
+    try:
+        return asyncio.run(_serve(args, events))
+    except PeregrineError as exc:
+        events.emit("error", message=str(exc))
+        return 1
+    except KeyboardInterrupt:
+        return 0
+
+
+async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
+    from engine.default_model import default_model_path
+
+    api_key = args.api_key or os.environ.get("PEREGRINE_API_KEY") or ""
+    if not _is_loopback(args.host) and not api_key:
+        raise UsageError(f"binding to {args.host} (not loopback) requires an explicit --api-key")
+    api_key = api_key or secrets.token_urlsafe(32)
+    model_path = str(Path(args.model).expanduser()) if args.model else str(default_model_path())
+    _validate_model(model_path)
+    runtime_name, backend = _select_runtime(args.runtime)
+    request = _load_request(args, model_path)
+
+    from aiohttp import web
+
+    from engine.scheduler import Engine
+    from engine.server import ServerConfig, build_app
+    from engine.wire import RuntimeInfo
+
+    try:
+        sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        sock.bind((args.host, args.port))
+        sock.listen(128)
+    except OSError as exc:
+        raise PeregrineError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
+    port = sock.getsockname()[1]
+
+    engine = Engine(
+        queue_limit=args.queue_limit,
+        state_cache_bytes=max(args.cache_ram, 0) << 20,
+        runtime=RuntimeInfo(name=runtime_name, backend=backend),
+        validate=_validate_model,
+    )
+    config = ServerConfig(api_key=api_key, host=args.host, allowed_hosts=set(args.allowed_host))
+    app = build_app(engine, config)
+    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    await runner.setup()
+    site = web.SockSite(runner, sock)
+    await site.start()
+
+    loop = asyncio.get_running_loop()
+    stop = asyncio.Event()
+    for sig in (signal.SIGTERM, signal.SIGINT):
+        loop.add_signal_handler(sig, stop.set)
+    if args.parent_pid:
+        _watch_parent(args.parent_pid, lambda: loop.call_soon_threadsafe(stop.set))
+
+    try:
+        done = engine.load(request)
+        while not done.is_set():
+            events.progress(engine.load_progress)
+            await asyncio.sleep(0.05)
+            if stop.is_set():
+                return 0
+        if engine.state != "ready":
+            raise PeregrineError(engine.error or "the model failed to load")
+        events.progress(1.0)
+        events.emit("ready", host=args.host, port=port, api_key=api_key, model=engine.model_id)
+        log.info("serving %s on http://%s:%d", engine.model_id, args.host, port)
+        await stop.wait()
+        return 0
+    finally:
+        await runner.cleanup()
+        await loop.run_in_executor(None, engine.shutdown)

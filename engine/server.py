@@ -1,0 +1,428 @@
+"""The engine's HTTP API: OpenAI-compatible routes plus engine control (CONTRACTS.md).
+
+aiohttp serves on the event loop; generation runs on the engine's decode
+thread, and tokens come back through `loop.call_soon_threadsafe` into a
+per-request asyncio queue. A client that goes away cancels its job.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import hmac
+import json
+import logging
+import time
+import uuid
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from aiohttp import web
+from pydantic import ValidationError
+
+from engine.decoder import GenerationResult, SpecParams
+from engine.errors import PeregrineError
+from engine.llama_backend import SamplingParams
+from engine.scheduler import Engine, Job, NotReady, PromptSpec, PromptTooLong, QueueFull
+from engine.wire import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    LoadRequest,
+    SamplingFields,
+)
+
+log = logging.getLogger("peregrine.server")
+
+LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
+MAX_BODY = 32 << 20
+Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
+
+
+class ApiError(Exception):
+    """An error answered in OpenAI's shape with an HTTP status."""
+
+    def __init__(
+        self, status: int, message: str, *, type_: str = "invalid_request_error",
+        code: str | None = None, param: str | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type_
+        self.code = code
+        self.param = param
+
+    def body(self) -> dict[str, Any]:
+        error: dict[str, Any] = {"message": self.message, "type": self.type, "code": self.code}
+        if self.param is not None:
+            error["param"] = self.param
+        return {"error": error}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status)
+
+
+@dataclass
+class ServerConfig:
+    api_key: str
+    host: str = "127.0.0.1"
+    allowed_hosts: set[str] = field(default_factory=set)
+
+
+def _host_name(header: str) -> str:
+    header = header.strip().lower()
+    if header.startswith("["):
+        return header.split("]")[0] + "]"
+    return header.rsplit(":", 1)[0] if header.count(":") == 1 else header
+
+
+def build_app(engine: Engine, config: ServerConfig) -> web.Application:
+    allowed = {h.lower() for h in LOOPBACK_HOSTS | config.allowed_hosts | {config.host}}
+
+    @web.middleware
+    async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        host = request.headers.get("Host")
+        if host is not None and _host_name(host) not in allowed:
+            return ApiError(
+                403, f"host {host!r} is not allowed", type_="permission_error", code="host_not_allowed"
+            ).response()
+        if request.path != "/health":
+            auth = request.headers.get("Authorization", "")
+            token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            if not token or not hmac.compare_digest(token.encode(), config.api_key.encode()):
+                return ApiError(
+                    401,
+                    "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                    type_="authentication_error",
+                    code="invalid_api_key",
+                ).response()
+        try:
+            return await handler(request)
+        except ApiError as exc:
+            return exc.response()
+        except web.HTTPException as exc:
+            if exc.status >= 400:
+                return ApiError(exc.status, exc.reason, code=exc.reason.lower().replace(" ", "_")).response()
+            raise
+
+    app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
+    api = _Api(engine)
+    app.router.add_get("/health", api.health)
+    app.router.add_get("/v1/models", api.models)
+    app.router.add_post("/v1/chat/completions", api.chat)
+    app.router.add_post("/v1/completions", api.completions)
+    app.router.add_post("/v1/engine/load", api.load)
+    app.router.add_post("/v1/engine/unload", api.unload)
+    app.router.add_get("/v1/engine/status", api.status)
+    return app
+
+
+async def _json_body(request: web.Request) -> dict[str, Any]:
+    try:
+        raw = await request.read()
+    except web.HTTPRequestEntityTooLarge as exc:
+        raise ApiError(413, "the request body is too large", code="request_too_large") from exc
+    try:
+        body = json.loads(raw)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+    if not isinstance(body, dict):
+        raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
+    return body
+
+
+def _fold_flat_keys(body: dict[str, Any]) -> dict[str, Any]:
+    """Accepts llama-server's flat `"speculative.n_max": 8` keys."""
+    flat = {k.split(".", 1)[1]: v for k, v in body.items() if k.startswith("speculative.")}
+    if not flat:
+        return body
+    nested = dict(body.get("speculative") or {}) if isinstance(body.get("speculative"), dict) else {}
+    nested.update(flat)
+    return {**body, "speculative": nested}
+
+
+def _validation_error(exc: ValidationError) -> ApiError:
+    err = exc.errors()[0]
+    loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
+    param = str(err["loc"][0]) if err["loc"] else None
+    return ApiError(400, f"invalid value for '{loc}': {err['msg']}", code="invalid_value", param=param)
+
+
+def _sampling(req: SamplingFields) -> SamplingParams:
+    d = SamplingParams()
+    return SamplingParams(
+        temperature=d.temperature if req.temperature is None else req.temperature,
+        top_k=d.top_k if req.top_k is None else req.top_k,
+        top_p=d.top_p if req.top_p is None else req.top_p,
+        min_p=d.min_p if req.min_p is None else req.min_p,
+        repeat_penalty=d.repeat_penalty if req.repeat_penalty is None else req.repeat_penalty,
+        repeat_last_n=d.repeat_last_n if req.repeat_last_n is None else req.repeat_last_n,
+        frequency_penalty=d.frequency_penalty if req.frequency_penalty is None else req.frequency_penalty,
+        presence_penalty=d.presence_penalty if req.presence_penalty is None else req.presence_penalty,
+        seed=req.seed,
+    )
+
+
+def _check_common(req: SamplingFields) -> None:
+    if req.n is not None and req.n != 1:
+        raise ApiError(400, "'n' must be 1: one completion per request", code="unsupported_value", param="n")
+    max_tokens = req.requested_max_tokens()
+    if max_tokens is not None and max_tokens < 1:
+        field_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        raise ApiError(400, f"'{field_name}' must be at least 1", code="invalid_value", param=field_name)
+    stops = req.stop_list()
+    if len(stops) > 16:
+        raise ApiError(400, "'stop' takes at most 16 sequences", code="invalid_value", param="stop")
+    spec = req.speculative
+    if spec is not None and spec.type in ("draft", "mtp"):
+        raise ApiError(
+            400,
+            f"speculative type '{spec.type}' needs a draft model or MTP heads, which the loaded model lacks",
+            code="unsupported_value",
+            param="speculative.type",
+        )
+
+
+class _Stream:
+    """Carries one job's events from the decode thread to the request's coroutine."""
+
+    def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
+        self.loop = loop
+        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+
+    def put(self, kind: str, value: Any) -> None:
+        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+
+
+class _Api:
+    def __init__(self, engine: Engine) -> None:
+        self.engine = engine
+
+    async def health(self, request: web.Request) -> web.Response:
+        return web.json_response({"status": self.engine.health()})
+
+    async def models(self, request: web.Request) -> web.Response:
+        model_id = self.engine.model_id
+        data = []
+        if model_id:
+            data.append({"id": model_id, "object": "model", "created": 0, "owned_by": "peregrine"})
+        return web.json_response({"object": "list", "data": data})
+
+    async def status(self, request: web.Request) -> web.Response:
+        return web.json_response(self.engine.status().model_dump(mode="json"))
+
+    async def load(self, request: web.Request) -> web.Response:
+        body = await _json_body(request)
+        try:
+            load = LoadRequest.model_validate(body)
+        except ValidationError as exc:
+            raise _validation_error(exc) from exc
+        self.engine.load(load)
+        return web.json_response({"status": "loading", "model": load.model}, status=202)
+
+    async def unload(self, request: web.Request) -> web.Response:
+        done = self.engine.unload()
+        await asyncio.get_running_loop().run_in_executor(None, done.wait, 30)
+        return web.json_response({"status": "idle"})
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        body = _fold_flat_keys(await _json_body(request))
+        try:
+            req = ChatCompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            raise _validation_error(exc) from exc
+        _check_common(req)
+        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+                    for m in req.messages]
+        return await self._run(request, req, PromptSpec(messages=messages), chat=True)
+
+    async def completions(self, request: web.Request) -> web.StreamResponse:
+        body = _fold_flat_keys(await _json_body(request))
+        try:
+            req = CompletionRequest.model_validate(body)
+        except ValidationError as exc:
+            raise _validation_error(exc) from exc
+        _check_common(req)
+        prompt = req.prompt
+        if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
+            spec = PromptSpec(token_ids=[int(p) for p in prompt])
+        elif isinstance(prompt, list):
+            if len(prompt) != 1:
+                raise ApiError(400, "'prompt' takes one string per request", code="unsupported_value", param="prompt")
+            spec = PromptSpec(text=str(prompt[0]))
+        else:
+            spec = PromptSpec(text=prompt)
+        if spec.text == "" or spec.token_ids == []:
+            raise ApiError(400, "'prompt' is empty", code="invalid_value", param="prompt")
+        return await self._run(request, req, spec, chat=False)
+
+    async def _run(
+        self, request: web.Request, req: SamplingFields, prompt: PromptSpec, *, chat: bool
+    ) -> web.StreamResponse:
+        loop = asyncio.get_running_loop()
+        stream = _Stream(loop)
+        spec_opts = req.speculative
+        job = Job(
+            prompt=prompt,
+            sampling=_sampling(req),
+            max_tokens=req.requested_max_tokens(),
+            stop=req.stop_list(),
+            speculative=SpecParams(
+                type=spec_opts.type, n_max=spec_opts.n_max, n_min=spec_opts.n_min, p_min=spec_opts.p_min
+            )
+            if spec_opts
+            else SpecParams(),
+            on_start=lambda n_prompt, granted: stream.put("start", (n_prompt, granted)),
+            on_text=lambda text: stream.put("text", text),
+            on_done=lambda result, error: stream.put("done", (result, error)),
+        )
+        try:
+            self.engine.submit(job)
+        except QueueFull as exc:
+            raise ApiError(503, str(exc), type_="server_error", code="queue_full") from exc
+        except NotReady as exc:
+            raise ApiError(503, str(exc), type_="server_error", code="model_not_ready") from exc
+
+        meta = _ResponseMeta(
+            id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
+            created=int(time.time()),
+            model=self.engine.model_id or "unknown",
+            chat=chat,
+        )
+        try:
+            if req.stream:
+                return await self._stream(request, stream, job, meta, req)
+            return await self._collect(request, stream, job, meta)
+        finally:
+            job.cancel.set()  # no-op when finished; stops work for a vanished client
+
+    async def _next(self, request: web.Request, stream: _Stream, job: Job) -> tuple[str, Any]:
+        """The next event, cancelling the job if the client has gone away meanwhile."""
+        while True:
+            try:
+                return await asyncio.wait_for(stream.queue.get(), timeout=0.25)
+            except TimeoutError:
+                transport = request.transport
+                if transport is None or transport.is_closing():
+                    job.cancel.set()
+                    raise ConnectionResetError("client disconnected") from None
+
+    async def _await_start(self, request: web.Request, stream: _Stream, job: Job) -> int:
+        """Waits for the job to start; returns its prompt size or raises ApiError."""
+        kind, value = await self._next(request, stream, job)
+        if kind == "done":
+            _result, error = value
+            raise _api_error_for(error)
+        n_prompt, _granted = value
+        return int(n_prompt)
+
+    async def _collect(
+        self, request: web.Request, stream: _Stream, job: Job, meta: _ResponseMeta
+    ) -> web.Response:
+        n_prompt = await self._await_start(request, stream, job)
+        while True:
+            kind, value = await self._next(request, stream, job)
+            if kind == "done":
+                result, error = value
+                if error is not None or result is None:
+                    raise _api_error_for(error)
+                return web.json_response(meta.full(result, n_prompt))
+
+    async def _stream(
+        self, request: web.Request, stream: _Stream, job: Job, meta: _ResponseMeta, req: SamplingFields
+    ) -> web.StreamResponse:
+        n_prompt = await self._await_start(request, stream, job)
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        try:
+            if meta.chat:
+                await _send(response, meta.chunk({"role": "assistant", "content": ""}, None))
+            while True:
+                kind, value = await self._next(request, stream, job)
+                if kind == "text":
+                    await _send(response, meta.chunk({"content": value} if meta.chat else value, None))
+                elif kind == "done":
+                    result, error = value
+                    if error is not None or result is None:
+                        await _send(response, _api_error_for(error).body())
+                    else:
+                        final = meta.chunk({} if meta.chat else "", result.finish_reason)
+                        final["timings"] = result.timings.to_json()
+                        final["usage"] = meta.usage(result, n_prompt)
+                        await _send(response, final)
+                    await response.write(b"data: [DONE]\n\n")
+                    break
+            await response.write_eof()
+        except (ConnectionResetError, ConnectionError):
+            job.cancel.set()
+        return response
+
+
+async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
+    await response.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
+
+
+def _api_error_for(error: BaseException | None) -> ApiError:
+    if error is None:
+        return ApiError(499, "the request was cancelled", code="cancelled")
+    if isinstance(error, PromptTooLong):
+        return ApiError(400, str(error), code="context_length_exceeded", param="messages")
+    if isinstance(error, NotReady):
+        return ApiError(503, str(error), type_="server_error", code="model_not_ready")
+    if isinstance(error, PeregrineError):
+        return ApiError(400, str(error), code="invalid_request")
+    log.error("generation failed", exc_info=error)
+    return ApiError(500, f"generation failed: {type(error).__name__}: {error}", type_="server_error", code="internal_error")
+
+
+@dataclass
+class _ResponseMeta:
+    id: str
+    created: int
+    model: str
+    chat: bool
+
+    def chunk(self, delta: dict[str, Any] | str, finish: str | None) -> dict[str, Any]:
+        if self.chat:
+            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            obj = "chat.completion.chunk"
+        else:
+            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
+            obj = "text_completion"
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+
+    @staticmethod
+    def usage(result: GenerationResult, n_prompt: int) -> dict[str, int]:
+        return {
+            "prompt_tokens": n_prompt,
+            "completion_tokens": result.completion_tokens,
+            "total_tokens": n_prompt + result.completion_tokens,
+        }
+
+    def full(self, result: GenerationResult, n_prompt: int) -> dict[str, Any]:
+        if self.chat:
+            choice: dict[str, Any] = {
+                "index": 0,
+                "message": {"role": "assistant", "content": result.text},
+                "logprobs": None,
+                "finish_reason": result.finish_reason,
+            }
+            obj = "chat.completion"
+        else:
+            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
+            obj = "text_completion"
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+            "usage": self.usage(result, n_prompt),
+            "timings": result.timings.to_json(),
+        }

@@ -1,0 +1,208 @@
+"""Speculative decoding: drafters that guess the next tokens, and a controller
+that decides how many guesses to verify so that speculation never loses.
+
+Verification itself lives in the decoder (one batched decode of
+`[last, d1..dk]`, each row sampled by the request's own sampler chain); this
+module only proposes drafts and learns whether they pay on this machine.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+# Prior cost of decoding a batch of n tokens relative to one token, measured on
+# a 2-core CPU (ENGINE_NOTES.md: 10.2, 18.8, 30.0, 46.2, 87.3 ms for 1/2/4/8/16).
+# Replaced by this machine's own measurements as soon as they exist.
+CPU_PRIOR_COST = {1: 1.0, 2: 1.84, 4: 2.94, 8: 4.53, 16: 8.56}
+
+
+def _interpolate(table: dict[int, float], n: int) -> float:
+    keys = sorted(table)
+    if n <= keys[0]:
+        return table[keys[0]] * n / keys[0]
+    for lo, hi in zip(keys, keys[1:], strict=False):
+        if lo <= n <= hi:
+            frac = (n - lo) / (hi - lo)
+            return table[lo] + frac * (table[hi] - table[lo])
+    last = keys[-1]
+    return table[last] * n / last
+
+
+class NgramDrafter:
+    """Drafts by matching the longest recent suffix against the whole context.
+
+    The index maps each n-gram (n_min..n_max) to the position right after its
+    most recent earlier occurrence; it is updated per appended token in
+    O(n_max - n_min) dictionary operations, so its cost per token does not grow
+    with the context.
+    """
+
+    name = "ngram"
+
+    def __init__(self, n_min: int = 2, n_max: int = 8) -> None:
+        self.n_min = n_min
+        self.n_max = n_max
+        self.history: list[int] = []
+        self._index: list[dict[tuple[int, ...], int]] = [{} for _ in range(n_max + 1)]
+
+    def reset(self, tokens: Sequence[int]) -> None:
+        self.history = []
+        self._index = [{} for _ in range(self.n_max + 1)]
+        self.extend(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        for token in tokens:
+            self._append(token)
+
+    def _append(self, token: int) -> None:
+        history = self.history
+        length = len(history)
+        # Every n-gram ending at the old last token now has a continuation at `length`.
+        for n in range(self.n_min, min(self.n_max, length) + 1):
+            self._index[n][tuple(history[length - n : length])] = length
+        history.append(token)
+
+    def draft(self, k: int) -> tuple[list[int], int]:
+        """Up to k tokens that followed the longest matching suffix, and that match's length."""
+        history = self.history
+        length = len(history)
+        if k <= 0:
+            return [], 0
+        for n in range(min(self.n_max, length), self.n_min - 1, -1):
+            start = self._index[n].get(tuple(history[length - n :]))
+            if start is not None:
+                # Continue the copied span; it may run into the suffix itself,
+                # which is how repeated patterns get drafted.
+                out: list[int] = []
+                pos = start
+                while len(out) < k and pos < length:
+                    out.append(history[pos])
+                    pos += 1
+                return out, n
+        return [], 0
+
+
+@dataclass
+class DraftStats:
+    """Acceptance observed for one drafter, bucketed by the strength of its match."""
+
+    # P(draft token i accepted | tokens before it accepted), per match-length bucket.
+    acceptance: dict[int, float] = field(default_factory=dict)
+    drafted: int = 0
+    accepted: int = 0
+
+
+class SpeculationController:
+    """Chooses the draft length per step from measured acceptance and verify cost.
+
+    The expected tokens per step with draft length k and per-token acceptance a
+    is 1 + a + a^2 + ... + a^k; a step costs cost(k+1). The controller picks the
+    k that maximises tokens per unit of time, and k = 0 (plain decoding) when no
+    k beats it. When it has turned speculation off it probes again later, each
+    failed probe doubling the wait, so the probes' cost stays negligible.
+    """
+
+    def __init__(
+        self,
+        *,
+        n_max: int = 8,
+        n_min: int = 0,
+        p_min: float = 0.0,
+        prior_cost: dict[int, float] | None = None,
+        margin: float = 1.03,
+    ) -> None:
+        self.n_max = n_max
+        self.n_min = n_min
+        self.p_min = p_min
+        self.margin = margin
+        self._prior = dict(prior_cost or CPU_PRIOR_COST)
+        self._cost_ms: dict[int, float] = {}
+        self.stats = DraftStats()
+        self.current_k = 0
+        self._cooldown = 0
+        self._probe_wait = 16
+        self.enabled = True
+
+    # --- measurements -------------------------------------------------------------
+
+    def record_cost(self, n_tokens: int, ms: float) -> None:
+        """Feeds the wall time of one decode of n_tokens rows."""
+        old = self._cost_ms.get(n_tokens)
+        self._cost_ms[n_tokens] = ms if old is None else old * 0.9 + ms * 0.1
+
+    def relative_cost(self, n_tokens: int) -> float:
+        one = self._cost_ms.get(1)
+        measured = self._cost_ms.get(n_tokens)
+        if one and measured:
+            return measured / one
+        return _interpolate(self._prior, n_tokens)
+
+    @staticmethod
+    def bucket(match_len: int) -> int:
+        return min(match_len, 6)
+
+    def acceptance(self, match_len: int) -> float:
+        # Optimistic prior so that the first drafts get tried at all; the
+        # estimate then converges quickly (EMA weight 0.2 per token).
+        default = 0.6 + 0.06 * min(match_len, 6)
+        return self.stats.acceptance.get(self.bucket(match_len), default)
+
+    def record(self, match_len: int, drafted: int, accepted: int) -> None:
+        """Updates acceptance from one verify step (drafted tokens, accepted prefix)."""
+        if drafted <= 0:
+            return
+        self.stats.drafted += drafted
+        self.stats.accepted += accepted
+        b = self.bucket(match_len)
+        a = self.acceptance(match_len)
+        # Each accepted token is a success; the first rejection is a failure;
+        # tokens after it say nothing (they were never tested on their own).
+        trials = min(drafted, accepted + 1)
+        for i in range(trials):
+            success = 1.0 if i < accepted else 0.0
+            a = a * 0.8 + success * 0.2
+        self.stats.acceptance[b] = a
+        if accepted == 0 and self.current_k == 0:
+            self._probe_wait = min(self._probe_wait * 2, 1024)
+        elif accepted > 0:
+            self._probe_wait = 16
+
+    # --- decisions ----------------------------------------------------------------
+
+    def expected_gain(self, k: int, a: float) -> float:
+        tokens = sum(a**i for i in range(k + 1))
+        return tokens / self.relative_cost(k + 1)
+
+    def choose(self, match_len: int, available: int) -> int:
+        """How many of the `available` drafted tokens to verify now (0: none)."""
+        if not self.enabled or available <= 0:
+            self.current_k = 0
+            return 0
+        a = self.acceptance(match_len)
+        best_k, best_gain = 0, 1.0
+        for k in range(max(1, self.n_min), min(self.n_max, available) + 1):
+            gain = self.expected_gain(k, a)
+            if gain > best_gain:
+                best_k, best_gain = k, gain
+        if a < self.p_min:
+            best_k = 0
+        if best_k and best_gain >= self.margin:
+            self.current_k = best_k
+            return best_k
+        if self.n_min > 0 and a >= self.p_min:
+            self.current_k = min(self.n_min, available)
+            return self.current_k
+        # Speculation does not pay now: plain decoding, with a rare probe.
+        self.current_k = 0
+        self._cooldown += 1
+        if self._cooldown >= self._probe_wait:
+            self._cooldown = 0
+            return min(2, available)
+        return 0
+
+    @property
+    def acceptance_rate(self) -> float | None:
+        if not self.stats.drafted:
+            return None
+        return self.stats.accepted / self.stats.drafted
