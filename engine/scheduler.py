@@ -156,13 +156,19 @@ class Engine:
         return done
 
     def _load_now(self, request: LoadRequest) -> None:
+        try:
+            # Check the file before giving up the model in use: a bad path or
+            # a hostile file must not cost the user their working engine.
+            if self._validate is not None:
+                self._validate(request.model)
+        except PeregrineError as exc:
+            self._fail_load(str(exc), keep_current=self.model is not None)
+            return
         self._unload_now()
         with self._lock:
             self.state = "loading"
             self.settings = request
         try:
-            if self._validate is not None:
-                self._validate(request.model)
             model = LlamaModel(request, progress=self._on_progress, log_capture=self._log_capture)
             self.template = ChatTemplate(
                 model.meta("tokenizer.chat_template"),
@@ -181,12 +187,20 @@ class Engine:
         with self._lock:
             self.state = "ready"
             self.load_progress = 1.0
+            # llama.cpp may round n_ctx up (to a multiple of 256): report what is in force.
+            self.settings = request.model_copy(update={"n_ctx": model.n_ctx})
         log.info("model loaded: %s (n_ctx %d)", request.model, model.n_ctx)
 
-    def _fail_load(self, message: str) -> None:
+    def _fail_load(self, message: str, *, keep_current: bool = False) -> None:
         with self._lock:
-            self.state = "error"
             self.error = message
+            if keep_current and self.model is not None:
+                # The previous model keeps serving; the failure shows in status.
+                self.state = "ready"
+                self.settings = self.model.request
+                self.load_progress = 1.0
+            else:
+                self.state = "error"
         log.error("model load failed: %s", message)
 
     def _on_progress(self, value: float) -> None:
