@@ -38,7 +38,7 @@ GGML_MAX_NAME = 64  # llama.cpp refuses tensor names of 64 bytes or more
 MAX_ARRAY_DEPTH = 4  # llama.cpp reads no nested arrays at all; the gguf package writes them
 # Rough CPython cost of the parsed metadata. The header cap alone does not
 # bound memory: a 10-byte string on disk becomes a ~60-byte str object.
-DEFAULT_MAX_METADATA_MEMORY = 96 << 20
+DEFAULT_MAX_METADATA_MEMORY = 64 << 20
 
 # ggml type id -> (name, elements per block, bytes per block), from ggml.h and
 # ggml.c's type_traits of the llama.cpp vendored by llama-cpp-python 0.3.36.
@@ -146,6 +146,7 @@ _NUMBER_COST = 40
 _STRING_COST = 64
 
 _INT63 = 1 << 63
+_U64 = struct.Struct("<Q")
 
 
 class GGUFError(PeregrineError):
@@ -424,6 +425,37 @@ class _Reader:
             raise self.overrun(f"{what} claims {length:,} bytes", at)
         return self.take(length, what)
 
+    def string_array(self, count: int, what: str, budget: int) -> tuple[list[str], int]:
+        """`count` strings (invalid UTF-8 replaced) and their total length in bytes.
+
+        The hot path for tokenizer vocabularies: strings wholly in the buffer
+        are sliced out directly; the rest go through the checked `raw_string`.
+        Stops once their bytes exceed `budget`.
+        """
+        out: list[str] = []
+        append = out.append
+        unpack_len = _U64.unpack_from
+        total = 0
+        for _ in range(count):
+            buf = self._buf
+            i = self._pos - self._start
+            if len(buf) - i >= 8:
+                (length,) = unpack_len(buf, i)
+                end = i + 8 + length
+                if end <= len(buf):  # already read, so within the file and the cap
+                    append(buf[i + 8 : end].decode("utf-8", errors="replace"))
+                    self._pos += 8 + length
+                    total += length
+                    if total > budget:
+                        break
+                    continue
+            raw = self.raw_string(what)
+            append(raw.decode("utf-8", errors="replace"))
+            total += len(raw)
+            if total > budget:
+                break
+        return out, total
+
     def overrun(self, claim: str, at: int) -> GGUFError:
         """The error for a length or count that cannot fit in what may follow."""
         left = self.remaining()
@@ -488,9 +520,13 @@ class _Parser:
             return r.unpack_array(fmt, count, size, f"the array {_show(key)}")
         self.spend(count * 8, key)  # list slots
         if etype == _T_STRING:
-            # the hot path (tokenizer vocabularies): one label, no per-element dispatch
-            label = f"an element of {_show(key)}"
-            return [self.string(key, label) for _ in range(count)]
+            # the hot path (tokenizer vocabularies): one label, no per-element dispatch,
+            # and the fixed cost of every string charged up front so that millions of
+            # empty strings are refused at once instead of after seconds of parsing
+            self.spend(count * _STRING_COST, key)
+            strings, n_bytes = r.string_array(count, f"an element of {_show(key)}", self.budget)
+            self.spend(n_bytes, key)
+            return strings
         return [self.value(etype, key, depth) for _ in range(count)]
 
     def string(self, key: str, label: str) -> str:
@@ -829,6 +865,10 @@ class _RemoteSource:
             if self.file_size is None:
                 self.file_size = start
             return
+        encoding = response.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            response.close()
+            raise self._fail(f"the server sent the file {encoding}-encoded; expected raw bytes")
         if response.status_code == 200:
             # Range ignored: read this one stream as far as needed, then close it
             if self.file_size is None:

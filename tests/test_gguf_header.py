@@ -159,8 +159,11 @@ def test_all_metadata_value_types_round_trip() -> None:
 
 
 def test_invalid_utf8_in_values_is_replaced_not_refused() -> None:
-    data = fx.preamble(0, 1) + fx.kv("general.name", b"caf\xe9")
-    assert parse_bytes(data).name == "caf\ufffd"
+    data = fx.preamble(0, 2) + fx.kv("general.name", b"caf\xe9")
+    data += fx.kv("tokenizer.ggml.tokens", [b"ok", b"\xff", "✓"])
+    h = parse_bytes(data)
+    assert h.name == "caf\ufffd"
+    assert h.get("tokenizer.ggml.tokens") == ["ok", "\ufffd", "✓"]
 
 
 def test_every_ggml_type_is_accepted_with_its_block_size() -> None:
@@ -460,6 +463,12 @@ def _handler(path: Path, mode: str, served: Served, limit: int | None) -> type:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            if mode == "gzip":
+                self.send_response(200)
+                self.send_header("Content-Encoding", "gzip")
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return
             if mode == "forbidden" or self.path != "/model.gguf":
                 self.send_error(403 if mode == "forbidden" else 404)
                 return
@@ -606,3 +615,12 @@ def test_remote_hostile_file(tmp_path: Path) -> None:
     empty.write_bytes(b"")
     with file_server(empty) as served, pytest.raises(GGUFError, match="empty"):
         read_remote_gguf_header(f"{served.base}/model.gguf")
+
+
+def test_remote_compressed_answer_is_refused(default_model: Path) -> None:
+    with (
+        file_server(default_model, mode="gzip") as served,
+        pytest.raises(GGUFError, match="gzip-encoded") as info,
+    ):
+        read_remote_gguf_header(f"{served.base}/model.gguf")
+    assert_one_line(info.value)
