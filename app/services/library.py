@@ -1,0 +1,386 @@
+"""One library of GGUF models: Peregrine's own folder plus, read-only, the ones other apps keep.
+
+Other apps' files are used by reference (never copied, moved or deleted): the
+Hugging Face cache, LM Studio, GPT4All, and Ollama's content-addressed blobs
+found through its manifests. Which folders are scanned is passed in (from
+settings; `default_scan_folders()` gives the per-OS defaults), so tests point
+them at temporary folders. Headers are read with an injected reader; a file
+that cannot be read is listed as invalid with the reason, never a crash.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import logging
+import os
+import shutil
+import sys
+import tempfile
+from collections.abc import Callable, Iterator, Mapping, Sequence
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Any, Literal
+
+from app.services.hub import split_info
+from engine.errors import PeregrineError
+from engine.paths import Paths
+
+log = logging.getLogger(__name__)
+
+Source = Literal["peregrine", "huggingface", "lmstudio", "gpt4all", "ollama"]
+SOURCE_NAMES: dict[str, str] = {
+    "peregrine": "Peregrine",
+    "huggingface": "the Hugging Face cache",
+    "lmstudio": "LM Studio",
+    "gpt4all": "GPT4All",
+    "ollama": "Ollama",
+}
+HeaderReader = Callable[[Path], Any]
+
+_OLLAMA_MODEL_MEDIA = "application/vnd.ollama.image.model"
+_MAX_MANIFEST_BYTES = 1 << 20
+
+
+@dataclass(frozen=True)
+class ScanFolder:
+    """A folder another app keeps GGUFs in, and whose layout to expect."""
+
+    source: Source
+    path: Path
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    """One model the app can run (or could not read, with the reason)."""
+
+    id: str
+    path: Path
+    source: Source
+    read_only: bool
+    size: int
+    architecture: str | None = None
+    n_params: int | None = None
+    quant: str | None = None
+    context_length: int | None = None
+    license: str | None = None
+    has_chat_template: bool = False
+    mtp_layers: int = 0
+    parts: tuple[Path, ...] = ()  # every file of a split model, first part first
+    error: str | None = None  # set when the header could not be read
+
+    @property
+    def valid(self) -> bool:
+        return self.error is None
+
+    @property
+    def name(self) -> str:
+        return self.path.name
+
+
+def default_scan_folders(
+    platform: str | None = None,
+    home: Path | None = None,
+    environ: Mapping[str, str] | None = None,
+) -> list[ScanFolder]:
+    """Where other apps keep GGUFs on this OS (missing folders are fine: they are skipped)."""
+    plat = platform or sys.platform
+    env = os.environ if environ is None else environ
+    h = home or Path.home()
+    hf_cache = env.get("HF_HUB_CACHE") or (
+        str(Path(env["HF_HOME"]) / "hub")
+        if env.get("HF_HOME")
+        else str(h / ".cache/huggingface/hub")
+    )
+    folders = [
+        ScanFolder("huggingface", Path(hf_cache)),
+        ScanFolder("lmstudio", h / ".lmstudio" / "models"),
+        ScanFolder("lmstudio", h / ".cache" / "lm-studio" / "models"),
+        ScanFolder(
+            "ollama",
+            Path(env["OLLAMA_MODELS"]) if env.get("OLLAMA_MODELS") else h / ".ollama" / "models",
+        ),
+    ]
+    if plat == "darwin":
+        gpt4all = h / "Library" / "Application Support" / "nomic.ai" / "GPT4All"
+    elif plat.startswith("win"):
+        local = Path(env["LOCALAPPDATA"]) if env.get("LOCALAPPDATA") else h / "AppData" / "Local"
+        gpt4all = local / "nomic.ai" / "GPT4All"
+    else:
+        data_home = (
+            Path(env["XDG_DATA_HOME"]) if env.get("XDG_DATA_HOME") else h / ".local" / "share"
+        )
+        gpt4all = data_home / "nomic.ai" / "GPT4All"
+    folders.append(ScanFolder("gpt4all", gpt4all))
+    return folders
+
+
+def scan_folders_from_strings(values: Sequence[str]) -> list[ScanFolder]:
+    """Scan folders from settings: "source:path", or a bare path whose layout is guessed from its name."""
+    folders = []
+    for value in values:
+        source, sep, rest = value.partition(":")
+        if sep and source in SOURCE_NAMES and source != "peregrine":
+            folders.append(ScanFolder(source, Path(rest).expanduser()))  # type: ignore[arg-type]
+            continue
+        path = Path(value).expanduser()
+        lowered = value.lower()
+        guessed: Source = "lmstudio"  # a plain tree of .gguf files
+        if "ollama" in lowered:
+            guessed = "ollama"
+        elif "huggingface" in lowered or (path / "hub").is_dir() or any(path.glob("models--*")):
+            guessed = "huggingface"
+        elif "gpt4all" in lowered:
+            guessed = "gpt4all"
+        folders.append(ScanFolder(guessed, path))
+    return folders
+
+
+def _default_reader(path: Path) -> Any:
+    from engine.gguf_header import read_gguf_header
+
+    return read_gguf_header(path)
+
+
+def _default_validator(path: Path) -> Any:
+    from engine.gguf_header import validate_gguf_file
+
+    return validate_gguf_file(path)
+
+
+class Library:
+    """Lists, deletes, reveals and imports models; only Peregrine's own files are ever changed."""
+
+    def __init__(
+        self,
+        paths: Paths,
+        scan_folders: Sequence[ScanFolder] = (),
+        *,
+        header_reader: HeaderReader = _default_reader,
+        validator: HeaderReader = _default_validator,
+    ) -> None:
+        self.paths = paths
+        self.scan_folders = list(scan_folders)
+        self._read = header_reader
+        self._validate = validator
+
+    # --- listing ----------------------------------------------------------------------------
+    def entries(self) -> list[ModelEntry]:
+        """Every model found: Peregrine's first, then other apps' in scan-folder order."""
+        entries = list(self._peregrine())
+        seen = {e.path.resolve() for e in entries}
+        for folder in self.scan_folders:
+            if not folder.path.is_dir():
+                continue
+            try:
+                found = list(self._scan(folder))
+            except OSError as exc:
+                log.warning("cannot scan %s (%s): %s", folder.path, folder.source, exc)
+                continue
+            for entry in found:
+                # The same blob reachable twice (symlinks, overlapping folders) is listed once.
+                key = entry.path.resolve()
+                if key not in seen:
+                    seen.add(key)
+                    entries.append(entry)
+        return entries
+
+    def find(self, ref: str) -> ModelEntry:
+        """The entry whose id, file name or path is `ref`; a clear error when none or several match."""
+        entries = self.entries()
+        exact = [e for e in entries if e.id == ref or str(e.path) == ref]
+        if not exact:
+            exact = [e for e in entries if e.name == ref or e.name == f"{ref}.gguf"]
+        if not exact:
+            raise PeregrineError(f"no model {ref!r} in the library (see `peregrine ls`)")
+        if len(exact) > 1:
+            ids = ", ".join(e.id for e in exact)
+            raise PeregrineError(f"{ref!r} matches several models: {ids}; use the full id")
+        return exact[0]
+
+    def _peregrine(self) -> Iterator[ModelEntry]:
+        root = self.paths.models
+        if not root.is_dir():
+            return
+        for path in sorted(root.rglob("*.gguf")):
+            if not path.is_file():
+                continue
+            info = split_info(path.name)
+            if info is not None and info[1] != 1:
+                continue  # later parts are listed with their first part
+            rel = path.relative_to(root)
+            model_id = rel.as_posix()
+            if len(rel.parts) >= 2 and "--" in rel.parts[0]:
+                # models/owner--name/file.gguf came from owner/name on the hub
+                model_id = rel.parts[0].replace("--", "/", 1) + "/" + "/".join(rel.parts[1:])
+            yield self._entry(model_id, path, "peregrine", read_only=False)
+
+    def _scan(self, folder: ScanFolder) -> Iterator[ModelEntry]:
+        if folder.source == "ollama":
+            yield from self._scan_ollama(folder.path)
+        elif folder.source == "huggingface":
+            yield from self._scan_hf_cache(folder.path)
+        else:
+            for path in sorted(folder.path.rglob("*.gguf")):
+                info = split_info(path.name)
+                if not path.is_file() or (info is not None and info[1] != 1):
+                    continue
+                rel = path.relative_to(folder.path).as_posix()
+                yield self._entry(f"{folder.source}:{rel}", path, folder.source, read_only=True)
+
+    def _scan_hf_cache(self, root: Path) -> Iterator[ModelEntry]:
+        # models--owner--name/snapshots/<commit>/<file>, files symlinked to blobs/
+        for repo_dir in sorted(root.glob("models--*")):
+            repo_id = repo_dir.name[len("models--") :].replace("--", "/", 1)
+            for path in sorted(repo_dir.glob("snapshots/*/**/*.gguf")):
+                info = split_info(path.name)
+                if not path.is_file() or (info is not None and info[1] != 1):
+                    continue
+                rel = path.relative_to(repo_dir / "snapshots").as_posix().split("/", 1)[1]
+                yield self._entry(f"hf:{repo_id}/{rel}", path, "huggingface", read_only=True)
+
+    def _scan_ollama(self, root: Path) -> Iterator[ModelEntry]:
+        # manifests/<registry>/<namespace>/<model>/<tag> -> JSON whose model layer names a blob
+        manifests = root / "manifests"
+        if not manifests.is_dir():
+            return
+        for manifest in sorted(p for p in manifests.rglob("*") if p.is_file()):
+            rel = manifest.relative_to(manifests).parts
+            name = f"{'/'.join(rel[-3:-1]) if len(rel) >= 3 else rel[0]}:{rel[-1]}"
+            if name.startswith("library/"):
+                name = name[len("library/") :]
+            blob = self._ollama_blob(root, manifest)
+            if blob is None:
+                continue
+            yield self._entry(f"ollama:{name}", blob, "ollama", read_only=True)
+
+    def _ollama_blob(self, root: Path, manifest: Path) -> Path | None:
+        try:
+            if manifest.stat().st_size > _MAX_MANIFEST_BYTES:
+                raise ValueError("manifest too large")
+            data = json.loads(manifest.read_text(encoding="utf-8"))
+            layers = data["layers"]
+            digest = next(
+                layer["digest"] for layer in layers if layer.get("mediaType") == _OLLAMA_MODEL_MEDIA
+            )
+        except StopIteration:
+            return None  # e.g. an embedding-only or adapter manifest: nothing to run
+        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+            log.warning("skipping unreadable Ollama manifest %s: %s", manifest, exc)
+            return None
+        if not isinstance(digest, str) or not digest.startswith("sha256:") or "/" in digest:
+            log.warning("skipping Ollama manifest %s: odd digest %r", manifest, digest)
+            return None
+        blob = root / "blobs" / digest.replace(":", "-")
+        if not blob.is_file():
+            log.warning("Ollama manifest %s names a missing blob %s", manifest, blob.name)
+            return None
+        return blob
+
+    def _entry(self, model_id: str, path: Path, source: Source, *, read_only: bool) -> ModelEntry:
+        parts = _split_parts(path)
+        try:
+            size = sum(p.stat().st_size for p in parts)
+        except OSError as exc:
+            size = 0
+            log.warning("cannot stat %s: %s", path, exc)
+        missing = [p.name for p in parts if not p.exists()]
+        base = ModelEntry(
+            id=model_id,
+            path=path,
+            source=source,
+            read_only=read_only,
+            size=size,
+            parts=tuple(parts),
+        )
+        if missing:
+            return replace(base, error=f"split model is missing parts: {', '.join(missing)}")
+        try:
+            header = self._read(path)
+        except PeregrineError as exc:
+            log.info("listing %s as invalid: %s", path, exc)
+            return replace(base, error=str(exc))
+        except Exception as exc:
+            # A hostile file must not take the library down; the reason is shown on the entry.
+            log.warning("unexpected error reading %s", path, exc_info=True)
+            return replace(base, error=f"{type(exc).__name__}: {exc}")
+        license_ = header.get("general.license")
+        return replace(
+            base,
+            architecture=header.architecture,
+            n_params=header.n_params,
+            quant=header.quant_name,
+            context_length=header.context_length,
+            license=str(license_) if license_ is not None else None,
+            has_chat_template=bool(header.chat_template),
+            mtp_layers=int(header.nextn_layers or 0),
+        )
+
+    # --- actions ------------------------------------------------------------------------------
+    def delete(self, entry: ModelEntry) -> list[Path]:
+        """Deletes one of Peregrine's own models (every part); other apps' files are refused."""
+        root = self.paths.models.resolve()
+        if entry.read_only or entry.source != "peregrine":
+            raise PeregrineError(
+                f"{entry.id} belongs to {SOURCE_NAMES[entry.source]}; Peregrine only lists it "
+                "and never deletes other apps' files"
+            )
+        removed = []
+        for part in entry.parts or (entry.path,):
+            resolved = part.resolve()
+            if not resolved.is_relative_to(root):
+                raise PeregrineError(
+                    f"{part} is outside Peregrine's models folder; not deleting it"
+                )
+            part.unlink(missing_ok=True)
+            removed.append(part)
+        parent = entry.path.parent
+        if parent != self.paths.models and parent.resolve().is_relative_to(root):
+            with contextlib.suppress(OSError):
+                parent.rmdir()  # only if now empty; a non-empty folder keeps its other models
+        return removed
+
+    def reveal(self, entry: ModelEntry) -> Path:
+        """The folder holding the model; the GUI opens it in the file manager."""
+        return entry.path.parent
+
+    def import_file(self, source: Path, *, move: bool = False) -> ModelEntry:
+        """Copies a GGUF from anywhere into models/imported/ after validating its header."""
+        source = Path(source).expanduser()
+        # Validate before touching anything: a bad file gets a clear error and nothing is written.
+        self._validate(source)
+        if split_info(source.name) is not None:
+            raise PeregrineError(
+                f"{source.name} is one part of a split model; import is for single-file GGUFs"
+            )
+        dest_dir = self.paths.models / "imported"
+        dest = dest_dir / source.name
+        if dest.exists():
+            raise PeregrineError(f"a model named {source.name} is already imported: {dest}")
+        dest_dir.mkdir(parents=True, exist_ok=True)
+        fd, tmp_name = tempfile.mkstemp(prefix=".import-", suffix=".part", dir=dest_dir)
+        tmp = Path(tmp_name)
+        try:
+            with os.fdopen(fd, "wb") as out, source.open("rb") as src:
+                shutil.copyfileobj(src, out, 1 << 20)
+                out.flush()
+                os.fsync(out.fileno())
+            os.replace(tmp, dest)
+        except OSError as exc:
+            tmp.unlink(missing_ok=True)
+            raise PeregrineError(f"could not import {source.name}: {exc.strerror or exc}") from exc
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        if move:
+            source.unlink()
+        return self._entry(f"imported/{dest.name}", dest, "peregrine", read_only=False)
+
+
+def _split_parts(path: Path) -> list[Path]:
+    info = split_info(path.name)
+    if info is None:
+        return [path]
+    base, _, count = info
+    stem = base[: -len(".gguf")]
+    return [path.with_name(f"{stem}-{i:05d}-of-{count:05d}.gguf") for i in range(1, count + 1)]

@@ -1,0 +1,313 @@
+"""`peregrine pull`, `ls`, `rm` and `search`: the model manager in a terminal.
+
+Each function takes argv and returns an exit code; app/cli.py turns a
+PeregrineError into one stderr line. Progress goes to stderr, results to stdout.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+import time
+from collections.abc import Callable, Sequence
+from typing import Any, TextIO
+
+from app.services.downloads import Downloader, format_bytes
+from app.services.hub import FitLike, HubService, QuantOption, RepoListing
+from app.services.library import (
+    Library,
+    ModelEntry,
+    ScanFolder,
+    default_scan_folders,
+    scan_folders_from_strings,
+)
+from engine.errors import PeregrineError, UsageError
+from engine.paths import Paths
+
+log = logging.getLogger(__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that raises UsageError (exit 2, one line) instead of exiting."""
+
+    def error(self, message: str) -> Any:
+        raise UsageError(f"{message} (see `peregrine {self.prog.split()[-1]} --help`)")
+
+
+class TerminalProgress:
+    """A one-line progress bar on a stream, redrawn at most every `interval` seconds."""
+
+    def __init__(
+        self,
+        label: str,
+        stream: TextIO | None = None,
+        clock: Callable[[], float] = time.monotonic,
+        interval: float = 0.1,
+    ) -> None:
+        self.label = label
+        self.stream = stream or sys.stderr
+        self._clock = clock
+        self._tty = self.stream.isatty()
+        # Without a terminal, redraws become lines: keep them rare.
+        self._interval = interval if self._tty else 2.0
+        self._last = -1e9
+        self._start = clock()
+        self._start_done: int | None = None
+        self._drawn = False
+
+    def update(self, done: int, total: int) -> None:
+        now = self._clock()
+        if self._start_done is None:
+            self._start_done = done  # resumed bytes don't count toward the speed
+        if now - self._last < self._interval and done < total:
+            return
+        self._last = now
+        elapsed = now - self._start
+        speed = (done - self._start_done) / elapsed if elapsed > 0 else 0.0
+        frac = done / total if total else 1.0
+        width = 24
+        bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
+        eta = f" ETA {int((total - done) / speed)}s" if speed > 0 and done < total else ""
+        line = (
+            f"{self.label} [{bar}] {frac * 100:5.1f}% {format_bytes(done)}/{format_bytes(total)}"
+            f" {format_bytes(speed)}/s{eta}"
+        )
+        if self._tty:
+            self.stream.write("\r" + line + "\x1b[K")
+        else:
+            self.stream.write(line + "\n")
+        self.stream.flush()
+        self._drawn = True
+
+    def finish(self) -> None:
+        if self._drawn and self._tty:
+            self.stream.write("\n")
+            self.stream.flush()
+
+
+# --- default wiring of the planner (engine/) ---------------------------------------------------
+
+
+def planner_wiring() -> tuple[Any, Any, Any]:
+    """(fit, pick, remote header reader) from engine/, or Nones when those modules are absent."""
+    try:
+        from engine import planner
+        from engine.gguf_header import read_remote_gguf_header
+        from engine.hardware import detect_hardware
+    except ImportError as exc:
+        log.info("fit badges unavailable: %s", exc)
+        return None, None, None
+    hardware: list[Any] = []
+
+    def hw() -> Any:
+        if not hardware:
+            hardware.append(detect_hardware())
+        return hardware[0]
+
+    def fit(name: str, header: Any, size: int) -> FitLike:
+        return planner.fit_badge(hw(), planner.ModelCandidate(name, header, size))
+
+    def pick(candidates: Sequence[tuple[str, Any, int]]) -> str | None:
+        try:
+            plan = planner.plan(hw(), [planner.ModelCandidate(n, h, s) for n, h, s in candidates])
+        except PeregrineError as exc:
+            # Nothing fits: no pick; every quant's badge already says why.
+            log.info("no quant picked: %s", exc)
+            return None
+        return plan.quant_file
+
+    def read_header(url: str, headers: dict[str, str]) -> Any:
+        return read_remote_gguf_header(url, headers=headers)
+
+    return fit, pick, read_header
+
+
+def _hub(with_fit: bool) -> HubService:
+    if not with_fit:
+        return HubService()
+    fit, pick, reader = planner_wiring()
+    return HubService(fit=fit, pick=pick, header_reader=reader)
+
+
+def _library(paths: Paths) -> Library:
+    from app.services.settings import SettingsError, SettingsStore
+
+    folders: list[ScanFolder]
+    try:
+        configured = SettingsStore(paths.settings_file).load().library_scan_folders
+    except SettingsError as exc:
+        log.warning("%s; scanning the default folders", exc)
+        configured = None
+    folders = (
+        default_scan_folders() if configured is None else scan_folders_from_strings(configured)
+    )
+    return Library(paths, folders)
+
+
+# --- pull ----------------------------------------------------------------------------------
+
+
+def _describe_option(opt: QuantOption) -> str:
+    parts = f" ({len(opt.files)} parts)" if opt.is_split else ""
+    fit = f"  [{opt.fit.level}] {opt.fit.summary}" if opt.fit is not None else ""
+    pick = "  <- recommended" if opt.picked else ""
+    err = f"  (header unreadable: {opt.header_error})" if opt.header_error else ""
+    return (
+        f"{(opt.quant or '?'):<8} {format_bytes(opt.size):>10}  {opt.name}{parts}{fit}{pick}{err}"
+    )
+
+
+def _choose(listing: RepoListing, file: str | None, quant: str | None) -> QuantOption:
+    wanted = file or quant
+    if wanted:
+        opt = listing.find(wanted)
+        if opt is None:
+            what = "file" if file else "quant"
+            have = ", ".join(o.quant or o.name for o in listing.options) or "none"
+            raise PeregrineError(f"{listing.repo_id} has no {what} {wanted} (GGUF quants: {have})")
+        return opt
+    if not listing.options:
+        raise PeregrineError(f"{listing.repo_id} has no GGUF files")
+    if len(listing.options) == 1:
+        return listing.options[0]
+    picked = [o for o in listing.options if o.picked]
+    if picked:
+        return picked[0]
+    have = ", ".join(o.quant or o.name for o in listing.options)
+    raise UsageError(
+        f"{listing.repo_id} has several quants ({have}): choose one with --quant or a file name"
+    )
+
+
+def pull_main(argv: list[str]) -> int:
+    """Downloads a GGUF model (all parts of a split one), resumably and SHA-256 verified."""
+    p = _Parser(prog="peregrine pull", description="Download a GGUF model from Hugging Face.")
+    p.add_argument("repo", help="owner/name on Hugging Face")
+    p.add_argument("file", nargs="?", help="a .gguf file in the repo (or a quant label)")
+    p.add_argument("--quant", help="pick the file by quant, e.g. Q4_K_M")
+    p.add_argument("--revision", help="branch, tag or commit (default: main)")
+    p.add_argument("--list", action="store_true", help="list the repo's quants with fit badges")
+    args = p.parse_args(argv)
+    if args.file and args.quant:
+        raise UsageError("give a file or --quant, not both")
+    paths = Paths.from_env().ensure()
+    needs_fit = args.list or not (args.file or args.quant)
+    hub = _hub(with_fit=needs_fit)
+    listing = hub.list_quants(args.repo, args.revision, with_fit=needs_fit)
+    if args.list:
+        for opt in listing.options:
+            sys.stdout.write(_describe_option(opt) + "\n")
+        return 0
+    opt = _choose(listing, args.file, args.quant)
+    if not opt.complete:
+        raise PeregrineError(f"{opt.name}: the repo does not have every part of this split model")
+    bar = TerminalProgress(opt.name)
+
+    def notice(message: str) -> None:
+        sys.stderr.write(f"peregrine pull: {message}\n")
+
+    downloader = Downloader(paths, endpoint=hub.endpoint, token=hub.token)
+    try:
+        finals = downloader.download_model(
+            args.repo,
+            [f.path for f in opt.files],
+            listing.commit or args.revision,
+            on_progress=bar.update,
+            on_notice=notice,
+        )
+    finally:
+        bar.finish()
+    for path in finals:
+        sys.stdout.write(f"{path}\n")
+    return 0
+
+
+# --- ls, rm, search --------------------------------------------------------------------------
+
+
+def _entry_json(e: ModelEntry) -> dict[str, Any]:
+    return {
+        "id": e.id,
+        "path": str(e.path),
+        "source": e.source,
+        "read_only": e.read_only,
+        "size": e.size,
+        "architecture": e.architecture,
+        "n_params": e.n_params,
+        "quant": e.quant,
+        "context_length": e.context_length,
+        "license": e.license,
+        "has_chat_template": e.has_chat_template,
+        "mtp_layers": e.mtp_layers,
+        "error": e.error,
+    }
+
+
+def _params(n: int | None) -> str:
+    if not n:
+        return "?"
+    return f"{n / 1e9:.1f}B" if n >= 1e9 else f"{n / 1e6:.0f}M"
+
+
+def ls_main(argv: list[str]) -> int:
+    """Lists Peregrine's models and, read-only, other apps' GGUFs."""
+    p = _Parser(prog="peregrine ls", description="List the models Peregrine can run.")
+    p.add_argument("--json", action="store_true", help="one JSON array on stdout")
+    p.add_argument("--own", action="store_true", help="only Peregrine's own models")
+    args = p.parse_args(argv)
+    paths = Paths.from_env()
+    library = _library(paths)
+    if args.own:
+        library.scan_folders = []
+    entries = library.entries()
+    if args.json:
+        sys.stdout.write(json.dumps([_entry_json(e) for e in entries], indent=1) + "\n")
+        return 0
+    if not entries:
+        sys.stdout.write("no models yet: try `peregrine search TERM` and `peregrine pull REPO`\n")
+        return 0
+    for e in entries:
+        if e.error:
+            detail = f"invalid: {e.error}"
+        else:
+            detail = (
+                f"{e.architecture or '?'} {_params(e.n_params)} {e.quant or '?'} "
+                f"ctx {e.context_length or '?'}"
+            )
+        ro = " (read-only)" if e.read_only else ""
+        sys.stdout.write(f"{e.id}  {format_bytes(e.size)}  {detail}  [{e.source}{ro}]\n")
+    return 0
+
+
+def rm_main(argv: list[str]) -> int:
+    """Deletes one of Peregrine's models; other apps' files are refused."""
+    p = _Parser(prog="peregrine rm", description="Delete a downloaded model.")
+    p.add_argument("model", help="an id or file name from `peregrine ls`")
+    args = p.parse_args(argv)
+    library = _library(Paths.from_env())
+    entry = library.find(args.model)
+    for path in library.delete(entry):
+        sys.stdout.write(f"deleted {path}\n")
+    return 0
+
+
+def search_main(argv: list[str]) -> int:
+    """Searches Hugging Face for GGUF repos."""
+    p = _Parser(prog="peregrine search", description="Search Hugging Face for GGUF models.")
+    p.add_argument("term")
+    p.add_argument("--limit", type=int, default=20)
+    args = p.parse_args(argv)
+    if args.limit < 1:
+        raise UsageError("--limit must be at least 1")
+    results = _hub(with_fit=False).search(args.term, limit=args.limit)
+    if not results:
+        sys.stdout.write(f"no GGUF repos match {args.term!r}\n")
+        return 0
+    for r in results:
+        flags = " gated" if r.gated else ""
+        sys.stdout.write(
+            f"{r.repo_id}  {r.downloads:,} downloads  {r.likes:,} likes  {r.license or '?'}{flags}\n"
+        )
+    return 0
