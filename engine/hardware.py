@@ -1,0 +1,486 @@
+"""What this machine has: GPUs, CPU, RAM, disk and engine runtimes (CONTRACTS.md `Hardware`).
+
+Each probe is one small function behind `HardwareProbes`, so tests can swap any
+of them for a fake (a fake NVML module, a fake sysfs tree). A probe that fails
+is recorded in `Hardware.missing` with its reason; detection never raises.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import importlib
+import importlib.util
+import json
+import logging
+import os
+import shutil
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from types import ModuleType
+from typing import Any
+
+import psutil
+
+from engine.errors import PeregrineError
+from engine.paths import Paths
+
+log = logging.getLogger(__name__)
+
+# ISA flags that matter to llama.cpp's CPU kernels; the full /proc list is noise.
+_INTERESTING_CPU_FLAGS = (
+    "sse3",
+    "ssse3",
+    "sse4_1",
+    "sse4_2",
+    "avx",
+    "avx2",
+    "fma",
+    "f16c",
+    "avx512f",
+    "avx512bw",
+    "avx512vl",
+    "avx512_vnni",
+    "avx512_bf16",
+    "avx_vnni",
+    "amx_tile",
+    "amx_int8",
+    "amx_bf16",
+    # ARM (/proc/cpuinfo "Features")
+    "neon",
+    "asimd",
+    "asimddp",
+    "sve",
+    "sve2",
+    "i8mm",
+    "bf16",
+)
+
+# ggml backend device types (ggml-backend.h, enum ggml_backend_dev_type).
+_GGML_DEV_TYPE_CPU = 0
+_GGML_DEV_TYPE_GPU = 1
+_GGML_DEV_TYPE_IGPU = 2
+
+_AMD_VENDOR_ID = "0x1002"
+
+
+@dataclass
+class GPU:
+    """One GPU as the planner sees it; sizes in bytes."""
+
+    name: str
+    backend: str  # cuda, hip, vulkan, metal, sycl ...
+    total: int
+    free: int
+    compute_capability: str | None = None
+
+
+@dataclass
+class CPU:
+    """The host CPU: cores for the thread count, flags for kernel choice."""
+
+    name: str
+    physical_cores: int
+    logical_cores: int
+    flags: list[str] = field(default_factory=list)
+
+
+@dataclass
+class RAM:
+    """System memory in bytes."""
+
+    total: int
+    available: int
+
+
+@dataclass
+class Runtime:
+    """An installed engine runtime (`runtimes/<name>/runtime.json`)."""
+
+    name: str
+    backend: str
+    fa_all_pairs: bool = False
+    llama_cpp_commit: str | None = None
+
+
+@dataclass
+class Hardware:
+    """Everything the planner needs to know about a machine (CONTRACTS.md)."""
+
+    gpus: list[GPU]
+    cpu: CPU
+    ram: RAM
+    disk_free: int
+    runtimes: list[Runtime] = field(default_factory=list)
+    missing: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        """The `hardware` object of `peregrine profile --json`."""
+        return asdict(self)
+
+    @classmethod
+    def from_json(cls, data: Any) -> Hardware:
+        """Reads a `hardware` object; raises PeregrineError naming what is wrong."""
+        if not isinstance(data, dict):
+            raise PeregrineError("hardware must be a JSON object")
+        try:
+            gpus = [
+                GPU(
+                    name=str(g["name"]),
+                    backend=str(g.get("backend") or "cuda"),
+                    total=_nonneg_int(g["total"], "gpus[].total"),
+                    free=_nonneg_int(g["free"], "gpus[].free"),
+                    compute_capability=(
+                        None
+                        if g.get("compute_capability") is None
+                        else str(g["compute_capability"])
+                    ),
+                )
+                for g in _as_list(data.get("gpus", []), "gpus")
+            ]
+            cpu_d = data["cpu"]
+            if not isinstance(cpu_d, dict):
+                raise PeregrineError("hardware.cpu must be an object")
+            cpu = CPU(
+                name=str(cpu_d.get("name", "")),
+                physical_cores=max(1, _nonneg_int(cpu_d["physical_cores"], "cpu.physical_cores")),
+                logical_cores=max(1, _nonneg_int(cpu_d["logical_cores"], "cpu.logical_cores")),
+                flags=[str(f) for f in _as_list(cpu_d.get("flags", []), "cpu.flags")],
+            )
+            ram_d = data["ram"]
+            if not isinstance(ram_d, dict):
+                raise PeregrineError("hardware.ram must be an object")
+            ram = RAM(
+                total=_nonneg_int(ram_d["total"], "ram.total"),
+                available=_nonneg_int(ram_d["available"], "ram.available"),
+            )
+            runtimes = [
+                Runtime(
+                    name=str(r["name"]),
+                    backend=str(r.get("backend", "cpu")),
+                    fa_all_pairs=bool(r.get("fa_all_pairs", False)),
+                    llama_cpp_commit=(
+                        None if r.get("llama_cpp_commit") is None else str(r["llama_cpp_commit"])
+                    ),
+                )
+                for r in _as_list(data.get("runtimes", []), "runtimes")
+            ]
+            return cls(
+                gpus=gpus,
+                cpu=cpu,
+                ram=ram,
+                disk_free=_nonneg_int(data.get("disk_free", 0), "disk_free"),
+                runtimes=runtimes,
+                missing=[str(m) for m in _as_list(data.get("missing", []), "missing")],
+            )
+        except KeyError as exc:
+            raise PeregrineError(f"hardware is missing the field {exc.args[0]!r}") from exc
+        except TypeError as exc:
+            raise PeregrineError(f"hardware has a field of the wrong shape: {exc}") from exc
+
+
+def _nonneg_int(value: Any, name: str) -> int:
+    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
+        raise PeregrineError(f"hardware.{name} must be a non-negative number, not {value!r}")
+    return int(value)
+
+
+def _as_list(value: Any, name: str) -> list[Any]:
+    if not isinstance(value, list):
+        raise PeregrineError(f"hardware.{name} must be a list")
+    return value
+
+
+class ProbeError(Exception):
+    """A probe could not answer; the message says why (goes to `missing`)."""
+
+
+@dataclass
+class HardwareProbes:
+    """Where detection looks. Every field can be swapped in tests."""
+
+    # Returns the pynvml module (or a fake with the same functions).
+    nvml_module: Callable[[], ModuleType] = lambda: importlib.import_module("pynvml")
+    sysfs_root: Path = Path("/sys")
+    proc_cpuinfo: Path = Path("/proc/cpuinfo")
+    # Folder of libggml*.so; None means llama_cpp's own lib/ folder.
+    ggml_lib_dir: Path | None = None
+    # Set False to skip loading llama.cpp's libraries (e.g. for a remote plan).
+    probe_ggml: bool = True
+    virtual_memory: Callable[[], Any] = psutil.virtual_memory
+    cpu_count: Callable[[bool], int | None] = lambda logical: psutil.cpu_count(logical=logical)
+    disk_usage: Callable[[Path], Any] = shutil.disk_usage
+    runtimes_dir: Path | None = None  # None: Paths.from_env().runtimes
+
+
+def detect_hardware(
+    probes: HardwareProbes | None = None, models_dir: Path | None = None
+) -> Hardware:
+    """Runs every probe; a failing one is noted in `missing` and detection goes on."""
+    p = probes or HardwareProbes()
+    missing: list[str] = []
+
+    def attempt(what: str, func: Callable[[], Any], default: Any) -> Any:
+        try:
+            return func()
+        except ProbeError as exc:
+            missing.append(f"{what}: {exc}")
+        except Exception as exc:  # a probe must never take detection down
+            log.debug("probe %s failed", what, exc_info=True)
+            missing.append(f"{what}: {type(exc).__name__}: {exc}")
+        return default
+
+    nvidia: list[GPU] = attempt("nvml", lambda: probe_nvml(p.nvml_module), [])
+    amd: list[GPU] = attempt("amd sysfs", lambda: probe_amd_sysfs(p.sysfs_root), [])
+    ggml: list[GPU] = (
+        attempt("ggml devices", lambda: probe_ggml_devices(p.ggml_lib_dir), [])
+        if p.probe_ggml
+        else []
+    )
+    cpu: CPU = attempt(
+        "cpu",
+        lambda: probe_cpu(p.proc_cpuinfo, p.cpu_count),
+        CPU(name="unknown", physical_cores=1, logical_cores=1),
+    )
+    vm = attempt("ram", p.virtual_memory, None)
+    ram = RAM(total=int(vm.total), available=int(vm.available)) if vm is not None else RAM(0, 0)
+    if models_dir is None:
+        models_dir = Paths.from_env().models
+    disk_free = attempt("disk", lambda: _disk_free(models_dir, p.disk_usage), 0)
+    runtimes_dir = p.runtimes_dir if p.runtimes_dir is not None else Paths.from_env().runtimes
+    runtimes: list[Runtime] = attempt("runtimes", lambda: probe_runtimes(runtimes_dir, missing), [])
+    return Hardware(
+        gpus=merge_gpus(nvidia + amd, ggml),
+        cpu=cpu,
+        ram=ram,
+        disk_free=disk_free,
+        runtimes=runtimes,
+        missing=missing,
+    )
+
+
+def merge_gpus(vendor: list[GPU], ggml: list[GPU]) -> list[GPU]:
+    """Vendor probes (exact free memory, compute capability) first; ggml adds what they missed.
+
+    A ggml device counts as already known when a vendor GPU has the same name.
+    """
+    merged = list(vendor)
+    known = {g.name.lower() for g in vendor}
+    for g in ggml:
+        if g.name.lower() not in known and not any(
+            k in g.name.lower() or g.name.lower() in k for k in known
+        ):
+            merged.append(g)
+    return merged
+
+
+def probe_nvml(load: Callable[[], ModuleType]) -> list[GPU]:
+    """NVIDIA GPUs through NVML (nvidia-ml-py)."""
+    try:
+        nvml = load()
+    except ImportError as exc:
+        raise ProbeError(f"pynvml is not installed ({exc})") from exc
+    try:
+        nvml.nvmlInit()
+    except Exception as exc:
+        raise ProbeError(f"no NVIDIA driver ({exc})") from exc
+    try:
+        gpus = []
+        for i in range(int(nvml.nvmlDeviceGetCount())):
+            handle = nvml.nvmlDeviceGetHandleByIndex(i)
+            name = nvml.nvmlDeviceGetName(handle)
+            if isinstance(name, bytes):
+                name = name.decode("utf-8", "replace")
+            mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+            try:
+                major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+                cc: str | None = f"{major}.{minor}"
+            except Exception:
+                log.debug("compute capability of GPU %d unknown", i, exc_info=True)
+                cc = None
+            gpus.append(
+                GPU(
+                    name=str(name),
+                    backend="cuda",
+                    total=int(mem.total),
+                    free=int(mem.free),
+                    compute_capability=cc,
+                )
+            )
+        return gpus
+    finally:
+        try:
+            nvml.nvmlShutdown()
+        except Exception:
+            log.debug("nvmlShutdown failed", exc_info=True)
+
+
+def probe_amd_sysfs(root: Path) -> list[GPU]:
+    """AMD GPUs on Linux: VRAM counters under /sys/class/drm/card*/device."""
+    drm = root / "class" / "drm"
+    if not drm.is_dir():
+        raise ProbeError(f"{drm} does not exist")
+    gpus = []
+    for card in sorted(drm.glob("card[0-9]*")):
+        if "-" in card.name:  # connectors such as card0-HDMI-A-1
+            continue
+        dev = card / "device"
+        try:
+            vendor = (dev / "vendor").read_text().strip()
+        except OSError:
+            continue
+        if vendor != _AMD_VENDOR_ID:
+            continue
+        try:
+            total = int((dev / "mem_info_vram_total").read_text().strip())
+            used = int((dev / "mem_info_vram_used").read_text().strip())
+        except (OSError, ValueError) as exc:
+            raise ProbeError(f"{card.name}: cannot read VRAM counters ({exc})") from exc
+        name = _read_first(dev / "product_name") or f"AMD GPU ({card.name})"
+        gfx = _read_first(dev / "gfx_target_version")
+        gpus.append(
+            GPU(
+                name=name,
+                backend="hip",
+                total=total,
+                free=max(0, total - used),
+                compute_capability=gfx,
+            )
+        )
+    return gpus
+
+
+def _read_first(path: Path) -> str | None:
+    try:
+        text = path.read_text().strip()
+    except OSError:
+        return None
+    return text or None
+
+
+def probe_ggml_devices(lib_dir: Path | None) -> list[GPU]:
+    """GPUs the installed llama.cpp build can use, through ggml's device API (ctypes)."""
+    lib = _load_ggml(lib_dir)
+    lib.ggml_backend_dev_count.restype = ctypes.c_size_t
+    lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+    lib.ggml_backend_dev_get.restype = ctypes.c_void_p
+    for fn in ("ggml_backend_dev_name", "ggml_backend_dev_description"):
+        getattr(lib, fn).argtypes = [ctypes.c_void_p]
+        getattr(lib, fn).restype = ctypes.c_char_p
+    lib.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_type.restype = ctypes.c_int
+    lib.ggml_backend_dev_memory.argtypes = [
+        ctypes.c_void_p,
+        ctypes.POINTER(ctypes.c_size_t),
+        ctypes.POINTER(ctypes.c_size_t),
+    ]
+    lib.ggml_backend_dev_memory.restype = None
+    gpus = []
+    for i in range(lib.ggml_backend_dev_count()):
+        dev = lib.ggml_backend_dev_get(i)
+        kind = lib.ggml_backend_dev_type(dev)
+        if kind not in (_GGML_DEV_TYPE_GPU, _GGML_DEV_TYPE_IGPU):
+            continue
+        name = (lib.ggml_backend_dev_name(dev) or b"").decode("utf-8", "replace")
+        desc = (lib.ggml_backend_dev_description(dev) or b"").decode("utf-8", "replace")
+        free, total = ctypes.c_size_t(0), ctypes.c_size_t(0)
+        lib.ggml_backend_dev_memory(dev, ctypes.byref(free), ctypes.byref(total))
+        gpus.append(
+            GPU(name=desc or name, backend=_backend_of(name), total=total.value, free=free.value)
+        )
+    return gpus
+
+
+def _backend_of(dev_name: str) -> str:
+    """ggml device names start with the backend: CUDA0, Vulkan0, ROCm0, Metal, SYCL0."""
+    lowered = dev_name.lower()
+    for prefix, backend in (
+        ("cuda", "cuda"),
+        ("rocm", "hip"),
+        ("hip", "hip"),
+        ("vulkan", "vulkan"),
+        ("metal", "metal"),
+        ("mtl", "metal"),
+        ("sycl", "sycl"),
+    ):
+        if lowered.startswith(prefix):
+            return backend
+    return lowered.rstrip("0123456789") or "unknown"
+
+
+def _load_ggml(lib_dir: Path | None) -> ctypes.CDLL:
+    if lib_dir is None:
+        spec = importlib.util.find_spec("llama_cpp")
+        if spec is None or not spec.submodule_search_locations:
+            raise ProbeError("llama_cpp is not installed")
+        lib_dir = Path(next(iter(spec.submodule_search_locations))) / "lib"
+    candidates = sorted(lib_dir.glob("libggml.so*")) + sorted(lib_dir.glob("libggml.dylib"))
+    candidates += sorted(lib_dir.glob("ggml.dll"))
+    if not candidates:
+        raise ProbeError(f"no libggml in {lib_dir}")
+    # Load the base library first so the backend libraries resolve against this copy.
+    for base in sorted(lib_dir.glob("libggml-base.so*")):
+        ctypes.CDLL(str(base), mode=ctypes.RTLD_GLOBAL)
+    try:
+        return ctypes.CDLL(str(candidates[0]))
+    except OSError as exc:
+        raise ProbeError(f"cannot load {candidates[0].name}: {exc}") from exc
+
+
+def probe_cpu(cpuinfo: Path, cpu_count: Callable[[bool], int | None]) -> CPU:
+    """CPU name and ISA flags from /proc/cpuinfo; core counts from psutil."""
+    name = "unknown"
+    flags: list[str] = []
+    try:
+        text = cpuinfo.read_text(errors="replace")
+    except OSError:
+        text = ""
+    for line in text.splitlines():
+        key, _, value = line.partition(":")
+        key = key.strip().lower()
+        if (
+            key in ("model name", "hardware", "processor")
+            and name == "unknown"
+            and not value.strip().isdigit()
+        ):
+            name = value.strip() or name
+        elif key in ("flags", "features") and not flags:
+            present = set(value.split())
+            flags = [f for f in _INTERESTING_CPU_FLAGS if f in present]
+    logical = cpu_count(True) or os.cpu_count() or 1
+    physical = cpu_count(False) or logical
+    return CPU(name=name, physical_cores=int(physical), logical_cores=int(logical), flags=flags)
+
+
+def _disk_free(models_dir: Path, disk_usage: Callable[[Path], Any]) -> int:
+    # The models folder may not exist yet; its nearest existing parent is on the same disk.
+    folder = models_dir
+    while not folder.exists() and folder.parent != folder:
+        folder = folder.parent
+    return int(disk_usage(folder).free)
+
+
+def probe_runtimes(runtimes_dir: Path, missing: list[str]) -> list[Runtime]:
+    """Installed runtimes; a broken runtime.json is noted in `missing` and skipped."""
+    if not runtimes_dir.is_dir():
+        return []
+    found = []
+    for manifest in sorted(runtimes_dir.glob("*/runtime.json")):
+        name = manifest.parent.name
+        try:
+            data = json.loads(manifest.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("backend"), str):
+                raise ValueError("needs an object with a string 'backend'")
+        except (OSError, ValueError) as exc:
+            missing.append(f"runtime {name}: unreadable runtime.json ({exc})")
+            continue
+        commit = data.get("llama_cpp_commit")
+        found.append(
+            Runtime(
+                name=name,
+                backend=data["backend"],
+                fa_all_pairs=bool(data.get("fa_all_pairs", False)),
+                llama_cpp_commit=None if commit is None else str(commit),
+            )
+        )
+    return found

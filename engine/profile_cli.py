@@ -1,0 +1,201 @@
+"""`peregrine profile`: detect the hardware and plan a model's memory (CONTRACTS.md)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import sys
+from collections.abc import Sequence
+from pathlib import Path
+from typing import Any, NoReturn
+
+from engine.errors import PeregrineError, UsageError
+from engine.hardware import Hardware, detect_hardware
+from engine.memory_estimate import GIB
+from engine.planner import ModelCandidate, Pins, Plan, plan, plan_for_file
+from engine.wire import KV_BYTES_PER_ELEMENT
+
+log = logging.getLogger(__name__)
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports bad usage as UsageError (exit 2, one line) instead of exiting."""
+
+    def error(self, message: str) -> NoReturn:
+        raise UsageError(message)
+
+
+def _parser() -> _Parser:
+    p = _Parser(prog="peregrine profile", description="Detect hardware and plan a model's memory.")
+    p.add_argument("--json", action="store_true", help="print the profile as one JSON object")
+    src = p.add_argument_group("model (default: the built-in model)")
+    src.add_argument("--model", metavar="PATH", help="a local GGUF file")
+    src.add_argument("--repo", metavar="ID", help="a Hugging Face repo with GGUF files")
+    src.add_argument("--file", metavar="NAME", help="one file of --repo (default: pick a quant)")
+    hw = p.add_argument_group("hardware")
+    hw.add_argument("--hardware", metavar="FILE", help="plan for this `hardware` JSON object")
+    hw.add_argument("--estimate-only", action="store_true", help="skip the llama.cpp dry run")
+    pin = p.add_argument_group("pinned choices")
+    pin.add_argument("--ctx", type=int, metavar="N", help="context length")
+    pin.add_argument("--min-ctx", type=int, metavar="N", help="shortest acceptable context (8192)")
+    kv_types = sorted(KV_BYTES_PER_ELEMENT)
+    pin.add_argument("--cache-type-k", choices=kv_types, metavar="T", help="K cache type")
+    pin.add_argument("--cache-type-v", choices=kv_types, metavar="T", help="V cache type")
+    pin.add_argument("--flash-attn", choices=["on", "off", "auto"], help="flash attention")
+    pin.add_argument("--gpu-layers", type=int, metavar="N", help="layers on the GPU (-1 all)")
+    pin.add_argument("--budget-gib", type=float, metavar="G", help="memory budget for the model")
+    pin.add_argument("--headroom-gib", type=float, metavar="G", help="left free per device (1)")
+    pin.add_argument("--threads", type=int, metavar="N", help="CPU threads")
+    return p
+
+
+def pins_from_args(args: argparse.Namespace) -> Pins:
+    """The pinned choices of the command line."""
+    pins = Pins()
+    if args.ctx is not None:
+        pins.ctx = args.ctx
+    if args.min_ctx is not None:
+        pins.min_ctx = args.min_ctx
+    pins.type_k = args.cache_type_k
+    pins.type_v = args.cache_type_v
+    if args.flash_attn is not None:
+        pins.flash_attn = "on" if args.flash_attn == "auto" else args.flash_attn
+    if args.gpu_layers is not None:
+        if args.gpu_layers < -1:
+            raise UsageError("--gpu-layers must be -1 (all) or more")
+        pins.n_gpu_layers = args.gpu_layers
+    if args.budget_gib is not None:
+        if not args.budget_gib > 0:
+            raise UsageError("--budget-gib must be positive")
+        pins.budget_bytes = int(args.budget_gib * GIB)
+    if args.headroom_gib is not None:
+        if args.headroom_gib < 0:
+            raise UsageError("--headroom-gib cannot be negative")
+        pins.headroom_bytes = int(args.headroom_gib * GIB)
+    if args.threads is not None:
+        if args.threads < 1:
+            raise UsageError("--threads must be at least 1")
+        pins.threads = args.threads
+    return pins
+
+
+def load_hardware_file(path: str) -> Hardware:
+    """Reads `--hardware FILE`: exactly the `hardware` object `profile --json` prints."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise PeregrineError(f"hardware file not found: {path}") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PeregrineError(f"cannot read hardware file {path}: {exc}") from None
+    try:
+        data = json.loads(text)
+    except json.JSONDecodeError as exc:
+        raise PeregrineError(f"hardware file {path} is not JSON: {exc}") from None
+    return Hardware.from_json(data)
+
+
+def remote_candidates(repo: str, file: str | None) -> list[ModelCandidate]:
+    """Quant files of a hub repo, planned from headers read with Range requests."""
+    from huggingface_hub import HfApi, get_token, hf_hub_url
+    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+
+    from engine.gguf_header import read_remote_gguf_header
+
+    try:
+        files = HfApi().list_repo_files(repo)
+    except RepositoryNotFoundError:
+        raise PeregrineError(f"repo {repo!r} not found (or it is private)") from None
+    except (HfHubHTTPError, OSError) as exc:
+        raise PeregrineError(f"cannot list {repo}: {exc}") from None
+    ggufs = [f for f in files if f.lower().endswith(".gguf")]
+    if file is not None:
+        if file not in ggufs:
+            raise PeregrineError(f"{repo} has no GGUF file {file!r}")
+        ggufs = [file]
+    # Split models (-00001-of-00003) need every shard's header; plan single files only.
+    single = [f for f in ggufs if "-of-0" not in f and "mmproj" not in f.lower()]
+    if not single:
+        raise PeregrineError(f"{repo} has no single-file GGUF model to plan for")
+    token = get_token()
+    headers = {"Authorization": f"Bearer {token}"} if token else None
+    out = []
+    for name in single:
+        header = read_remote_gguf_header(hf_hub_url(repo, name), headers=headers)
+        out.append(
+            ModelCandidate(
+                file_name=name,
+                header=header,
+                file_size=header.file_size or header.data_offset + header.tensor_bytes,
+                path=None,
+            )
+        )
+    return out
+
+
+def make_profile(args: argparse.Namespace) -> Plan:
+    """Runs detection (or reads --hardware) and plans the chosen model."""
+    if args.model and args.repo:
+        raise UsageError("give --model or --repo, not both")
+    if args.file and not args.repo:
+        raise UsageError("--file needs --repo")
+    pins = pins_from_args(args)
+    hardware = load_hardware_file(args.hardware) if args.hardware else detect_hardware()
+    if args.repo:
+        result = plan(hardware, remote_candidates(args.repo, args.file), pins)
+        result.reasons.append("remote files: estimated from their headers, no dry run")
+        return result
+    if args.model:
+        path = Path(args.model)
+    else:
+        from engine.default_model import default_model_path
+
+        path = default_model_path()
+    return plan_for_file(path, hardware=hardware, pins=pins, measure=not args.estimate_only)
+
+
+def render_text(result: Plan) -> str:
+    """The human-readable profile."""
+    hw = result.hardware
+    load = result.load
+    mem = result.memory
+    lines = []
+    if hw is not None:
+        gpus = ", ".join(
+            f"{g.name} ({g.free / GIB:.1f}/{g.total / GIB:.1f} GiB free)" for g in hw.gpus
+        )
+        lines.append(
+            f"hardware: {hw.cpu.name}, {hw.cpu.physical_cores} cores; "
+            f"RAM {hw.ram.available / GIB:.1f}/{hw.ram.total / GIB:.1f} GiB free; "
+            f"GPUs: {gpus or 'none'}"
+        )
+        for m in hw.missing:
+            lines.append(f"  not probed: {m}")
+    lines.append(f"model: {result.quant_file}")
+    gpu = {-1: "all", 0: "none"}.get(load.n_gpu_layers, str(load.n_gpu_layers))
+    lines.append(
+        f"plan: ctx {load.n_ctx}, KV {load.type_k}/{load.type_v}, GPU layers {gpu}, "
+        f"flash attention {load.flash_attn}, threads {load.threads}"
+        + (", MoE experts in RAM" if load.expert_offload else "")
+        + (f", split {load.tensor_split}" if load.tensor_split else "")
+    )
+    lines.append(
+        f"memory ({result.method}): {mem.total / GIB:.2f} GiB = weights {mem.weights / GIB:.2f}"
+        f" + KV {mem.kv / GIB:.2f} + compute {mem.compute / GIB:.2f}"
+        f" + overhead {mem.overhead / GIB:.2f}"
+    )
+    lines.append("why:")
+    lines.extend(f"  - {r}" for r in result.reasons)
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Sequence[str]) -> int:
+    """Entry point of `peregrine profile`."""
+    args = _parser().parse_args(list(argv))
+    result = make_profile(args)
+    if args.json:
+        out: dict[str, Any] = result.to_json()
+        sys.stdout.write(json.dumps(out) + "\n")
+    else:
+        sys.stdout.write(render_text(result))
+    return 0
