@@ -1,0 +1,239 @@
+"""Library: Peregrine's models plus other apps' GGUFs found read-only, with real headers and real files."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import struct
+from pathlib import Path
+
+import gguf
+import pytest
+
+from app.services.library import (
+    Library,
+    ScanFolder,
+    default_scan_folders,
+    scan_folders_from_strings,
+)
+from engine.errors import PeregrineError
+from engine.paths import Paths
+from tests.fake_hub import make_gguf
+
+
+@pytest.fixture
+def paths() -> Paths:
+    return Paths.from_env().ensure()
+
+
+def hostile_gguf(path: Path) -> Path:
+    # Valid magic and version, then a metadata count no file could hold.
+    path.write_bytes(b"GGUF" + struct.pack("<IQQ", 3, 0, 1 << 60))
+    return path
+
+
+def test_peregrine_models_with_header_metadata(paths: Paths) -> None:
+    folder = paths.models / "acme--Tiny-GGUF"
+    folder.mkdir(parents=True)
+    make_gguf(folder / "Tiny-Q8_0.gguf", file_type=gguf.LlamaFileType.MOSTLY_Q8_0, n_floats=2048)
+    [entry] = Library(paths).entries()
+    assert entry.id == "acme/Tiny-GGUF/Tiny-Q8_0.gguf"
+    assert entry.source == "peregrine" and not entry.read_only and entry.valid
+    assert entry.architecture == "llama"
+    assert entry.quant == "Q8_0"
+    assert entry.n_params == 2048
+    assert entry.context_length == 4096
+    assert entry.license == "apache-2.0"
+    assert entry.has_chat_template
+    assert entry.mtp_layers == 0
+    assert entry.size == (folder / "Tiny-Q8_0.gguf").stat().st_size
+
+
+def test_real_default_model_metadata(paths: Paths, tmp_path: Path, default_model: Path) -> None:
+    lms = tmp_path / "lmstudio"
+    (lms / "HuggingFaceTB" / "SmolLM2").mkdir(parents=True)
+    (lms / "HuggingFaceTB" / "SmolLM2" / default_model.name).symlink_to(default_model)
+    [entry] = Library(paths, [ScanFolder("lmstudio", lms)]).entries()
+    assert entry.id == f"lmstudio:HuggingFaceTB/SmolLM2/{default_model.name}"
+    assert entry.source == "lmstudio" and entry.read_only
+    assert entry.architecture == "llama"
+    assert entry.quant == "Q4_1"
+    assert entry.context_length == 8192
+    assert entry.has_chat_template
+    assert entry.n_params is not None and 130e6 < entry.n_params < 140e6
+    assert entry.size == 98_362_432
+
+
+def test_split_model_is_one_entry_and_missing_parts_are_reported(paths: Paths) -> None:
+    folder = paths.models / "acme--Split"
+    folder.mkdir(parents=True)
+    for i in (1, 2, 3):
+        make_gguf(folder / f"S-F16-0000{i}-of-00003.gguf", split=(i - 1, 3))
+    [entry] = Library(paths).entries()
+    assert entry.name == "S-F16-00001-of-00003.gguf" and entry.valid
+    assert len(entry.parts) == 3
+    assert entry.size == sum(p.stat().st_size for p in folder.iterdir())
+    (folder / "S-F16-00002-of-00003.gguf").unlink()
+    [broken] = Library(paths).entries()
+    assert not broken.valid and "missing parts" in (broken.error or "")
+    assert "S-F16-00002-of-00003.gguf" in (broken.error or "")
+
+
+def test_other_apps_found_read_only(
+    paths: Paths, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    # Hugging Face cache: snapshots symlink into blobs/
+    hf = tmp_path / "hf" / "hub"
+    repo = hf / "models--acme--Tiny-GGUF"
+    (repo / "blobs").mkdir(parents=True)
+    blob = make_gguf(repo / "blobs" / "0123abcd", file_type=gguf.LlamaFileType.MOSTLY_Q4_K_M)
+    snap = repo / "snapshots" / ("a" * 40)
+    snap.mkdir(parents=True)
+    (snap / "Tiny-Q4_K_M.gguf").symlink_to(blob)
+    # GPT4All: files at the top of its folder
+    g4a = tmp_path / "gpt4all"
+    g4a.mkdir()
+    make_gguf(g4a / "orca-mini-Q4_0.gguf", file_type=gguf.LlamaFileType.MOSTLY_Q4_0)
+    # Ollama: manifests name the model blob by digest
+    ollama = tmp_path / "ollama"
+    (ollama / "blobs").mkdir(parents=True)
+    tiny = make_gguf(tmp_path / "tiny.gguf", file_type=gguf.LlamaFileType.MOSTLY_Q8_0)
+    digest = hashlib.sha256(tiny.read_bytes()).hexdigest()
+    tiny.rename(ollama / "blobs" / f"sha256-{digest}")
+    manifests = ollama / "manifests" / "registry.ollama.ai" / "library"
+    (manifests / "tiny").mkdir(parents=True)
+    (manifests / "tiny" / "latest").write_text(
+        json.dumps(
+            {
+                "schemaVersion": 2,
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.ollama.image.model",
+                        "digest": f"sha256:{digest}",
+                    },
+                    {"mediaType": "application/vnd.ollama.image.template", "digest": "sha256:00"},
+                ],
+            }
+        )
+    )
+    (manifests / "broken").mkdir()
+    (manifests / "broken" / "latest").write_text("{not json")
+    (manifests / "gone").mkdir()
+    (manifests / "gone" / "latest").write_text(
+        json.dumps(
+            {
+                "layers": [
+                    {
+                        "mediaType": "application/vnd.ollama.image.model",
+                        "digest": "sha256:" + "f" * 64,
+                    }
+                ]
+            }
+        )
+    )
+    folders = [
+        ScanFolder("huggingface", hf),
+        ScanFolder("gpt4all", g4a),
+        ScanFolder("ollama", ollama),
+        ScanFolder("lmstudio", tmp_path / "not-installed"),
+    ]
+    with caplog.at_level(logging.WARNING):
+        entries = Library(paths, folders).entries()
+    by_id = {e.id: e for e in entries}
+    assert set(by_id) == {
+        "hf:acme/Tiny-GGUF/Tiny-Q4_K_M.gguf",
+        "gpt4all:orca-mini-Q4_0.gguf",
+        "ollama:tiny:latest",
+    }
+    assert all(e.read_only and e.valid for e in entries)
+    assert by_id["hf:acme/Tiny-GGUF/Tiny-Q4_K_M.gguf"].quant == "Q4_K_M"
+    assert by_id["gpt4all:orca-mini-Q4_0.gguf"].quant == "Q4_0"
+    assert by_id["ollama:tiny:latest"].path == ollama / "blobs" / f"sha256-{digest}"
+    assert by_id["ollama:tiny:latest"].source == "ollama"
+    assert "unreadable Ollama manifest" in caplog.text and "missing blob" in caplog.text
+
+
+def test_hostile_and_garbage_files_are_listed_invalid(paths: Paths) -> None:
+    folder = paths.models / "imported"
+    folder.mkdir(parents=True)
+    (folder / "garbage.gguf").write_bytes(b"definitely not a model")
+    hostile_gguf(folder / "hostile.gguf")
+    (folder / "empty.gguf").write_bytes(b"")
+    make_gguf(folder / "good.gguf")
+    entries = {e.name: e for e in Library(paths).entries()}
+    assert entries["good.gguf"].valid
+    for name in ("garbage.gguf", "hostile.gguf", "empty.gguf"):
+        assert not entries[name].valid and entries[name].error
+
+
+def test_delete_only_own_models(paths: Paths, tmp_path: Path) -> None:
+    own = paths.models / "acme--Tiny-GGUF"
+    own.mkdir(parents=True)
+    make_gguf(own / "Tiny-Q8_0.gguf")
+    lms = tmp_path / "lms"
+    lms.mkdir()
+    theirs = make_gguf(lms / "Theirs-Q4_0.gguf")
+    library = Library(paths, [ScanFolder("lmstudio", lms)])
+    other = library.find("Theirs-Q4_0.gguf")
+    with pytest.raises(PeregrineError, match="belongs to LM Studio"):
+        library.delete(other)
+    assert theirs.exists()
+    mine = library.find("acme/Tiny-GGUF/Tiny-Q8_0.gguf")
+    assert library.reveal(mine) == own
+    assert library.delete(mine) == [own / "Tiny-Q8_0.gguf"]
+    assert not own.exists()  # the emptied repo folder goes too
+    assert [e.id for e in library.entries()] == ["lmstudio:Theirs-Q4_0.gguf"]
+    with pytest.raises(PeregrineError, match="no model"):
+        library.find("Tiny-Q8_0.gguf")
+
+
+def test_import_validates_first_and_copies(paths: Paths, tmp_path: Path) -> None:
+    library = Library(paths)
+    src = make_gguf(tmp_path / "elsewhere-Q8_0.gguf")
+    entry = library.import_file(src)
+    assert entry.path == paths.models / "imported" / "elsewhere-Q8_0.gguf"
+    assert entry.path.read_bytes() == src.read_bytes() and src.exists()
+    assert entry.valid and entry.source == "peregrine"
+    assert [e.id for e in library.entries()] == ["imported/elsewhere-Q8_0.gguf"]
+
+    with pytest.raises(PeregrineError, match="already imported"):
+        library.import_file(src)
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(b"GGUF" + b"\0" * 10)
+    with pytest.raises(PeregrineError):
+        library.import_file(bad)
+    # A truncated GGUF: the header parses, its tensor data is missing.
+    truncated = tmp_path / "truncated.gguf"
+    truncated.write_bytes(src.read_bytes()[:-100])
+    with pytest.raises(PeregrineError):
+        library.import_file(truncated)
+    assert sorted(p.name for p in (paths.models / "imported").iterdir()) == ["elsewhere-Q8_0.gguf"]
+
+
+def test_default_scan_folders_per_os(tmp_path: Path) -> None:
+    home = tmp_path / "u"
+    linux = {(f.source, f.path) for f in default_scan_folders("linux", home, {})}
+    assert ("huggingface", home / ".cache/huggingface/hub") in linux
+    assert ("lmstudio", home / ".lmstudio/models") in linux
+    assert ("gpt4all", home / ".local/share/nomic.ai/GPT4All") in linux
+    assert ("ollama", home / ".ollama/models") in linux
+    mac = {(f.source, f.path) for f in default_scan_folders("darwin", home, {"HF_HOME": "/hf"})}
+    assert ("gpt4all", home / "Library/Application Support/nomic.ai/GPT4All") in mac
+    assert ("huggingface", Path("/hf/hub")) in mac
+    win = {
+        (f.source, f.path)
+        for f in default_scan_folders(
+            "win32", home, {"LOCALAPPDATA": "C:/L", "OLLAMA_MODELS": "D:/o"}
+        )
+    }
+    assert ("gpt4all", Path("C:/L/nomic.ai/GPT4All")) in win
+    assert ("ollama", Path("D:/o")) in win
+
+
+def test_scan_folders_from_settings(tmp_path: Path) -> None:
+    folders = scan_folders_from_strings(
+        ["ollama:/x/models", str(tmp_path / ".ollama" / "models"), "/data/GPT4All", "/data/ggufs"]
+    )
+    assert [f.source for f in folders] == ["ollama", "ollama", "gpt4all", "lmstudio"]
+    assert folders[0].path == Path("/x/models")
