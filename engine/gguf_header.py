@@ -22,7 +22,7 @@ import struct
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import httpx2 as httpx
 
@@ -665,25 +665,28 @@ def parse_gguf_header(
     return _Parser(reader, max_metadata_memory).parse()
 
 
-def _open_regular(path: str | os.PathLike[str]) -> tuple[Any, int]:
+def _open_regular(path: str | os.PathLike[str]) -> tuple[BinaryIO, int]:
     """Opens a local model file for reading, with a clear error when it isn't one."""
     p = Path(path)
     try:
+        # stat first: opening a FIFO would block until some writer appears
+        if not stat.S_ISREG(os.stat(p).st_mode):
+            raise GGUFError(
+                f"{p}: is a directory, not a GGUF file"
+                if p.is_dir()
+                else f"{p}: not a regular file"
+            )
         f = open(p, "rb")  # noqa: SIM115 - the caller closes it
     except FileNotFoundError:
         raise GGUFError(f"{p}: no such file") from None
-    except IsADirectoryError:
-        raise GGUFError(f"{p}: is a directory, not a GGUF file") from None
     except PermissionError:
         raise GGUFError(f"{p}: permission denied") from None
     except OSError as exc:
         raise GGUFError(f"{p}: cannot open: {exc.strerror or exc}") from None
     try:
         st = os.fstat(f.fileno())
-        if stat.S_ISDIR(st.st_mode):
-            raise GGUFError(f"{p}: is a directory, not a GGUF file")
-        if not stat.S_ISREG(st.st_mode):
-            raise GGUFError(f"{p}: is not a regular file")
+        if not stat.S_ISREG(st.st_mode):  # replaced since the stat above
+            raise GGUFError(f"{p}: not a regular file")
     except BaseException:
         f.close()
         raise

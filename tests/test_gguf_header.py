@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import io
+import os
 import re
 import socket
 import threading
@@ -326,6 +327,9 @@ def test_paths_that_are_not_gguf_files(tmp_path: Path) -> None:
         tmp_path: "is a directory",
         tmp_path / "empty.gguf": "it is empty",
     }
+    if hasattr(os, "mkfifo"):
+        os.mkfifo(tmp_path / "fifo.gguf")  # opening it would block: it must not be opened
+        cases[tmp_path / "fifo.gguf"] = "not a regular file"
     for path, words in cases.items():
         for fn in (read_gguf_header, validate_gguf_file):
             with pytest.raises(GGUFError, match=words) as info:
