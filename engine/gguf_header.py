@@ -36,6 +36,12 @@ DEFAULT_ALIGNMENT = 32
 GGML_MAX_DIMS = 4
 GGML_MAX_NAME = 64  # llama.cpp refuses tensor names of 64 bytes or more
 MAX_ARRAY_DEPTH = 4  # llama.cpp reads no nested arrays at all; the gguf package writes them
+# Counts parsed one by one in Python, capped so that hostile files are refused
+# in well under a second. Real models have hundreds of keys and a few thousand
+# tensors; nested arrays are rare (llama.cpp cannot read them).
+MAX_METADATA_ENTRIES = 1 << 16
+MAX_TENSORS = 1 << 16
+MAX_NESTED_ARRAYS = 1 << 16  # inner arrays in the whole header
 # Rough CPython cost of the parsed metadata. The header cap alone does not
 # bound memory: a 10-byte string on disk becomes a ~60-byte str object.
 DEFAULT_MAX_METADATA_MEMORY = 64 << 20
@@ -470,6 +476,7 @@ class _Parser:
     """Parses one GGUF header from a `_Reader`."""
 
     def __init__(self, reader: _Reader, max_metadata_memory: int):
+        self.nested_left = MAX_NESTED_ARRAYS
         self.r = reader
         self.budget = max_metadata_memory
 
@@ -519,6 +526,14 @@ class _Parser:
             self.spend(count * _NUMBER_COST, key)
             return r.unpack_array(fmt, count, size, f"the array {_show(key)}")
         self.spend(count * 8, key)  # list slots
+        if etype == _T_ARRAY:
+            self.nested_left -= count
+            if self.nested_left < 0:
+                raise r.fail(
+                    f"key {_show(key)} makes the header hold more than "
+                    f"{MAX_NESTED_ARRAYS:,} nested arrays",
+                    at,
+                )
         if etype == _T_STRING:
             # the hot path (tokenizer vocabularies): one label, no per-element dispatch,
             # and the fixed cost of every string charged up front so that millions of
@@ -556,6 +571,12 @@ class _Parser:
         n_kv = r.u64("the metadata count")
         # smallest possible entries: key length + 1-byte key + type + 1-byte value;
         # name length + (empty) name + n_dims + type + offset
+        if n_kv > MAX_METADATA_ENTRIES or n_tensors > MAX_TENSORS:
+            raise r.fail(
+                f"the header claims {n_kv:,} metadata entries and {n_tensors:,} tensors; "
+                f"at most {MAX_METADATA_ENTRIES:,} and {MAX_TENSORS:,} are accepted",
+                8,
+            )
         if n_kv * 14 + n_tensors * 24 > r.remaining():
             raise r.overrun(
                 f"the header claims {n_kv:,} metadata entries and {n_tensors:,} tensors", 8
@@ -603,47 +624,46 @@ class _Parser:
                 name = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise r.fail(f"the name of tensor #{i} is not valid UTF-8", at) from None
+            # one label per tensor: building messages eagerly per field costs more than parsing
+            label = f"tensor {_show(name)}"
             if len(raw) >= GGML_MAX_NAME:
-                raise r.fail(f"tensor name {_show(name)} is {len(raw)} bytes, over 63", at)
+                raise r.fail(f"{label} has a {len(raw)}-byte name, over ggml's 63", at)
             if name in seen:
                 raise r.fail(f"duplicate tensor name {_show(name)}", at)
             seen.add(name)
             self.spend(_STRING_COST * 3 + len(raw), name)
-            n_dims = r.u32(f"the dimension count of tensor {_show(name)}")
+            n_dims = r.u32(label)
             if n_dims > GGML_MAX_DIMS:
-                raise r.fail(f"tensor {_show(name)} has {n_dims} dimensions, more than ggml's 4")
-            shape = tuple(
-                r.unpack("<q", 8, f"the shape of tensor {_show(name)}") for _ in range(n_dims)
-            )
+                raise r.fail(f"{label} has {n_dims} dimensions, more than ggml's 4")
+            shape = tuple(r.unpack_array("q", n_dims, 8, label))
             if any(d <= 0 for d in shape):
-                raise r.fail(f"tensor {_show(name)} has a dimension <= 0: {shape}")
+                raise r.fail(f"{label} has a dimension <= 0: {shape}")
             n_elements = math.prod(shape)
             if n_elements >= _INT63:
-                raise r.fail(f"tensor {_show(name)} has more than 2^63 elements: {shape}")
+                raise r.fail(f"{label} has more than 2^63 elements: {shape}")
             type_at = r.pos
-            ggml_type = r.u32(f"the type of tensor {_show(name)}")
+            ggml_type = r.u32(label)
             spec = GGML_TYPES.get(ggml_type)
             if spec is None:
-                raise r.fail(f"tensor {_show(name)} has unknown ggml type {ggml_type}", type_at)
+                raise r.fail(f"{label} has unknown ggml type {ggml_type}", type_at)
             type_name, block, block_bytes = spec
             row = shape[0] if shape else 1
             if row % block:
                 raise r.fail(
-                    f"tensor {_show(name)} of type {type_name} has rows of {row} elements, "
+                    f"{label} of type {type_name} has rows of {row} elements, "
                     f"not a multiple of its block size {block}",
                     type_at,
                 )
             n_bytes = n_elements // block * block_bytes
             offset_at = r.pos
-            offset = r.u64(f"the data offset of tensor {_show(name)}")
+            offset = r.u64(label)
             if offset % alignment:
                 raise r.fail(
-                    f"tensor {_show(name)} has offset {offset:,}, not a multiple of the "
-                    f"alignment {alignment}",
+                    f"{label} has offset {offset:,}, not a multiple of the alignment {alignment}",
                     offset_at,
                 )
             if offset + n_bytes >= _INT63:
-                raise r.fail(f"tensor {_show(name)} ends beyond 2^63 bytes", offset_at)
+                raise r.fail(f"{label} ends beyond 2^63 bytes", offset_at)
             tensors.append(TensorInfo(name, shape, ggml_type, offset, n_bytes))
         return tuple(tensors)
 

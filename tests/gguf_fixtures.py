@@ -235,6 +235,14 @@ def hostile_cases() -> dict[str, bytes]:
         + u32(UINT8)
         + u64(1)
         + b"\0",
+        "many_nested_arrays.gguf": preamble(0, 1)
+        + gguf_string("wide")
+        + u32(ARRAY)
+        + u32(ARRAY)
+        + u64(100_000)
+        + (u32(UINT8) + u64(0)) * 300,
+        "too_many_kv.gguf": preamble(0, (1 << 16) + 1) + good_kv,
+        "too_many_tensors.gguf": preamble((1 << 16) + 1, 0) + one_tensor,
         "empty_key.gguf": preamble(0, 1) + kv("", 1),
         "key_not_utf8.gguf": preamble(0, 1) + kv(b"general.\xff\xfe", 1),
         "duplicate_key.gguf": preamble(0, 2) + good_kv + good_kv,
