@@ -41,6 +41,7 @@ MAX_ARRAY_DEPTH = 4  # llama.cpp reads no nested arrays at all; the gguf package
 # tensors; nested arrays are rare (llama.cpp cannot read them).
 MAX_METADATA_ENTRIES = 1 << 16
 MAX_TENSORS = 1 << 16
+MAX_KEY_BYTES = 1 << 16  # keys are names; real ones are under 100 bytes
 MAX_NESTED_ARRAYS = 1 << 16  # inner arrays in the whole header
 # Rough CPython cost of the parsed metadata. The header cap alone does not
 # bound memory: a 10-byte string on disk becomes a ~60-byte str object.
@@ -405,6 +406,15 @@ class _Reader:
         self._pos += n
         return bytes(self._buf[i : i + n])
 
+    def take_text(self, n: int, what: str) -> str:
+        """The next `n` bytes as text, invalid UTF-8 replaced (no intermediate copy)."""
+        self._fill(n, what)
+        i = self._pos - self._start
+        self._pos += n
+        with memoryview(self._buf) as view:
+            # values are shown, not matched: replacement characters lose nothing important
+            return str(view[i : i + n], "utf-8", errors="replace")
+
     def unpack_array(self, fmt: str, count: int, size: int, what: str) -> list[Any]:
         """The next `count` numbers of struct format `fmt`, as a list."""
         self._fill(count * size, what)
@@ -424,9 +434,11 @@ class _Reader:
     def u64(self, what: str) -> int:
         return int(self.unpack("<Q", 8, what))
 
-    def raw_string(self, what: str) -> bytes:
+    def raw_string(self, what: str, max_len: int | None = None) -> bytes:
         at = self._pos
         length = int(self.unpack("<Q", 8, what))
+        if max_len is not None and length > max_len:
+            raise self.fail(f"{what} is {length:,} bytes long, over the limit of {max_len:,}", at)
         if length > self.remaining():
             raise self.overrun(f"{what} claims {length:,} bytes", at)
         return self.take(length, what)
@@ -487,7 +499,7 @@ class _Parser:
 
     def key(self, index: int) -> str:
         at = self.r.pos
-        raw = self.r.raw_string(f"metadata key #{index}")
+        raw = self.r.raw_string(f"metadata key #{index}", MAX_KEY_BYTES)
         if not raw:
             raise self.r.fail(f"metadata key #{index} is empty", at)
         try:
@@ -545,10 +557,13 @@ class _Parser:
         return [self.value(etype, key, depth) for _ in range(count)]
 
     def string(self, key: str, label: str) -> str:
-        raw = self.r.raw_string(label)
-        self.spend(_STRING_COST + len(raw), key)
-        # values are shown, not matched: replacement characters lose nothing important
-        return raw.decode("utf-8", errors="replace")
+        r = self.r
+        at = r.pos
+        length = r.u64(label)
+        if length > r.remaining():
+            raise r.overrun(f"{label} claims {length:,} bytes", at)
+        self.spend(_STRING_COST + length, key)  # before reading it, not after
+        return r.take_text(length, label)
 
     def parse(self) -> GGUFHeader:
         r = self.r
@@ -619,15 +634,13 @@ class _Parser:
         tensors: list[TensorInfo] = []
         for i in range(n_tensors):
             at = r.pos
-            raw = r.raw_string(f"the name of tensor #{i}")
+            raw = r.raw_string(f"the name of tensor #{i}", GGML_MAX_NAME - 1)
             try:
                 name = raw.decode("utf-8")
             except UnicodeDecodeError:
                 raise r.fail(f"the name of tensor #{i} is not valid UTF-8", at) from None
             # one label per tensor: building messages eagerly per field costs more than parsing
             label = f"tensor {_show(name)}"
-            if len(raw) >= GGML_MAX_NAME:
-                raise r.fail(f"{label} has a {len(raw)}-byte name, over ggml's 63", at)
             if name in seen:
                 raise r.fail(f"duplicate tensor name {_show(name)}", at)
             seen.add(name)

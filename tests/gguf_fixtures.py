@@ -244,6 +244,7 @@ def hostile_cases() -> dict[str, bytes]:
         "too_many_kv.gguf": preamble(0, (1 << 16) + 1) + good_kv,
         "too_many_tensors.gguf": preamble((1 << 16) + 1, 0) + one_tensor,
         "empty_key.gguf": preamble(0, 1) + kv("", 1),
+        "huge_key.gguf": preamble(0, 1) + gguf_string("k" * 70_000)[:3000],
         "key_not_utf8.gguf": preamble(0, 1) + kv(b"general.\xff\xfe", 1),
         "duplicate_key.gguf": preamble(0, 2) + good_kv + good_kv,
         "alignment_not_power_of_2.gguf": preamble(1, 1) + kv("general.alignment", 48) + one_tensor,

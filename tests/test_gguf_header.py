@@ -295,6 +295,20 @@ def test_metadata_memory_is_bounded() -> None:
         parse_bytes(data, max_metadata_memory=1 << 20)
 
 
+def test_big_string_is_refused_before_it_is_read() -> None:
+    data = fx.preamble(0, 1) + fx.kv("general.name", "x" * (30 << 20))
+    stream = io.BytesIO(data)
+    tracemalloc.start()
+    try:
+        with pytest.raises(GGUFError, match="too large to hold in memory"):
+            parse_gguf_header(stream.read, file_size=len(data), max_metadata_memory=1 << 20)
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 4 << 20
+    assert stream.tell() < 1 << 20
+
+
 def test_header_cap_is_enforced() -> None:
     data = fx.make_gguf_bytes({"general.name": "x" * 10_000}, [])
     with pytest.raises(
