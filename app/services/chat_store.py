@@ -25,7 +25,7 @@ Status = Literal["streaming", "complete", "stopped", "interrupted", "error"]
 
 _SCHEMA = """
 CREATE TABLE IF NOT EXISTS chats (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     title TEXT NOT NULL,
     system_prompt TEXT NOT NULL DEFAULT '',
     preset TEXT NOT NULL DEFAULT 'Balanced',
@@ -33,7 +33,7 @@ CREATE TABLE IF NOT EXISTS chats (
     updated_at REAL NOT NULL
 );
 CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY,
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
     chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
     role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
     content TEXT NOT NULL DEFAULT '',

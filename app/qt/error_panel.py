@@ -1,0 +1,68 @@
+"""The one place errors appear: plain words, and the engine's last log lines one click away."""
+
+from __future__ import annotations
+
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import (
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+
+class ErrorPanel(QFrame):
+    """A dismissable banner; `show_error` replaces whatever it showed before."""
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("errorPanel")
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(14, 10, 10, 10)
+        lay.setSpacing(6)
+        row = QHBoxLayout()
+        self.message = QLabel()
+        self.message.setWordWrap(True)
+        self.message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
+        row.addWidget(self.message, 1)
+        self.log_button = QToolButton()
+        self.log_button.setText("Show engine log")
+        self.log_button.setCheckable(True)
+        self.log_button.toggled.connect(self._toggle_log)
+        row.addWidget(self.log_button, 0, Qt.AlignmentFlag.AlignTop)
+        dismiss = QToolButton()
+        dismiss.setText("Dismiss")
+        dismiss.clicked.connect(self.clear)
+        row.addWidget(dismiss, 0, Qt.AlignmentFlag.AlignTop)
+        lay.addLayout(row)
+        self.log = QPlainTextEdit()
+        self.log.setObjectName("engineLog")
+        self.log.setReadOnly(True)
+        self.log.setFixedHeight(160)
+        self.log.hide()
+        lay.addWidget(self.log)
+        self.hide()
+
+    def show_error(self, message: str, log_text: str | None = None) -> None:
+        self.message.setText(message)
+        self.log.setPlainText(log_text or "")
+        self.log.verticalScrollBar().setValue(self.log.verticalScrollBar().maximum())
+        self.log_button.setVisible(bool(log_text))
+        if not log_text:
+            self.log_button.setChecked(False)
+        self.show()
+
+    def append_note(self, note: str) -> None:
+        if self.isVisible():
+            self.message.setText(f"{self.message.text()} {note}")
+
+    def clear(self) -> None:
+        self.log_button.setChecked(False)
+        self.hide()
+
+    def _toggle_log(self, shown: bool) -> None:
+        self.log.setVisible(shown)
+        self.log_button.setText("Hide engine log" if shown else "Show engine log")

@@ -1,0 +1,93 @@
+"""`peregrine gui`: starts the desktop app and its engine; quits cleanly on close, SIGTERM or SIGINT."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import signal
+import socket
+import sys
+from types import FrameType
+
+from PySide6.QtCore import QSocketNotifier, QTimer
+from PySide6.QtGui import QFont
+from PySide6.QtWidgets import QApplication
+
+from app.qt.engine_supervisor import EngineSupervisor
+from app.qt.main_window import MainWindow
+from app.services.chat_store import ChatStore
+from app.services.settings import SettingsStore
+from engine.default_model import default_model_path
+from engine.paths import Paths
+
+log = logging.getLogger(__name__)
+
+
+class SignalBridge:
+    """Lets SIGTERM/SIGINT reach Python while Qt's event loop runs.
+
+    Python runs signal handlers only when it gets control; Qt's loop is C++.
+    `signal.set_wakeup_fd` writes a byte to a socket on each signal, and a
+    QSocketNotifier on the other end wakes the loop, so the handler runs now.
+    """
+
+    def __init__(self) -> None:
+        self._read, self._write = socket.socketpair()
+        self._read.setblocking(False)
+        self._write.setblocking(False)
+        self._notifier = QSocketNotifier(self._read.fileno(), QSocketNotifier.Type.Read)
+        self._notifier.activated.connect(self._drain)
+        self._previous_fd = signal.set_wakeup_fd(self._write.fileno())
+
+    def _drain(self) -> None:
+        try:
+            self._read.recv(64)
+        except BlockingIOError:
+            pass  # nothing left: another activation drained it
+
+    def close(self) -> None:
+        signal.set_wakeup_fd(self._previous_fd)
+        self._notifier.setEnabled(False)
+        self._read.close()
+        self._write.close()
+
+
+def main(argv: list[str]) -> int:
+    parser = argparse.ArgumentParser(prog="peregrine gui", description="open the desktop app")
+    parser.add_argument("--max-tokens", type=int, default=1024, help="longest answer (tokens)")
+    args = parser.parse_args(argv)
+
+    app = QApplication.instance() or QApplication([sys.argv[0]])
+    assert isinstance(app, QApplication)
+    app.setApplicationName("Peregrine")
+    app.setFont(QFont("DejaVu Sans", 10))
+    paths = Paths.from_env().ensure()
+    settings_store = SettingsStore(paths.settings_file)
+    settings, warning = settings_store.load_or_reset()
+    store = ChatStore(paths.chats_db)
+    supervisor = EngineSupervisor()
+    window = MainWindow(
+        store, settings_store, supervisor, default_model_path, settings, max_tokens=args.max_tokens
+    )
+    if warning:
+        window.show_error(warning)
+    window.closed.connect(app.quit)
+    app.setQuitOnLastWindowClosed(False)  # the window quits the app once the engine is down
+
+    bridge = SignalBridge()
+
+    def on_signal(signum: int, _frame: FrameType | None) -> None:
+        log.info("signal %d: quitting", signum)
+        # Leave the signal handler first; the shutdown itself runs in the event loop.
+        QTimer.singleShot(0, window.shut_down)
+
+    previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
+    window.show()
+    window.start_engine()  # at once: the first run needs no wizard
+    try:
+        return int(app.exec())
+    finally:
+        for signum, handler in previous.items():
+            signal.signal(signum, handler)
+        bridge.close()
+        store.close()

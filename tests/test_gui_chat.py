@@ -1,0 +1,270 @@
+"""The chat window against the real engine and the real model (pytest-qt, offscreen).
+
+A GUI-thread watchdog is active whenever an answer streams.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sqlite3
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+from PySide6.QtCore import Qt
+from PySide6.QtWidgets import QApplication
+from pytestqt.qtbot import QtBot
+
+from app.qt.engine_supervisor import EngineSupervisor
+from app.qt.main_window import MainWindow
+from app.services.chat_store import ChatStore
+from app.services.engine_client import EngineClient
+from app.services.settings import RemoteEndpoint, SettingsStore
+from engine.paths import Paths
+from tests.engine_proc import running_engine
+from tests.gui_watchdog import GuiWatchdog
+
+pytestmark = [pytest.mark.qt, pytest.mark.slow]
+
+ENGINE_START_MS = 180_000  # the shared CI CPU can be very slow
+ANSWER_MS = 180_000
+
+
+def make_window(qtbot: QtBot, model: Path, max_tokens: int = 24) -> MainWindow:
+    paths = Paths.from_env().ensure()
+    window = MainWindow(
+        ChatStore(paths.chats_db),
+        SettingsStore(paths.settings_file),
+        EngineSupervisor(stall_timeout_s=120),
+        lambda: model,
+        max_tokens=max_tokens,
+    )
+    qtbot.addWidget(window)
+    window.show()
+    return window
+
+
+def close_window(qtbot: QtBot, window: MainWindow) -> None:
+    if not window._closed:
+        with qtbot.waitSignal(window.closed, timeout=30_000):
+            window.shut_down()
+    assert window.supervisor.pid() is None
+    window.store.close()
+
+
+@pytest.fixture
+def watchdog(qtbot: QtBot) -> Iterator[GuiWatchdog]:
+    """Armed while answers stream in any window the test watches."""
+    dog = GuiWatchdog(limit_s=1.0).start()
+    yield dog
+    dog.stop()
+    print(
+        f"\nworst GUI event-loop lag while streaming: {dog.worst_lag_s * 1000:.1f} ms"
+        f" ({dog.beats} beats, {dog.armed_s:.1f} s streaming)"
+    )
+    dog.check()
+
+
+@pytest.fixture
+def window(qtbot: QtBot, default_model: Path, watchdog: GuiWatchdog) -> Iterator[MainWindow]:
+    """The app with its own engine, started and ready; the watchdog follows its answers."""
+    w = make_window(qtbot, default_model)
+    watchdog.watch_streams(w.answer_started, w.answer_finished)
+    with qtbot.waitSignal(w.supervisor.ready, timeout=ENGINE_START_MS):
+        w.start_engine()
+    yield w
+    close_window(qtbot, w)
+
+
+class RenderLog:
+    """Records what the conversation view was asked to draw for a message."""
+
+    def __init__(self, window: MainWindow) -> None:
+        self.calls: list[tuple[int, str, str]] = []
+        self.db_seen_while_streaming: list[str] = []
+        self._db = sqlite3.connect(str(window.store.path))
+        original = window.conversation.update_message
+
+        def spy(message_id: int, text: str, status: str) -> None:
+            self.calls.append((message_id, text, status))
+            if status == "streaming" and text and not self.db_seen_while_streaming:
+                # Another connection sees the answer as it streams: it is committed.
+                row = self._db.execute(
+                    "SELECT content, status FROM messages WHERE id=?", (message_id,)
+                ).fetchone()
+                self.db_seen_while_streaming.append(f"{row[1]}:{row[0]}")
+            original(message_id, text, status)
+
+        window.conversation.update_message = spy  # type: ignore[method-assign]
+
+    def partials(self) -> list[str]:
+        return [t for _, t, s in self.calls if s == "streaming" and t]
+
+
+def send_by_keyboard(qtbot: QtBot, window: MainWindow, text: str) -> None:
+    qtbot.keyClicks(window.composer.input, text)
+    qtbot.keyClick(window.composer.input, Qt.Key.Key_Return)
+
+
+def test_type_send_and_see_the_answer_stream_and_saved(
+    qtbot: QtBot, window: MainWindow, watchdog: GuiWatchdog
+) -> None:
+    renders = RenderLog(window)
+    # Shift+Enter is a new line, not a send.
+    qtbot.keyClicks(window.composer.input, "Write a Python function")
+    qtbot.keyClick(window.composer.input, Qt.Key.Key_Return, Qt.KeyboardModifier.ShiftModifier)
+    assert window.service.active is None
+    assert "\n" in window.composer.input.toPlainText()
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        send_by_keyboard(qtbot, window, "that adds two numbers.")
+    chat_id = window.current_chat
+    assert chat_id is not None
+    user, answer = window.store.messages(chat_id)
+    assert user.content == "Write a Python function\nthat adds two numbers."
+    assert answer.status == "complete" and answer.content
+    assert answer.meta["usage"]["completion_tokens"] >= 1
+    # Tokens appeared progressively: several growing partial renders before the final one.
+    partials = renders.partials()
+    assert len(set(partials)) >= 2
+    for a, b in itertools.pairwise(partials):
+        assert b.startswith(a)
+    assert answer.content.startswith(partials[-1])
+    assert renders.db_seen_while_streaming[0].startswith("streaming:")
+    assert len(renders.db_seen_while_streaming[0]) > len("streaming:")
+    # The widget shows what is stored, and the status bar shows the figures.
+    assert window.conversation.widgets[answer.id].text == answer.content
+    assert "tok/s" in window.status.speed.text() and "—" not in window.status.speed.text()
+    assert window.status.ttft.text().startswith("TTFT ") and "ms" in window.status.ttft.text()
+    qtbot.waitUntil(lambda: "4,096" in window.status.context.text(), timeout=30_000)
+    qtbot.waitUntil(lambda: "MiB" in window.status.memory.text(), timeout=30_000)
+    assert window.composer.send_button.text() == "Send"
+    # The chat got its title from the first message and is listed.
+    assert window.store.chat(chat_id).title.startswith("Write a Python function")
+    assert window.chat_list.chat_ids() == [chat_id]
+    # Copy puts the whole message on the clipboard.
+    window.conversation.widgets[answer.id].copy_button.click()
+    assert QApplication.clipboard().text() == answer.content
+
+
+def test_stop_mid_stream_keeps_the_partial_answer(
+    qtbot: QtBot, window: MainWindow, watchdog: GuiWatchdog
+) -> None:
+    window.service.max_tokens = 400
+    renders = RenderLog(window)
+    send_by_keyboard(qtbot, window, "Tell me a long story about a falcon.")
+    assert window.composer.send_button.text() == "Stop"
+    qtbot.waitUntil(lambda: len(renders.partials()) >= 1, timeout=ANSWER_MS)
+    with qtbot.waitSignal(window.answer_finished, timeout=30_000):
+        qtbot.mouseClick(window.composer.send_button, Qt.MouseButton.LeftButton)
+    assert window.composer.send_button.text() == "Send"
+    answer = window.store.messages(window.current_chat)[-1]  # type: ignore[arg-type]
+    assert answer.status == "stopped"
+    assert answer.content and answer.content.startswith(renders.partials()[0])
+    assert window.conversation.widgets[answer.id].text == answer.content
+    assert window.conversation.widgets[answer.id].tag.text() == "stopped"
+    # The engine noticed the closed connection and is free again.
+    endpoint = window.endpoint()
+    assert endpoint is not None
+    with EngineClient(endpoint) as client:
+        qtbot.waitUntil(lambda: (client.status() or {}).get("state") == "ready", timeout=30_000)
+
+
+def test_regenerate_replaces_the_last_answer(
+    qtbot: QtBot, window: MainWindow, watchdog: GuiWatchdog
+) -> None:
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        send_by_keyboard(qtbot, window, "Name three birds.")
+    chat_id = window.current_chat
+    assert chat_id is not None
+    first_user, first_answer = window.store.messages(chat_id)
+    widget = window.conversation.widgets[first_answer.id]
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        widget.regenerate_button.click()
+    user, answer = window.store.messages(chat_id)
+    assert user.id == first_user.id
+    assert answer.id != first_answer.id
+    assert answer.status == "complete" and answer.content
+    assert list(window.conversation.widgets) == [user.id, answer.id]
+
+
+def test_edit_and_resend(qtbot: QtBot, window: MainWindow, watchdog: GuiWatchdog) -> None:
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        send_by_keyboard(qtbot, window, "What is the capital of France?")
+    chat_id = window.current_chat
+    assert chat_id is not None
+    user, _ = window.store.messages(chat_id)
+    window.begin_edit(user.id)
+    assert window.composer.editing
+    assert window.composer.input.toPlainText() == "What is the capital of France?"
+    window.composer.input.clear()
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        send_by_keyboard(qtbot, window, "What is the capital of Italy?")
+    messages = window.store.messages(chat_id)
+    assert [m.role for m in messages] == ["user", "assistant"]
+    assert messages[0].id == user.id
+    assert messages[0].content == "What is the capital of Italy?"
+    assert messages[1].status == "complete" and messages[1].content
+    assert not window.composer.editing
+
+
+def test_chats_new_rename_search_delete_without_an_engine(
+    qtbot: QtBot, default_model: Path
+) -> None:
+    w = make_window(qtbot, default_model)
+    a = w.new_chat()
+    assert w.new_chat() == a  # an empty chat is reused, not duplicated
+    w.service.send(a, "about falcons")
+    w.service.on_failed(w.service.active.id, "test")  # type: ignore[union-attr]
+    b = w.new_chat()
+    assert b != a
+    w.rename_chat(b, "Recipes")
+    assert w.title_label.text() == "Recipes"
+    w.rename_chat(b, "   ")  # refused, shown, nothing lost
+    assert w.error_panel.isVisible() and "empty" in w.error_panel.message.text()
+    assert w.store.chat(b).title == "Recipes"
+    w.chat_list.search.setText("falc")
+    assert w.chat_list.chat_ids() == [a]
+    w.chat_list.search.setText("")
+    assert set(w.chat_list.chat_ids()) == {a, b}
+    w.delete_chat(b)
+    assert w.chat_list.chat_ids() == [a]
+    assert w.conversation.is_empty
+    # Sending before the engine is ready keeps the text and says why.
+    w.open_chat(a)
+    qtbot.keyClicks(w.composer.input, "hello")
+    qtbot.keyClick(w.composer.input, Qt.Key.Key_Return)
+    assert w.composer.input.toPlainText() == "hello"
+    assert "still starting" in w.error_panel.message.text()
+    close_window(qtbot, w)
+
+
+def test_chat_runs_against_a_remote_openai_compatible_server(
+    qtbot: QtBot, default_model: Path, watchdog: GuiWatchdog
+) -> None:
+    # No local engine at all: the answer can only come from the second server.
+    w = make_window(qtbot, default_model)
+    watchdog.watch_streams(w.answer_started, w.answer_finished)
+    with running_engine("--model", str(default_model)) as remote:
+        w.add_remote_endpoint(
+            RemoteEndpoint(name="lab", base_url=remote.base_url + "/v1", api_key="wrong")
+        )
+        w.use_endpoint("lab")
+        with qtbot.waitSignal(w.answer_finished, timeout=ANSWER_MS):
+            send_by_keyboard(qtbot, w, "Say hi.")
+        assert "refused the API key" in w.error_panel.message.text()
+        failed = w.store.messages(w.current_chat)[-1]  # type: ignore[arg-type]
+        assert failed.status == "error"
+        w.add_remote_endpoint(
+            RemoteEndpoint(name="lab", base_url=remote.base_url, api_key=remote.key)
+        )
+        w.use_endpoint("lab")
+        assert w.server_box.currentText() == "lab"
+        with qtbot.waitSignal(w.answer_finished, timeout=ANSWER_MS):
+            w.regenerate()
+        answer = w.store.messages(w.current_chat)[-1]  # type: ignore[arg-type]
+        assert answer.status == "complete" and answer.content
+        assert answer.meta["model"] == remote.ready["model"]
+    assert w.supervisor.pid() is None  # the local engine never ran
+    saved = SettingsStore(Paths.from_env().settings_file).load()
+    assert saved.active_endpoint == "lab" and saved.endpoint("lab").api_key == remote.key  # type: ignore[union-attr]
+    close_window(qtbot, w)
