@@ -821,7 +821,10 @@ class _RemoteSource:
         self.chunk = max(1, first_chunk)
         self.max_bytes = max_bytes
         self.pos = 0  # offset of the next byte to hand out
-        self.buf = b""  # bytes fetched ahead of pos
+        # bytes fetched ahead of pos start at buf[off]; a bytearray with an offset
+        # keeps appends and small reads linear for multi-MiB headers
+        self.buf = bytearray()
+        self.off = 0
         self.file_size: int | None = None
         self.received = 0  # body bytes received, for logs and tests
         self.requests = 0
@@ -887,7 +890,7 @@ class _RemoteSource:
 
     def _fetch(self, n: int) -> None:
         """Fetches at least `n` bytes past the buffer, or to the end of the file."""
-        start = self.pos + len(self.buf)
+        start = self.pos + self.buffered()
         length = max(n, self.chunk)
         self.chunk *= 2  # geometric growth: few requests for big headers
         length = min(length, max(1, self.max_bytes - start))
@@ -942,8 +945,11 @@ class _RemoteSource:
         self.received += len(part)
         return part
 
+    def buffered(self) -> int:
+        return len(self.buf) - self.off
+
     def _read_stream(self, n: int) -> None:
-        while len(self.buf) < n:
+        while self.buffered() < n:
             part = self._next_part()
             if not part:
                 self.close()
@@ -951,13 +957,17 @@ class _RemoteSource:
             self.buf += part
 
     def read(self, n: int) -> bytes:
-        if len(self.buf) < n:
+        if self.buffered() < n:
             if self._stream is not None:
                 self._read_stream(n)
             else:
-                self._fetch(n - len(self.buf))
-        out, self.buf = self.buf[:n], self.buf[n:]
+                self._fetch(n - self.buffered())
+        out = bytes(self.buf[self.off : self.off + n])
+        self.off += len(out)
         self.pos += len(out)
+        if self.off > len(self.buf) // 2:
+            del self.buf[: self.off]
+            self.off = 0
         return out
 
 

@@ -642,3 +642,22 @@ def test_remote_compressed_answer_is_refused(default_model: Path) -> None:
     ):
         read_remote_gguf_header(f"{served.base}/model.gguf")
     assert_one_line(info.value)
+
+
+@pytest.mark.parametrize("mode", ["range", "ignore-range"])
+def test_remote_big_header_in_few_requests(tmp_path: Path, mode: str) -> None:
+    tokens = [f"token{i}" for i in range(300_000)]
+    path = tmp_path / "big.gguf"
+    path.write_bytes(
+        fx.make_gguf_bytes({"tokenizer.ggml.tokens": tokens}, [("w", (256, 4), 12)], with_data=True)
+    )
+    local = read_gguf_header(path)
+    assert local.header_size > 4 << 20
+    cm = file_server(path, mode=mode)
+    served = cm.__enter__()
+    remote = read_remote_gguf_header(f"{served.base}/model.gguf", first_chunk=64 << 10)
+    stop(cm)
+    assert remote == local
+    # 64 KiB doubling to cover ~5.7 MB: 7 requests (64 KiB × (2^7 - 1) = 8 MiB), or one stream when Range is ignored
+    assert len(served.requests) == (7 if mode == "range" else 1)
+    assert served.bytes_sent < 2 * local.header_size + (1 << 20)
