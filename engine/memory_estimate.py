@@ -357,21 +357,31 @@ def layer_layout(
     return Layout(tuple(out))
 
 
-def kv_cells(shape: ModelShape, n_ctx: int, n_ubatch: int, il: int) -> int:
-    """KV cells of layer il: the padded context, or the (padded) window for SWA layers."""
+def kv_cells(shape: ModelShape, n_ctx: int, n_ubatch: int, il: int, swa_full: bool = True) -> int:
+    """KV cells of layer il: the padded context, or the (padded) window for SWA layers.
+
+    `swa_full` is llama_context_default_params()' default, which the engine keeps:
+    full-size SWA caches allow prefix reuse and speculative rollback.
+    """
     cells = pad(n_ctx)
-    if shape.swa_layers[il] and shape.n_swa > 0:
+    if not swa_full and shape.swa_layers[il] and shape.n_swa > 0:
         return min(cells, pad(shape.n_swa + n_ubatch))
     return cells
 
 
 def kv_layer_bytes(
-    shape: ModelShape, il: int, n_ctx: int, type_k: str, type_v: str, n_ubatch: int
+    shape: ModelShape,
+    il: int,
+    n_ctx: int,
+    type_k: str,
+    type_v: str,
+    n_ubatch: int,
+    swa_full: bool = True,
 ) -> int:
     """KV (or recurrent-state) bytes of one layer."""
     if shape.recurrent_layers[il]:
         return shape.recurrent_state_bytes
-    cells = kv_cells(shape, n_ctx, n_ubatch, il)
+    cells = kv_cells(shape, n_ctx, n_ubatch, il, swa_full)
     if shape.mla_kv_dim:
         return int(cells * shape.mla_kv_dim * KV_BYTES_PER_ELEMENT[type_k])
     n_kv = shape.n_head_kv[il]
@@ -380,10 +390,18 @@ def kv_layer_bytes(
     return k + v
 
 
-def kv_bytes(shape: ModelShape, n_ctx: int, type_k: str, type_v: str, n_ubatch: int = 512) -> int:
+def kv_bytes(
+    shape: ModelShape,
+    n_ctx: int,
+    type_k: str,
+    type_v: str,
+    n_ubatch: int = 512,
+    swa_full: bool = True,
+) -> int:
     """Whole-model KV cache bytes (llama.cpp's `llama_kv_cache: size = ...`)."""
     return sum(
-        kv_layer_bytes(shape, il, n_ctx, type_k, type_v, n_ubatch) for il in range(shape.n_layer)
+        kv_layer_bytes(shape, il, n_ctx, type_k, type_v, n_ubatch, swa_full)
+        for il in range(shape.n_layer)
     )
 
 
@@ -434,6 +452,7 @@ def estimate(
     expert_offload: bool = False,
     n_ubatch: int = 512,
     host: Device | None = None,
+    swa_full: bool = True,
 ) -> MemoryBreakdown:
     """Estimates a load's memory per device (weights, KV, compute, overhead)."""
     gpu_names = [g.name for g in gpus]
@@ -454,7 +473,7 @@ def estimate(
         moved = shape.expert_bytes[il] if expert_offload and layout.devices[il] != "CPU" else 0
         d.weights += shape.layer_bytes[il] - moved
         dev("CPU").weights += moved
-        d.kv += kv_layer_bytes(shape, il, n_ctx, type_k, type_v, n_ubatch)
+        d.kv += kv_layer_bytes(shape, il, n_ctx, type_k, type_v, n_ubatch, swa_full)
     out_dev = layout.devices[shape.n_layer]
     dev(out_dev).weights += shape.output_bytes
     if shape.tied_embedding_bytes and out_dev != "CPU":

@@ -173,8 +173,19 @@ def _dry_run(load: LoadRequest) -> dict[str, Any]:
     # Keep the ctypes callback referenced for as long as llama.cpp may call it.
     callback = llama_cpp.llama_log_callback(on_log)
     llama_cpp.llama_log_set(callback, ctypes.c_void_p(0))
-    llama_cpp.llama_backend_init()
+    try:
+        return _dry_run_logged(load, log_lines)
+    finally:
+        # Back to llama.cpp's default (stderr) before the callback can be freed.
+        llama_cpp.llama_log_set(llama_cpp.llama_log_callback(), ctypes.c_void_p(0))
 
+
+def _dry_run_logged(load: LoadRequest, log_lines: list[str]) -> dict[str, Any]:
+    import ctypes
+
+    import llama_cpp
+
+    llama_cpp.llama_backend_init()
     if not Path(load.model).is_file():
         return {"ok": False, "error": f"model file not found: {load.model}"}
 

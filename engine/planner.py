@@ -704,15 +704,22 @@ def _checked_by_dry_run(
             current.method = "measured"
             current.reasons[-1] = _describe_fit(ctx, mem) + " (measured by a llama.cpp dry run)"
             return current
-        # The estimate was short: take the shortfall off the devices' free memory and re-plan.
+        # The estimate was short: take its error off the devices' free memory and re-plan.
+        error = {
+            d.name: max(0, d.total - e.total)
+            for d, e in zip(mem.devices, current.memory.devices, strict=True)
+        }
+        if "total" in over:
+            error["total"] = max(0, mem.total - current.memory.total)
         log.info("dry run exceeds the budget by %s; re-planning", over)
-        adjusted = _shrink(adjusted, over, ctx)
+        adjusted = _shrink(adjusted, error, ctx)
         current = plan(adjusted, [candidate], pins)
         current.hardware = hardware
-        current.reasons.append(
+        current.reasons.insert(
+            -1,
             "re-planned after the dry run: llama.cpp needs more than estimated ("
-            + ", ".join(f"{k} +{_gib(v)}" for k, v in over.items())
-            + ")"
+            + ", ".join(f"{k} +{v / (1 << 20):.0f} MiB" for k, v in error.items() if v)
+            + ")",
         )
     raise PeregrineError("the dry run keeps exceeding the budget; try --ctx or --budget-gib")
 
@@ -724,6 +731,7 @@ def _gpus_used(p: Plan) -> int:
 
 
 def _shrink(hardware: Hardware, over: dict[str, int], ctx: _Context) -> Hardware:
+    """The hardware with `over` bytes less free memory per device ("total": on every one)."""
     names = device_names(hardware.gpus)
     gpus = [
         replace(g, free=max(0, g.free - over.get(n, 0) - over.get("total", 0)))

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import os
 import sys
 from collections.abc import Sequence
 from pathlib import Path
@@ -97,13 +98,15 @@ def load_hardware_file(path: str) -> Hardware:
 
 def remote_candidates(repo: str, file: str | None) -> list[ModelCandidate]:
     """Quant files of a hub repo, planned from headers read with Range requests."""
-    from huggingface_hub import HfApi, get_token, hf_hub_url
+    from huggingface_hub import HfApi, constants, get_token, hf_hub_url
     from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
 
     from engine.gguf_header import read_remote_gguf_header
 
+    # huggingface-hub reads HF_ENDPOINT once, at import; honour it as it is now.
+    endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     try:
-        files = HfApi().list_repo_files(repo)
+        files = HfApi(endpoint=endpoint).list_repo_files(repo)
     except RepositoryNotFoundError:
         raise PeregrineError(f"repo {repo!r} not found (or it is private)") from None
     except (HfHubHTTPError, OSError) as exc:
@@ -121,7 +124,8 @@ def remote_candidates(repo: str, file: str | None) -> list[ModelCandidate]:
     headers = {"Authorization": f"Bearer {token}"} if token else None
     out = []
     for name in single:
-        header = read_remote_gguf_header(hf_hub_url(repo, name), headers=headers)
+        url = hf_hub_url(repo, name, endpoint=endpoint)
+        header = read_remote_gguf_header(url, headers=headers)
         out.append(
             ModelCandidate(
                 file_name=name,

@@ -1,7 +1,8 @@
-"""Header-only GGUF fixtures in the shapes of real models, for planner tests.
+"""GGUF fixtures in the shapes of real models, for planner tests.
 
-Written with the `gguf` package's GGUFWriter: metadata and tensor infos only,
-no tensor data (the planner reads headers, never weights). Sizes follow the
+Written with the `gguf` package's GGUFWriter: metadata and tensor infos only;
+the data area is a sparse hole of the real size (or left out with
+sparse=False), since the planner reads headers, never weights. Sizes follow the
 real files closely: Llama-3.1-8B (dense, GQA), Qwen3-30B-A3B (MoE, 128
 experts), Gemma-3-12B (5 sliding-window layers : 1 global, tied embeddings).
 """
@@ -42,6 +43,9 @@ class _Writer:
     def __init__(self, path: Path, arch: str):
         self.w = gguf.GGUFWriter(str(path), arch)
         self.path = path
+        # What llama.cpp needs to load the file at all (for no_alloc dry runs).
+        self.w.add_layer_norm_rms_eps(1e-6)
+        self.w.add_tokenizer_model("none")
 
     def tensor(self, name: str, shape: Sequence[int], qtype: Q) -> None:
         self.w.add_tensor_info(
@@ -52,15 +56,22 @@ class _Writer:
             raw_dtype=qtype,
         )
 
-    def close(self) -> Path:
+    def close(self, sparse: bool = True) -> Path:
         self.w.write_header_to_file()
         self.w.write_kv_data_to_file()
         self.w.write_ti_data_to_file()
         self.w.close()
+        if sparse:
+            # Extend to the real size as a sparse file (no disk blocks): the layout checks
+            # of validate_gguf_file pass, and a no_alloc dry run never reads the zeros.
+            header = read_gguf_header(self.path)
+            end = max((t.offset + t.n_bytes for t in header.tensors), default=0)
+            with self.path.open("r+b") as f:
+                f.truncate(header.data_offset + end)
         return self.path
 
 
-def llama8b_like(folder: Path, quant: str = "Q4_K_M") -> Path:
+def llama8b_like(folder: Path, quant: str = "Q4_K_M", sparse: bool = True) -> Path:
     """Llama-3.1-8B-Instruct: 32 layers, 4096 embd, 32 heads / 8 KV heads, vocab 128256."""
     ftype, main, sens = QUANTS[quant]
     path = folder / f"Llama-3.1-8B-like-{quant}.gguf"
@@ -88,10 +99,10 @@ def llama8b_like(folder: Path, quant: str = "Q4_K_M") -> Path:
         w.tensor(f"blk.{i}.ffn_down.weight", (n_ff, n_embd), sens)
     w.tensor("output_norm.weight", (n_embd,), Q.F32)
     w.tensor("output.weight", (n_embd, n_vocab), Q.Q6_K if main != Q.Q8_0 else Q.Q8_0)
-    return w.close()
+    return w.close(sparse)
 
 
-def qwen3moe_like(folder: Path, quant: str = "Q4_K_M") -> Path:
+def qwen3moe_like(folder: Path, quant: str = "Q4_K_M", sparse: bool = True) -> Path:
     """Qwen3-30B-A3B: 48 layers, 2048 embd, 32 heads / 4 KV heads of 128, 128 experts (8 used)."""
     ftype, main, sens = QUANTS[quant]
     path = folder / f"Qwen3-30B-A3B-like-{quant}.gguf"
@@ -126,10 +137,10 @@ def qwen3moe_like(folder: Path, quant: str = "Q4_K_M") -> Path:
         w.tensor(f"blk.{i}.ffn_down_exps.weight", (n_ff_exp, n_embd, n_exp), sens)
     w.tensor("output_norm.weight", (n_embd,), Q.F32)
     w.tensor("output.weight", (n_embd, n_vocab), Q.Q6_K if main != Q.Q8_0 else Q.Q8_0)
-    return w.close()
+    return w.close(sparse)
 
 
-def gemma3_like(folder: Path, quant: str = "Q4_K_M") -> Path:
+def gemma3_like(folder: Path, quant: str = "Q4_K_M", sparse: bool = True) -> Path:
     """Gemma-3-12B: 48 layers, 3840 embd, 16 heads / 8 KV heads of 256, window 1024, tied output."""
     ftype, main, sens = QUANTS[quant]
     path = folder / f"Gemma-3-12B-like-{quant}.gguf"
@@ -160,11 +171,17 @@ def gemma3_like(folder: Path, quant: str = "Q4_K_M") -> Path:
         w.tensor(f"blk.{i}.ffn_up.weight", (n_embd, n_ff), main)
         w.tensor(f"blk.{i}.ffn_down.weight", (n_ff, n_embd), sens)
     w.tensor("output_norm.weight", (n_embd,), Q.F32)
-    return w.close()
+    return w.close(sparse)
+
+
+def header_bytes(path: Path) -> bytes:
+    """Just the header of a fixture, as a hub would serve the start of the file."""
+    with path.open("rb") as f:
+        return f.read(read_gguf_header(path).data_offset)
 
 
 def candidate(path: Path) -> ModelCandidate:
-    """A planner candidate for a header-only file; file_size is what the real file would be."""
+    """A planner candidate for a fixture; file_size is what the real file would be."""
     header = read_gguf_header(path)
     return ModelCandidate(
         file_name=path.name,

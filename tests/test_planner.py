@@ -1,0 +1,342 @@
+"""The planner on synthetic machines x real-model-shaped fixtures, and on the real default model."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+from pathlib import Path
+
+import pytest
+
+from engine.errors import PeregrineError
+from engine.hardware import CPU, GPU, RAM, Hardware, Runtime, detect_hardware
+from engine.memory_probe import MeasuredMemory
+from engine.planner import (
+    STAGES,
+    ModelCandidate,
+    Pins,
+    Plan,
+    device_names,
+    fit_badge,
+    plan,
+    plan_for_file,
+)
+from engine.wire import LoadRequest
+from tests.planner_models import (
+    candidate,
+    gemma3_like,
+    llama8b_like,
+    quant_family,
+    qwen3moe_like,
+)
+
+GiB = 1 << 30
+ALL_QUANTS = ["Q8_0", "Q6_K", "Q5_K_M", "Q4_K_M", "Q3_K_M", "Q2_K"]
+
+
+def machine(
+    gpus: list[tuple[str, float]], ram_gib: float, runtimes: list[Runtime] | None = None
+) -> Hardware:
+    """A synthetic machine: GPUs as (name, GiB) with a little already in use, RAM mostly free."""
+    return Hardware(
+        gpus=[
+            GPU(name, "cuda", int(gib * GiB), int((gib - 0.4) * GiB), "8.6") for name, gib in gpus
+        ],
+        cpu=CPU("Test CPU", 8, 16, ["avx2"]),
+        ram=RAM(int(ram_gib * GiB), int(ram_gib * 0.8 * GiB)),
+        disk_free=500 * GiB,
+        runtimes=runtimes or [],
+    )
+
+
+MACHINES: dict[str, Hardware] = {
+    "laptop-8gb": machine([], 8),
+    "rtx3070-8gb": machine([("NVIDIA GeForce RTX 3070", 8)], 32),
+    "rtx3090-24gb": machine([("NVIDIA GeForce RTX 3090", 24)], 64),
+    "h100-80gb": machine([("NVIDIA H100 80GB HBM3", 80)], 256),
+    "3090+3060": machine([("NVIDIA GeForce RTX 3090", 24), ("NVIDIA GeForce RTX 3060", 12)], 64),
+}
+
+FAMILIES: dict[str, Callable[[Path, str], Path]] = {
+    "llama8b": llama8b_like,
+    "qwen3moe": qwen3moe_like,
+    "gemma3": gemma3_like,
+}
+
+
+@pytest.fixture(scope="module")
+def families(tmp_path_factory: pytest.TempPathFactory) -> dict[str, list[ModelCandidate]]:
+    folder = tmp_path_factory.mktemp("planner_models")
+    return {name: quant_family(folder, build, ALL_QUANTS) for name, build in FAMILIES.items()}
+
+
+def assert_within_budget(p: Plan, hw: Hardware, pins: Pins | None = None) -> None:
+    pins = pins or Pins()
+    budgets = {
+        n: g.free - pins.headroom_bytes for n, g in zip(device_names(hw.gpus), hw.gpus, strict=True)
+    }
+    budgets["CPU"] = hw.ram.available - pins.headroom_bytes
+    for d in p.memory.devices:
+        assert d.total <= budgets[d.name], (d.name, d.total, budgets[d.name])
+    if pins.budget_bytes is not None:
+        assert p.memory.total <= pins.budget_bytes
+    assert p.memory.total == sum(d.total for d in p.memory.devices)
+
+
+@pytest.mark.parametrize("machine_name", list(MACHINES))
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_plans_stay_within_budget_on_every_machine(
+    families: dict[str, list[ModelCandidate]], machine_name: str, family: str
+) -> None:
+    hw = MACHINES[machine_name]
+    try:
+        p = plan(hw, families[family])
+    except PeregrineError as exc:
+        # Only the 30B MoE may be too big, and only for the 8 GB laptop.
+        assert (family, machine_name) == ("qwen3moe", "laptop-8gb")
+        assert "does not fit" in str(exc)
+        return
+    assert_within_budget(p, hw)
+    LoadRequest.model_validate(p.load.model_dump())
+    if not hw.gpus:
+        assert p.load.n_gpu_layers == 0
+        assert p.load.tensor_split is None
+    assert p.reasons and p.method == "estimated"
+    assert p.quant_file in {c.file_name for c in families[family]}
+
+
+@pytest.mark.parametrize("family", list(FAMILIES))
+def test_more_gpu_memory_never_moves_the_plan_backwards(
+    families: dict[str, list[ModelCandidate]], family: str
+) -> None:
+    previous: tuple[int, int] | None = None
+    for gib in (4, 6, 8, 10, 12, 16, 20, 24, 32, 40, 48, 64, 80):
+        hw = machine([("GPU", gib)], 64)
+        p = plan(hw, families[family])
+        assert_within_budget(p, hw)
+        here = (p.stage, p.load.n_ctx)
+        if previous is not None:
+            assert p.stage <= previous[0], (gib, STAGES[p.stage], STAGES[previous[0]])
+            if p.stage == previous[0] and p.stage in (3, 4):
+                assert p.load.n_ctx >= previous[1]
+        previous = here
+
+
+@pytest.mark.parametrize("family", ["llama8b", "gemma3"])
+def test_more_ram_never_moves_a_cpu_plan_backwards(
+    families: dict[str, list[ModelCandidate]], family: str
+) -> None:
+    previous = len(STAGES)
+    for gib in (8, 12, 16, 24, 32, 64, 128):
+        p = plan(machine([], gib), families[family])
+        assert p.load.n_gpu_layers == 0
+        assert p.stage <= previous
+        previous = p.stage
+
+
+def test_h100_runs_the_best_quant_at_full_context(
+    families: dict[str, list[ModelCandidate]],
+) -> None:
+    p = plan(MACHINES["h100-80gb"], families["llama8b"])
+    assert p.stage == 0
+    assert p.quant_file is not None and "Q8_0" in p.quant_file
+    assert (p.load.n_ctx, p.load.type_k, p.load.type_v, p.load.n_gpu_layers) == (
+        131072,
+        "f16",
+        "f16",
+        -1,
+    )
+
+
+def test_rtx3090_gives_up_kv_precision_first(families: dict[str, list[ModelCandidate]]) -> None:
+    p = plan(MACHINES["rtx3090-24gb"], families["llama8b"])
+    assert p.stage == 1
+    assert (p.load.type_k, p.load.type_v, p.load.n_ctx) == ("q8_0", "q8_0", 131072)
+    assert any("near-lossless" in r for r in p.reasons)
+
+
+def test_rtx3070_keeps_full_offload_with_a_shorter_context(
+    families: dict[str, list[ModelCandidate]],
+) -> None:
+    p = plan(MACHINES["rtx3070-8gb"], families["llama8b"])
+    assert p.quant_file is not None and "Q4_K_M" in p.quant_file
+    assert p.load.n_gpu_layers == -1
+    assert 8192 <= p.load.n_ctx < 131072
+    assert p.stage == STAGES.index("shorter context")
+    assert any(r.startswith("context") and "instead of 131072" in r for r in p.reasons)
+
+
+def test_moe_on_an_8gb_card_keeps_experts_in_ram(families: dict[str, list[ModelCandidate]]) -> None:
+    p = plan(MACHINES["rtx3070-8gb"], families["qwen3moe"])
+    assert p.load.expert_offload is True
+    assert p.load.n_gpu_layers == -1
+    assert p.load.n_ctx >= 8192
+    assert p.stage == STAGES.index("partial offload")
+    cuda = p.memory.device("CUDA0")
+    assert cuda is not None and cuda.total < 7.6 * GiB
+
+
+def test_dense_model_too_big_for_the_card_is_partially_offloaded(
+    families: dict[str, list[ModelCandidate]],
+) -> None:
+    only_floor = [c for c in families["gemma3"] if "Q4_K_M" in c.file_name]
+    p = plan(machine([("small", 6)], 32), only_floor)
+    assert 0 < p.load.n_gpu_layers <= 48
+    assert p.load.expert_offload is False
+    assert any(r.startswith("partial offload") for r in p.reasons)
+
+
+def test_two_unequal_gpus_split_by_free_memory(families: dict[str, list[ModelCandidate]]) -> None:
+    hw = MACHINES["3090+3060"]
+    p = plan(hw, families["llama8b"])
+    assert p.stage == 0  # split beats giving up KV precision on the 3090 alone
+    split = p.load.tensor_split
+    assert split is not None and len(split) == 2 and split[0] > split[1] > 0
+    assert split[0] / split[1] == pytest.approx((23.6 - 1) / (11.6 - 1), rel=0.01)
+    assert_within_budget(p, hw)
+
+
+def test_one_gpu_is_used_alone_when_it_is_enough(families: dict[str, list[ModelCandidate]]) -> None:
+    p = plan(MACHINES["3090+3060"], families["gemma3"])
+    assert p.load.tensor_split == [1.0, 0.0]
+    assert any("is enough: no split" in r for r in p.reasons)
+
+
+def test_cpu_only_laptop(families: dict[str, list[ModelCandidate]]) -> None:
+    p = plan(MACHINES["laptop-8gb"], families["llama8b"])
+    assert p.load.n_gpu_layers == 0
+    assert p.load.threads == 8
+    assert "CPU only: zero GPU layers" in p.reasons
+
+
+def test_below_floor_quants_come_last(families: dict[str, list[ModelCandidate]]) -> None:
+    p = plan(MACHINES["laptop-8gb"], families["gemma3"])
+    assert p.stage == STAGES.index("quant below the floor")
+    assert p.quant_file is not None and ("Q3_K_M" in p.quant_file or "Q2_K" in p.quant_file)
+    assert any("below the ~4.5 bpw quality floor" in r for r in p.reasons)
+
+
+def test_nothing_fits_is_a_clear_error(families: dict[str, list[ModelCandidate]]) -> None:
+    with pytest.raises(PeregrineError, match=r"does not fit: even Q2_K with 8192 tokens") as info:
+        plan(MACHINES["laptop-8gb"], families["qwen3moe"])
+    assert "\n" not in str(info.value)
+
+
+def test_pins_are_respected(families: dict[str, list[ModelCandidate]]) -> None:
+    hw = MACHINES["rtx3090-24gb"]
+    pins = Pins(ctx=32768, type_k="q8_0", type_v="q8_0", n_gpu_layers=20, threads=3)
+    p = plan(hw, families["llama8b"], pins)
+    assert (p.load.n_ctx, p.load.type_k, p.load.type_v) == (32768, "q8_0", "q8_0")
+    assert (p.load.n_gpu_layers, p.load.threads) == (20, 3)
+    assert_within_budget(p, hw, pins)
+
+
+def test_budget_caps_the_total(families: dict[str, list[ModelCandidate]]) -> None:
+    hw = MACHINES["h100-80gb"]
+    pins = Pins(budget_bytes=12 * GiB)
+    p = plan(hw, families["llama8b"], pins)
+    assert_within_budget(p, hw, pins)
+    assert p.stage > 0
+
+
+def test_quantized_v_needs_flash_attention() -> None:
+    with pytest.raises(PeregrineError, match=r"quantized V cache .* needs flash attention"):
+        plan(MACHINES["laptop-8gb"], [], Pins(flash_attn="off", type_v="q8_0"))
+
+
+def test_without_flash_attention_only_k_is_quantized(
+    families: dict[str, list[ModelCandidate]],
+) -> None:
+    p = plan(MACHINES["rtx3090-24gb"], families["llama8b"], Pins(flash_attn="off"))
+    assert p.load.flash_attn == "off"
+    assert p.load.type_v == "f16"
+    assert p.load.type_k in ("q8_0", "q4_0")
+
+
+def test_asymmetric_kv_is_flagged_unless_the_runtime_has_the_kernels(
+    families: dict[str, list[ModelCandidate]],
+) -> None:
+    pins = Pins(type_k="q8_0", type_v="f16")
+    plain = plan(MACHINES["rtx3090-24gb"], families["llama8b"], pins)
+    assert any(r.startswith("warning: K q8_0 / V f16") for r in plain.reasons)
+    rt = Runtime("cuda12-fa-all", "cuda", fa_all_pairs=True, llama_cpp_commit="0c1e570")
+    hw = replace(MACHINES["rtx3090-24gb"], runtimes=[rt])
+    p = plan(hw, families["llama8b"], pins)
+    assert p.load.runtime == "cuda12-fa-all"
+    assert not any(r.startswith("warning") for r in p.reasons)
+
+
+def test_fit_badges(families: dict[str, list[ModelCandidate]]) -> None:
+    llama_q4 = next(c for c in families["llama8b"] if "Q4_K_M" in c.file_name)
+    qwen_q4 = next(c for c in families["qwen3moe"] if "Q4_K_M" in c.file_name)
+    assert fit_badge(MACHINES["h100-80gb"], llama_q4).level == "gpu"
+    assert fit_badge(MACHINES["rtx3070-8gb"], qwen_q4).level == "partial"
+    assert fit_badge(MACHINES["laptop-8gb"], llama_q4).level == "cpu"
+    badge = fit_badge(MACHINES["laptop-8gb"], qwen_q4)
+    assert badge.level == "no" and badge.total_bytes > 8 * GiB and "does not fit" in badge.summary
+
+
+def test_default_model_on_this_machine(default_model: Path) -> None:
+    hw = detect_hardware()
+    cpu_only = replace(hw, gpus=[])
+    p = plan(cpu_only, [candidate(default_model)])
+    load = p.load
+    assert (load.n_ctx, load.type_k, load.type_v, load.flash_attn) == (8192, "f16", "f16", "on")
+    assert load.n_gpu_layers == 0
+    assert load.threads == hw.cpu.physical_cores
+    assert p.stage == 0
+
+
+def test_plan_for_file_is_checked_by_a_real_dry_run(default_model: Path) -> None:
+    hw = replace(detect_hardware(), gpus=[])
+    p = plan_for_file(default_model, hardware=hw)
+    assert p.method == "measured"
+    assert p.load.model == str(default_model)
+    cpu = p.memory.device("CPU")
+    assert cpu is not None
+    assert p.memory.weights == cpu.weights == 96_576_768
+    assert p.memory.kv == 180 * (1 << 20)  # llama.cpp's own figure
+    assert "measured by a llama.cpp dry run" in p.reasons[-1]
+
+
+def test_a_dry_run_over_budget_makes_the_planner_give_more_up(default_model: Path) -> None:
+    """When llama.cpp needs more than estimated, the plan is redone with the shortfall."""
+    # 320 MiB after headroom: f16 KV (~370 MiB) does not fit, q8_0 (~286 MiB) does on paper.
+    hw = replace(machine([], 8), ram=RAM(8 * GiB, GiB + 320 * (1 << 20)))
+    calls: list[LoadRequest] = []
+
+    def pessimistic(load: LoadRequest) -> MeasuredMemory:
+        calls.append(load)
+        # Pretend llama.cpp needs 40 MiB more compute than the estimate says.
+        from engine.gguf_header import read_gguf_header
+        from engine.memory_estimate import estimate, shape_from_header
+
+        shape = shape_from_header(read_gguf_header(default_model))
+        est = estimate(shape, n_ctx=load.n_ctx, type_k=load.type_k, type_v=load.type_v)
+        return MeasuredMemory(
+            weights_total=est.weights,
+            kv_total=est.kv,
+            compute={"CPU": est.compute + 40 * (1 << 20)},
+            output={"CPU": 1},
+            layer_devices=["CPU"] * 31,
+            n_ctx=load.n_ctx,
+        )
+
+    p = plan_for_file(default_model, hardware=hw, measure_fn=pessimistic)
+    assert len(calls) >= 2
+    assert p.method == "measured"
+    assert (calls[0].type_k, p.load.type_k) == ("q8_0", "q4_0")
+    assert any(r.startswith("re-planned after the dry run") for r in p.reasons)
+    assert p.memory.total <= hw.ram.available - Pins().headroom_bytes
+
+
+def test_plan_json_has_the_contract_shape(families: dict[str, list[ModelCandidate]]) -> None:
+    p = plan(MACHINES["3090+3060"], families["llama8b"])
+    data = p.to_json()
+    assert set(data) == {"hardware", "plan", "memory", "method"}
+    assert set(data["plan"]) == {"load", "quant_file", "reasons"}
+    assert set(data["memory"]) == {"weights", "kv", "compute", "overhead", "total", "devices"}
+    assert {d["name"] for d in data["memory"]["devices"]} == {"CPU", "CUDA0", "CUDA1"}
+    for d in data["memory"]["devices"]:
+        assert set(d) == {"name", "weights", "kv", "compute", "total", "free"}
+    assert Hardware.from_json(data["hardware"]) == MACHINES["3090+3060"]

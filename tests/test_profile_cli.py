@@ -1,0 +1,235 @@
+"""`peregrine profile`: the contract's JSON, its flags, and one-line errors."""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+from app.cli import main as peregrine
+from engine.hardware import CPU, GPU, RAM, Hardware
+from tests.fake_hub import FakeHub, running_hub
+from tests.planner_models import header_bytes, llama8b_like, qwen3moe_like
+
+GiB = 1 << 30
+HOSTILE = Path(__file__).parent / "data" / "hostile"
+
+
+def run(capsys: pytest.CaptureFixture[str], *args: str) -> tuple[int, str, str]:
+    code = peregrine(["profile", *args])
+    out, err = capsys.readouterr()
+    return code, out, err
+
+
+def profile_json(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
+    code, out, err = run(capsys, "--json", *args)
+    assert code == 0, err
+    assert out.count("\n") == 1  # one JSON object, one line
+    data = json.loads(out)
+    assert isinstance(data, dict)
+    return data
+
+
+def write_hardware(path: Path, hw: Hardware) -> Path:
+    path.write_text(json.dumps(hw.to_json()))
+    return path
+
+
+def test_profile_json_on_this_machine(capsys: pytest.CaptureFixture[str]) -> None:
+    data = profile_json(capsys)
+    assert set(data) == {"hardware", "plan", "memory", "method"}
+    assert set(data["hardware"]) == {"gpus", "cpu", "ram", "disk_free", "runtimes", "missing"}
+    assert set(data["hardware"]["cpu"]) == {"name", "physical_cores", "logical_cores", "flags"}
+    assert set(data["plan"]) == {"load", "quant_file", "reasons"}
+    load = data["plan"]["load"]
+    assert {
+        "model",
+        "n_ctx",
+        "n_gpu_layers",
+        "tensor_split",
+        "expert_offload",
+        "type_k",
+        "type_v",
+        "flash_attn",
+        "n_batch",
+        "n_ubatch",
+        "threads",
+    } <= set(load)
+    assert set(data["memory"]) == {"weights", "kv", "compute", "overhead", "total", "devices"}
+    assert data["method"] == "measured"
+    assert data["plan"]["quant_file"] == "SmolLM2-135M-Instruct.Q4_1.gguf"
+    if not data["hardware"]["gpus"]:
+        assert load["n_gpu_layers"] == 0
+        assert (load["n_ctx"], load["type_k"], load["flash_attn"]) == (8192, "f16", "on")
+        assert load["threads"] == data["hardware"]["cpu"]["physical_cores"]
+    mem = data["memory"]
+    assert mem["total"] == sum(d["total"] for d in mem["devices"])
+
+
+def test_hardware_file_round_trips(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    first = profile_json(capsys, "--estimate-only")
+    hw_file = tmp_path / "hw.json"
+    hw_file.write_text(json.dumps(first["hardware"]))
+    second = profile_json(capsys, "--estimate-only", "--hardware", str(hw_file))
+    assert second["hardware"] == first["hardware"]
+    assert second["plan"] == first["plan"]
+
+
+def test_estimate_only_skips_the_dry_run(capsys: pytest.CaptureFixture[str]) -> None:
+    data = profile_json(capsys, "--estimate-only")
+    assert data["method"] == "estimated"
+
+
+def test_pins_reach_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    data = profile_json(
+        capsys,
+        "--estimate-only",
+        "--ctx",
+        "2048",
+        "--cache-type-k",
+        "q8_0",
+        "--cache-type-v",
+        "q8_0",
+    )
+    load = data["plan"]["load"]
+    assert (load["n_ctx"], load["type_k"], load["type_v"]) == (2048, "q8_0", "q8_0")
+
+
+def test_a_synthetic_gpu_machine_from_a_file(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    hw = Hardware(
+        gpus=[GPU("NVIDIA GeForce RTX 3090", "cuda", 24 * GiB, 23 * GiB, "8.6")],
+        cpu=CPU("x", 8, 16, []),
+        ram=RAM(64 * GiB, 50 * GiB),
+        disk_free=GiB,
+    )
+    model = llama8b_like(tmp_path, "Q4_K_M")
+    data = profile_json(
+        capsys,
+        "--estimate-only",
+        "--model",
+        str(model),
+        "--hardware",
+        str(write_hardware(tmp_path / "hw.json", hw)),
+    )
+    assert data["plan"]["load"]["n_gpu_layers"] == -1
+    assert data["hardware"]["gpus"][0]["name"] == "NVIDIA GeForce RTX 3090"
+    cuda = next(d for d in data["memory"]["devices"] if d["name"] == "CUDA0")
+    assert cuda["total"] <= 22 * GiB
+
+
+def test_budget_gib_caps_the_plan(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    model = qwen3moe_like(tmp_path, "Q4_K_M")
+    code, out, err = run(
+        capsys, "--json", "--estimate-only", "--model", str(model), "--budget-gib", "4"
+    )
+    assert code == 1 and out == ""
+    assert err.startswith("peregrine profile: error: ") and err.count("\n") == 1
+    assert "does not fit" in err
+
+
+def test_text_output_explains_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
+    code, out, _ = run(capsys, "--estimate-only")
+    assert code == 0
+    assert "plan: ctx 8192" in out and "why:" in out and "memory (estimated)" in out
+
+
+@pytest.mark.parametrize(
+    ("args", "message"),
+    [
+        (["--model", "/nonexistent/model.gguf"], "no such file"),
+        (["--model", str(HOSTILE / "duplicate_key.gguf")], "duplicate"),
+        (["--model", str(HOSTILE / "empty.gguf")], "empty.gguf"),
+        (["--hardware", "/nonexistent/hw.json"], "hardware file not found"),
+    ],
+)
+def test_bad_input_is_one_line_and_exit_1(
+    capsys: pytest.CaptureFixture[str], args: list[str], message: str
+) -> None:
+    code, out, err = run(capsys, *args)
+    assert code == 1
+    assert out == ""
+    assert err.count("\n") == 1 and message in err
+    assert "Traceback" not in err
+
+
+def test_bad_hardware_files_are_one_line(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    for text, message in (
+        ("{not json", "is not JSON"),
+        ('{"gpus": []}', "missing the field 'cpu'"),
+    ):
+        path = tmp_path / "hw.json"
+        path.write_text(text)
+        code, _, err = run(capsys, "--hardware", str(path))
+        assert code == 1 and err.count("\n") == 1 and message in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--ctx", "many"],
+        ["--cache-type-k", "q3_weird"],
+        ["--file", "x.gguf"],
+        ["--budget-gib", "-1"],
+        ["--bogus"],
+    ],
+)
+def test_bad_usage_exits_2(capsys: pytest.CaptureFixture[str], args: list[str]) -> None:
+    code, out, err = run(capsys, *args)
+    assert code == 2 and out == "" and err.count("\n") == 1
+
+
+@pytest.fixture
+def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
+    with running_hub() as h:
+        monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
+        repo = h.add_repo("acme/Llama-8B-like-GGUF")
+        for quant in ("Q8_0", "Q4_K_M", "Q2_K"):
+            path = llama8b_like(tmp_path, quant)
+            repo.add(path.name, header_bytes(path))
+        repo.add("README.md", b"# not a model")
+        yield h
+
+
+def test_repo_picks_a_quant_from_remote_headers(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, hub: FakeHub
+) -> None:
+    hw = Hardware(
+        gpus=[GPU("NVIDIA GeForce RTX 3070", "cuda", 8 * GiB, int(7.6 * GiB), "8.6")],
+        cpu=CPU("x", 8, 16, []),
+        ram=RAM(32 * GiB, 24 * GiB),
+        disk_free=GiB,
+    )
+    data = profile_json(
+        capsys,
+        "--repo",
+        "acme/Llama-8B-like-GGUF",
+        "--hardware",
+        str(write_hardware(tmp_path / "hw.json", hw)),
+    )
+    assert data["method"] == "estimated"
+    assert data["plan"]["quant_file"] == "Llama-3.1-8B-like-Q4_K_M.gguf"
+    assert data["plan"]["load"]["n_gpu_layers"] == -1
+    assert any("remote files" in r for r in data["plan"]["reasons"])
+
+    one = profile_json(
+        capsys,
+        "--repo",
+        "acme/Llama-8B-like-GGUF",
+        "--file",
+        "Llama-3.1-8B-like-Q8_0.gguf",
+        "--hardware",
+        str(tmp_path / "hw.json"),
+    )
+    assert one["plan"]["quant_file"] == "Llama-3.1-8B-like-Q8_0.gguf"
+
+
+def test_unknown_repo_is_one_line(capsys: pytest.CaptureFixture[str], hub: FakeHub) -> None:
+    code, _, err = run(capsys, "--repo", "acme/Nope", "--estimate-only")
+    assert code == 1 and err.count("\n") == 1 and "acme/Nope" in err
