@@ -106,6 +106,7 @@ class Request:
     path: str
     range: str | None
     authorization: str | None
+    served: int = 0  # body bytes sent in answer to this request
 
 
 class FakeHub:
@@ -115,6 +116,7 @@ class FakeHub:
         self.repos: dict[str, FakeRepo] = {}
         self.corrupt: set[str] = set()  # "repo/file": flip one byte in what is served
         self.bytes_per_second: float | None = None  # throttle for CDN bodies
+        self.drop_after: dict[str, int] = {}  # "repo/file": cut the connection once after N bytes
         self.requests: list[Request] = []
         self.served: dict[str, int] = {}  # "repo/file" -> body bytes sent
         self._lock = threading.Lock()
@@ -161,9 +163,10 @@ class FakeHub:
         with self._lock:
             self.requests.append(request)
 
-    def _count(self, key: str, n: int) -> None:
+    def _count(self, key: str, n: int, request: Request) -> None:
         with self._lock:
             self.served[key] = self.served.get(key, 0) + n
+            request.served += n
 
 
 _RESOLVE = re.compile(r"^/(?P<repo>[^/]+/[^/]+)/resolve/(?P<rev>[^/]+)/(?P<file>.+)$")
@@ -191,15 +194,14 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             parts = urlsplit(self.path)
             path = unquote(parts.path)
             query = parse_qs(parts.query)
-            hub._record(
-                Request(
-                    "HEAD" if head else "GET",
-                    self.headers.get("Host", ""),
-                    path,
-                    self.headers.get("Range"),
-                    self.headers.get("Authorization"),
-                )
+            self._request = Request(
+                "HEAD" if head else "GET",
+                self.headers.get("Host", ""),
+                path,
+                self.headers.get("Range"),
+                self.headers.get("Authorization"),
             )
+            hub._record(self._request)
             try:
                 if path == "/api/models":
                     return self._list_models(query)
@@ -390,13 +392,21 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             key = f"{repo_id}/{file}"
             flip_at = f.size // 2 if key in hub.corrupt else -1
             pos = start
+            drop_at = hub.drop_after.pop(key, None)
             for chunk in f.read(start, end):
+                if drop_at is not None and pos + len(chunk) > drop_at:
+                    # A network cut: part of the promised body, then the connection closes.
+                    self.wfile.write(chunk[: drop_at - pos])
+                    hub._count(key, drop_at - pos, self._request)
+                    self.wfile.flush()
+                    self.close_connection = True
+                    return
                 if pos <= flip_at < pos + len(chunk):
                     buf = bytearray(chunk)
                     buf[flip_at - pos] ^= 0xFF
                     chunk = bytes(buf)
                 self.wfile.write(chunk)
-                hub._count(key, len(chunk))
+                hub._count(key, len(chunk), self._request)
                 pos += len(chunk)
                 if hub.bytes_per_second:
                     time.sleep(len(chunk) / hub.bytes_per_second)

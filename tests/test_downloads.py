@@ -14,6 +14,7 @@ from typing import Any, BinaryIO
 import pytest
 
 from app.services.downloads import (
+    TRANSFER_CHUNK,
     ChecksumError,
     DiskFullError,
     Downloader,
@@ -115,11 +116,34 @@ def test_full_disk_keeps_partial_then_resumes(hub: FakeHub, paths: Paths) -> Non
     assert partial.stat().st_size == limit
     assert not (paths.models / "acme--Blob-GGUF" / FILE).exists()
 
-    before = hub.served[f"{REPO}/{FILE}"]
     [final] = Downloader(paths).download_model(REPO, [FILE])
-    assert served_ranges(hub, REPO, FILE)[-1] == f"bytes={limit}-"
-    assert hub.served[f"{REPO}/{FILE}"] - before == SIZE - limit
+    last = hub.file_requests(REPO, FILE)[-1]
+    assert last.range == f"bytes={limit}-"
+    assert last.served == SIZE - limit
     assert sha(final.read_bytes()) == hub.repos[REPO].files[FILE].sha256
+
+
+def test_network_cut_resumes_in_call_and_hash_covers_every_byte(hub: FakeHub, paths: Paths) -> None:
+    cut = SIZE // 2 + 7
+    hub.drop_after[f"{REPO}/{FILE}"] = cut
+    [final] = Downloader(paths).download_model(REPO, [FILE])
+    first, retry = served_ranges(hub, REPO, FILE)
+    assert first is None and retry is not None
+    # http_get resumes from the bytes it wrote; a partly received chunk is fetched again.
+    resumed_at = int(retry.removeprefix("bytes=").rstrip("-"))
+    assert cut - TRANSFER_CHUNK < resumed_at <= cut
+    assert sha(final.read_bytes()) == hub.repos[REPO].files[FILE].sha256
+    assert hub.served[f"{REPO}/{FILE}"] == SIZE + (cut - resumed_at)
+
+
+def test_pending_lists_partials_left_on_disk(hub: FakeHub, paths: Paths) -> None:
+    downloader = Downloader(paths)
+    assert downloader.pending() == []
+    with pytest.raises(DiskFullError):
+        Downloader(paths, open_writer=FullDiskWriter(1000)).download_model(REPO, [FILE])
+    [pending] = downloader.pending()
+    assert (pending.repo_id, pending.path, pending.done, pending.size) == (REPO, FILE, 1000, SIZE)
+    assert pending.commit == hub.repos[REPO].commit
 
 
 def test_not_enough_free_disk_fails_before_any_transfer(hub: FakeHub, paths: Paths) -> None:
@@ -208,9 +232,10 @@ def test_pause_keeps_partial_and_resume_continues(hub: FakeHub, paths: Paths) ->
         done = queue.wait(job, timeout=30)
         assert done.state is JobState.DONE, done.error
         assert done.paths and sha(done.paths[0].read_bytes()) == hub.repos[REPO].files[FILE].sha256
-        assert served_ranges(hub, REPO, FILE)[-1] == f"bytes={kept}-"
-        # The first request may have had more bytes in flight than reached the disk.
-        assert hub.served[f"{REPO}/{FILE}"] <= SIZE * 1.1
+        last = hub.file_requests(REPO, FILE)[-1]
+        assert last.range == f"bytes={kept}-"
+        # The resume fetched exactly the bytes that were missing on disk.
+        assert last.served == SIZE - kept
     finally:
         queue.close()
 

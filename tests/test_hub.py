@@ -134,6 +134,23 @@ def test_unreadable_header_is_reported_per_quant(hub: FakeHub) -> None:
     assert listing.find("Q8_0").header_error is None  # type: ignore[union-attr]
 
 
+def test_a_failing_fit_function_leaves_the_listing_usable(
+    hub: FakeHub, caplog: pytest.LogCaptureFixture
+) -> None:
+    def fit(name: str, header: Any, size: int) -> Badge:
+        raise TypeError("planner bug")
+
+    def pick(candidates: Sequence[tuple[str, Any, int]]) -> str | None:
+        raise TypeError("planner bug")
+
+    service = HubService(fit=fit, pick=pick, header_reader=read_remote_header)
+    listing = service.list_quants("acme/Tiny-GGUF")
+    assert len(listing.options) == 4
+    assert all(o.fit is None and "planner bug" in (o.header_error or "") for o in listing.options)
+    assert not any(o.picked for o in listing.options)
+    assert "fit check failed" in caplog.text
+
+
 def test_real_planner_badges(hub: FakeHub) -> None:
     planner = pytest.importorskip("engine.planner")
     gguf_header = pytest.importorskip("engine.gguf_header")
@@ -148,6 +165,24 @@ def test_real_planner_badges(hub: FakeHub) -> None:
         assert opt.header_error is None
         assert opt.fit is not None and opt.fit.level in ("gpu", "partial", "cpu", "no")
     assert sum(o.picked for o in listing.options) <= 1
+
+
+def test_gated_repo_listing_says_why_badges_are_missing(hub: FakeHub) -> None:
+    gguf_header = pytest.importorskip("engine.gguf_header")
+    reader = getattr(gguf_header, "read_remote_gguf_header", None)
+    if reader is None:
+        pytest.skip("engine.gguf_header.read_remote_gguf_header is not there yet")
+    hub.add_repo("acme/Gated-GGUF", gated=True).add("g-Q4_0.gguf", b"GGUF" * 100)
+    service = HubService(
+        token=False,
+        fit=lambda n, h, s: Badge("gpu", "?"),
+        header_reader=lambda url, headers: reader(url, headers=headers),
+    )
+    listing = service.list_quants("acme/Gated-GGUF")
+    assert listing.gated
+    [opt] = listing.options
+    assert opt.fit is None
+    assert opt.header_error is not None and "gated or private" in opt.header_error
 
 
 def test_unknown_repo_is_a_clear_error(hub: FakeHub) -> None:

@@ -112,6 +112,17 @@ class RemoteTarget:
     url: str  # where the bytes come from (the CDN location)
 
 
+@dataclass(frozen=True)
+class PendingDownload:
+    """A partial file left on disk (paused, failed or interrupted), which a pull resumes."""
+
+    repo_id: str
+    path: str
+    commit: str
+    done: int
+    size: int
+
+
 class _HashingSink:
     """The file object handed to http_get: writes, hashes as it goes, reports, and obeys stop requests."""
 
@@ -282,6 +293,22 @@ class Downloader:
             and partial.exists()
             and partial.stat().st_size == target.size
         )
+
+    def pending(self) -> list[PendingDownload]:
+        """Partial downloads on disk, so the app can offer to resume them after a restart."""
+        found = []
+        for sidecar in sorted(self.paths.downloads.glob("*.json")):
+            data = self._read_sidecar(sidecar)
+            if not data or not {"repo_id", "path", "commit", "size"} <= data.keys():
+                continue
+            partial = sidecar.with_suffix(".part")
+            done = partial.stat().st_size if partial.exists() else 0
+            found.append(
+                PendingDownload(
+                    data["repo_id"], data["path"], data["commit"], done, int(data["size"])
+                )
+            )
+        return found
 
     def discard(self, repo_id: str, files: Sequence[str]) -> None:
         """Deletes every partial (and sidecar) of these files, whatever commit they were pinned to."""

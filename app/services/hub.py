@@ -295,14 +295,30 @@ class HubService:
             except PeregrineError as exc:
                 # One unreadable file must not hide the others; the reason is shown per quant.
                 log.warning("could not read the header of %s: %s", opt.name, exc)
-                opt.header_error = str(exc)
+                status = getattr(exc, "status", None)
+                if status in (401, 403):
+                    opt.header_error = (
+                        f"access refused (HTTP {status}): {listing.repo_id} is gated or private; "
+                        "log in with `hf auth login` or set HF_TOKEN"
+                    )
+                else:
+                    opt.header_error = str(exc)
             if self._fit is not None and opt.header is not None:
-                opt.fit = self._fit(opt.name, opt.header, opt.size)
+                try:
+                    opt.fit = self._fit(opt.name, opt.header, opt.size)
+                except Exception as exc:
+                    # A planner bug must not hide the quant list; the traceback goes to the log.
+                    log.exception("fit check failed for %s", opt.name)
+                    opt.header_error = f"fit check failed: {type(exc).__name__}: {exc}"
         if self._pick is not None:
             candidates = [
                 (o.name, o.header, o.size) for o in listing.options if o.header is not None
             ]
-            picked = self._pick(candidates) if candidates else None
+            try:
+                picked = self._pick(candidates) if candidates else None
+            except Exception:
+                log.exception("the planner could not pick a quant for %s", listing.repo_id)
+                picked = None
             for opt in listing.options:
                 opt.picked = opt.name == picked
 

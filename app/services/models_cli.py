@@ -153,7 +153,7 @@ def _describe_option(opt: QuantOption) -> str:
     parts = f" ({len(opt.files)} parts)" if opt.is_split else ""
     fit = f"  [{opt.fit.level}] {opt.fit.summary}" if opt.fit is not None else ""
     pick = "  <- recommended" if opt.picked else ""
-    err = f"  (header unreadable: {opt.header_error})" if opt.header_error else ""
+    err = f"  (no fit badge: {opt.header_error})" if opt.header_error else ""
     return (
         f"{(opt.quant or '?'):<8} {format_bytes(opt.size):>10}  {opt.name}{parts}{fit}{pick}{err}"
     )
