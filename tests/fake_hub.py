@@ -284,6 +284,10 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                         "tags": ["gguf", f"license:{repo.license}"],
                     }
                 )
+            expand = query.get("expand")
+            if expand:
+                # Like the hub: with expand, only the id and the fields named come back.
+                out = [{k: v for k, v in m.items() if k == "id" or k in expand} for m in out]
             limit = int((query.get("limit") or ["1000"])[0])
             self._json(200, out[:limit])
 

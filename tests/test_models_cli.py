@@ -97,6 +97,7 @@ def test_pull_killed_half_way_resumes_from_the_bytes_on_disk(
     assert result.returncode == 0, result.stderr
     final = Path(result.stdout.strip())
     assert final.name == DEFAULT_FILE
+    assert "resuming:" in result.stderr
 
     second = hub.file_requests(DEFAULT_REPO, DEFAULT_FILE)[first_run_requests:]
     assert second, "the second pull made no request"

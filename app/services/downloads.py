@@ -340,7 +340,7 @@ class Downloader:
         self.paths.downloads.mkdir(parents=True, exist_ok=True)
         progress = on_progress or (lambda done, total: None)
         stop = should_stop or (lambda: None)
-        notice = on_notice or (lambda msg: log.warning("%s", msg))
+        notice = on_notice or (lambda msg: log.info("%s", msg))
 
         # Pin every file to the commit the first answer names, so parts never mix revisions.
         first = self.resolve(repo_id, files[0], revision)
@@ -357,6 +357,8 @@ class Downloader:
         total = sum(t.size for t in targets)
         have = [p.stat().st_size if p.exists() else 0 for p in partials]
         self._check_disk(repo_id, total - sum(have))
+        if 0 < sum(have) < total:
+            notice(f"resuming: {format_bytes(sum(have))} of {format_bytes(total)} already on disk")
 
         done_before = 0
         try:

@@ -228,8 +228,13 @@ class HubService:
     def search(self, term: str, limit: int = 20) -> list[SearchResult]:
         """GGUF repos matching `term`, most downloaded first."""
         try:
+            # The hub's list answer omits "gated" unless these fields are asked for by name.
             models = self._api.list_models(
-                search=term, filter="gguf", sort="downloads", limit=limit
+                search=term,
+                filter="gguf",
+                sort="downloads",
+                limit=limit,
+                expand=["downloads", "likes", "gated", "private", "tags"],
             )
             out = []
             for m in models:

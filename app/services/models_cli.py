@@ -23,6 +23,7 @@ from app.services.library import (
     default_scan_folders,
     scan_folders_from_strings,
 )
+from app.services.settings import SettingsError, SettingsStore
 from engine.errors import PeregrineError, UsageError
 from engine.paths import Paths
 
@@ -132,8 +133,6 @@ def _hub(with_fit: bool) -> HubService:
 
 
 def _library(paths: Paths) -> Library:
-    from app.services.settings import SettingsError, SettingsStore
-
     folders: list[ScanFolder]
     try:
         configured = SettingsStore(paths.settings_file).load().library_scan_folders
