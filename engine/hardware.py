@@ -360,7 +360,7 @@ def _read_first(path: Path) -> str | None:
 
 def probe_ggml_devices(lib_dir: Path | None) -> list[GPU]:
     """GPUs the installed llama.cpp build can use, through ggml's device API (ctypes)."""
-    lib = _load_ggml(lib_dir)
+    lib = load_ggml(lib_dir)
     lib.ggml_backend_dev_count.restype = ctypes.c_size_t
     lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
     lib.ggml_backend_dev_get.restype = ctypes.c_void_p
@@ -408,7 +408,8 @@ def _backend_of(dev_name: str) -> str:
     return lowered.rstrip("0123456789") or "unknown"
 
 
-def _load_ggml(lib_dir: Path | None) -> ctypes.CDLL:
+def load_ggml(lib_dir: Path | None = None) -> ctypes.CDLL:
+    """llama.cpp's libggml (the same copy llama_cpp uses when lib_dir is None)."""
     if lib_dir is None:
         spec = importlib.util.find_spec("llama_cpp")
         if spec is None or not spec.submodule_search_locations:

@@ -10,6 +10,7 @@ process (ENGINE_NOTES.md), and a parent-side timeout turns a hang into an error.
 from __future__ import annotations
 
 import argparse
+import ctypes
 import json
 import os
 import re
@@ -41,6 +42,10 @@ _RE_COMPUTE = re.compile(r"(\S+) compute buffer size =\s+([\d.]+) MiB")
 _RE_OUTPUT = re.compile(r"(\S+)\s+output buffer size =\s+([\d.]+) MiB")
 _RE_LAYER = re.compile(r"load_tensors: layer\s+(\d+) assigned to device (\S+?),")
 _RE_N_CTX = re.compile(r"llama_context: n_ctx\s+=\s+(\d+)")
+_RE_OVERRIDE = re.compile(r"^tensor (\S+) .* buffer type overridden to (\S+)")
+
+# The MoE expert tensors that `expert_offload` keeps in system RAM (llama-server's --cpu-moe).
+EXPERT_TENSOR_PATTERN = r"\.ffn_(up|down|gate|gate_up)_exps"
 
 
 @dataclass
@@ -52,6 +57,7 @@ class MeasuredMemory:
     compute: dict[str, int] = field(default_factory=dict)
     output: dict[str, int] = field(default_factory=dict)
     layer_devices: list[str] = field(default_factory=list)  # layers 0..n-1, then the output head
+    overridden: int = 0  # tensors moved by tensor_buft_overrides (expert offload)
     n_ctx: int = 0
     gpu_devices: list[str] = field(default_factory=list)
 
@@ -75,6 +81,7 @@ class MeasuredMemory:
             compute={str(k): int(v) for k, v in data["compute"].items()},
             output={str(k): int(v) for k, v in data["output"].items()},
             layer_devices=[str(d) for d in data.get("layer_devices", [])],
+            overridden=int(data.get("overridden", 0)),
             n_ctx=int(data["n_ctx"]),
             gpu_devices=[str(d) for d in data.get("gpu_devices", [])],
         )
@@ -104,6 +111,8 @@ def parse_log(text: str) -> MeasuredMemory:
             layers[int(m.group(1))] = device_of_buffer(m.group(2))
         elif m := _RE_N_CTX.search(line):
             found.n_ctx = int(m.group(1))
+        elif _RE_OVERRIDE.search(line):
+            found.overridden += 1
     found.layer_devices = [layers[i] for i in sorted(layers)]
     return found
 
@@ -160,8 +169,6 @@ def _last_line(text: str) -> str:
 
 def _dry_run(load: LoadRequest) -> dict[str, Any]:
     """Child side: load without allocating and return the logged sizes."""
-    import ctypes
-
     import llama_cpp
 
     log_lines: list[str] = []
@@ -181,8 +188,6 @@ def _dry_run(load: LoadRequest) -> dict[str, Any]:
 
 
 def _dry_run_logged(load: LoadRequest, log_lines: list[str]) -> dict[str, Any]:
-    import ctypes
-
     import llama_cpp
 
     llama_cpp.llama_backend_init()
@@ -195,6 +200,10 @@ def _dry_run_logged(load: LoadRequest, log_lines: list[str]) -> dict[str, Any]:
     mparams.load_mode = 0  # NONE: MMAP/MLOCK abort under no_alloc (ENGINE_NOTES.md)
     mparams.use_mmap = False
     split_keepalive = None
+    overrides_keepalive = None
+    if load.expert_offload:
+        overrides_keepalive = cpu_expert_overrides()
+        mparams.tensor_buft_overrides = ctypes.cast(overrides_keepalive, ctypes.c_void_p)
     if load.tensor_split:
         split_keepalive = (ctypes.c_float * len(load.tensor_split))(*load.tensor_split)
         mparams.tensor_split = ctypes.cast(split_keepalive, ctypes.POINTER(ctypes.c_float))
@@ -225,12 +234,40 @@ def _dry_run_logged(load: LoadRequest, log_lines: list[str]) -> dict[str, Any]:
         llama_cpp.llama_free(ctx)
     finally:
         llama_cpp.llama_model_free(model)
-        del split_keepalive
+        del split_keepalive, overrides_keepalive
 
     measured = parse_log("".join(log_lines))
     measured.weights_total = int(weights_total)
     measured.gpu_devices = _gpu_device_names()
     return {"ok": True, **measured.to_json()}
+
+
+class BuftOverride(ctypes.Structure):
+    """llama.h's `struct llama_model_tensor_buft_override` (pattern, buffer type)."""
+
+    _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
+
+
+def cpu_expert_overrides(pattern: str = EXPERT_TENSOR_PATTERN) -> ctypes.Array[BuftOverride]:
+    """A NULL-terminated override list that keeps matching tensors in host (CPU) memory.
+
+    llama-cpp-python leaves `tensor_buft_overrides` as an untyped pointer; this builds
+    the array for it. Keep the returned array alive until the model is loaded.
+    """
+    from engine.hardware import load_ggml
+
+    lib = load_ggml()
+    lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
+    lib.ggml_backend_dev_by_type.restype = ctypes.c_void_p
+    lib.ggml_backend_dev_buffer_type.argtypes = [ctypes.c_void_p]
+    lib.ggml_backend_dev_buffer_type.restype = ctypes.c_void_p
+    cpu = lib.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
+    if not cpu:
+        raise PeregrineError("llama.cpp has no CPU device to keep expert tensors on")
+    arr = (BuftOverride * 2)()
+    arr[0].pattern = pattern.encode()
+    arr[0].buft = lib.ggml_backend_dev_buffer_type(cpu)
+    return arr
 
 
 def _gpu_device_names() -> list[str]:

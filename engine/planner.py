@@ -751,13 +751,12 @@ def fit_badge(hardware: Hardware, candidate: ModelCandidate, pins: Pins | None =
     try:
         p = plan(hardware, [candidate], pins)
     except PeregrineError as exc:
-        shape = shape_from_header(candidate.header)
-        need = estimate(
-            shape,
-            n_ctx=min((pins or Pins()).min_ctx, shape.n_ctx_train),
-            type_k="q4_0",
-            type_v="q4_0",
-        ).total
+        try:
+            shape = shape_from_header(candidate.header)
+            min_ctx = min((pins or Pins()).min_ctx, shape.n_ctx_train)
+            need = estimate(shape, n_ctx=min_ctx, type_k="q4_0", type_v="q4_0").total
+        except PeregrineError:
+            need = 0  # not a model we can read: the summary says why
         return FitBadge("no", need, str(exc))
     ngl = p.load.n_gpu_layers
     if ngl == 0:

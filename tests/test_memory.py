@@ -215,3 +215,13 @@ def test_expert_offload_moves_only_expert_tensors_to_ram(tmp_path: Path) -> None
     assert c1.weights - c0.weights == moved
     assert g1.kv == g0.kv  # attention (and its KV) stays on the GPU
     assert moved > 0.9 * shape.weight_bytes
+
+
+def test_expert_offload_dry_run_applies_the_override(tmp_path: Path) -> None:
+    """The override list reaches llama.cpp: every expert tensor is reassigned to the CPU."""
+    path = qwen3moe_like(tmp_path)
+    got = measure(LoadRequest(model=str(path), n_ctx=4096, n_gpu_layers=-1, expert_offload=True))
+    assert got.overridden == 48 * 3
+    plain = measure(LoadRequest(model=str(path), n_ctx=4096, n_gpu_layers=-1))
+    assert plain.overridden == 0
+    assert got.weights_total == plain.weights_total
