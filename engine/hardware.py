@@ -14,6 +14,8 @@ import json
 import logging
 import os
 import shutil
+import subprocess
+import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -207,6 +209,10 @@ class HardwareProbes:
     ggml_lib_dir: Path | None = None
     # Set False to skip loading llama.cpp's libraries (e.g. for a remote plan).
     probe_ggml: bool = True
+    # Ask ggml in a child process: listing CUDA devices creates a CUDA context (hundreds
+    # of MiB of VRAM) that would stay in the calling process, such as the desktop app.
+    ggml_in_child: bool = True
+    ggml_timeout_s: float = 30.0
     virtual_memory: Callable[[], Any] = psutil.virtual_memory
     cpu_count: Callable[[bool], int | None] = lambda logical: psutil.cpu_count(logical=logical)
     disk_usage: Callable[[Path], Any] = shutil.disk_usage
@@ -233,7 +239,15 @@ def detect_hardware(
     nvidia: list[GPU] = attempt("nvml", lambda: probe_nvml(p.nvml_module), [])
     amd: list[GPU] = attempt("amd sysfs", lambda: probe_amd_sysfs(p.sysfs_root), [])
     ggml: list[GPU] = (
-        attempt("ggml devices", lambda: probe_ggml_devices(p.ggml_lib_dir), [])
+        attempt(
+            "ggml devices",
+            lambda: (
+                probe_ggml_devices_in_child(p.ggml_lib_dir, p.ggml_timeout_s)
+                if p.ggml_in_child
+                else probe_ggml_devices(p.ggml_lib_dir)
+            ),
+            [],
+        )
         if p.probe_ggml
         else []
     )
@@ -391,6 +405,32 @@ def probe_ggml_devices(lib_dir: Path | None) -> list[GPU]:
     return gpus
 
 
+def probe_ggml_devices_in_child(lib_dir: Path | None, timeout_s: float = 30.0) -> list[GPU]:
+    """probe_ggml_devices, run by `python -m engine.hardware --ggml-devices` in a child."""
+    cmd = [sys.executable, "-m", "engine.hardware", "--ggml-devices"]
+    if lib_dir is not None:
+        cmd += ["--lib-dir", str(lib_dir)]
+    env = dict(os.environ)
+    root = str(Path(__file__).resolve().parent.parent)
+    env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    try:
+        proc = subprocess.run(
+            cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False
+        )
+    except subprocess.TimeoutExpired as exc:
+        raise ProbeError(f"listing devices took over {timeout_s:.0f} s") from exc
+    try:
+        reply = json.loads(proc.stdout.strip().splitlines()[-1])
+    except (IndexError, json.JSONDecodeError):
+        last = (proc.stderr.strip().splitlines() or ["no output"])[-1]
+        raise ProbeError(f"device listing failed (exit {proc.returncode}): {last}") from None
+    if not isinstance(reply, dict):
+        raise ProbeError("device listing gave no answer")
+    if "error" in reply:
+        raise ProbeError(str(reply["error"]))
+    return [GPU(**g) for g in reply["gpus"]]
+
+
 def _backend_of(dev_name: str) -> str:
     """ggml device names start with the backend: CUDA0, Vulkan0, ROCm0, Metal, SYCL0."""
     lowered = dev_name.lower()
@@ -485,3 +525,24 @@ def probe_runtimes(runtimes_dir: Path, missing: list[str]) -> list[Runtime]:
             )
         )
     return found
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Child entry point: `--ggml-devices` prints the ggml GPU list as one JSON line."""
+    import argparse
+
+    parser = argparse.ArgumentParser(prog="python -m engine.hardware")
+    parser.add_argument("--ggml-devices", action="store_true", required=True)
+    parser.add_argument("--lib-dir", type=Path)
+    args = parser.parse_args(argv)
+    try:
+        gpus = probe_ggml_devices(args.lib_dir)
+    except ProbeError as exc:
+        print(json.dumps({"error": str(exc)}))
+        return 1
+    print(json.dumps({"gpus": [asdict(g) for g in gpus]}))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

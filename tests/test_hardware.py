@@ -148,8 +148,10 @@ def test_missing_sysfs_and_ggml_library_are_recorded(tmp_path: Path) -> None:
     assert any(m.startswith("ggml devices:") and "no libggml" in m for m in hw.missing)
 
 
-def test_real_ggml_build_lists_its_gpus_or_none(tmp_path: Path) -> None:
-    hw = detect_hardware(_probes(tmp_path, probe_ggml=True), models_dir=tmp_path)
+@pytest.mark.parametrize("in_child", [True, False])
+def test_real_ggml_build_lists_its_gpus_or_none(tmp_path: Path, in_child: bool) -> None:
+    probes = _probes(tmp_path, probe_ggml=True, ggml_in_child=in_child)
+    hw = detect_hardware(probes, models_dir=tmp_path)
     assert not any(m.startswith("ggml devices") for m in hw.missing), hw.missing
     assert all(g.total >= g.free >= 0 for g in hw.gpus)
 
