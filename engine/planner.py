@@ -331,14 +331,19 @@ def _search(ctx: _Context, candidates: list[ModelCandidate]) -> Plan:
         full_ngl = pins.n_gpu_layers
 
     def full(cand: ModelCandidate, pair: tuple[str, str], lo: int, hi: int) -> _Config | None:
-        """The largest context in [lo, hi] that fits with the fixed placement."""
+        """The largest context in [lo, hi] that fits with the fixed placement.
+
+        Device options are tried in order (one GPU, then a split); a later option
+        wins only with a longer context, since context is what is being given up.
+        """
         splits: list[tuple[float, ...] | None] = list(ctx.device_options) or [None]
+        best: _Config | None = None
         for split in splits:
             base = _Config(cand, pair[0], pair[1], hi, full_ngl, split, False)
             found = _max_ctx(ctx, base, lo, hi)
-            if found is not None:
-                return found
-        return None
+            if found is not None and (best is None or found.n_ctx > best.n_ctx):
+                best = found
+        return best
 
     stages: list[Callable[[], _Config | None]] = [
         lambda: full(above[0], kv_best, target, target),
@@ -689,9 +694,10 @@ def _checked_by_dry_run(
         measured = measure_fn(current.load)
         gpu_layers_used = current.load.n_gpu_layers != 0 and bool(hardware.gpus)
         if gpu_layers_used and len(measured.gpu_devices) < _gpus_used(current):
-            current.reasons.append(
+            current.reasons.insert(
+                -1,
                 "dry run skipped: the llama.cpp build here does not see the planned GPUs; "
-                "figures are estimates"
+                "figures are estimates",
             )
             return current
         mem = measured_breakdown(current.memory, measured)

@@ -197,9 +197,21 @@ def test_two_unequal_gpus_split_by_free_memory(families: dict[str, list[ModelCan
 
 
 def test_one_gpu_is_used_alone_when_it_is_enough(families: dict[str, list[ModelCandidate]]) -> None:
-    p = plan(MACHINES["3090+3060"], families["gemma3"])
+    q4 = [c for c in families["llama8b"] if "Q4_K_M" in c.file_name]
+    p = plan(MACHINES["3090+3060"], q4)
+    assert p.stage == 0
     assert p.load.tensor_split == [1.0, 0.0]
     assert any("is enough: no split" in r for r in p.reasons)
+
+
+def test_a_split_wins_when_it_keeps_more_context(families: dict[str, list[ModelCandidate]]) -> None:
+    hw = MACHINES["3090+3060"]
+    alone = plan(replace(hw, gpus=hw.gpus[:1]), families["gemma3"])
+    both = plan(hw, families["gemma3"])
+    assert both.stage == alone.stage == STAGES.index("shorter context")
+    assert both.load.n_ctx > alone.load.n_ctx
+    assert both.load.tensor_split is not None and min(both.load.tensor_split) > 0
+    assert_within_budget(both, hw)
 
 
 def test_cpu_only_laptop(families: dict[str, list[ModelCandidate]]) -> None:
