@@ -131,6 +131,14 @@ class LlamaModel:
             arr = (ctypes.c_float * len(request.tensor_split))(*request.tensor_split)
             self._tensor_split = arr
             mparams.tensor_split = arr
+        self._overrides: Any = None
+        if request.expert_offload:
+            from engine.memory_probe import cpu_expert_overrides
+
+            # MoE expert tensors stay in system RAM (llama-server's --cpu-moe);
+            # the array must outlive the load.
+            self._overrides = cpu_expert_overrides()
+            mparams.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
         # Keep the callback referenced for the whole load.
         self._progress_cb = llama_cpp.llama_progress_callback(
             lambda value, _user: (progress(float(value)) if progress else None) or True

@@ -1,0 +1,198 @@
+"""Speculative decoding: lossless verification on the real model, drafter and controller."""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from engine.chat_template import ChatTemplate
+from engine.decoder import Decoder, GenerationRequest, GenerationResult, SpecParams
+from engine.llama_backend import LlamaModel, SamplingParams
+from engine.prefix_cache import PrefixStateCache
+from engine.speculative import NgramDrafter, SpeculationController
+from engine.wire import LoadRequest
+
+CODE = '''def compute_total(items):
+    total = 0
+    for item in items:
+        if item.price > 0:
+            total += item.price * item.quantity
+    return total
+
+
+def print_total(items):
+    print("Total:", compute_total(items))
+'''
+
+REWRITE_PROMPTS = [
+    f"Rename the function compute_total to sum_prices everywhere in this code and show the full code:\n\n{CODE}",
+    "Fix the typo in this paragraph and repeat it exactly otherwise:\n\nThe quick brown fox jumps over the "
+    "lazy dgo. The dog was not amused, and the fox ran away into the forest, laughing at the dog.",
+    'Reformat this JSON with two-space indentation:\n{"name": "Ada", "age": 36, "languages": ["en", "fr"], '
+    '"address": {"city": "London", "zip": "NW1"}}',
+]
+FREE_PROMPTS = ["Write a short poem about the sea.", "Why is the sky blue? Explain briefly."]
+
+
+@pytest.fixture(scope="module")
+def model(default_model: Path) -> Iterator[LlamaModel]:
+    m = LlamaModel(LoadRequest(model=str(default_model), n_ctx=2048, flash_attn="on", threads=2))
+    yield m
+    m.close()
+
+
+@pytest.fixture
+def decoder(model: LlamaModel) -> Decoder:
+    return Decoder(model, state_cache=PrefixStateCache(64 << 20))
+
+
+def tokens_for(model: LlamaModel, text: str) -> list[int]:
+    template = ChatTemplate(model.meta("tokenizer.chat_template"))
+    return model.tokenize(template.render([{"role": "user", "content": text}]),
+                          add_special=False, parse_special=True)
+
+
+def run(decoder: Decoder, prompt: list[int], spec: SpecParams, sampling: SamplingParams,
+        max_tokens: int = 96, *, fresh: bool = True) -> tuple[GenerationResult, list[str]]:
+    if fresh:
+        decoder.drop_context()  # byte-level comparisons start from the same (empty) cache state
+    pieces: list[str] = []
+    result = decoder.generate(
+        GenerationRequest(prompt, sampling, max_tokens, speculative=spec), pieces.append
+    )
+    return result, pieces
+
+
+GREEDY = SamplingParams(temperature=0.0)
+GREEDY_PENALTY = SamplingParams(temperature=0.0, repeat_penalty=1.15, repeat_last_n=64)
+FORCED = SpecParams(type="ngram", n_max=6, n_min=6)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("sampling", [GREEDY, GREEDY_PENALTY], ids=["greedy", "repeat_penalty"])
+@pytest.mark.parametrize("prompt_text", REWRITE_PROMPTS + FREE_PROMPTS)
+def test_speculation_is_byte_identical_at_temperature_zero(
+    decoder: Decoder, model: LlamaModel, prompt_text: str, sampling: SamplingParams
+) -> None:
+    prompt = tokens_for(model, prompt_text)
+    plain, _ = run(decoder, prompt, SpecParams(type="none"), sampling)
+    forced, _ = run(decoder, prompt, FORCED, sampling)
+    auto, _ = run(decoder, prompt, SpecParams(type="auto"), sampling)
+    assert plain.timings.draft_n == 0
+    assert forced.text == plain.text
+    assert auto.text == plain.text
+    assert forced.completion_tokens == plain.completion_tokens
+    assert forced.finish_reason == plain.finish_reason
+
+
+@pytest.mark.slow
+def test_rewrite_prompts_are_actually_drafted_and_accepted(decoder: Decoder, model: LlamaModel) -> None:
+    prompt = tokens_for(model, REWRITE_PROMPTS[0])
+    result, _ = run(decoder, prompt, FORCED, GREEDY, max_tokens=120)
+    assert result.timings.draft_n > 20
+    assert result.timings.draft_n_accepted >= 20
+
+
+@pytest.mark.slow
+def test_seeded_sampling_is_identical_with_and_without_drafts(decoder: Decoder, model: LlamaModel) -> None:
+    prompt = tokens_for(model, REWRITE_PROMPTS[1])
+    for seed in (1, 2, 3):
+        sampling = SamplingParams(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05, seed=seed)
+        plain, _ = run(decoder, prompt, SpecParams(type="none"), sampling, max_tokens=48)
+        spec, _ = run(decoder, prompt, FORCED, sampling, max_tokens=48)
+        assert spec.text == plain.text
+
+
+@pytest.mark.slow
+def test_output_distribution_is_the_targets_chi_square(decoder: Decoder, model: LlamaModel) -> None:
+    """Over many seeds, the first tokens' distribution with drafts matches plain sampling."""
+    prompt = tokens_for(model, "Repeat after me: red green blue red green blue red green blue")
+    sampling_for = lambda seed: SamplingParams(temperature=1.0, top_k=8, top_p=1.0, min_p=0.0, seed=seed)  # noqa: E731
+    n = 100
+    # The prompt stays cached between samples (fresh=False): only the distribution matters here.
+    plain = Counter(
+        run(decoder, prompt, SpecParams(type="none"), sampling_for(s), 3, fresh=False)[0].text
+        for s in range(n)
+    )
+    spec_results = [
+        run(decoder, prompt, FORCED, sampling_for(10_000 + s), 3, fresh=False)[0] for s in range(n)
+    ]
+    assert sum(r.timings.draft_n for r in spec_results) > 0
+    spec = Counter(r.text for r in spec_results)
+    # Two-sample chi-square over outcomes seen at least 5 times overall (rest pooled).
+    keys = [k for k in set(plain) | set(spec) if plain[k] + spec[k] >= 5]
+    rest_p = n - sum(plain[k] for k in keys)
+    rest_s = n - sum(spec[k] for k in keys)
+    cells = [(plain[k], spec[k]) for k in keys] + ([(rest_p, rest_s)] if rest_p + rest_s else [])
+    chi2 = sum((a - b) ** 2 / (a + b) for a, b in cells if a + b)
+    dof = max(len(cells) - 1, 1)
+    # Critical value at p = 0.0001 (Wilson-Hilferty approximation); small cells make
+    # the statistic's tail heavier than chi-square's, hence the strict level.
+    z = 3.72
+    critical = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    assert chi2 < critical, (chi2, critical, cells)
+
+
+# --- drafter and controller (no model needed) ---------------------------------------------
+
+
+def test_ngram_drafter_continues_the_longest_recent_match() -> None:
+    d = NgramDrafter(n_min=2, n_max=4)
+    d.reset([1, 2, 3, 4, 5, 9, 9, 1, 2, 3])
+    draft, n = d.draft(3)
+    assert draft == [4, 5, 9]
+    assert n == 3
+    d.extend([7])  # [.., 1, 2, 3, 7]: now "3 7" has never been seen
+    assert d.draft(3) == ([], 0)
+
+
+def test_ngram_drafter_prefers_the_most_recent_occurrence() -> None:
+    d = NgramDrafter(n_min=2, n_max=3)
+    d.reset([5, 6, 1, 5, 6, 2, 5, 6])
+    assert d.draft(1)[0] == [2]
+
+
+def test_ngram_index_work_per_token_does_not_grow_with_context() -> None:
+    d = NgramDrafter(n_min=2, n_max=6)
+    d.reset(list(range(10_000)))
+    sizes = [len(ix) for ix in d._index]
+    d.extend([1, 2])
+    grown = sum(len(ix) for ix in d._index) - sum(sizes)
+    assert grown <= 2 * (d.n_max - d.n_min + 1)
+
+
+def test_controller_turns_speculation_off_when_drafts_fail_and_probes_rarely() -> None:
+    ctl = SpeculationController(n_max=8)
+    for _ in range(10):
+        ctl.record(match_len=3, drafted=4, accepted=0)
+    decisions = [ctl.choose(match_len=3, available=8) for _ in range(400)]
+    probes = [k for k in decisions if k]
+    assert 0 < len(probes) <= 400 / 16
+    for k in probes:
+        ctl.record(match_len=3, drafted=k, accepted=0)
+    later = [ctl.choose(match_len=3, available=8) for _ in range(400)]
+    assert sum(1 for k in later if k) < len(probes)
+
+
+def test_controller_drafts_long_when_acceptance_is_high_on_a_cpu() -> None:
+    ctl = SpeculationController(n_max=8)
+    for _ in range(20):
+        ctl.record(match_len=6, drafted=8, accepted=8)
+    assert ctl.choose(match_len=6, available=8) == 8
+
+
+def test_controller_uses_measured_costs_gpu_like_flat_verify_drafts_more() -> None:
+    cpu = SpeculationController(n_max=8)
+    gpu = SpeculationController(n_max=8)
+    for n in range(1, 10):
+        cpu.record_cost(n, 10.0 * (1 + 0.9 * (n - 1)))
+        gpu.record_cost(n, 10.0 * (1 + 0.05 * (n - 1)))
+    for ctl in (cpu, gpu):
+        for _ in range(20):
+            ctl.record(match_len=2, drafted=4, accepted=2)
+    assert cpu.choose(match_len=2, available=8) == 0 or cpu.current_k < gpu.choose(match_len=2, available=8)
+    assert gpu.current_k >= 2
