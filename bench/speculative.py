@@ -1,0 +1,140 @@
+"""Speculative decoding vs plain decoding, same model, same run (issue 4's benchmark).
+
+Usage: python -m bench.speculative [--reps 3] [--max-tokens 256] [--json PATH]
+
+Every measurement starts from an empty KV cache, plain and speculative runs
+alternate, and each prompt's ratio is the median over the repetitions, so the
+noise of a shared machine mostly cancels out.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import time
+from pathlib import Path
+
+from engine.chat_template import ChatTemplate
+from engine.decoder import Decoder, GenerationRequest, SpecParams
+from engine.default_model import default_model_path
+from engine.llama_backend import LlamaModel, SamplingParams
+from engine.prefix_cache import PrefixStateCache
+from engine.wire import LoadRequest
+
+CODE = """def compute_total(items):
+    total = 0
+    for item in items:
+        if item.price > 0:
+            total += item.price * item.quantity
+    return total
+
+
+def print_total(items):
+    print("Total:", compute_total(items))
+
+
+def average_price(items):
+    if not items:
+        return 0
+    return compute_total(items) / len(items)
+"""
+
+PARAGRAPH = (
+    "Peregrine falcons are the fastest birds in the world. When they dive to catch their prey, "
+    "they can reach speeds of more than three hundred kilometres per hour. They live on every "
+    "continent except Antarctica, and they often nest on tall buildings in citys, where pigeons "
+    "are easy to find."
+)
+
+JSON_IN = (
+    '{"name": "Ada Lovelace", "born": 1815, "languages": ["English", "French"], '
+    '"address": {"city": "London", "street": "St James Square", "number": 12}, '
+    '"known_for": ["Analytical Engine notes", "first published algorithm"]}'
+)
+
+PROMPTS: dict[str, tuple[str, str]] = {
+    "rename-function": ("rewrite", f"Copy this code exactly, but rename compute_total to sum_prices:\n\n{CODE}"),
+    "fix-typo": ("rewrite", f"Repeat this paragraph exactly, fixing only the spelling mistake:\n\n{PARAGRAPH}"),
+    "reformat-json": ("rewrite", f"Rewrite this JSON with one key per line and two-space indentation:\n\n{JSON_IN}"),
+    "free-poem": ("free", "Write a poem about autumn leaves."),
+    "free-explain": ("free", "Explain how a bicycle stays upright."),
+}
+
+
+def run_once(decoder: Decoder, prompt: list[int], spec: SpecParams, max_tokens: int) -> dict[str, float]:
+    decoder.drop_context()
+    req = GenerationRequest(prompt, SamplingParams(temperature=0.0), max_tokens, speculative=spec)
+    t0 = time.perf_counter()
+    result = decoder.generate(req, lambda _text: None)
+    wall = time.perf_counter() - t0
+    t = result.timings
+    return {
+        "tokens": result.completion_tokens,
+        "decode_s": t.predicted_ms / 1000.0,
+        "tok_per_s": t.predicted_n / (t.predicted_ms / 1000.0) if t.predicted_ms else 0.0,
+        "wall_s": wall,
+        "draft_n": t.draft_n,
+        "draft_n_accepted": t.draft_n_accepted,
+        "text": result.text,
+    }
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--reps", type=int, default=3)
+    parser.add_argument("--max-tokens", type=int, default=256)
+    parser.add_argument("--threads", type=int, default=2)
+    parser.add_argument("--json", default="bench/results/speculative.json")
+    args = parser.parse_args()
+
+    model = LlamaModel(LoadRequest(model=str(default_model_path()), n_ctx=4096, flash_attn="on",
+                                   threads=args.threads))
+    template = ChatTemplate(model.meta("tokenizer.chat_template"))
+    decoder = Decoder(model, state_cache=PrefixStateCache(0))
+    modes = {"plain": SpecParams(type="none"), "auto": SpecParams(type="auto"),
+             "ngram-8": SpecParams(type="ngram", n_max=8, n_min=8)}
+    rows = []
+    for name, (kind, text) in PROMPTS.items():
+        prompt = model.tokenize(template.render([{"role": "user", "content": text}]),
+                                add_special=False, parse_special=True)
+        runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+        for _ in range(args.reps):
+            for mode, spec in modes.items():  # alternate modes within each repetition
+                runs[mode].append(run_once(decoder, prompt, spec, args.max_tokens))
+        plain_rate = statistics.median(r["tok_per_s"] for r in runs["plain"])
+        row = {"prompt": name, "kind": kind, "plain_tok_s": round(plain_rate, 1)}
+        for mode in ("auto", "ngram-8"):
+            ratios = [s["tok_per_s"] / p["tok_per_s"] for s, p in zip(runs[mode], runs["plain"], strict=True)]
+            drafted = sum(r["draft_n"] for r in runs[mode])
+            accepted = sum(r["draft_n_accepted"] for r in runs[mode])
+            row[f"{mode}_ratio"] = round(statistics.median(ratios), 3)
+            row[f"{mode}_accept"] = round(accepted / drafted, 3) if drafted else None
+            row[f"{mode}_drafted_per_run"] = drafted // args.reps
+            row[f"{mode}_identical"] = all(r["text"] == runs["plain"][0]["text"] for r in runs[mode])
+        steps = max(1, sum(1 for _ in range(1)))
+        row["auto_mean_accepted_len"] = None if not row["auto_drafted_per_run"] else round(
+            row["auto_accept"] * min(8, row["auto_drafted_per_run"]) / steps, 2)
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+
+    def geomean(values: list[float]) -> float:
+        return math.exp(sum(math.log(v) for v in values) / len(values))
+
+    summary = {
+        "rewrite_auto_geomean": round(geomean([r["auto_ratio"] for r in rows if r["kind"] == "rewrite"]), 3),
+        "rewrite_ngram8_geomean": round(geomean([r["ngram-8_ratio"] for r in rows if r["kind"] == "rewrite"]), 3),
+        "free_auto_min": min(r["auto_ratio"] for r in rows if r["kind"] == "free"),
+        "threads": args.threads,
+        "max_tokens": args.max_tokens,
+        "reps": args.reps,
+    }
+    print(json.dumps(summary))
+    Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+    Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary}, indent=2) + "\n")
+    model.close()
+
+
+if __name__ == "__main__":
+    main()
