@@ -55,15 +55,26 @@ JSON_IN = (
 )
 
 PROMPTS: dict[str, tuple[str, str]] = {
-    "rename-function": ("rewrite", f"Copy this code exactly, but rename compute_total to sum_prices:\n\n{CODE}"),
-    "fix-typo": ("rewrite", f"Repeat this paragraph exactly, fixing only the spelling mistake:\n\n{PARAGRAPH}"),
-    "reformat-json": ("rewrite", f"Rewrite this JSON with one key per line and two-space indentation:\n\n{JSON_IN}"),
+    "rename-function": (
+        "rewrite",
+        f"Copy this code exactly, but rename compute_total to sum_prices:\n\n{CODE}",
+    ),
+    "fix-typo": (
+        "rewrite",
+        f"Repeat this paragraph exactly, fixing only the spelling mistake:\n\n{PARAGRAPH}",
+    ),
+    "reformat-json": (
+        "rewrite",
+        f"Rewrite this JSON with one key per line and two-space indentation:\n\n{JSON_IN}",
+    ),
     "free-poem": ("free", "Write a poem about autumn leaves."),
     "free-explain": ("free", "Explain how a bicycle stays upright."),
 }
 
 
-def run_once(decoder: Decoder, prompt: list[int], spec: SpecParams, max_tokens: int) -> dict[str, float]:
+def run_once(
+    decoder: Decoder, prompt: list[int], spec: SpecParams, max_tokens: int
+) -> dict[str, float]:
     decoder.drop_context()
     req = GenerationRequest(prompt, SamplingParams(temperature=0.0), max_tokens, speculative=spec)
     t0 = time.perf_counter()
@@ -89,16 +100,25 @@ def main() -> None:
     parser.add_argument("--json", default="bench/results/speculative.json")
     args = parser.parse_args()
 
-    model = LlamaModel(LoadRequest(model=str(default_model_path()), n_ctx=4096, flash_attn="on",
-                                   threads=args.threads))
+    model = LlamaModel(
+        LoadRequest(
+            model=str(default_model_path()), n_ctx=4096, flash_attn="on", threads=args.threads
+        )
+    )
     template = ChatTemplate(model.meta("tokenizer.chat_template"))
     decoder = Decoder(model, state_cache=PrefixStateCache(0))
-    modes = {"plain": SpecParams(type="none"), "auto": SpecParams(type="auto"),
-             "ngram-8": SpecParams(type="ngram", n_max=8, n_min=8)}
+    modes = {
+        "plain": SpecParams(type="none"),
+        "auto": SpecParams(type="auto"),
+        "ngram-8": SpecParams(type="ngram", n_max=8, n_min=8),
+    }
     rows = []
     for name, (kind, text) in PROMPTS.items():
-        prompt = model.tokenize(template.render([{"role": "user", "content": text}]),
-                                add_special=False, parse_special=True)
+        prompt = model.tokenize(
+            template.render([{"role": "user", "content": text}]),
+            add_special=False,
+            parse_special=True,
+        )
         runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
         for _ in range(args.reps):
             for mode, spec in modes.items():  # alternate modes within each repetition
@@ -106,16 +126,24 @@ def main() -> None:
         plain_rate = statistics.median(r["tok_per_s"] for r in runs["plain"])
         row = {"prompt": name, "kind": kind, "plain_tok_s": round(plain_rate, 1)}
         for mode in ("auto", "ngram-8"):
-            ratios = [s["tok_per_s"] / p["tok_per_s"] for s, p in zip(runs[mode], runs["plain"], strict=True)]
+            ratios = [
+                s["tok_per_s"] / p["tok_per_s"]
+                for s, p in zip(runs[mode], runs["plain"], strict=True)
+            ]
             drafted = sum(r["draft_n"] for r in runs[mode])
             accepted = sum(r["draft_n_accepted"] for r in runs[mode])
             row[f"{mode}_ratio"] = round(statistics.median(ratios), 3)
             row[f"{mode}_accept"] = round(accepted / drafted, 3) if drafted else None
             row[f"{mode}_drafted_per_run"] = drafted // args.reps
-            row[f"{mode}_identical"] = all(r["text"] == runs["plain"][0]["text"] for r in runs[mode])
+            row[f"{mode}_identical"] = all(
+                r["text"] == runs["plain"][0]["text"] for r in runs[mode]
+            )
         steps = max(1, sum(1 for _ in range(1)))
-        row["auto_mean_accepted_len"] = None if not row["auto_drafted_per_run"] else round(
-            row["auto_accept"] * min(8, row["auto_drafted_per_run"]) / steps, 2)
+        row["auto_mean_accepted_len"] = (
+            None
+            if not row["auto_drafted_per_run"]
+            else round(row["auto_accept"] * min(8, row["auto_drafted_per_run"]) / steps, 2)
+        )
         rows.append(row)
         print(json.dumps(row), flush=True)
 
@@ -123,8 +151,12 @@ def main() -> None:
         return math.exp(sum(math.log(v) for v in values) / len(values))
 
     summary = {
-        "rewrite_auto_geomean": round(geomean([r["auto_ratio"] for r in rows if r["kind"] == "rewrite"]), 3),
-        "rewrite_ngram8_geomean": round(geomean([r["ngram-8_ratio"] for r in rows if r["kind"] == "rewrite"]), 3),
+        "rewrite_auto_geomean": round(
+            geomean([r["auto_ratio"] for r in rows if r["kind"] == "rewrite"]), 3
+        ),
+        "rewrite_ngram8_geomean": round(
+            geomean([r["ngram-8_ratio"] for r in rows if r["kind"] == "rewrite"]), 3
+        ),
         "free_auto_min": min(r["auto_ratio"] for r in rows if r["kind"] == "free"),
         "threads": args.threads,
         "max_tokens": args.max_tokens,

@@ -195,9 +195,7 @@ class Decoder:
 
     # --- generation ---------------------------------------------------------------
 
-    def generate(
-        self, req: GenerationRequest, on_text: Callable[[str], None]
-    ) -> GenerationResult:
+    def generate(self, req: GenerationRequest, on_text: Callable[[str], None]) -> GenerationResult:
         model = self.model
         timings = Timings()
         t_start = self.clock()

@@ -375,7 +375,9 @@ class SamplerChain:
             llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_greedy())
             return
         if params.top_k > 0:
-            llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_top_k(params.top_k))
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_top_k(params.top_k)
+            )
         if params.top_p < 1.0:
             llama_cpp.llama_sampler_chain_add(
                 chain, llama_cpp.llama_sampler_init_top_p(params.top_p, 1)
@@ -384,9 +386,13 @@ class SamplerChain:
             llama_cpp.llama_sampler_chain_add(
                 chain, llama_cpp.llama_sampler_init_min_p(params.min_p, 1)
             )
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_temp(params.temperature))
+        llama_cpp.llama_sampler_chain_add(
+            chain, llama_cpp.llama_sampler_init_temp(params.temperature)
+        )
         seed = params.seed if params.seed is not None else int.from_bytes(os.urandom(4), "little")
-        llama_cpp.llama_sampler_chain_add(chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF))
+        llama_cpp.llama_sampler_chain_add(
+            chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF)
+        )
 
     def accept(self, token: int) -> None:
         llama_cpp.llama_sampler_accept(self.handle, token)

@@ -8,6 +8,7 @@ module only proposes drafts and learns whether they pay on this machine.
 
 from __future__ import annotations
 
+import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
@@ -21,7 +22,7 @@ def _interpolate(table: dict[int, float], n: int) -> float:
     keys = sorted(table)
     if n <= keys[0]:
         return table[keys[0]] * n / keys[0]
-    for lo, hi in zip(keys, keys[1:], strict=False):
+    for lo, hi in itertools.pairwise(keys):
         if lo <= n <= hi:
             frac = (n - lo) / (hi - lo)
             return table[lo] + frac * (table[hi] - table[lo])

@@ -125,7 +125,11 @@ class SamplingFields(WireModel):
         return [self.stop] if isinstance(self.stop, str) else list(self.stop)
 
     def requested_max_tokens(self) -> int | None:
-        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+        return (
+            self.max_completion_tokens
+            if self.max_completion_tokens is not None
+            else self.max_tokens
+        )
 
 
 class ChatCompletionRequest(SamplingFields):

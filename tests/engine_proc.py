@@ -67,7 +67,9 @@ def read_events(proc: subprocess.Popen[str], timeout: float) -> list[dict[str, A
 
 
 @contextmanager
-def running_engine(*args: str, env: dict[str, str] | None = None, timeout: float = 120.0) -> Iterator[EngineProc]:
+def running_engine(
+    *args: str, env: dict[str, str] | None = None, timeout: float = 120.0
+) -> Iterator[EngineProc]:
     """A real engine on a free loopback port, stopped (SIGTERM, then kill) afterwards."""
     proc = subprocess.Popen(
         serve_command("--port", "0", *args),

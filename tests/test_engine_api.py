@@ -52,7 +52,9 @@ def test_ready_event_is_the_last_stdout_line_and_follows_loading(engine: EngineP
 def test_missing_model_gives_one_error_event_and_exit_1(tmp_path: Any) -> None:
     proc = subprocess.Popen(
         serve_command("--model", str(tmp_path / "nope.gguf"), "--port", "0"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     events = read_events(proc, 60)
     assert proc.wait(30) == 1
@@ -66,7 +68,10 @@ def test_port_in_use_is_an_error_event() -> None:
         busy.listen(1)
         port = busy.getsockname()[1]
         proc = subprocess.Popen(
-            serve_command("--port", str(port)), stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+            serve_command("--port", str(port)),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
         )
         events = read_events(proc, 60)
         assert proc.wait(30) == 1
@@ -77,7 +82,9 @@ def test_port_in_use_is_an_error_event() -> None:
 def test_non_loopback_bind_requires_an_explicit_key() -> None:
     proc = subprocess.Popen(
         serve_command("--host", "0.0.0.0", "--port", "0"),
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
     )
     events = read_events(proc, 60)
     assert proc.wait(30) != 0
@@ -89,8 +96,12 @@ def test_non_loopback_bind_requires_an_explicit_key() -> None:
 
 
 def test_stream_arrives_token_by_token(engine: EngineProc) -> None:
-    body = {"messages": user("Count from one to twenty in words."), "stream": True,
-            "max_tokens": 32, "temperature": 0}
+    body = {
+        "messages": user("Count from one to twenty in words."),
+        "stream": True,
+        "max_tokens": 32,
+        "temperature": 0,
+    }
     with engine.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
         assert r.status_code == 200
         assert r.headers["content-type"].startswith("text/event-stream")
@@ -120,13 +131,18 @@ def test_greedy_output_is_repeatable_and_max_tokens_holds(engine: EngineProc) ->
 
 
 def test_stop_sequence_ends_the_answer_before_it(engine: EngineProc) -> None:
-    probe = engine.chat(user("Count from one to ten in words, separated by commas."),
-                        max_tokens=40, temperature=0)
+    probe = engine.chat(
+        user("Count from one to ten in words, separated by commas."), max_tokens=40, temperature=0
+    )
     text = probe["choices"][0]["message"]["content"]
     assert len(text) > 10
     stop = text[6:9]
-    stopped = engine.chat(user("Count from one to ten in words, separated by commas."),
-                          max_tokens=40, temperature=0, stop=[stop])
+    stopped = engine.chat(
+        user("Count from one to ten in words, separated by commas."),
+        max_tokens=40,
+        temperature=0,
+        stop=[stop],
+    )
     out = stopped["choices"][0]["message"]["content"]
     assert stopped["choices"][0]["finish_reason"] == "stop"
     assert out == text[: text.index(stop)]
@@ -138,14 +154,20 @@ def test_openai_client_lists_models_and_streams_a_chat(engine: EngineProc) -> No
     ids = [m.id for m in models.data]
     assert ids == [engine.ready["model"]]
     stream = client.chat.completions.create(
-        model=ids[0], messages=[{"role": "user", "content": "Say hello."}],
-        stream=True, max_tokens=16, temperature=0,
+        model=ids[0],
+        messages=[{"role": "user", "content": "Say hello."}],
+        stream=True,
+        max_tokens=16,
+        temperature=0,
     )
     pieces = [c.choices[0].delta.content or "" for c in stream if c.choices]
     assert len([p for p in pieces if p]) >= 2
     assert "".join(pieces).strip()
     full = client.chat.completions.create(
-        model=ids[0], messages=[{"role": "user", "content": "Say hello."}], max_tokens=16, temperature=0
+        model=ids[0],
+        messages=[{"role": "user", "content": "Say hello."}],
+        max_tokens=16,
+        temperature=0,
     )
     assert full.choices[0].message.content == "".join(pieces)
     assert full.usage is not None and full.usage.completion_tokens <= 16
@@ -153,25 +175,41 @@ def test_openai_client_lists_models_and_streams_a_chat(engine: EngineProc) -> No
 
 def test_text_completions_route(engine: EngineProc) -> None:
     with engine.client() as c:
-        r = c.post("/v1/completions", json={"prompt": "The capital of France is", "max_tokens": 8,
-                                            "temperature": 0})
+        r = c.post(
+            "/v1/completions",
+            json={"prompt": "The capital of France is", "max_tokens": 8, "temperature": 0},
+        )
     assert r.status_code == 200
     body = r.json()
     assert body["object"] == "text_completion"
     assert body["choices"][0]["text"]
-    assert body["timings"]["prompt_n"] + body["timings"]["cache_n"] == body["usage"]["prompt_tokens"]
+    assert (
+        body["timings"]["prompt_n"] + body["timings"]["cache_n"] == body["usage"]["prompt_tokens"]
+    )
 
 
 def test_switching_back_to_a_chat_reuses_its_saved_state(engine: EngineProc) -> None:
     """Chat A runs 8 turns, chat B one, then A again: A re-reads at most 25% of its prompt."""
-    chat_a: list[dict[str, str]] = [{"role": "system", "content": "You are a terse geography tutor."}]
+    chat_a: list[dict[str, str]] = [
+        {"role": "system", "content": "You are a terse geography tutor."}
+    ]
     for turn in range(8):
-        chat_a.append({"role": "user", "content": f"Question {turn + 1}: name a river in country number {turn + 1}."})
+        chat_a.append(
+            {
+                "role": "user",
+                "content": f"Question {turn + 1}: name a river in country number {turn + 1}.",
+            }
+        )
         answer = engine.chat(chat_a, max_tokens=24, temperature=0)
         chat_a.append({"role": "assistant", "content": answer["choices"][0]["message"]["content"]})
-    engine.chat([{"role": "system", "content": "You write haiku about cats only."},
-                 {"role": "user", "content": "One haiku please about a cat sleeping in the sun."}],
-                max_tokens=24, temperature=0)
+    engine.chat(
+        [
+            {"role": "system", "content": "You write haiku about cats only."},
+            {"role": "user", "content": "One haiku please about a cat sleeping in the sun."},
+        ],
+        max_tokens=24,
+        temperature=0,
+    )
     chat_a.append({"role": "user", "content": "Now summarise all the rivers you named."})
     back = engine.chat(chat_a, max_tokens=8, temperature=0)
     t = back["timings"]
@@ -184,8 +222,10 @@ def test_switching_back_to_a_chat_reuses_its_saved_state(engine: EngineProc) -> 
 def test_greedy_output_with_caches_equals_a_fresh_engine(engine: EngineProc) -> None:
     chat = [{"role": "user", "content": "Give me a word that rhymes with cat."}]
     first = engine.chat(chat, max_tokens=16, temperature=0)
-    chat += [{"role": "assistant", "content": first["choices"][0]["message"]["content"]},
-             {"role": "user", "content": "And one that rhymes with dog?"}]
+    chat += [
+        {"role": "assistant", "content": first["choices"][0]["message"]["content"]},
+        {"role": "user", "content": "And one that rhymes with dog?"},
+    ]
     cached = engine.chat(chat, max_tokens=24, temperature=0)
     assert cached["timings"]["cache_n"] > 0
     with running_engine("--ctx", "2048", "--threads", "2") as fresh:
@@ -205,13 +245,43 @@ def test_greedy_output_with_caches_equals_a_fresh_engine(engine: EngineProc) -> 
         ({"messages": "hello"}, 400, "invalid_value", "messages"),
         ({"messages": []}, 400, "invalid_value", "messages"),
         ({"messages": [{"role": "wizard", "content": "x"}]}, 400, "invalid_value", "messages"),
-        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": "8"}, 400, "invalid_value", "max_tokens"),
-        ({"messages": [{"role": "user", "content": "x"}], "max_tokens": 0}, 400, "invalid_value", "max_tokens"),
-        ({"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3}, 400, "invalid_value", "max_completion_tokens"),
-        ({"messages": [{"role": "user", "content": "x"}], "temperature": "hot"}, 400, "invalid_value", "temperature"),
-        ({"messages": [{"role": "user", "content": "x"}], "stream": "yes"}, 400, "invalid_value", "stream"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": "8"},
+            400,
+            "invalid_value",
+            "max_tokens",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "max_tokens": 0},
+            400,
+            "invalid_value",
+            "max_tokens",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": -3},
+            400,
+            "invalid_value",
+            "max_completion_tokens",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "temperature": "hot"},
+            400,
+            "invalid_value",
+            "temperature",
+        ),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "stream": "yes"},
+            400,
+            "invalid_value",
+            "stream",
+        ),
         ({"messages": [{"role": "user", "content": "x"}], "n": 3}, 400, "unsupported_value", "n"),
-        ({"messages": [{"role": "user", "content": "x"}], "speculative": {"type": "telepathy"}}, 400, "invalid_value", "speculative"),
+        (
+            {"messages": [{"role": "user", "content": "x"}], "speculative": {"type": "telepathy"}},
+            400,
+            "invalid_value",
+            "speculative",
+        ),
     ],
 )
 def test_bad_requests_get_status_and_openai_error_shape(
@@ -219,7 +289,9 @@ def test_bad_requests_get_status_and_openai_error_shape(
 ) -> None:
     with engine.client() as c:
         if isinstance(body, bytes):
-            r = c.post("/v1/chat/completions", content=body, headers={"Content-Type": "application/json"})
+            r = c.post(
+                "/v1/chat/completions", content=body, headers={"Content-Type": "application/json"}
+            )
         else:
             r = c.post("/v1/chat/completions", json=body)
     assert r.status_code == status
@@ -233,8 +305,14 @@ def test_bad_requests_get_status_and_openai_error_shape(
 
 
 def test_unknown_fields_are_ignored_and_flat_speculative_keys_accepted(engine: EngineProc) -> None:
-    out = engine.chat(user("Hi"), max_tokens=4, temperature=0, frobnicate={"x": 1},
-                      logit_bias_extra=3, **{"speculative.n_max": 4, "speculative.type": "none"})
+    out = engine.chat(
+        user("Hi"),
+        max_tokens=4,
+        temperature=0,
+        frobnicate={"x": 1},
+        logit_bias_extra=3,
+        **{"speculative.n_max": 4, "speculative.type": "none"},
+    )
     assert out["timings"]["draft_n"] == 0
     assert out["usage"]["completion_tokens"] >= 1
 
@@ -242,12 +320,21 @@ def test_unknown_fields_are_ignored_and_flat_speculative_keys_accepted(engine: E
 def test_prompt_too_long_and_max_tokens_clamped() -> None:
     with running_engine("--ctx", "128", "--threads", "2") as small:
         with small.client() as c:
-            r = c.post("/v1/chat/completions", json={"messages": user("word " * 400), "max_tokens": 4})
+            r = c.post(
+                "/v1/chat/completions", json={"messages": user("word " * 400), "max_tokens": 4}
+            )
             assert r.status_code == 400
             assert r.json()["error"]["code"] == "context_length_exceeded"
-            r = c.post("/v1/chat/completions", json={"messages": user("Tell me a very long story."),
-                                                     "max_tokens": 100000, "temperature": 0,
-                                                     "stop": [], "speculative": {"type": "none"}})
+            r = c.post(
+                "/v1/chat/completions",
+                json={
+                    "messages": user("Tell me a very long story."),
+                    "max_tokens": 100000,
+                    "temperature": 0,
+                    "stop": [],
+                    "speculative": {"type": "none"},
+                },
+            )
             n_ctx = c.get("/v1/engine/status").json()["settings"]["n_ctx"]
         assert r.status_code == 200
         body = r.json()
@@ -262,17 +349,29 @@ def test_foreign_host_and_bad_keys_are_refused(engine: EngineProc) -> None:
     with httpx.Client(timeout=30) as c:
         assert c.get(url + "/health").json() == {"status": "ok"}
         assert c.get(url + "/v1/models").status_code == 401
-        assert c.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
-        r = c.get(url + "/v1/models", headers={"Authorization": f"Bearer {engine.key}", "Host": "evil.example"})
+        assert (
+            c.get(url + "/v1/models", headers={"Authorization": "Bearer wrong"}).status_code == 401
+        )
+        r = c.get(
+            url + "/v1/models",
+            headers={"Authorization": f"Bearer {engine.key}", "Host": "evil.example"},
+        )
         assert 400 <= r.status_code < 500
         r = c.get(url + "/health", headers={"Host": "evil.example:80"})
         assert 400 <= r.status_code < 500
-        r = c.get(url + "/v1/models", headers={"Authorization": f"Bearer {engine.key}",
-                                               "Host": f"localhost:{engine.ready['port']}"})
+        r = c.get(
+            url + "/v1/models",
+            headers={
+                "Authorization": f"Bearer {engine.key}",
+                "Host": f"localhost:{engine.ready['port']}",
+            },
+        )
         assert r.status_code == 200
 
 
-def test_loading_a_non_gguf_path_fails_in_status_and_keeps_serving(engine: EngineProc, tmp_path: Any) -> None:
+def test_loading_a_non_gguf_path_fails_in_status_and_keeps_serving(
+    engine: EngineProc, tmp_path: Any
+) -> None:
     bogus = tmp_path / "notes.gguf"
     bogus.write_text("this is a text file, not a model\n" * 50)
     with engine.client() as c:
@@ -290,8 +389,13 @@ def test_loading_a_non_gguf_path_fails_in_status_and_keeps_serving(engine: Engin
 
 
 def test_dropped_client_frees_the_engine_at_once(engine: EngineProc) -> None:
-    body = {"messages": user("Write a very long essay about rivers."), "stream": True,
-            "max_tokens": 1500, "temperature": 0, "speculative": {"type": "none"}}
+    body = {
+        "messages": user("Write a very long essay about rivers."),
+        "stream": True,
+        "max_tokens": 1500,
+        "temperature": 0,
+        "speculative": {"type": "none"},
+    }
     with engine.client() as c, c.stream("POST", "/v1/chat/completions", json=body) as r:
         seen = 0
         for line in r.iter_lines():
@@ -318,8 +422,10 @@ def test_64_concurrent_requests_each_complete_or_get_503(engine: EngineProc) -> 
     def one(i: int) -> None:
         try:
             with engine.client(timeout=180) as c:
-                r = c.post("/v1/chat/completions", json={"messages": user(f"Say {i}."), "max_tokens": 3,
-                                                         "stream": i % 2 == 0})
+                r = c.post(
+                    "/v1/chat/completions",
+                    json={"messages": user(f"Say {i}."), "max_tokens": 3, "stream": i % 2 == 0},
+                )
                 if r.status_code == 200 and i % 2 == 0:
                     assert "data: [DONE]" in r.text
                 outcome: int | str = r.status_code

@@ -16,7 +16,7 @@ from engine.prefix_cache import PrefixStateCache
 from engine.speculative import NgramDrafter, SpeculationController
 from engine.wire import LoadRequest
 
-CODE = '''def compute_total(items):
+CODE = """def compute_total(items):
     total = 0
     for item in items:
         if item.price > 0:
@@ -26,7 +26,7 @@ CODE = '''def compute_total(items):
 
 def print_total(items):
     print("Total:", compute_total(items))
-'''
+"""
 
 REWRITE_PROMPTS = [
     f"Rename the function compute_total to sum_prices everywhere in this code and show the full code:\n\n{CODE}",
@@ -52,12 +52,20 @@ def decoder(model: LlamaModel) -> Decoder:
 
 def tokens_for(model: LlamaModel, text: str) -> list[int]:
     template = ChatTemplate(model.meta("tokenizer.chat_template"))
-    return model.tokenize(template.render([{"role": "user", "content": text}]),
-                          add_special=False, parse_special=True)
+    return model.tokenize(
+        template.render([{"role": "user", "content": text}]), add_special=False, parse_special=True
+    )
 
 
-def run(decoder: Decoder, prompt: list[int], spec: SpecParams, sampling: SamplingParams,
-        max_tokens: int = 96, *, fresh: bool = True) -> tuple[GenerationResult, list[str]]:
+def run(
+    decoder: Decoder,
+    prompt: list[int],
+    spec: SpecParams,
+    sampling: SamplingParams,
+    max_tokens: int = 96,
+    *,
+    fresh: bool = True,
+) -> tuple[GenerationResult, list[str]]:
     if fresh:
         decoder.drop_context()  # byte-level comparisons start from the same (empty) cache state
     pieces: list[str] = []
@@ -90,7 +98,9 @@ def test_speculation_is_byte_identical_at_temperature_zero(
 
 
 @pytest.mark.slow
-def test_rewrite_prompts_are_actually_drafted_and_accepted(decoder: Decoder, model: LlamaModel) -> None:
+def test_rewrite_prompts_are_actually_drafted_and_accepted(
+    decoder: Decoder, model: LlamaModel
+) -> None:
     prompt = tokens_for(model, REWRITE_PROMPTS[0])
     result, _ = run(decoder, prompt, FORCED, GREEDY, max_tokens=120)
     assert result.timings.draft_n > 20
@@ -98,7 +108,9 @@ def test_rewrite_prompts_are_actually_drafted_and_accepted(decoder: Decoder, mod
 
 
 @pytest.mark.slow
-def test_seeded_sampling_is_identical_with_and_without_drafts(decoder: Decoder, model: LlamaModel) -> None:
+def test_seeded_sampling_is_identical_with_and_without_drafts(
+    decoder: Decoder, model: LlamaModel
+) -> None:
     prompt = tokens_for(model, REWRITE_PROMPTS[1])
     for seed in (1, 2, 3):
         sampling = SamplingParams(temperature=0.7, top_k=40, top_p=0.95, min_p=0.05, seed=seed)
@@ -111,7 +123,10 @@ def test_seeded_sampling_is_identical_with_and_without_drafts(decoder: Decoder, 
 def test_output_distribution_is_the_targets_chi_square(decoder: Decoder, model: LlamaModel) -> None:
     """Over many seeds, the first tokens' distribution with drafts matches plain sampling."""
     prompt = tokens_for(model, "Repeat after me: red green blue red green blue red green blue")
-    sampling_for = lambda seed: SamplingParams(temperature=1.0, top_k=8, top_p=1.0, min_p=0.0, seed=seed)  # noqa: E731
+
+    def sampling_for(seed: int) -> SamplingParams:
+        return SamplingParams(temperature=1.0, top_k=8, top_p=1.0, min_p=0.0, seed=seed)
+
     n = 100
     # The prompt stays cached between samples (fresh=False): only the distribution matters here.
     plain = Counter(
@@ -194,5 +209,7 @@ def test_controller_uses_measured_costs_gpu_like_flat_verify_drafts_more() -> No
     for ctl in (cpu, gpu):
         for _ in range(20):
             ctl.record(match_len=2, drafted=4, accepted=2)
-    assert cpu.choose(match_len=2, available=8) == 0 or cpu.current_k < gpu.choose(match_len=2, available=8)
+    assert cpu.choose(match_len=2, available=8) == 0 or cpu.current_k < gpu.choose(
+        match_len=2, available=8
+    )
     assert gpu.current_k >= 2
