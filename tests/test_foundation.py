@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import ast
+import json
 import subprocess
 import sys
 from pathlib import Path
@@ -73,3 +74,52 @@ def test_qt_free_packages_never_import_qt(package: str) -> None:
             if package == "engine" and top == "app":
                 offenders.append(f"{path.relative_to(ROOT)}: {name}")
     assert offenders == []
+
+
+HOSTILE = sorted(p for p in (ROOT / "tests" / "data" / "hostile").rglob("*.gguf") if p.is_file())
+
+
+def _run_cli(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "app.cli", *args], capture_output=True, text=True, timeout=120
+    )
+
+
+@pytest.mark.parametrize("command", ["serve", "profile"])
+def test_help_prints_the_contract(command: str) -> None:
+    proc = _run_cli(command, "--help")
+    assert proc.returncode == 0
+    for flag in ("--model", "--ctx", "--cache-type-k", "--cache-type-v"):
+        assert flag in proc.stdout
+    if command == "serve":
+        for flag in ("--api-key", "--allowed-host", "--parent-pid", "--flash-attn", "--plan"):
+            assert flag in proc.stdout
+    else:
+        for flag in ("--json", "--hardware", "--estimate-only", "--budget-gib", "--repo"):
+            assert flag in proc.stdout
+
+
+def test_the_hostile_corpus_is_refused_with_one_clear_line_each() -> None:
+    """`peregrine profile` refuses every hostile file: exit 1, one line, no traceback."""
+    assert len(HOSTILE) >= 40
+    failures = []
+    for path in HOSTILE:
+        proc = _run_cli("profile", "--model", str(path), "--estimate-only")
+        lines = proc.stderr.strip().splitlines()
+        if proc.returncode != 1 or len(lines) != 1 or "Traceback" in proc.stderr:
+            failures.append(f"{path.name}: rc={proc.returncode} stderr={proc.stderr[-300:]!r}")
+    assert failures == []
+
+
+@pytest.mark.parametrize(
+    "name", ["text.gguf", "truncated_in_tensor_infos.gguf", "huge_tensor_count.gguf"]
+)
+def test_the_engine_refuses_hostile_files_before_llama_cpp_sees_them(name: str) -> None:
+    path = next(p for p in HOSTILE if p.name == name)
+    proc = _run_cli("serve", "--model", str(path), "--port", "0")
+    assert proc.returncode == 1
+    lines = proc.stdout.strip().splitlines()
+    assert len(lines) == 1
+    event = json.loads(lines[0])
+    assert event["event"] == "error"
+    assert event["message"] and "\n" not in event["message"]
