@@ -257,6 +257,8 @@ class Engine:
             if self.model is None or self.decoder is None:
                 raise NotReady("no model is loaded")
             tokens = self._tokenize(job.prompt)
+            if not tokens:
+                raise PeregrineError("the prompt is empty")
             n_ctx = self.model.n_ctx
             if len(tokens) >= n_ctx:
                 raise PromptTooLong(len(tokens), n_ctx)
