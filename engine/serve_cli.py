@@ -63,9 +63,25 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=0, help="port, 0 for a free one (default 0)")
-    g.add_argument("--api-key", default=None, help="bearer key (env PEREGRINE_API_KEY; default: random)")
-    g.add_argument("--allowed-host", action="append", default=[], metavar="NAME",
-                   help="extra Host header name to accept (repeatable)")
+    g.add_argument(
+        "--api-key", default=None, help="bearer key (env PEREGRINE_API_KEY; default: random)"
+    )
+    g.add_argument(
+        "--allowed-host",
+        action="append",
+        default=[],
+        metavar="NAME",
+        help="extra Host header name to accept (repeatable)",
+    )
+    g.add_argument(
+        "--timeout",
+        "-to",
+        type=float,
+        default=600.0,
+        metavar="SECONDS",
+        help="how long a client may stall sending a request or reading a stream "
+        "before its connection is closed (default 600)",
+    )
     g = p.add_argument_group("memory")
     g.add_argument("--ctx", "-c", type=int, default=None, help="context length in tokens")
     g.add_argument("--gpu-layers", "-ngl", type=int, default=None, help="layers on the GPU, -1 all")
@@ -75,16 +91,27 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--threads", "-t", type=int, default=None)
     g.add_argument("--batch-size", "-b", type=int, default=None, help="n_batch")
     g.add_argument("--ubatch-size", "-ub", type=int, default=None, help="n_ubatch")
-    g.add_argument("--cache-ram", type=int, default=1024,
-                   help="MiB for saved KV states of recent chats (default 1024, 0 off)")
-    g.add_argument("--queue-limit", type=int, default=16, help="requests allowed to wait (default 16)")
+    g.add_argument(
+        "--cache-ram",
+        type=int,
+        default=1024,
+        help="MiB for saved KV states of recent chats (default 1024, 0 off)",
+    )
+    g.add_argument(
+        "--queue-limit", type=int, default=16, help="requests allowed to wait (default 16)"
+    )
     g = p.add_argument_group("plan and runtime")
-    g.add_argument("--plan", choices=["auto", "none"], default="none",
-                   help="auto: let the memory planner pick settings not given explicitly")
+    g.add_argument(
+        "--plan",
+        choices=["auto", "none"],
+        default="none",
+        help="auto: let the memory planner pick settings not given explicitly",
+    )
     g.add_argument("--runtime", default=None, help="engine runtime under PEREGRINE_HOME/runtimes/")
     g = p.add_argument_group("lifetime")
-    g.add_argument("--parent-pid", type=int, default=None,
-                   help="exit within 2 s of this process's death")
+    g.add_argument(
+        "--parent-pid", type=int, default=None, help="exit within 2 s of this process's death"
+    )
     return p
 
 
@@ -98,7 +125,11 @@ def _is_loopback(host: str) -> bool:
 
 
 def _load_request(args: argparse.Namespace, model_path: str) -> LoadRequest:
-    base: dict[str, Any] = {"model": model_path, "draft_model": args.draft_model, "runtime": args.runtime}
+    base: dict[str, Any] = {
+        "model": model_path,
+        "draft_model": args.draft_model,
+        "runtime": args.runtime,
+    }
     if args.plan == "auto":
         from engine.planner import plan_for_file  # the planner is optional at this layer
 
@@ -134,7 +165,9 @@ def _select_runtime(name: str | None) -> tuple[str, str]:
     try:
         info = json.loads(manifest.read_text(encoding="utf-8"))
     except (OSError, ValueError) as exc:
-        raise PeregrineError(f"engine runtime {name!r} has an unreadable runtime.json: {exc}") from exc
+        raise PeregrineError(
+            f"engine runtime {name!r} has an unreadable runtime.json: {exc}"
+        ) from exc
     os.environ["LLAMA_CPP_LIB_PATH"] = str(folder / "lib")
     return name, str(info.get("backend", "unknown"))
 
@@ -152,15 +185,35 @@ def _validate_model(path: str) -> object:
     return validate_gguf_file(p)
 
 
+def _parent_alive(pid: int, started: float | None) -> bool:
+    """Whether the watched process still runs.
+
+    A dead process that its own parent has not reaped yet is a zombie, and
+    `kill(pid, 0)` still succeeds on it; a reused pid has a new start time.
+    """
+    import psutil
+
+    try:
+        proc = psutil.Process(pid)
+        if started is not None and proc.create_time() != started:
+            return False
+        return bool(proc.status() != psutil.STATUS_ZOMBIE)
+    except psutil.NoSuchProcess:
+        return False
+    except psutil.AccessDenied:
+        return True  # exists, owned by someone else
+
+
 def _watch_parent(pid: int, on_death: Any) -> None:
+    import psutil
+
+    try:
+        started: float | None = psutil.Process(pid).create_time()
+    except psutil.Error:
+        started = None  # gone already (or unreadable): the first check decides
+
     def run() -> None:
-        while True:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                break
-            except PermissionError:
-                pass  # exists, owned by someone else
+        while _parent_alive(pid, started):
             if os.getppid() == 1 and pid != 1:
                 break  # re-parented to init: our parent is gone
             time.sleep(0.4)
@@ -213,7 +266,9 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
         sock.bind((args.host, args.port))
         sock.listen(128)
     except OSError as exc:
-        raise PeregrineError(f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}") from exc
+        raise PeregrineError(
+            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
+        ) from exc
     port = sock.getsockname()[1]
 
     engine = Engine(
@@ -222,9 +277,24 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
         runtime=RuntimeInfo(name=runtime_name, backend=backend),
         validate=_validate_model,
     )
-    config = ServerConfig(api_key=api_key, host=args.host, allowed_hosts=set(args.allowed_host))
+    config = ServerConfig(
+        api_key=api_key,
+        host=args.host,
+        allowed_hosts=set(args.allowed_host),
+        io_timeout=max(args.timeout, 0.1),
+    )
     app = build_app(engine, config)
-    runner = web.AppRunner(app, access_log=None, handle_signals=False)
+    io_timeout = max(args.timeout, 0.1)
+    runner = web.AppRunner(
+        app,
+        access_log=None,
+        handle_signals=False,
+        # Open streams are cancelled on shutdown (server.py), so handlers end fast;
+        # this only bounds the wait for a stuck one.
+        shutdown_timeout=3.0,
+        # Also closes connections that send nothing, or never finish their headers.
+        keepalive_timeout=min(io_timeout, 75.0),
+    )
     await runner.setup()
     site = web.SockSite(runner, sock)
     await site.start()

@@ -11,6 +11,7 @@ import asyncio
 import hmac
 import json
 import logging
+import socket
 import time
 import uuid
 from collections.abc import Awaitable, Callable
@@ -35,6 +36,13 @@ log = logging.getLogger("peregrine.server")
 
 LOOPBACK_HOSTS = {"localhost", "127.0.0.1", "::1", "[::1]"}
 MAX_BODY = 32 << 20
+# llama-server's `--timeout` default: how long a client may stall a body read or a stream write.
+DEFAULT_IO_TIMEOUT = 600.0
+# What a stream may leave unread: the socket's send buffer (the kernel doubles
+# it) plus our own backlog. Enough for a slow network, small enough that a
+# client that stopped reading is noticed within a few hundred tokens.
+STREAM_SOCKET_BUFFER = 8 << 10
+STREAM_BACKLOG = 4 << 10
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -42,8 +50,13 @@ class ApiError(Exception):
     """An error answered in OpenAI's shape with an HTTP status."""
 
     def __init__(
-        self, status: int, message: str, *, type_: str = "invalid_request_error",
-        code: str | None = None, param: str | None = None,
+        self,
+        status: int,
+        message: str,
+        *,
+        type_: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -67,6 +80,9 @@ class ServerConfig:
     api_key: str
     host: str = "127.0.0.1"
     allowed_hosts: set[str] = field(default_factory=set)
+    # Seconds a client may stall: sending its body, or reading a stream. A
+    # stalled stream reader gets its generation cancelled and its connection closed.
+    io_timeout: float = DEFAULT_IO_TIMEOUT
 
 
 def _host_name(header: str) -> str:
@@ -84,7 +100,10 @@ def build_app(engine: Engine, config: ServerConfig) -> web.Application:
         host = request.headers.get("Host")
         if host is not None and _host_name(host) not in allowed:
             return ApiError(
-                403, f"host {host!r} is not allowed", type_="permission_error", code="host_not_allowed"
+                403,
+                f"host {host!r} is not allowed",
+                type_="permission_error",
+                code="host_not_allowed",
             ).response()
         if request.path != "/health":
             auth = request.headers.get("Authorization", "")
@@ -102,11 +121,27 @@ def build_app(engine: Engine, config: ServerConfig) -> web.Application:
             return exc.response()
         except web.HTTPException as exc:
             if exc.status >= 400:
-                return ApiError(exc.status, exc.reason, code=exc.reason.lower().replace(" ", "_")).response()
+                return ApiError(
+                    exc.status, exc.reason, code=exc.reason.lower().replace(" ", "_")
+                ).response()
             raise
+        except (ConnectionError, asyncio.CancelledError):
+            raise  # the client is gone (or the server is stopping): nobody to answer
+        except Exception as exc:
+            # Keep the OpenAI error shape even for our own bugs; the traceback goes to the log.
+            log.exception("unhandled error in %s %s", request.method, request.path)
+            return ApiError(
+                500,
+                f"internal error: {type(exc).__name__}",
+                type_="server_error",
+                code="internal_error",
+            ).response()
 
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
-    api = _Api(engine)
+    api = _Api(engine, io_timeout=config.io_timeout)
+    # Stopping the server cancels every generation in flight, so that open
+    # streams end at once instead of holding the shutdown until they finish.
+    app.on_shutdown.append(api.cancel_all)
     app.router.add_get("/health", api.health)
     app.router.add_get("/v1/models", api.models)
     app.router.add_post("/v1/chat/completions", api.chat)
@@ -117,15 +152,23 @@ def build_app(engine: Engine, config: ServerConfig) -> web.Application:
     return app
 
 
-async def _json_body(request: web.Request) -> dict[str, Any]:
+async def _json_body(request: web.Request, timeout: float) -> dict[str, Any]:
     try:
-        raw = await request.read()
+        raw = await asyncio.wait_for(request.read(), timeout)
     except web.HTTPRequestEntityTooLarge as exc:
         raise ApiError(413, "the request body is too large", code="request_too_large") from exc
+    except TimeoutError as exc:
+        raise ApiError(
+            408, "the request body did not arrive in time", code="request_timeout"
+        ) from exc
     try:
         body = json.loads(raw)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
-        raise ApiError(400, f"the request body is not valid JSON: {exc}", code="invalid_json") from exc
+        raise ApiError(
+            400, f"the request body is not valid JSON: {exc}", code="invalid_json"
+        ) from exc
+    except RecursionError as exc:
+        raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from exc
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     return body
@@ -136,7 +179,9 @@ def _fold_flat_keys(body: dict[str, Any]) -> dict[str, Any]:
     flat = {k.split(".", 1)[1]: v for k, v in body.items() if k.startswith("speculative.")}
     if not flat:
         return body
-    nested = dict(body.get("speculative") or {}) if isinstance(body.get("speculative"), dict) else {}
+    nested = (
+        dict(body.get("speculative") or {}) if isinstance(body.get("speculative"), dict) else {}
+    )
     nested.update(flat)
     return {**body, "speculative": nested}
 
@@ -145,7 +190,9 @@ def _validation_error(exc: ValidationError) -> ApiError:
     err = exc.errors()[0]
     loc = ".".join(str(p) for p in err["loc"] if not isinstance(p, int) or True)
     param = str(err["loc"][0]) if err["loc"] else None
-    return ApiError(400, f"invalid value for '{loc}': {err['msg']}", code="invalid_value", param=param)
+    return ApiError(
+        400, f"invalid value for '{loc}': {err['msg']}", code="invalid_value", param=param
+    )
 
 
 def _sampling(req: SamplingFields) -> SamplingParams:
@@ -157,22 +204,49 @@ def _sampling(req: SamplingFields) -> SamplingParams:
         min_p=d.min_p if req.min_p is None else req.min_p,
         repeat_penalty=d.repeat_penalty if req.repeat_penalty is None else req.repeat_penalty,
         repeat_last_n=d.repeat_last_n if req.repeat_last_n is None else req.repeat_last_n,
-        frequency_penalty=d.frequency_penalty if req.frequency_penalty is None else req.frequency_penalty,
-        presence_penalty=d.presence_penalty if req.presence_penalty is None else req.presence_penalty,
+        frequency_penalty=d.frequency_penalty
+        if req.frequency_penalty is None
+        else req.frequency_penalty,
+        presence_penalty=d.presence_penalty
+        if req.presence_penalty is None
+        else req.presence_penalty,
         seed=req.seed,
     )
 
 
+def _require_utf8(text: str | None, param: str) -> None:
+    """Rejects lone surrogates (JSON `"\\ud800"`): they cannot be encoded for the tokenizer."""
+    if not text:
+        return
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError as exc:
+        raise ApiError(
+            400,
+            f"'{param}' contains an invalid Unicode code point (a lone surrogate) at position {exc.start}",
+            code="invalid_value",
+            param=param,
+        ) from exc
+
+
 def _check_common(req: SamplingFields) -> None:
     if req.n is not None and req.n != 1:
-        raise ApiError(400, "'n' must be 1: one completion per request", code="unsupported_value", param="n")
+        raise ApiError(
+            400, "'n' must be 1: one completion per request", code="unsupported_value", param="n"
+        )
     max_tokens = req.requested_max_tokens()
     if max_tokens is not None and max_tokens < 1:
-        field_name = "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
-        raise ApiError(400, f"'{field_name}' must be at least 1", code="invalid_value", param=field_name)
+        field_name = (
+            "max_completion_tokens" if req.max_completion_tokens is not None else "max_tokens"
+        )
+        raise ApiError(
+            400, f"'{field_name}' must be at least 1", code="invalid_value", param=field_name
+        )
     stops = req.stop_list()
     if len(stops) > 16:
         raise ApiError(400, "'stop' takes at most 16 sequences", code="invalid_value", param="stop")
+    for stop in stops:
+        _require_utf8(stop, "stop")
     spec = req.speculative
     if spec is not None and spec.type in ("draft", "mtp"):
         raise ApiError(
@@ -195,8 +269,15 @@ class _Stream:
 
 
 class _Api:
-    def __init__(self, engine: Engine) -> None:
+    def __init__(self, engine: Engine, *, io_timeout: float = DEFAULT_IO_TIMEOUT) -> None:
         self.engine = engine
+        self.io_timeout = io_timeout
+        self.jobs: dict[int, Job] = {}  # submitted and not yet answered, by id()
+
+    async def cancel_all(self, _app: web.Application | None = None) -> None:
+        """Cancels every generation in flight (server shutdown)."""
+        for job in list(self.jobs.values()):
+            job.cancel.set()
 
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": self.engine.health()})
@@ -212,7 +293,7 @@ class _Api:
         return web.json_response(self.engine.status().model_dump(mode="json"))
 
     async def load(self, request: web.Request) -> web.Response:
-        body = await _json_body(request)
+        body = await _json_body(request, self.io_timeout)
         try:
             load = LoadRequest.model_validate(body)
         except ValidationError as exc:
@@ -226,18 +307,33 @@ class _Api:
         return web.json_response({"status": "idle"})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        body = _fold_flat_keys(await _json_body(request))
+        body = _fold_flat_keys(await _json_body(request, self.io_timeout))
         try:
             req = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
             raise _validation_error(exc) from exc
         _check_common(req)
-        messages = [{"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-                    for m in req.messages]
+        for i, m in enumerate(req.messages):
+            if isinstance(m.content, list):
+                for part in m.content:
+                    if part.type != "text":
+                        # Answering without the image/audio/file would silently mislead the user.
+                        raise ApiError(
+                            400,
+                            f"content part type '{part.type}' is not supported: this engine reads text only",
+                            code="unsupported_value",
+                            param=f"messages.{i}.content",
+                        )
+            _require_utf8(m.text(), f"messages.{i}.content")
+            _require_utf8(m.name, f"messages.{i}.name")
+        messages = [
+            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
+            for m in req.messages
+        ]
         return await self._run(request, req, PromptSpec(messages=messages), chat=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = _fold_flat_keys(await _json_body(request))
+        body = _fold_flat_keys(await _json_body(request, self.io_timeout))
         try:
             req = CompletionRequest.model_validate(body)
         except ValidationError as exc:
@@ -248,12 +344,18 @@ class _Api:
             spec = PromptSpec(token_ids=[int(p) for p in prompt])
         elif isinstance(prompt, list):
             if len(prompt) != 1:
-                raise ApiError(400, "'prompt' takes one string per request", code="unsupported_value", param="prompt")
+                raise ApiError(
+                    400,
+                    "'prompt' takes one string per request",
+                    code="unsupported_value",
+                    param="prompt",
+                )
             spec = PromptSpec(text=str(prompt[0]))
         else:
             spec = PromptSpec(text=prompt)
         if spec.text == "" or spec.token_ids == []:
             raise ApiError(400, "'prompt' is empty", code="invalid_value", param="prompt")
+        _require_utf8(spec.text, "prompt")
         return await self._run(request, req, spec, chat=False)
 
     async def _run(
@@ -268,7 +370,10 @@ class _Api:
             max_tokens=req.requested_max_tokens(),
             stop=req.stop_list(),
             speculative=SpecParams(
-                type=spec_opts.type, n_max=spec_opts.n_max, n_min=spec_opts.n_min, p_min=spec_opts.p_min
+                type=spec_opts.type,
+                n_max=spec_opts.n_max,
+                n_min=spec_opts.n_min,
+                p_min=spec_opts.p_min,
             )
             if spec_opts
             else SpecParams(),
@@ -282,6 +387,7 @@ class _Api:
             raise ApiError(503, str(exc), type_="server_error", code="queue_full") from exc
         except NotReady as exc:
             raise ApiError(503, str(exc), type_="server_error", code="model_not_ready") from exc
+        self.jobs[id(job)] = job
 
         meta = _ResponseMeta(
             id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
@@ -295,6 +401,7 @@ class _Api:
             return await self._collect(request, stream, job, meta)
         finally:
             job.cancel.set()  # no-op when finished; stops work for a vanished client
+            self.jobs.pop(id(job), None)
 
     async def _next(self, request: web.Request, stream: _Stream, job: Job) -> tuple[str, Any]:
         """The next event, cancelling the job if the client has gone away meanwhile."""
@@ -329,9 +436,15 @@ class _Api:
                 return web.json_response(meta.full(result, n_prompt))
 
     async def _stream(
-        self, request: web.Request, stream: _Stream, job: Job, meta: _ResponseMeta, req: SamplingFields
+        self,
+        request: web.Request,
+        stream: _Stream,
+        job: Job,
+        meta: _ResponseMeta,
+        req: SamplingFields,
     ) -> web.StreamResponse:
         n_prompt = await self._await_start(request, stream, job)
+        include_usage = req.stream_options is not None and req.stream_options.include_usage
         response = web.StreamResponse(
             headers={
                 "Content-Type": "text/event-stream; charset=utf-8",
@@ -340,32 +453,89 @@ class _Api:
             }
         )
         await response.prepare(request)
+        send = _Sender(request, response, job, self.io_timeout)
         try:
             if meta.chat:
-                await _send(response, meta.chunk({"role": "assistant", "content": ""}, None))
+                await send.event(meta.chunk({"role": "assistant", "content": ""}, None))
             while True:
                 kind, value = await self._next(request, stream, job)
                 if kind == "text":
-                    await _send(response, meta.chunk({"content": value} if meta.chat else value, None))
+                    await send.event(meta.chunk({"content": value} if meta.chat else value, None))
                 elif kind == "done":
                     result, error = value
                     if error is not None or result is None:
-                        await _send(response, _api_error_for(error).body())
+                        await send.event(_api_error_for(error).body())
                     else:
                         final = meta.chunk({} if meta.chat else "", result.finish_reason)
                         final["timings"] = result.timings.to_json()
                         final["usage"] = meta.usage(result, n_prompt)
-                        await _send(response, final)
-                    await response.write(b"data: [DONE]\n\n")
+                        await send.event(final)
+                        if include_usage:
+                            # OpenAI's shape: one more chunk, with no choices, carrying the usage.
+                            await send.event(
+                                {**meta.chunk("", None), "choices": [], "usage": final["usage"]}
+                            )
+                    await send.raw(b"data: [DONE]\n\n")
                     break
-            await response.write_eof()
+            await asyncio.wait_for(response.write_eof(), self.io_timeout)
         except (ConnectionResetError, ConnectionError):
             job.cancel.set()
+        except TimeoutError:
+            send.give_up()
         return response
 
 
-async def _send(response: web.StreamResponse, payload: dict[str, Any]) -> None:
-    await response.write(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
+class _Sender:
+    """Writes SSE events, giving up on a client that stops reading.
+
+    Left alone, the kernel would buffer megabytes for a client that keeps its
+    connection open but never reads (thousands of tokens), and aiohttp's
+    `write` then waits without a limit: the generation would run on for nobody
+    and the request would never end. So a stream keeps only a small backlog,
+    and a client that does not take it within the timeout is cut off.
+    """
+
+    def __init__(
+        self, request: web.Request, response: web.StreamResponse, job: Job, timeout: float
+    ) -> None:
+        self.request = request
+        self.response = response
+        self.job = job
+        self.timeout = timeout
+        transport = request.transport
+        sock = transport.get_extra_info("socket") if transport is not None else None
+        if sock is not None:
+            try:
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SOCKET_BUFFER)
+            except OSError as exc:  # some platforms refuse; the timeout then just triggers later
+                log.debug("could not shrink the stream's send buffer: %s", exc)
+
+    async def event(self, payload: dict[str, Any]) -> None:
+        await self.raw(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
+
+    async def raw(self, data: bytes) -> None:
+        try:
+            await asyncio.wait_for(self._write(data), self.timeout)
+        except TimeoutError:
+            self.give_up()
+            raise ConnectionResetError("the client stopped reading") from None
+
+    async def _write(self, data: bytes) -> None:
+        await self.response.write(data)
+        # aiohttp only waits for the socket every 64 KiB written; check the backlog ourselves.
+        transport = self.request.transport
+        while transport is not None and not transport.is_closing():
+            if transport.get_write_buffer_size() <= STREAM_BACKLOG:
+                return
+            await asyncio.sleep(0.05)
+        raise ConnectionResetError("the client went away")
+
+    def give_up(self) -> None:
+        log.warning("a client stopped reading its stream for %.0f s; cancelling it", self.timeout)
+        self.job.cancel.set()
+        transport = self.request.transport
+        if transport is not None:
+            transport.abort()  # close() would wait to flush what the client will never read
 
 
 def _api_error_for(error: BaseException | None) -> ApiError:
@@ -378,7 +548,12 @@ def _api_error_for(error: BaseException | None) -> ApiError:
     if isinstance(error, PeregrineError):
         return ApiError(400, str(error), code="invalid_request")
     log.error("generation failed", exc_info=error)
-    return ApiError(500, f"generation failed: {type(error).__name__}: {error}", type_="server_error", code="internal_error")
+    return ApiError(
+        500,
+        f"generation failed: {type(error).__name__}: {error}",
+        type_="server_error",
+        code="internal_error",
+    )
 
 
 @dataclass
@@ -390,12 +565,23 @@ class _ResponseMeta:
 
     def chunk(self, delta: dict[str, Any] | str, finish: str | None) -> dict[str, Any]:
         if self.chat:
-            choice: dict[str, Any] = {"index": 0, "delta": delta, "logprobs": None, "finish_reason": finish}
+            choice: dict[str, Any] = {
+                "index": 0,
+                "delta": delta,
+                "logprobs": None,
+                "finish_reason": finish,
+            }
             obj = "chat.completion.chunk"
         else:
             choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
             obj = "text_completion"
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": [choice]}
+        return {
+            "id": self.id,
+            "object": obj,
+            "created": self.created,
+            "model": self.model,
+            "choices": [choice],
+        }
 
     @staticmethod
     def usage(result: GenerationResult, n_prompt: int) -> dict[str, int]:
@@ -415,7 +601,12 @@ class _ResponseMeta:
             }
             obj = "chat.completion"
         else:
-            choice = {"index": 0, "text": result.text, "logprobs": None, "finish_reason": result.finish_reason}
+            choice = {
+                "index": 0,
+                "text": result.text,
+                "logprobs": None,
+                "finish_reason": result.finish_reason,
+            }
             obj = "text_completion"
         return {
             "id": self.id,
