@@ -274,7 +274,7 @@ def test_line_splitter_and_bounded_log_tail() -> None:
     tail.feed("one\ntwo\nthree\nfour\nfi")
     assert tail.lines() == ["three", "four", "fi"]
     assert tail.text(1) == "fi"
-    assert "Last log line: fi" in describe_exit(1, False, tail.lines())
+    assert "Its last words: fi" in describe_exit(1, False, tail.lines())
     assert "crashed or was killed" in describe_exit(9, True, [])
 
 

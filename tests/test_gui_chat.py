@@ -39,17 +39,20 @@ def make_window(qtbot: QtBot, model: Path, max_tokens: int = 24) -> MainWindow:
         lambda: model,
         max_tokens=max_tokens,
     )
-    qtbot.addWidget(window)
+    # pytest-qt closes and deletes registered widgets before fixture teardown, so the
+    # asynchronous shutdown (engine stopped, then `closed`) runs in before_close_func.
+    qtbot.addWidget(window, before_close_func=lambda w: close_window(qtbot, w))
     window.show()
     return window
 
 
 def close_window(qtbot: QtBot, window: MainWindow) -> None:
+    """Quits as the user would and waits until the engine is gone; safe to call twice."""
     if not window._closed:
         with qtbot.waitSignal(window.closed, timeout=30_000):
             window.shut_down()
+        window.store.close()
     assert window.supervisor.pid() is None
-    window.store.close()
 
 
 @pytest.fixture

@@ -22,6 +22,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+from app.qt import theme
 from app.qt.markdown_render import MarkdownRenderer, Rendered
 from app.services.chat_store import Message
 
@@ -117,7 +118,10 @@ class MessageWidget(QFrame):
         self.status = status
         self.tag.setText(STATUS_TAGS.get(status, ""))
         if not text and status == "streaming":
-            self.body.setHtml("<p style='color:#9aa3b2'>…</p>")
+            self.body.setHtml(f"<p style='color:{theme.MUTED}'>…</p>")
+            return
+        if not text and status in ("error", "interrupted", "stopped"):
+            self.body.setHtml(f"<p style='color:{theme.MUTED}'><i>No answer was received.</i></p>")
             return
         self._rendered = self._renderer.render(text)
         self.body.setHtml(self._rendered.html)

@@ -205,6 +205,8 @@ class EngineSupervisor(QObject):
         self._stall_timer.stop()
         previous = self.state
         crashed = exit_status == QProcess.ExitStatus.CrashExit
+        # The message is taken from the engine's own lines, before our marker.
+        last_lines = self.log_tail.lines(5)
         self.log_tail.feed(f"\n[peregrine] engine exited (code {exit_code}, crashed={crashed})\n")
         if previous == "stopping":
             after, self._after_stop = self._after_stop, None
@@ -216,12 +218,10 @@ class EngineSupervisor(QObject):
             return
         if previous == "starting":
             self._set_state("failed")
-            self.failed.emit(
-                self._start_error or describe_exit(exit_code, crashed, self.log_tail.lines(5))
-            )
+            self.failed.emit(self._start_error or describe_exit(exit_code, crashed, last_lines))
             return
         # A ready engine died under us: say so and bring it back with the same spec.
-        message = describe_exit(exit_code, crashed, self.log_tail.lines(5))
+        message = describe_exit(exit_code, crashed, last_lines)
         self.endpoint_info = None
         if self._restarts.allow():
             self._set_state("restarting")

@@ -567,7 +567,6 @@ class MainWindow(QMainWindow):
         local = self.settings.active_endpoint is None
         if local and self.supervisor.state in ("restarting", "failed", "starting"):
             # The supervisor's message about the engine says more; keep it.
-            self.error_panel.append_note("The answer so far is saved.")
             return
         tail = self.supervisor.log_tail.text(40) if local else None
         self.show_error(f"The answer could not be finished: {error}.", tail)

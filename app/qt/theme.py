@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
 # A calm dark theme; one accent colour, everything else greys.
 BG = "#16181d"
 PANEL = "#1d2027"
@@ -21,6 +23,7 @@ CODE_HEAD = "#1a1d24"
 FONT_FAMILY = "Inter, 'Segoe UI', 'Noto Sans', 'DejaVu Sans', sans-serif"
 MONO_FAMILY = "'JetBrains Mono', 'Cascadia Mono', 'DejaVu Sans Mono', monospace"
 PYGMENTS_STYLE = "one-dark"
+CHEVRON = (Path(__file__).parent / "assets" / "chevron-down.svg").as_posix()
 
 STYLESHEET = f"""
 * {{ font-family: {FONT_FAMILY}; font-size: 10.5pt; color: {TEXT}; }}
@@ -53,10 +56,7 @@ QLineEdit, QPlainTextEdit, QComboBox {{
 }}
 QLineEdit:focus, QPlainTextEdit:focus {{ border: 1px solid {ACCENT}; }}
 QComboBox::drop-down {{ border: none; width: 22px; }}
-QComboBox::down-arrow {{
-    width: 0; height: 0; border-left: 4px solid transparent; border-right: 4px solid transparent;
-    border-top: 5px solid {MUTED}; margin-right: 8px;
-}}
+QComboBox::down-arrow {{ image: url({CHEVRON}); width: 12px; height: 12px; margin-right: 8px; }}
 QComboBox QAbstractItemView {{ background: {SURFACE}; border: 1px solid {BORDER}; }}
 QPlainTextEdit#composer {{ font-size: 11pt; padding: 8px 10px; }}
 QListWidget {{ background: transparent; border: none; outline: none; }}

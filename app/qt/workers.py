@@ -10,7 +10,7 @@ import logging
 from collections.abc import Callable
 from typing import Any
 
-from PySide6.QtCore import QObject, QRunnable, QThread, QThreadPool, Signal, Slot
+from PySide6.QtCore import QObject, QRunnable, QThread, QThreadPool, QTimer, Signal, Slot
 
 from app.services.engine_client import (
     CancelToken,
@@ -76,6 +76,10 @@ class StreamRunner(QObject):
         super().__init__(parent)
         self._thread: QThread | None = None
         self.worker: StreamWorker | None = None
+        # Threads and workers stay referenced until their thread has finished:
+        # dropping the last Python reference earlier would delete them while
+        # they still run or while their own signal is being delivered.
+        self._alive: dict[QThread, StreamWorker] = {}
 
     @property
     def busy(self) -> bool:
@@ -84,14 +88,14 @@ class StreamRunner(QObject):
     def start(self, worker: StreamWorker) -> None:
         if self.worker is not None:
             raise RuntimeError("a stream is already running")
-        thread = QThread(self)  # parented: Qt, not Python GC, decides when it is deleted
+        thread = QThread()
         thread.setObjectName(f"stream-{worker.generation_id}")
         worker.moveToThread(thread)
         thread.started.connect(worker.run)
         worker.finished.connect(thread.quit)
         worker.finished.connect(self._on_finished)
-        thread.finished.connect(worker.deleteLater)
-        thread.finished.connect(thread.deleteLater)
+        thread.finished.connect(self._on_thread_finished)
+        self._alive[thread] = worker
         self._thread, self.worker = thread, worker
         thread.start()
 
@@ -100,16 +104,21 @@ class StreamRunner(QObject):
             self.worker.cancel()
 
     def shutdown(self, wait_ms: int = 3000) -> None:
-        """Cancels and joins the stream's thread; used only when the app quits."""
-        thread = self._thread
+        """Cancels and joins the streams' threads; used only when the app quits."""
         self.cancel()
-        if thread is not None:
+        for thread in list(self._alive):
             thread.quit()
             thread.wait(wait_ms)
 
     @Slot(int)
     def _on_finished(self, _gid: int) -> None:
         self._thread, self.worker = None, None
+
+    @Slot()
+    def _on_thread_finished(self) -> None:
+        thread = self.sender()
+        # Released after this signal's delivery has completed.
+        QTimer.singleShot(0, lambda: self._alive.pop(thread, None))  # type: ignore[call-overload]
 
 
 class _CallSignals(QObject):
@@ -151,10 +160,14 @@ class BackgroundCalls(QObject):
         signals = _CallSignals()  # created here, so it lives on the GUI thread
         self._pending.add(signals)
         signals.ok.connect(on_ok)
-        signals.ok.connect(lambda _r: self._pending.discard(signals))
         if on_error is not None:
             signals.error.connect(on_error)
-        signals.error.connect(lambda _e: self._pending.discard(signals))
+        # Dropped only after the signal's delivery: deleting a QObject inside its
+        # own emission crashes.
+        signals.ok.connect(lambda _r: QTimer.singleShot(0, lambda: self._pending.discard(signals)))
+        signals.error.connect(
+            lambda _e: QTimer.singleShot(0, lambda: self._pending.discard(signals))
+        )
         self._pool.start(_Call(fn, signals))
 
     def shutdown(self, wait_ms: int = 3000) -> None:

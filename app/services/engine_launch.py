@@ -190,8 +190,9 @@ class RestartPolicy:
 
 def describe_exit(exit_code: int, crashed: bool, tail: Iterable[str]) -> str:
     """A plain-words sentence about why the engine stopped."""
-    last = [ln for ln in tail if ln.strip()]
-    hint = f" Last log line: {last[-1].strip()[:160]}" if last else ""
     if crashed:
-        return f"The engine stopped unexpectedly (it crashed or was killed).{hint}"
+        # A crash or a kill leaves no last words worth quoting; the log is one click away.
+        return "The engine stopped unexpectedly (it crashed or was killed)."
+    last = [ln for ln in tail if ln.strip()]
+    hint = f" Its last words: {last[-1].strip()[:160]}" if last else ""
     return f"The engine exited with code {exit_code}.{hint}"
