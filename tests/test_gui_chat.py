@@ -271,3 +271,27 @@ def test_chat_runs_against_a_remote_openai_compatible_server(
     saved = SettingsStore(Paths.from_env().settings_file).load()
     assert saved.active_endpoint == "lab" and saved.endpoint("lab").api_key == remote.key  # type: ignore[union-attr]
     close_window(qtbot, w)
+
+
+def test_the_view_follows_the_stream_until_the_user_scrolls_up(
+    qtbot: QtBot, window: MainWindow, watchdog: GuiWatchdog
+) -> None:
+    window.resize(900, 360)  # a short window, so the answer outgrows it
+    window.service.max_tokens = 120
+    finished: list[int] = []
+    window.answer_finished.connect(finished.append)
+    bar = window.conversation.verticalScrollBar()
+    followed: list[bool] = []
+    bar.rangeChanged.connect(lambda _lo, hi: followed.append(bar.value() == hi))
+    send_by_keyboard(qtbot, window, "Write a long story about a falcon and a fox.")
+    qtbot.waitUntil(lambda: bar.maximum() > 0 and len(followed) >= 3, timeout=ANSWER_MS)
+    assert window.conversation.following
+    qtbot.waitUntil(lambda: bar.value() == bar.maximum(), timeout=10_000)
+    bar.setValue(0)  # the user scrolls up to reread
+    assert not window.conversation.following
+    grown = bar.maximum()
+    qtbot.waitUntil(lambda: bool(finished), timeout=ANSWER_MS)
+    answer = window.store.messages(window.current_chat)[-1]  # type: ignore[arg-type]
+    assert len(answer.content) > 0
+    assert bar.value() == 0  # left where the user put it
+    assert bar.maximum() >= grown

@@ -143,6 +143,9 @@ class ConversationView(QScrollArea):
         self.setWidgetResizable(True)
         self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self._renderer = MarkdownRenderer()
+        # Warm the highlighter now: its first use imports lexer modules (~100 ms),
+        # which would otherwise land in the middle of the first streamed answer.
+        self._renderer.render("```python\npass\n```")
         self._inner = QWidget()
         self._inner.setObjectName("conversation")
         self._layout = QVBoxLayout(self._inner)
