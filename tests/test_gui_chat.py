@@ -17,6 +17,7 @@ from pytestqt.qtbot import QtBot
 
 from app.qt.engine_supervisor import EngineSupervisor
 from app.qt.main_window import MainWindow
+from app.services.chat_service import PRESETS
 from app.services.chat_store import ChatStore
 from app.services.engine_client import EngineClient
 from app.services.settings import RemoteEndpoint, SettingsStore
@@ -295,3 +296,40 @@ def test_the_view_follows_the_stream_until_the_user_scrolls_up(
     assert len(answer.content) > 0
     assert bar.value() == 0  # left where the user put it
     assert bar.maximum() >= grown
+
+
+def test_code_blocks_are_highlighted_with_a_copy_link(qtbot: QtBot, tmp_path: Path) -> None:
+    from app.qt.chat_view import MessageWidget
+    from app.qt.markdown_render import MarkdownRenderer
+
+    store = ChatStore(tmp_path / "c.sqlite3")
+    chat = store.create_chat("code")
+    text = "Here:\n\n```python\ndef add(a, b):\n    return a + b\n```\n\n<b>not html</b>"
+    message = store.add_message(chat.id, "assistant", text)
+    widget = MessageWidget(message, MarkdownRenderer(), last=True)
+    qtbot.addWidget(widget)
+    html = widget.body.toHtml()
+    assert "copy:0" in html and "&lt;b&gt;not html&lt;/b&gt;" in widget._rendered.html
+    widget.body.copy_code.emit(0)  # what clicking the block's "Copy" link emits
+    assert QApplication.clipboard().text() == "def add(a, b):\n    return a + b"
+    store.close()
+
+
+def test_preset_and_system_prompt_belong_to_each_chat(qtbot: QtBot, default_model: Path) -> None:
+    w = make_window(qtbot, default_model, max_tokens=8)
+    a = w.new_chat()
+    w.preset_box.setCurrentText("Creative")
+    w.set_system_prompt("You are a pirate.")
+    w.service.send(a, "hello")
+    generation = w.service.active
+    assert generation is not None
+    assert generation.messages[0] == {"role": "system", "content": "You are a pirate."}
+    assert generation.params["temperature"] == PRESETS["Creative"]["temperature"]
+    assert generation.params["max_tokens"] == 8
+    w.service.on_failed(generation.id, "not sent in this test")
+    b = w.new_chat()
+    assert w.preset_box.currentText() == "Balanced"
+    assert w.store.chat(b).system_prompt == ""
+    w.open_chat(a)
+    assert w.preset_box.currentText() == "Creative"
+    close_window(qtbot, w)
