@@ -51,6 +51,26 @@ class EventWriter:
             self.emit("loading", progress=round(min(max(value, 0.0), 1.0), 3))
 
 
+class QuietBadRequests(logging.Filter):
+    """Logs a malformed request from a client as one line instead of a traceback.
+
+    aiohttp logs every unparsable request (a wrong method, broken headers) with
+    a full traceback at ERROR: any client could fill the log with noise.
+    """
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        from aiohttp.http_exceptions import HttpProcessingError
+
+        exc = record.exc_info[1] if record.exc_info else None
+        if isinstance(exc, HttpProcessingError):
+            lines = [line.strip() for line in str(exc.message).splitlines() if line.strip()]
+            record.msg = "bad request from a client: %s %s"
+            record.args = (exc.code, lines[0] if lines else type(exc).__name__)
+            record.levelno, record.levelname = logging.INFO, "INFO"
+            record.exc_info = record.exc_text = None
+        return True
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="peregrine serve",
@@ -256,6 +276,7 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
 
     from aiohttp import web
 
+    logging.getLogger("aiohttp.server").addFilter(QuietBadRequests())
     from engine.scheduler import Engine
     from engine.server import ServerConfig, build_app
     from engine.wire import RuntimeInfo
@@ -291,7 +312,7 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
         handle_signals=False,
         # Open streams are cancelled on shutdown (server.py), so handlers end fast;
         # this only bounds the wait for a stuck one.
-        shutdown_timeout=3.0,
+        shutdown_timeout=1.5,
         # Also closes connections that send nothing, or never finish their headers.
         keepalive_timeout=min(io_timeout, 75.0),
     )
@@ -321,5 +342,9 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
         await stop.wait()
         return 0
     finally:
+        log.info("shutting down")
         await runner.cleanup()
-        await loop.run_in_executor(None, engine.shutdown)
+        log.info("server closed")
+        # A token already in llama_decode cannot be interrupted; don't wait long for it.
+        await loop.run_in_executor(None, engine.shutdown, 3.0)
+        log.info("engine stopped")

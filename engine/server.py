@@ -108,7 +108,11 @@ def build_app(engine: Engine, config: ServerConfig) -> web.Application:
         if request.path != "/health":
             auth = request.headers.get("Authorization", "")
             token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
-            if not token or not hmac.compare_digest(token.encode(), config.api_key.encode()):
+            # Header bytes that are not UTF-8 arrive as surrogate escapes: compare them as bytes.
+            sent = token.encode("utf-8", "surrogateescape")
+            if not token or not hmac.compare_digest(
+                sent, config.api_key.encode("utf-8", "surrogateescape")
+            ):
                 return ApiError(
                     401,
                     "missing or wrong API key (send 'Authorization: Bearer <key>')",
@@ -125,8 +129,11 @@ def build_app(engine: Engine, config: ServerConfig) -> web.Application:
                     exc.status, exc.reason, code=exc.reason.lower().replace(" ", "_")
                 ).response()
             raise
-        except (ConnectionError, asyncio.CancelledError):
-            raise  # the client is gone (or the server is stopping): nobody to answer
+        except ConnectionError:
+            # The client is gone: there is nobody to answer, and nothing to log.
+            return ApiError(
+                499, "the client closed the connection", code="client_closed"
+            ).response()
         except Exception as exc:
             # Keep the OpenAI error shape even for our own bugs; the traceback goes to the log.
             log.exception("unhandled error in %s %s", request.method, request.path)
@@ -276,6 +283,8 @@ class _Api:
 
     async def cancel_all(self, _app: web.Application | None = None) -> None:
         """Cancels every generation in flight (server shutdown)."""
+        if self.jobs:
+            log.info("cancelling %d open request(s)", len(self.jobs))
         for job in list(self.jobs.values()):
             job.cancel.set()
 
