@@ -18,7 +18,12 @@ from typing import Literal, Protocol
 
 from engine.llama_backend import SamplerChain, SamplingParams
 from engine.prefix_cache import PrefixStateCache, common_prefix
-from engine.speculative import NgramDrafter, SpeculationController
+from engine.speculative import (
+    DRAFT_MODEL_SIGNAL,
+    DraftModelDrafter,
+    NgramDrafter,
+    SpeculationController,
+)
 
 log = logging.getLogger("peregrine.decoder")
 
@@ -142,6 +147,7 @@ class Decoder:
         model: Model,
         *,
         state_cache: PrefixStateCache,
+        draft: DraftModelDrafter | None = None,
         clock: Callable[[], float] = time.perf_counter,
     ) -> None:
         self.model = model
@@ -150,6 +156,7 @@ class Decoder:
         self.tokens: list[int] = []  # exactly what sequence 0 holds, position by position
         self.controller = SpeculationController()
         self.drafter = NgramDrafter()
+        self.draft_drafter = draft
         self.last_drafter: str | None = None
 
     # --- prefix reuse -------------------------------------------------------------
@@ -236,14 +243,27 @@ class Decoder:
             t_first = self.clock()
             timings.prompt_ms = (t_first - t_start) * 1000.0
 
-            use_ngram = req.speculative.type in ("auto", "ngram") and not model.has_recurrent_state
+            # Rolling back rejected drafts needs a KV cache that can be cut
+            # mid-sequence: recurrent/hybrid models decode plainly.
+            can_speculate = not model.has_recurrent_state
+            spec_type = req.speculative.type
+            use_ngram = can_speculate and spec_type in ("auto", "ngram")
+            draft_model = self.draft_drafter if spec_type in ("auto", "draft") else None
+            if not can_speculate:
+                draft_model = None
             ctl = self.controller
             ctl.n_max = max(0, min(req.speculative.n_max, 16))
             ctl.n_min = max(0, min(req.speculative.n_min, ctl.n_max))
             ctl.p_min = req.speculative.p_min
+            drafters: list[NgramDrafter | DraftModelDrafter] = []
             if use_ngram:
-                self.drafter.reset(prompt)
-                self.last_drafter = self.drafter.name
+                drafters.append(self.drafter)
+            if draft_model is not None:
+                drafters.append(draft_model)
+            for drafter in drafters:
+                drafter.reset(prompt)
+            if drafters:
+                self.last_drafter = "+".join(d.name for d in drafters)
             max_tokens = min(req.max_tokens, model.n_ctx - len(prompt))
 
             while True:
@@ -254,8 +274,8 @@ class Decoder:
                     break
                 if emit(last):
                     break
-                if use_ngram:
-                    self.drafter.extend((last,))
+                for drafter in drafters:
+                    drafter.extend((last,))
                 if generated >= max_tokens or len(self.tokens) + 1 >= model.n_ctx:
                     finish = "length"
                     break
@@ -269,6 +289,14 @@ class Decoder:
                 if use_ngram and room > 0 and ctl.n_max > 0:
                     draft, match_len = self.drafter.draft(min(ctl.n_max, room))
                     draft = draft[: ctl.choose(match_len, len(draft))]
+                if not draft and draft_model is not None and room > 0 and ctl.n_max > 0:
+                    # A draft model costs a decode per drafted token: the
+                    # controller weighs that too before asking for any.
+                    k = ctl.choose(DRAFT_MODEL_SIGNAL, min(ctl.n_max, room), ctl.draft_cost())
+                    if k:
+                        draft, ms_per_token = draft_model.draft(k)
+                        ctl.record_draft_cost(ms_per_token)
+                        match_len = DRAFT_MODEL_SIGNAL
 
                 pos = len(self.tokens)
                 if not draft:
@@ -305,8 +333,8 @@ class Decoder:
                     if emit(token):
                         stop_now = True
                         break
-                    if use_ngram:
-                        self.drafter.extend((token,))
+                    for drafter in drafters:
+                        drafter.extend((token,))
                     if generated >= max_tokens:
                         finish, stop_now = "length", True
                         break

@@ -8,6 +8,7 @@ Everything that touches a llama.cpp handle lives here; the decoding loop in
 from __future__ import annotations
 
 import ctypes
+import hashlib
 import logging
 import os
 import time
@@ -216,6 +217,17 @@ class LlamaModel:
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    def vocab_fingerprint(self) -> str:
+        """A hash of every token's text: equal fingerprints mean drafts are interchangeable."""
+        digest = hashlib.sha256()
+        for token in range(self.n_vocab):
+            text = llama_cpp.llama_vocab_get_text(self.vocab, token) or b""
+            digest.update(len(text).to_bytes(4, "little") + text)
+        return digest.hexdigest()
+
+    def greedy_sampler(self) -> SamplerChain:
+        return SamplerChain(SamplingParams(temperature=0.0), self.n_vocab)
 
     # --- text <-> tokens ----------------------------------------------------------
 

@@ -19,8 +19,9 @@ from typing import Any
 from engine.chat_template import ChatTemplate
 from engine.decoder import Decoder, GenerationRequest, GenerationResult, SpecParams
 from engine.errors import PeregrineError
-from engine.llama_backend import LlamaLogCapture, LlamaModel, SamplingParams
+from engine.llama_backend import LlamaLogCapture, LlamaModel, MemoryReport, SamplingParams
 from engine.prefix_cache import PrefixStateCache
+from engine.speculative import DraftModelDrafter
 from engine.wire import (
     EngineState,
     EngineStatus,
@@ -107,6 +108,7 @@ class Engine:
         self.error: str | None = None
         self.settings: LoadRequest | None = None
         self.model: LlamaModel | None = None
+        self.draft_model: LlamaModel | None = None
         self.decoder: Decoder | None = None
         self.template: ChatTemplate | None = None
         self._state_cache = PrefixStateCache(state_cache_bytes)
@@ -161,6 +163,8 @@ class Engine:
             # a hostile file must not cost the user their working engine.
             if self._validate is not None:
                 self._validate(request.model)
+                if request.draft_model:
+                    self._validate(request.draft_model)
         except PeregrineError as exc:
             self._fail_load(str(exc), keep_current=self.model is not None)
             return
@@ -170,6 +174,11 @@ class Engine:
             self.settings = request
         try:
             model = LlamaModel(request, progress=self._on_progress, log_capture=self._log_capture)
+            try:
+                self.draft_model = self._load_draft(request, model)
+            except BaseException:
+                model.close()
+                raise
             self.template = ChatTemplate(
                 model.meta("tokenizer.chat_template"),
                 bos_token=model.token_text(model.bos) if model.bos >= 0 else "",
@@ -183,13 +192,41 @@ class Engine:
             self._fail_load(f"{type(exc).__name__}: {exc}")
             return
         self.model = model
-        self.decoder = Decoder(model, state_cache=self._state_cache)
+        draft = DraftModelDrafter(self.draft_model) if self.draft_model is not None else None
+        self.decoder = Decoder(model, state_cache=self._state_cache, draft=draft)
         with self._lock:
             self.state = "ready"
             self.load_progress = 1.0
             # llama.cpp may round n_ctx up (to a multiple of 256): report what is in force.
             self.settings = request.model_copy(update={"n_ctx": model.n_ctx})
         log.info("model loaded: %s (n_ctx %d)", request.model, model.n_ctx)
+
+    def _load_draft(self, request: LoadRequest, model: LlamaModel) -> LlamaModel | None:
+        if not request.draft_model:
+            return None
+        draft = LlamaModel(
+            LoadRequest(
+                model=request.draft_model,
+                n_ctx=model.n_ctx,
+                n_gpu_layers=request.n_gpu_layers,
+                flash_attn=request.flash_attn,
+                threads=request.threads,
+                n_batch=request.n_batch,
+                n_ubatch=request.n_ubatch,
+            ),
+            log_capture=self._log_capture,
+        )
+        if draft.vocab_fingerprint() != model.vocab_fingerprint():
+            draft.close()
+            raise PeregrineError(
+                "the draft model's vocabulary differs from the model's, so its drafts "
+                "could never be accepted: pick a draft model of the same family"
+            )
+        return draft
+
+    @property
+    def has_draft_model(self) -> bool:
+        return self.draft_model is not None
 
     def _fail_load(self, message: str, *, keep_current: bool = False) -> None:
         with self._lock:
@@ -222,6 +259,11 @@ class Engine:
         return done
 
     def _unload_now(self) -> None:
+        if self.decoder is not None and self.decoder.draft_drafter is not None:
+            self.decoder.draft_drafter.close()
+        if self.draft_model is not None:
+            self.draft_model.close()
+        self.draft_model = None
         if self.model is not None:
             self.model.close()
         self.model = None
@@ -321,6 +363,11 @@ class Engine:
         with self._lock:
             model = self.model
             mem = model.memory_report if model else None
+            if mem is not None and self.draft_model is not None:
+                extra = self.draft_model.memory_report
+                mem = MemoryReport(
+                    mem.weights + extra.weights, mem.kv + extra.kv, mem.compute + extra.compute
+                )
             decoder = self.decoder
             ctl = decoder.controller if decoder else None
             return EngineStatus(

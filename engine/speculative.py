@@ -9,13 +9,19 @@ module only proposes drafts and learns whether they pay on this machine.
 from __future__ import annotations
 
 import itertools
+import time
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Any, Protocol
 
 # Prior cost of decoding a batch of n tokens relative to one token, measured on
 # a 2-core CPU (ENGINE_NOTES.md: 10.2, 18.8, 30.0, 46.2, 87.3 ms for 1/2/4/8/16).
 # Replaced by this machine's own measurements as soon as they exist.
 CPU_PRIOR_COST = {1: 1.0, 2: 1.84, 4: 2.94, 8: 4.53, 16: 8.56}
+
+# The controller's signal for drafts from a draft model (n-gram drafts use their
+# match length, 1..n_max, as the signal).
+DRAFT_MODEL_SIGNAL = 100
 
 
 def _interpolate(table: dict[int, float], n: int) -> float:
@@ -28,6 +34,19 @@ def _interpolate(table: dict[int, float], n: int) -> float:
             return table[lo] + frac * (table[hi] - table[lo])
     last = keys[-1]
     return table[last] * n / last
+
+
+class DraftModel(Protocol):
+    """What a draft model must offer (LlamaModel implements it)."""
+
+    n_ctx: int
+
+    def decode(self, tokens: Sequence[int], pos0: int, *, logits_all: bool = False) -> float: ...
+    def truncate(self, n_keep: int) -> bool: ...
+    def clear(self) -> None: ...
+    def sample(self, sampler: Any, row: int) -> int: ...
+    def is_eog(self, token: int) -> bool: ...
+    def greedy_sampler(self) -> Any: ...
 
 
 class NgramDrafter:
@@ -124,6 +143,8 @@ class SpeculationController:
         self._cooldown = 0
         self._probe_wait = 16
         self.enabled = True
+        self._draft_ms: float | None = None
+        self._probing = False
 
     # --- measurements -------------------------------------------------------------
 
@@ -141,13 +162,25 @@ class SpeculationController:
 
     @staticmethod
     def bucket(match_len: int) -> int:
-        return min(match_len, 6)
+        return match_len if match_len >= DRAFT_MODEL_SIGNAL else min(match_len, 6)
 
     def acceptance(self, match_len: int) -> float:
         # Optimistic prior so that the first drafts get tried at all; the
         # estimate then converges quickly (EMA weight 0.2 per token).
-        default = 0.6 + 0.06 * min(match_len, 6)
+        default = 0.7 if match_len >= DRAFT_MODEL_SIGNAL else 0.6 + 0.06 * min(match_len, 6)
         return self.stats.acceptance.get(self.bucket(match_len), default)
+
+    def record_draft_cost(self, ms_per_token: float) -> None:
+        """Feeds the time a draft model took per drafted token."""
+        old = self._draft_ms
+        self._draft_ms = ms_per_token if old is None else old * 0.9 + ms_per_token * 0.1
+
+    def draft_cost(self) -> float:
+        """A draft model's cost per drafted token, relative to one target token."""
+        one = self._cost_ms.get(1)
+        if self._draft_ms is None or not one:
+            return 0.1  # a typical small draft model until measured
+        return self._draft_ms / one
 
     def record(self, match_len: int, drafted: int, accepted: int) -> None:
         """Updates acceptance from one verify step (drafted tokens, accepted prefix)."""
@@ -164,26 +197,30 @@ class SpeculationController:
             success = 1.0 if i < accepted else 0.0
             a = a * 0.8 + success * 0.2
         self.stats.acceptance[b] = a
-        if accepted == 0 and self.current_k == 0:
-            self._probe_wait = min(self._probe_wait * 2, 1024)
-        elif accepted > 0:
-            self._probe_wait = 16
+        if self._probing:
+            # A failed probe doubles the wait before the next one.
+            self._probing = False
+            self._probe_wait = 16 if accepted else min(self._probe_wait * 2, 1024)
 
     # --- decisions ----------------------------------------------------------------
 
-    def expected_gain(self, k: int, a: float) -> float:
+    def expected_gain(self, k: int, a: float, per_draft: float = 0.0) -> float:
         tokens = sum(a**i for i in range(k + 1))
-        return tokens / self.relative_cost(k + 1)
+        return tokens / (self.relative_cost(k + 1) + k * per_draft)
 
-    def choose(self, match_len: int, available: int) -> int:
-        """How many of the `available` drafted tokens to verify now (0: none)."""
+    def choose(self, match_len: int, available: int, per_draft: float = 0.0) -> int:
+        """How many of the `available` drafted tokens to verify now (0: none).
+
+        `per_draft` is the extra cost of producing each draft token, relative
+        to one target decode: 0 for n-gram lookup, `draft_cost()` for a model.
+        """
         if not self.enabled or available <= 0:
             self.current_k = 0
             return 0
         a = self.acceptance(match_len)
         best_k, best_gain = 0, 1.0
         for k in range(max(1, self.n_min), min(self.n_max, available) + 1):
-            gain = self.expected_gain(k, a)
+            gain = self.expected_gain(k, a, per_draft)
             if gain > best_gain:
                 best_k, best_gain = k, gain
         if a < self.p_min:
@@ -199,6 +236,7 @@ class SpeculationController:
         self._cooldown += 1
         if self._cooldown >= self._probe_wait:
             self._cooldown = 0
+            self._probing = True
             return min(2, available)
         return 0
 
@@ -207,3 +245,59 @@ class SpeculationController:
         if not self.stats.drafted:
             return None
         return self.stats.accepted / self.stats.drafted
+
+
+class DraftModelDrafter:
+    """Drafts with a small model that shares the target's vocabulary, greedily.
+
+    It keeps its own KV cache in step with the accepted history: before each
+    draft it trims what the target rejected and evaluates what it has not
+    seen, then decodes k tokens one by one.
+    """
+
+    name = "draft"
+
+    def __init__(self, model: DraftModel) -> None:
+        self.model = model
+        self.history: list[int] = []
+        self._in_kv: list[int] = []
+        self._chain = model.greedy_sampler()
+
+    def reset(self, tokens: Sequence[int]) -> None:
+        self.history = list(tokens)
+
+    def extend(self, tokens: Sequence[int]) -> None:
+        self.history.extend(tokens)
+
+    def _sync(self) -> None:
+        from engine.prefix_cache import common_prefix
+
+        keep = min(common_prefix(self._in_kv, self.history), len(self.history) - 1)
+        if keep < len(self._in_kv) and not self.model.truncate(keep):
+            self.model.clear()
+            keep = 0
+        self._in_kv = self._in_kv[:keep]
+        todo = self.history[keep:]
+        self.model.decode(todo, keep)
+        self._in_kv.extend(todo)
+
+    def draft(self, k: int) -> tuple[list[int], float]:
+        """k greedy tokens, and the milliseconds it took per token."""
+        if k <= 0 or not self.history:
+            return [], 0.0
+        start = time.perf_counter()
+        self._sync()
+        out: list[int] = []
+        room = self.model.n_ctx - len(self._in_kv) - 1
+        for i in range(min(k, room)):
+            token = self.model.sample(self._chain.handle, -1)
+            out.append(token)
+            if self.model.is_eog(token) or i == k - 1:
+                break
+            self.model.decode((token,), len(self._in_kv))
+            self._in_kv.append(token)
+        ms = (time.perf_counter() - start) * 1000.0
+        return out, ms / max(len(out), 1)
+
+    def close(self) -> None:
+        self._chain.close()
