@@ -41,5 +41,9 @@ test: lint typecheck unit
 bench: $(STAMP)
 	$(BIN)/python -m bench.run_all
 
+# Screenshots of the main screens under a virtual X server (docs/screenshots/).
+screenshots: $(STAMP)
+	xvfb-run -a -s "-screen 0 1400x900x24" $(BIN)/python -m app.qt.screenshots docs/screenshots
+
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
