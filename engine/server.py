@@ -169,20 +169,34 @@ async def _json_body(request: web.Request, timeout: float) -> dict[str, Any]:
             408, "the request body did not arrive in time", code="request_timeout"
         ) from exc
     try:
-        body = json.loads(raw)
+        body = json.loads(raw, parse_constant=_not_json)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ApiError(
             400, f"the request body is not valid JSON: {exc}", code="invalid_json"
         ) from exc
     except RecursionError as exc:
         raise ApiError(400, "the request body is nested too deeply", code="invalid_json") from exc
+    except ValueError as exc:  # from _not_json
+        raise ApiError(
+            400, f"the request body is not valid JSON: {exc}", code="invalid_json"
+        ) from exc
     if not isinstance(body, dict):
         raise ApiError(400, "the request body must be a JSON object", code="invalid_json")
     return body
 
 
+def _not_json(name: str) -> float:
+    """Refuses NaN and Infinity: Python's JSON reader takes them, JSON does not (nor do our answers' readers)."""
+    raise ValueError(f"{name} is not a JSON number")
+
+
 def _fold_flat_keys(body: dict[str, Any]) -> dict[str, Any]:
-    """Accepts llama-server's flat `"speculative.n_max": 8` keys."""
+    """Accepts llama-server's flat `"speculative.n_max": 8` keys, and null for "the default".
+
+    OpenAI's API takes null for every optional parameter (`"stream": null`),
+    and some clients send it; a missing key means the same here.
+    """
+    body = {k: v for k, v in body.items() if v is not None}
     flat = {k.split(".", 1)[1]: v for k, v in body.items() if k.startswith("speculative.")}
     if not flat:
         return body
@@ -312,7 +326,10 @@ class _Api:
 
     async def unload(self, request: web.Request) -> web.Response:
         done = self.engine.unload()
-        await asyncio.get_running_loop().run_in_executor(None, done.wait, 30)
+        finished = await asyncio.get_running_loop().run_in_executor(None, done.wait, 30)
+        if not finished:
+            # Queued behind generations still running: it happens when they end.
+            return web.json_response({"status": "unloading"}, status=202)
         return web.json_response({"status": "idle"})
 
     async def chat(self, request: web.Request) -> web.StreamResponse:

@@ -184,6 +184,26 @@ def test_lone_surrogates_are_400_naming_the_field(engine: EngineProc) -> None:
     assert r.status_code == 200, r.text
 
 
+def test_nan_and_infinity_are_not_json(engine: EngineProc) -> None:
+    for literal in (b"NaN", b"Infinity", b"-Infinity"):
+        body = b'{"messages": [{"role": "user", "content": "Hi"}], "temperature": ' + literal + b"}"
+        r = post(
+            engine,
+            "/v1/chat/completions",
+            content=body,
+            headers={"Content-Type": "application/json"},
+        )
+        assert_error(r, 400, "invalid_json")
+        assert literal.decode() in r.json()["error"]["message"]
+    r = post(
+        engine,
+        "/v1/engine/load",
+        content=b'{"model": "x", "tensor_split": [NaN]}',
+        headers={"Content-Type": "application/json"},
+    )
+    assert_error(r, 400, "invalid_json")
+
+
 # --- OpenAI request shapes -----------------------------------------------------------------------
 
 
@@ -215,6 +235,31 @@ def test_content_arrays_null_content_and_tool_roles_are_accepted(engine: EngineP
         engine, "/v1/chat/completions", {"messages": user("What is 2+2?"), "max_tokens": 1}
     )
     assert as_parts.json()["usage"]["prompt_tokens"] == as_text.json()["usage"]["prompt_tokens"]
+
+
+def test_null_means_the_default_as_in_openais_api(engine: EngineProc) -> None:
+    nulls = {
+        "stream": None,
+        "stream_options": None,
+        "temperature": None,
+        "top_p": None,
+        "stop": None,
+        "seed": None,
+        "n": None,
+        "max_tokens": None,
+        "max_completion_tokens": None,
+        "speculative": None,
+    }
+    r = post(engine, "/v1/chat/completions", {"messages": user("Hi"), **nulls, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    assert r.json()["object"] == "chat.completion"
+    r = post(engine, "/v1/completions", {"prompt": "Hi", **nulls, "echo": None, "max_tokens": 2})
+    assert r.status_code == 200, r.text
+    # ...but a required field cannot be null.
+    assert_error(
+        post(engine, "/v1/chat/completions", {"messages": None}), 400, "invalid_value", "messages"
+    )
+    assert_error(post(engine, "/v1/completions", {"prompt": None}), 400, "invalid_value", "prompt")
 
 
 def test_image_parts_are_refused_rather_than_silently_dropped(engine: EngineProc) -> None:
