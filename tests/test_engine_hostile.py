@@ -313,6 +313,12 @@ def test_stop_forms(engine: EngineProc) -> None:
     assert as_str == as_list
     assert as_str["text"] == text[: text.index("9")]
     assert as_str["finish_reason"] == "stop"
+    # Streamed, a stop that spans tokens ("8, 9") is held back, never half-sent.
+    stop = text[text.index("8") : text.index("9") + 1]
+    events = sse_payloads(stream_raw(engine, "/v1/completions", {**base, "stop": [stop]}))
+    pieces = [e["choices"][0]["text"] for e in events[:-1] if e.get("choices")]
+    assert "".join(pieces) == text[: text.index(stop)]
+    assert events[-2]["choices"][0]["finish_reason"] == "stop"
     # An empty stop string never matches; one longer than the answer never matches either.
     for stop in ("", [""], ["", "x" * 500]):
         out = post(engine, "/v1/completions", {**base, "stop": stop}).json()["choices"][0]
@@ -449,29 +455,55 @@ def test_http_1_0_without_host_and_pipelined_keep_alive(engine: EngineProc) -> N
     assert out.startswith(b"HTTP/1.0 200")
     assert engine.ready["model"].encode() in out
 
-    body = json.dumps({"prompt": "Hello", "max_tokens": 2}).encode()
-    auth = b"Host: 127.0.0.1\r\nAuthorization: Bearer " + key + b"\r\n"
-    pipelined = (
-        b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
-        + b"POST /v1/completions HTTP/1.1\r\n"
-        + auth
-        + b"Content-Type: application/json\r\nContent-Length: "
+    # An HTTP/1.0 stream has no chunked framing: it ends when the server closes.
+    body = json.dumps({"prompt": "Hello", "max_tokens": 3, "stream": True}).encode()
+    out = raw_exchange(
+        engine,
+        b"POST /v1/completions HTTP/1.0\r\nAuthorization: Bearer "
+        + key
+        + b"\r\nContent-Length: "
         + str(len(body)).encode()
         + b"\r\n\r\n"
-        + body
-        + b"GET /v1/models HTTP/1.1\r\n"
-        + auth
-        + b"\r\n"
+        + body,
+    )
+    assert out.startswith(b"HTTP/1.0 200")
+    assert out.endswith(b"data: [DONE]\n\n")
+
+    def request(path: bytes, payload: dict[str, Any]) -> bytes:
+        data = json.dumps(payload).encode()
+        return (
+            b"POST "
+            + path
+            + b" HTTP/1.1\r\nHost: 127.0.0.1\r\nAuthorization: Bearer "
+            + key
+            + b"\r\nContent-Type: application/json\r\nContent-Length: "
+            + str(len(data)).encode()
+            + b"\r\n\r\n"
+            + data
+        )
+
+    pipelined = (
+        b"GET /health HTTP/1.1\r\nHost: localhost\r\n\r\n"
+        + request(b"/v1/completions", {"prompt": "Hello", "max_tokens": 2})
+        + request(
+            b"/v1/chat/completions", {"messages": user("Hi"), "max_tokens": 2, "stream": True}
+        )
+        + b"GET /v1/models HTTP/1.1\r\nHost: localhost\r\nAuthorization: Bearer "
+        + key
+        + b"\r\n\r\n"
         + b"GET /health HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n"
     )
     out = raw_exchange(engine, pipelined)
-    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", out) == [b"200"] * 4, out[:2000]
-    # Answers come back in request order.
-    assert (
-        out.index(b'"text_completion"')
-        < out.index(b'"object": "list"')
-        < out.rindex(b'{"status": "ok"}')
-    )
+    assert re.findall(rb"HTTP/1\.1 (\d{3}) ", out) == [b"200"] * 5, out[:2000]
+    # Answers come back in request order, the stream framed so the next answer follows it.
+    order = [
+        out.index(b'"text_completion"'),
+        out.index(b'"chat.completion.chunk"'),
+        out.index(b"data: [DONE]"),
+        out.index(b'"object": "list"'),
+        out.rindex(b'{"status": "ok"}'),
+    ]
+    assert order == sorted(order)
 
 
 # --- stalling clients ----------------------------------------------------------------------------
@@ -680,6 +712,37 @@ def test_a_gguf_that_only_llama_cpp_refuses_keeps_the_working_model(
             if c.get("/v1/engine/status").json()["model"]["path"] != settings["model"]:
                 assert c.post("/v1/engine/load", json=settings).status_code == 202
                 assert wait_for(lambda: c.get("/v1/engine/status").json()["state"] == "ready", 60)
+
+
+@pytest.mark.xfail(
+    reason="scheduler.py's load() marks the engine 'loading' (and renames the model) when the load is "
+    "queued, not when it runs: behind a running generation, a hostile load refuses every new request",
+    strict=False,
+)
+def test_a_hostile_load_posted_during_a_stream_does_not_refuse_other_requests(
+    engine: EngineProc,
+) -> None:
+    body = {
+        "prompt": "1, 2, 3, 4,",
+        "max_tokens": 200,
+        "stream": True,
+        "temperature": 0,
+        "speculative": {"type": "none"},
+    }
+    with engine.client() as c, c.stream("POST", "/v1/completions", json=body) as r:
+        lines = r.iter_lines()
+        assert next(line for line in lines if line.startswith("data: "))
+        # The stream is running: now someone asks to load a web page.
+        assert (
+            c.post("/v1/engine/load", json={"model": str(HOSTILE_DIR / "html.gguf")}).status_code
+            == 202
+        )
+        models = [m["id"] for m in c.get("/v1/models").json()["data"]]
+        other = c.post("/v1/completions", json={"prompt": "Hi", "max_tokens": 2}, timeout=120)
+        rest = list(lines)
+    assert "data: [DONE]" in rest
+    assert models == [engine.ready["model"]]
+    assert other.status_code == 200, other.text
 
 
 def test_unload_then_chat_is_503_then_load_again(engine: EngineProc) -> None:
