@@ -278,7 +278,7 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
 
     logging.getLogger("aiohttp.server").addFilter(QuietBadRequests())
     from engine.scheduler import Engine
-    from engine.server import ServerConfig, build_app
+    from engine.server import ServerConfig, build_app, make_runner
     from engine.wire import RuntimeInfo
 
     try:
@@ -305,17 +305,7 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
         io_timeout=max(args.timeout, 0.1),
     )
     app = build_app(engine, config)
-    io_timeout = max(args.timeout, 0.1)
-    runner = web.AppRunner(
-        app,
-        access_log=None,
-        handle_signals=False,
-        # Open streams are cancelled on shutdown (server.py), so handlers end fast;
-        # this only bounds the wait for a stuck one.
-        shutdown_timeout=1.5,
-        # Also closes connections that send nothing, or never finish their headers.
-        keepalive_timeout=min(io_timeout, 75.0),
-    )
+    runner = make_runner(app, config)
     await runner.setup()
     site = web.SockSite(runner, sock)
     await site.start()

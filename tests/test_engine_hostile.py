@@ -18,12 +18,14 @@ import subprocess
 import sys
 import threading
 import time
+import zlib
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
 import openai
+import psutil
 import pytest
 
 from tests.engine_proc import EngineProc, read_events, running_engine, serve_command
@@ -138,6 +140,53 @@ def test_body_over_32_mib_is_413_and_the_server_keeps_serving(engine: EngineProc
         engine, "/v1/chat/completions", content=big, headers={"Content-Type": "application/json"}
     )
     assert_error(r, 413, "request_too_large")
+    still_serving(engine)
+
+
+def gzipped(parts: Iterator[bytes]) -> bytes:
+    packer = zlib.compressobj(9, wbits=zlib.MAX_WBITS | 16)
+    return b"".join(packer.compress(part) for part in parts) + packer.flush()
+
+
+def test_compressed_bodies_are_inflated_with_a_bound(engine: EngineProc) -> None:
+    good = json.dumps({"messages": user("Hi"), "max_tokens": 2}).encode()
+    for encoding, data in (("gzip", gzipped(iter([good]))), ("deflate", zlib.compress(good))):
+        r = post(
+            engine,
+            "/v1/chat/completions",
+            content=data,
+            headers={"Content-Type": "application/json", "Content-Encoding": encoding},
+        )
+        assert r.status_code == 200, (encoding, r.text)
+    # A zip bomb: 256 KB that inflate to 256 MB. Refused without inflating it all.
+    head = b'{"messages": [{"role": "user", "content": "'
+    bomb = gzipped(iter([head] + [b"a" * (1 << 20)] * 256))
+    assert len(bomb) < 1 << 20
+    rss_before = psutil.Process(engine.proc.pid).memory_info().rss
+    r = post(
+        engine,
+        "/v1/chat/completions",
+        content=bomb,
+        headers={"Content-Type": "application/json", "Content-Encoding": "gzip"},
+    )
+    assert_error(r, 413, "request_too_large")
+    grown = psutil.Process(engine.proc.pid).memory_info().rss - rss_before
+    assert grown < 150 << 20, f"the engine grew by {grown >> 20} MiB"
+    assert_error(
+        post(
+            engine,
+            "/v1/chat/completions",
+            content=b"not gzip at all",
+            headers={"Content-Encoding": "gzip"},
+        ),
+        400,
+        "invalid_body",
+    )
+    assert_error(
+        post(engine, "/v1/chat/completions", content=good, headers={"Content-Encoding": "br"}),
+        415,
+        "unsupported_encoding",
+    )
     still_serving(engine)
 
 
