@@ -12,6 +12,7 @@ import asyncio
 import ipaddress
 import json
 import logging
+import math
 import os
 import secrets
 import signal
@@ -21,6 +22,8 @@ import threading
 import time
 from pathlib import Path
 from typing import Any, TextIO
+
+from pydantic import ValidationError
 
 from engine.errors import PeregrineError, UsageError
 from engine.paths import Paths
@@ -170,8 +173,23 @@ def _load_request(args: argparse.Namespace, model_path: str) -> LoadRequest:
     base.update({k: v for k, v in explicit.items() if v is not None})
     try:
         return LoadRequest.model_validate(base)
-    except Exception as exc:
-        raise UsageError(f"invalid settings: {exc}") from exc
+    except ValidationError as exc:
+        # One line, naming the setting: the error event is shown to a user as is.
+        err = exc.errors()[0]
+        where = ".".join(str(p) for p in err["loc"]) or "settings"
+        raise UsageError(f"invalid settings: {where}: {err['msg']}") from exc
+
+
+def _check_args(args: argparse.Namespace) -> None:
+    """Refuses values argparse lets through but nothing downstream can use."""
+    if not 0 <= args.port <= 65535:
+        raise UsageError(f"--port must be between 0 and 65535, not {args.port}")
+    if args.parent_pid is not None and args.parent_pid <= 0:
+        raise UsageError(f"--parent-pid must be a process id (> 0), not {args.parent_pid}")
+    if not (args.timeout > 0 and math.isfinite(args.timeout)):
+        raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout}")
+    if args.queue_limit < 1:
+        raise UsageError(f"--queue-limit must be at least 1, not {args.queue_limit}")
 
 
 def _select_runtime(name: str | None) -> tuple[str, str]:
@@ -265,6 +283,7 @@ def main(argv: list[str]) -> int:
 async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
     from engine.default_model import default_model_path
 
+    _check_args(args)
     api_key = args.api_key or os.environ.get("PEREGRINE_API_KEY") or ""
     if not _is_loopback(args.host) and not api_key:
         raise UsageError(f"binding to {args.host} (not loopback) requires an explicit --api-key")
@@ -286,10 +305,9 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         sock.bind((args.host, args.port))
         sock.listen(128)
-    except OSError as exc:
-        raise PeregrineError(
-            f"cannot listen on {args.host}:{args.port}: {exc.strerror or exc}"
-        ) from exc
+    except (OSError, OverflowError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) and exc.strerror else exc
+        raise PeregrineError(f"cannot listen on {args.host}:{args.port}: {reason}") from exc
     port = sock.getsockname()[1]
 
     engine = Engine(
@@ -302,7 +320,7 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
         api_key=api_key,
         host=args.host,
         allowed_hosts=set(args.allowed_host),
-        io_timeout=max(args.timeout, 0.1),
+        io_timeout=args.timeout,
     )
     app = build_app(engine, config)
     runner = make_runner(app, config)

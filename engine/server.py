@@ -328,7 +328,12 @@ class _Stream:
         self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
 
     def put(self, kind: str, value: Any) -> None:
-        self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+        try:
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+        except RuntimeError:
+            # The event loop has closed (shutdown cut a slow request off): nobody
+            # waits for this event, and raising would only break the decode thread's job.
+            log.debug("dropped a %r event for a request that outlived the server", kind)
 
 
 class _Api:

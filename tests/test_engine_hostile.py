@@ -902,3 +902,23 @@ def test_parent_pid_that_is_already_gone() -> None:
             proc.kill()
             proc.wait(10)
     assert proc.returncode == 0
+
+
+@pytest.mark.parametrize(
+    ("args", "words"),
+    [
+        (["--port", "70000"], "--port"),
+        (["--parent-pid", "-5"], "--parent-pid"),
+        (["--timeout", "0"], "--timeout"),
+        (["--queue-limit", "0"], "--queue-limit"),
+        (["--ctx", "5"], "n_ctx"),
+    ],
+)
+def test_bad_serve_arguments_are_one_error_event(args: list[str], words: str) -> None:
+    proc = subprocess.run(serve_command(*args), capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 1, proc.stderr[-2000:]
+    events = [json.loads(line) for line in proc.stdout.splitlines()]
+    assert [e["event"] for e in events] == ["error"]
+    assert words in events[0]["message"]
+    assert "\n" not in events[0]["message"]
+    assert "Traceback" not in proc.stderr
