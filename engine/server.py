@@ -58,6 +58,7 @@ class ApiError(Exception):
         type_: str = "invalid_request_error",
         code: str | None = None,
         param: str | None = None,
+        close: bool = False,
     ) -> None:
         super().__init__(message)
         self.status = status
@@ -65,6 +66,8 @@ class ApiError(Exception):
         self.type = type_
         self.code = code
         self.param = param
+        # Close the connection after answering: the body was not read to its end.
+        self.close = close
 
     def body(self) -> dict[str, Any]:
         error: dict[str, Any] = {"message": self.message, "type": self.type, "code": self.code}
@@ -73,7 +76,10 @@ class ApiError(Exception):
         return {"error": error}
 
     def response(self) -> web.Response:
-        return web.json_response(self.body(), status=self.status)
+        response = web.json_response(self.body(), status=self.status)
+        if self.close:
+            response.force_close()  # no keep-alive: the connection is mid-body
+        return response
 
 
 @dataclass
@@ -171,6 +177,9 @@ def make_runner(app: web.Application, config: ServerConfig) -> web.AppRunner:
         shutdown_timeout=1.5,
         # Also closes connections that send nothing, or never finish their headers.
         keepalive_timeout=min(config.io_timeout, 75.0),
+        # After an early answer (408, 413) aiohttp reads what is left of the body
+        # before closing; from a stalled client that never comes.
+        lingering_time=min(config.io_timeout, 10.0),
         # aiohttp would inflate a gzip body as it arrives, before any size check:
         # 1 MB of gzip became 460 MB of memory. `_decoded` inflates with a bound.
         auto_decompress=False,
@@ -181,10 +190,12 @@ async def _json_body(request: web.Request, timeout: float) -> dict[str, Any]:
     try:
         raw = await asyncio.wait_for(request.read(), timeout)
     except web.HTTPRequestEntityTooLarge as exc:
-        raise ApiError(413, "the request body is too large", code="request_too_large") from exc
+        raise ApiError(
+            413, "the request body is too large", code="request_too_large", close=True
+        ) from exc
     except TimeoutError as exc:
         raise ApiError(
-            408, "the request body did not arrive in time", code="request_timeout"
+            408, "the request body did not arrive in time", code="request_timeout", close=True
         ) from exc
     raw = _decoded(raw, request.headers.get("Content-Encoding", ""))
     try:
