@@ -639,6 +639,40 @@ def test_a_client_that_stops_reading_is_cut_off_and_its_generation_cancelled(
     assert 10 < data.count(b"data: ") < max_tokens
 
 
+def test_a_slow_but_steady_reader_gets_its_whole_stream(engine: EngineProc) -> None:
+    """The cut-off is for clients that stop, not for ones that read slower than the model writes."""
+    body = json.dumps(
+        {
+            "prompt": "1, 2, 3, 4, 5, 6, 7, 8, 9, 10,",
+            "max_tokens": 150,
+            "stream": True,
+            "temperature": 0,
+            "speculative": {"type": "none"},
+        }
+    ).encode()
+    s = socket.socket()
+    s.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    s.settimeout(60)
+    with s:
+        s.connect((engine.ready["host"], engine.ready["port"]))
+        s.sendall(
+            b"POST /v1/completions HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n"
+            b"Authorization: Bearer "
+            + engine.key.encode()
+            + b"\r\nContent-Type: application/json\r\n"
+            b"Content-Length: " + str(len(body)).encode() + b"\r\n\r\n" + body
+        )
+        data = b""
+        while chunk := s.recv(2048):
+            data += chunk
+            time.sleep(
+                IO_TIMEOUT / 10
+            )  # the slow client: about 7 KB/s, well below the model's pace
+    assert data.startswith(b"HTTP/1.1 200")
+    assert b"data: [DONE]" in data
+    assert b'"completion_tokens": 150' in data
+
+
 def test_many_clients_dropping_mid_stream_at_once(engine: EngineProc) -> None:
     body = json.dumps(
         {
