@@ -38,6 +38,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
+import psutil
 
 log = logging.getLogger("bench.engine_decode")
 
@@ -147,6 +148,83 @@ def stream_in_process(llm: Any, messages: list[dict[str, str]], max_tokens: int)
     return result
 
 
+@dataclass
+class Quiet:
+    """How long to wait for a calm CPU before each run, and how calm."""
+
+    min_idle: float = 0.85
+    max_wait: float = 60.0
+
+
+class CpuWatch:
+    """Measures the CPU that other programs took during a run: the noise of a shared machine.
+
+    Busy time of the whole machine minus that of our own processes (this one and
+    the servers under test), as a share of all cores over the run's wall time.
+    """
+
+    def __init__(self, own_pids: Sequence[int] = ()) -> None:
+        self._procs = [psutil.Process()] + [psutil.Process(p) for p in own_pids]
+        self._start: tuple[float, float, float] | None = None
+
+    def _busy(self) -> float:
+        t = psutil.cpu_times()
+        return float(sum(t) - t.idle - getattr(t, "iowait", 0.0))
+
+    def _own(self) -> float:
+        total = 0.0
+        for proc in self._procs:
+            try:
+                c = proc.cpu_times()
+            except psutil.NoSuchProcess:
+                continue  # a server that has exited holds no CPU
+            total += c.user + c.system
+        return total
+
+    def start(self) -> None:
+        self._start = (time.monotonic(), self._busy(), self._own())
+
+    def others_share(self) -> float:
+        """Share of the machine (0..1) used by other programs since `start`."""
+        assert self._start is not None, "start() first"
+        t0, busy0, own0 = self._start
+        wall = time.monotonic() - t0
+        if wall <= 0:
+            return 0.0
+        others = (self._busy() - busy0) - (self._own() - own0)
+        return max(0.0, others / (wall * (psutil.cpu_count() or 1)))
+
+
+def wait_for_quiet(min_idle: float, max_wait: float) -> float:
+    """Waits, up to `max_wait` seconds, until the CPUs are at least `min_idle` idle.
+
+    Returns the last idle share seen. Not a correctness wait: a bench on a shared
+    machine starts each run in a calm moment when one comes, and goes on anyway
+    (recording the idle share) when none does.
+    """
+    deadline = time.monotonic() + max_wait
+    while True:
+        idle = 1.0 - float(psutil.cpu_percent(interval=1.0)) / 100.0
+        if idle >= min_idle or time.monotonic() >= deadline:
+            return idle
+
+
+def add_quiet_options(parser: argparse.ArgumentParser) -> None:
+    """The --min-idle / --max-wait options both benchmarks share."""
+    parser.add_argument(
+        "--min-idle",
+        type=float,
+        default=Quiet.min_idle,
+        help="wait before each run until this share of the CPUs is idle (default 0.85)",
+    )
+    parser.add_argument(
+        "--max-wait",
+        type=float,
+        default=Quiet.max_wait,
+        help="...but at most this many seconds (default 60; 0: never wait)",
+    )
+
+
 def machine() -> dict[str, Any]:
     """What the numbers were measured on."""
     cpu = platform.processor() or platform.machine()
@@ -228,7 +306,13 @@ def _http_contender(name: str, client: httpx.Client, extra: dict[str, Any]) -> C
     return Contender(name, run, _count_from_timings)
 
 
-def measure(contenders: Sequence[Contender], tokens: int, repeats: int) -> list[dict[str, Any]]:
+def measure(
+    contenders: Sequence[Contender],
+    tokens: int,
+    repeats: int,
+    watch: CpuWatch,
+    quiet: Quiet,
+) -> list[dict[str, Any]]:
     """Runs every contender once per round, in rotating order; one record per run."""
     for c in contenders:  # warm-up: page the weights in, fill caches, start threads
         c.run(16)
@@ -236,11 +320,22 @@ def measure(contenders: Sequence[Contender], tokens: int, repeats: int) -> list[
     for rnd in range(repeats):
         shift = rnd % len(contenders)
         for c in [*contenders[shift:], *contenders[:shift]]:
+            idle = wait_for_quiet(quiet.min_idle, quiet.max_wait)
             load = os.getloadavg()[0]
+            watch.start()
             r = c.run(tokens)
+            others = watch.others_share()
             n = c.count(r, tokens)
             rate = r.rate(n)
-            log.info("round %d %-18s %3d tokens %6.1f tok/s", rnd + 1, c.name, n, rate or 0.0)
+            log.info(
+                "round %d %-18s %3d tokens %6.1f tok/s  (idle before %.0f%%, others during %.0f%%)",
+                rnd + 1,
+                c.name,
+                n,
+                rate or 0.0,
+                idle * 100,
+                others * 100,
+            )
             records.append(
                 {
                     "round": rnd + 1,
@@ -252,6 +347,8 @@ def measure(contenders: Sequence[Contender], tokens: int, repeats: int) -> list[
                     "client_tok_s": rate,
                     "median_gap_ms": r.median_gap_ms(),
                     "load_average_1min": load,
+                    "idle_before": idle,
+                    "others_cpu_share": others,
                     "timings": r.timings,
                     "text": r.text,
                 }
@@ -316,6 +413,8 @@ def render(summary: dict[str, dict[str, Any]], tokens: int, repeats: int) -> str
         rounds = ", ".join(f"{x:.3f}" for x in s["ratios"])
         draft = f"{s['draft_n']} / {s['draft_n_accepted']}" if s["draft_n"] else "-"
         gap = f"{s['median_gap_ratio']:.3f}" if s["median_gap_ratio"] else "-"
+        if s["draft_n"]:
+            gap = "n/a (drafts arrive in bursts)"
         toks = "/".join(str(t) for t in sorted(set(s["tokens"])))
         same = "yes" if s["same_text_as_baseline"] else "no"
         lines.append(
@@ -335,6 +434,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-llama-server", action="store_true", help="skip llama-server even if built"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "engine_decode.json")
+    add_quiet_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("httpx2").setLevel(logging.WARNING)
@@ -384,34 +484,23 @@ def main(argv: Sequence[str] | None = None) -> int:
             _http_contender("engine spec=none", client, {"speculative": {"type": "none"}})
         )
         contenders.append(_http_contender("engine spec=auto", client, {}))
-        server = (
-            None
-            if args.no_llama_server
-            else start_llama_server(
-                [
-                    "-m",
-                    str(model),
-                    "-c",
-                    str(N_CTX),
-                    "-t",
-                    str(THREADS),
-                    "-tb",
-                    str(THREADS),
-                    "-fa",
-                    "on",
-                    "-ngl",
-                    "0",
-                    "-np",
-                    "1",
-                ]
-            )
-        )
+        pids = [engine.proc.pid]
+        ls_args = ["-m", str(model), "-c", str(N_CTX), "-t", str(THREADS), "-tb", str(THREADS)]
+        ls_args += ["-fa", "on", "-ngl", "0", "-np", "1"]
+        server = None if args.no_llama_server else start_llama_server(ls_args)
         if server is not None:
             base_url, proc = server
             stack.callback(stop_llama_server, proc)
+            pids.append(proc.pid)
             ls_client = stack.enter_context(httpx.Client(base_url=base_url, timeout=300.0))
             contenders.append(_http_contender("llama-server", ls_client, {}))
-        records = measure(contenders, args.tokens, args.repeats)
+        records = measure(
+            contenders,
+            args.tokens,
+            args.repeats,
+            CpuWatch(pids),
+            Quiet(args.min_idle, args.max_wait),
+        )
 
     summary = summarize(records)
     info["load_average_after"] = list(os.getloadavg())

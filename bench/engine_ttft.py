@@ -16,7 +16,8 @@ Configurations (one engine process each, all running side by side):
   slot, when bench/llama_server.py finds the binary.
 
 Every round gives its chats a fresh session tag at the very start of the system
-prompt, so nothing from an earlier round can be reused. Configurations run in
+prompt, so nothing from an earlier round can be reused; within a round all
+configurations get the same chats. Configurations run in
 rotating order. Target: with the cache on, turn 8 within 1.5x of turn 1.
 Writes a table to stdout and the full record to bench/results/engine_ttft.json.
 """
@@ -32,13 +33,21 @@ import sys
 import time
 from collections.abc import Sequence
 from contextlib import ExitStack
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import httpx2 as httpx
 
-from bench.engine_decode import code_version, machine, stream_chat
+from bench.engine_decode import (
+    CpuWatch,
+    Quiet,
+    add_quiet_options,
+    code_version,
+    machine,
+    stream_chat,
+    wait_for_quiet,
+)
 
 log = logging.getLogger("bench.engine_ttft")
 
@@ -70,6 +79,8 @@ class Target:
     name: str
     client: httpx.Client
     extra: dict[str, Any]
+    quiet: Quiet = field(default_factory=Quiet)
+    watch: CpuWatch = field(default_factory=CpuWatch)
 
 
 def _ask(
@@ -84,7 +95,10 @@ def _ask(
         "seed": 0,
         **target.extra,
     }
+    idle = wait_for_quiet(target.quiet.min_idle, target.quiet.max_wait)
+    target.watch.start()
     r = stream_chat(target.client, body)
+    others = target.watch.others_share()
     timings = r.timings
     return (
         {
@@ -93,6 +107,8 @@ def _ask(
             "cache_n": timings.get("cache_n"),
             "prompt_ms": timings.get("prompt_ms"),
             "predicted_n": timings.get("predicted_n"),
+            "idle_before": idle,
+            "others_cpu_share": others,
         },
         r.text,
     )
@@ -128,10 +144,13 @@ def measure(targets: Sequence[Target], repeats: int) -> list[dict[str, Any]]:
     for t in targets:  # warm-up: page the weights in, start the threads
         _ask(t, [{"role": "user", "content": "Say hello."}], max_tokens=8)
     records = []
+    run_id = time.time_ns() % 1_000_000
     for rnd in range(repeats):
         shift = rnd % len(targets)
         for t in [*targets[shift:], *targets[:shift]]:
-            tag = f"Session {rnd + 1}-{t.name.replace(' ', '-')}-{time.time_ns() % 1_000_000}"
+            # Same chats for every target in a round (separate processes share no cache),
+            # new ones each round (so no round reuses an earlier round's states).
+            tag = f"Session {run_id}-{rnd + 1}"
             res = scenario(t, tag)
             log.info(
                 "round %d %-24s %s",
@@ -205,6 +224,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--no-llama-server", action="store_true", help="skip llama-server even if built"
     )
     parser.add_argument("--out", type=Path, default=RESULTS / "engine_ttft.json")
+    add_quiet_options(parser)
     args = parser.parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
     logging.getLogger("httpx2").setLevel(logging.WARNING)
@@ -228,12 +248,14 @@ def main(argv: Sequence[str] | None = None) -> int:
         "on",
     ]
     targets: list[Target] = []
+    pids: list[int] = []
     with ExitStack() as stack:
         for name, extra_args in (
             ("engine cache on", []),
             ("engine cache off", ["--cache-ram", "0"]),
         ):
             engine = stack.enter_context(running_engine(*common, *extra_args))
+            pids.append(engine.proc.pid)
             targets.append(Target(name, stack.enter_context(engine.client(timeout=300.0)), {}))
         if not args.no_llama_server:
             ls_common = [
@@ -261,8 +283,14 @@ def main(argv: Sequence[str] | None = None) -> int:
                     break
                 base_url, proc = server
                 stack.callback(stop_llama_server, proc)
+                pids.append(proc.pid)
                 client = stack.enter_context(httpx.Client(base_url=base_url, timeout=300.0))
                 targets.append(Target(name, client, {}))
+        # Every turn waits for a calm CPU; the others' share is charged to the servers' pids.
+        watch = CpuWatch(pids)
+        quiet = Quiet(args.min_idle, args.max_wait)
+        for t in targets:
+            t.watch, t.quiet = watch, quiet
         records = measure(targets, args.repeats)
 
     summary = summarize(records)
