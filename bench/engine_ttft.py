@@ -31,7 +31,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from contextlib import ExitStack
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -139,8 +139,16 @@ def scenario(target: Target, tag: str) -> dict[str, Any]:
     }
 
 
-def measure(targets: Sequence[Target], repeats: int) -> list[dict[str, Any]]:
-    """Runs the scenario once per target per round, in rotating order."""
+def measure(
+    targets: Sequence[Target],
+    repeats: int,
+    on_record: Callable[[list[dict[str, Any]]], object] = lambda records: None,
+) -> list[dict[str, Any]]:
+    """Runs the scenario once per target per round, in rotating order.
+
+    `on_record` gets the records so far after every scenario, so a run cut short
+    on a slow, shared machine still leaves its finished rounds on disk.
+    """
     for t in targets:  # warm-up: page the weights in, start the threads
         _ask(t, [{"role": "user", "content": "Say hello."}], max_tokens=8)
     records = []
@@ -162,6 +170,7 @@ def measure(targets: Sequence[Target], repeats: int) -> list[dict[str, Any]]:
                 ),
             )
             records.append({"round": rnd + 1, "target": t.name, **res})
+            on_record(records)
     return records
 
 
@@ -247,6 +256,49 @@ def main(argv: Sequence[str] | None = None) -> int:
         "--flash-attn",
         "on",
     ]
+
+    def write(records: list[dict[str, Any]], *, complete: bool) -> bool:
+        """Writes the JSON record (also after every scenario); True when the target is met."""
+        summary = summarize(records)
+        table = render(summary, args.repeats)
+        ratio = summary.get("engine cache on", {}).get("median_turn8_over_turn1")
+        ok = ratio is not None and ratio <= TARGET
+        if complete:
+            info["load_average_after"] = list(os.getloadavg())
+            sys.stdout.write(table)
+            sys.stdout.write(
+                f"\nengine cache on: turn 8 within {TARGET}x of turn 1: {'yes' if ok else 'NO'}\n"
+            )
+        args.out.parent.mkdir(parents=True, exist_ok=True)
+        args.out.write_text(
+            json.dumps(
+                {
+                    "bench": "engine_ttft",
+                    "command": "python -m bench.engine_ttft " + " ".join(argv or sys.argv[1:]),
+                    "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
+                    "complete": complete,
+                    "machine": info,
+                    "code": code,
+                    "settings": {
+                        "model": model.name,
+                        "n_ctx": N_CTX,
+                        "threads": THREADS,
+                        "flash_attn": "on",
+                        "sampling": "greedy",
+                        "answer_tokens": ANSWER_TOKENS,
+                        "rounds": args.repeats,
+                    },
+                    "target_turn8_over_turn1": TARGET,
+                    "summary": summary,
+                    "table_markdown": table,
+                    "runs": records,
+                },
+                indent=2,
+            )
+            + "\n"
+        )
+        return ok
+
     targets: list[Target] = []
     pids: list[int] = []
     with ExitStack() as stack:
@@ -291,44 +343,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         quiet = Quiet(args.min_idle, args.max_wait)
         for t in targets:
             t.watch, t.quiet = watch, quiet
-        records = measure(targets, args.repeats)
-
-    summary = summarize(records)
-    info["load_average_after"] = list(os.getloadavg())
-    table = render(summary, args.repeats)
-    sys.stdout.write(table)
-    ratio = summary["engine cache on"]["median_turn8_over_turn1"]
-    ok = ratio is not None and ratio <= TARGET
-    sys.stdout.write(
-        f"\nengine cache on: turn 8 within {TARGET}x of turn 1: {'yes' if ok else 'NO'}\n"
-    )
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "bench": "engine_ttft",
-                "command": "python -m bench.engine_ttft " + " ".join(argv or sys.argv[1:]),
-                "date_utc": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime(started)),
-                "machine": info,
-                "code": code,
-                "settings": {
-                    "model": model.name,
-                    "n_ctx": N_CTX,
-                    "threads": THREADS,
-                    "flash_attn": "on",
-                    "sampling": "greedy",
-                    "answer_tokens": ANSWER_TOKENS,
-                    "rounds": args.repeats,
-                },
-                "target_turn8_over_turn1": TARGET,
-                "summary": summary,
-                "table_markdown": table,
-                "runs": records,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+        records = measure(targets, args.repeats, lambda so_far: write(so_far, complete=False))
+    ok = write(records, complete=True)
     log.info("wrote %s", args.out)
     return 0 if ok else 1
 
