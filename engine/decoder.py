@@ -38,6 +38,7 @@ class Model(Protocol):
     """What the loop needs from a loaded model (LlamaModel implements it)."""
 
     n_ctx: int
+    n_batch: int
     n_vocab: int
     has_recurrent_state: bool
 
@@ -232,7 +233,7 @@ class Decoder:
 
         try:
             # Prompt, in n_batch chunks with a cancellation check between them.
-            chunk = 512
+            chunk = model.n_batch
             for offset in range(0, len(todo), chunk):
                 if req.cancel.is_set():
                     return self._result(pieces, "cancelled", generated, timings)
@@ -252,7 +253,7 @@ class Decoder:
             if not can_speculate:
                 draft_model = None
             ctl = self.controller
-            ctl.n_max = max(0, min(req.speculative.n_max, 16))
+            ctl.n_max = max(0, min(req.speculative.n_max, 16, model.n_batch - 1))
             ctl.n_min = max(0, min(req.speculative.n_min, ctl.n_max))
             ctl.p_min = req.speculative.p_min
             drafters: list[NgramDrafter | DraftModelDrafter] = []

@@ -8,6 +8,7 @@ Everything that touches a llama.cpp handle lives here; the decoding loop in
 from __future__ import annotations
 
 import ctypes
+import functools
 import hashlib
 import logging
 import os
@@ -175,11 +176,13 @@ class LlamaModel:
         self.ctx = ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
         self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
-        self.n_batch = request.n_batch
+        # llama.cpp clamps n_batch (to n_ctx, among others): a decode of more
+        # tokens than it allows aborts the process, so use its figure.
+        self.n_batch = max(1, int(llama_cpp.llama_n_batch(ctx)))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.threads = threads
-        self._batch = llama_cpp.llama_batch_init(max(self.n_batch, 64), 0, 1)
-        self._batch_capacity = max(self.n_batch, 64)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._batch_capacity = self.n_batch
         self._pieces: dict[int, bytes] = {}
         self._piece_buf = ctypes.create_string_buffer(256)
         self.memory_report = log_capture.memory_since(mark) if log_capture else MemoryReport()
@@ -217,6 +220,17 @@ class LlamaModel:
 
     def is_eog(self, token: int) -> bool:
         return bool(llama_cpp.llama_vocab_is_eog(self.vocab, token))
+
+    @functools.cached_property
+    def max_token_bytes(self) -> int:
+        """The longest text one token stands for: bounds how many bytes fit the context."""
+        return max(
+            (
+                len(llama_cpp.llama_vocab_get_text(self.vocab, t) or b"")
+                for t in range(self.n_vocab)
+            ),
+            default=1,
+        )
 
     def vocab_fingerprint(self) -> str:
         """A hash of every token's text: equal fingerprints mean drafts are interchangeable."""

@@ -140,13 +140,12 @@ class Engine:
     # --- loading ------------------------------------------------------------------
 
     def load(self, request: LoadRequest) -> threading.Event:
-        """Queues a model load; returns an event set when it finished (or failed)."""
+        """Queues a model load; returns an event set when it finished (or failed).
+
+        Nothing changes until the load runs: requests already queued keep the
+        model they were sent to, and new ones are accepted meanwhile.
+        """
         done = threading.Event()
-        with self._lock:
-            self.state = "loading"
-            self.load_progress = 0.0
-            self.error = None
-            self.settings = request
 
         def work() -> None:
             try:
@@ -168,29 +167,52 @@ class Engine:
         except PeregrineError as exc:
             self._fail_load(str(exc), keep_current=self.model is not None)
             return
+        previous = self.model.request if self.model is not None else None
         self._unload_now()
         with self._lock:
             self.state = "loading"
+            self.load_progress = 0.0
+            self.error = None
             self.settings = request
         try:
-            model = LlamaModel(request, progress=self._on_progress, log_capture=self._log_capture)
-            try:
-                self.draft_model = self._load_draft(request, model)
-            except BaseException:
-                model.close()
-                raise
+            self._install(request)
+        except Exception as exc:
+            message = (
+                str(exc) if isinstance(exc, PeregrineError) else f"{type(exc).__name__}: {exc}"
+            )
+            if not isinstance(exc, PeregrineError):
+                log.exception("model load failed")
+            if previous is not None and self._reload(previous):
+                # llama.cpp refused the new file: the previous model serves on.
+                self._fail_load(message, keep_current=True)
+            else:
+                self._fail_load(message)
+            return
+        log.info(
+            "model loaded: %s (n_ctx %d)", request.model, self.model.n_ctx if self.model else 0
+        )
+
+    def _reload(self, request: LoadRequest) -> bool:
+        try:
+            self._install(request)
+        except Exception:
+            log.exception("could not reload the previous model %s", request.model)
+            return False
+        return True
+
+    def _install(self, request: LoadRequest) -> None:
+        """Loads a model (and its draft model) and makes it the one in use."""
+        model = LlamaModel(request, progress=self._on_progress, log_capture=self._log_capture)
+        try:
+            self.draft_model = self._load_draft(request, model)
             self.template = ChatTemplate(
                 model.meta("tokenizer.chat_template"),
                 bos_token=model.token_text(model.bos) if model.bos >= 0 else "",
                 eos_token=model.token_text(model.eos) if model.eos >= 0 else "",
             )
-        except PeregrineError as exc:
-            self._fail_load(str(exc))
-            return
-        except Exception as exc:
-            log.exception("model load failed")
-            self._fail_load(f"{type(exc).__name__}: {exc}")
-            return
+        except BaseException:
+            model.close()
+            raise
         self.model = model
         draft = DraftModelDrafter(self.draft_model) if self.draft_model is not None else None
         self.decoder = Decoder(model, state_cache=self._state_cache, draft=draft)
@@ -199,7 +221,6 @@ class Engine:
             self.load_progress = 1.0
             # llama.cpp may round n_ctx up (to a multiple of 256): report what is in force.
             self.settings = request.model_copy(update={"n_ctx": model.n_ctx})
-        log.info("model loaded: %s (n_ctx %d)", request.model, model.n_ctx)
 
     def _load_draft(self, request: LoadRequest, model: LlamaModel) -> LlamaModel | None:
         if not request.draft_model:
@@ -336,12 +357,21 @@ class Engine:
             return list(prompt.token_ids)
         if prompt.messages is not None:
             text = self.template.render(prompt.messages)
+            self._check_size(text)
             # The template writes the BOS token itself when the model wants one.
             tokens = self.model.tokenize(text, add_special=False, parse_special=True)
             if self.model.add_bos and (not tokens or tokens[0] != self.model.bos):
                 tokens.insert(0, self.model.bos)
             return tokens
+        self._check_size(prompt.text or "")
         return self.model.tokenize(prompt.text or "", add_special=True, parse_special=True)
+
+    def _check_size(self, text: str) -> None:
+        """Refuses a prompt that cannot fit without spending seconds tokenizing it."""
+        assert self.model is not None
+        limit = self.model.n_ctx * max(self.model.max_token_bytes, 1)
+        if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
+            raise PromptTooLong(len(text) // max(self.model.max_token_bytes, 1), self.model.n_ctx)
 
     # --- status -------------------------------------------------------------------
 

@@ -23,6 +23,9 @@ CPU_PRIOR_COST = {1: 1.0, 2: 1.84, 4: 2.94, 8: 4.53, 16: 8.56}
 # match length, 1..n_max, as the signal).
 DRAFT_MODEL_SIGNAL = 100
 
+# Longest draft the controller keeps statistics for (requests cap n_max at 16).
+MAX_DRAFT = 16
+
 
 def _interpolate(table: dict[int, float], n: int) -> float:
     keys = sorted(table)
@@ -107,10 +110,13 @@ class NgramDrafter:
 class DraftStats:
     """Acceptance observed for one drafter, bucketed by the strength of its match."""
 
-    # P(draft token i accepted | tokens before it accepted), per match-length bucket.
-    acceptance: dict[int, float] = field(default_factory=dict)
+    # P(draft token i accepted | tokens before it accepted), per match-length
+    # bucket and per draft position: drafts tend to be all right (a copied
+    # span) or wrong at once, so later positions are far likelier to hold.
+    acceptance: dict[int, list[float]] = field(default_factory=dict)
     drafted: int = 0
     accepted: int = 0
+    steps: int = 0
 
 
 class SpeculationController:
@@ -164,11 +170,21 @@ class SpeculationController:
     def bucket(match_len: int) -> int:
         return match_len if match_len >= DRAFT_MODEL_SIGNAL else min(match_len, 6)
 
+    def position_acceptance(self, match_len: int) -> list[float]:
+        """Conditional acceptance per draft position (index 0: the first draft token)."""
+        b = self.bucket(match_len)
+        table = self.stats.acceptance.get(b)
+        if table is None:
+            # Optimistic prior so that the first drafts get tried at all; the
+            # estimates then converge quickly (EMA weight 0.2 per observation).
+            first = 0.7 if match_len >= DRAFT_MODEL_SIGNAL else 0.6 + 0.06 * min(match_len, 6)
+            table = [first] + [0.8] * (MAX_DRAFT - 1)
+            self.stats.acceptance[b] = table
+        return table
+
     def acceptance(self, match_len: int) -> float:
-        # Optimistic prior so that the first drafts get tried at all; the
-        # estimate then converges quickly (EMA weight 0.2 per token).
-        default = 0.7 if match_len >= DRAFT_MODEL_SIGNAL else 0.6 + 0.06 * min(match_len, 6)
-        return self.stats.acceptance.get(self.bucket(match_len), default)
+        """Estimated chance that the first draft token is accepted."""
+        return self.position_acceptance(match_len)[0]
 
     def record_draft_cost(self, ms_per_token: float) -> None:
         """Feeds the time a draft model took per drafted token."""
@@ -188,15 +204,13 @@ class SpeculationController:
             return
         self.stats.drafted += drafted
         self.stats.accepted += accepted
-        b = self.bucket(match_len)
-        a = self.acceptance(match_len)
-        # Each accepted token is a success; the first rejection is a failure;
-        # tokens after it say nothing (they were never tested on their own).
-        trials = min(drafted, accepted + 1)
-        for i in range(trials):
+        self.stats.steps += 1
+        table = self.position_acceptance(match_len)
+        # Each accepted token is a success at its position; the first rejection
+        # is a failure; positions after it say nothing (never tested).
+        for i in range(min(drafted, accepted + 1, MAX_DRAFT)):
             success = 1.0 if i < accepted else 0.0
-            a = a * 0.8 + success * 0.2
-        self.stats.acceptance[b] = a
+            table[i] = table[i] * 0.8 + success * 0.2
         if self._probing:
             # A failed probe doubles the wait before the next one.
             self._probing = False
@@ -204,8 +218,12 @@ class SpeculationController:
 
     # --- decisions ----------------------------------------------------------------
 
-    def expected_gain(self, k: int, a: float, per_draft: float = 0.0) -> float:
-        tokens = sum(a**i for i in range(k + 1))
+    def expected_gain(self, k: int, table: Sequence[float], per_draft: float = 0.0) -> float:
+        """Tokens per unit of time with k drafts, relative to plain decoding."""
+        tokens, survive = 1.0, 1.0
+        for i in range(k):
+            survive *= table[min(i, len(table) - 1)]
+            tokens += survive
         return tokens / (self.relative_cost(k + 1) + k * per_draft)
 
     def choose(self, match_len: int, available: int, per_draft: float = 0.0) -> int:
@@ -217,10 +235,11 @@ class SpeculationController:
         if not self.enabled or available <= 0:
             self.current_k = 0
             return 0
-        a = self.acceptance(match_len)
+        table = self.position_acceptance(match_len)
+        a = table[0]
         best_k, best_gain = 0, 1.0
         for k in range(max(1, self.n_min), min(self.n_max, available) + 1):
-            gain = self.expected_gain(k, a, per_draft)
+            gain = self.expected_gain(k, table, per_draft)
             if gain > best_gain:
                 best_k, best_gain = k, gain
         if a < self.p_min:

@@ -328,7 +328,8 @@ def test_prompt_too_long_and_max_tokens_clamped() -> None:
             r = c.post(
                 "/v1/chat/completions",
                 json={
-                    "messages": user("Tell me a very long story."),
+                    # A prompt that leaves little room, so the clamped answer is short.
+                    "messages": user("Continue this list: " + "apple, " * 100),
                     "max_tokens": 100000,
                     "temperature": 0,
                     "stop": [],

@@ -207,15 +207,24 @@ def test_controller_uses_measured_costs_gpu_like_flat_verify_drafts_more() -> No
         cpu.record_cost(n, 10.0 * (1 + 0.9 * (n - 1)))
         gpu.record_cost(n, 10.0 * (1 + 0.05 * (n - 1)))
     for ctl in (cpu, gpu):
-        for _ in range(20):
-            ctl.record(match_len=2, drafted=4, accepted=2)
+        for i in range(40):  # half the drafts fail at once, the others copy 4 tokens
+            ctl.record(match_len=2, drafted=4, accepted=0 if i % 2 else 4)
     k_cpu = cpu.choose(match_len=2, available=8)
     k_gpu = gpu.choose(match_len=2, available=8)
-    # ~59% acceptance: not worth it where verifying k tokens costs ~k times one,
-    # clearly worth it where verification is nearly free.
+    # Verifying k tokens costs ~k times one on the CPU: a coin flip does not pay.
+    # Where verification is nearly free it does, and the full copied span is drafted.
     assert k_cpu == 0
-    assert k_gpu > k_cpu
-    assert gpu.current_k >= 2
+    assert k_gpu >= 4
+
+
+def test_controller_learns_that_drafts_are_all_or_nothing() -> None:
+    ctl = SpeculationController(n_max=8)
+    for i in range(60):  # 80% of drafts copy 8 tokens, 20% fail on the first
+        ctl.record(match_len=4, drafted=8, accepted=8 if i % 5 else 0)
+    table = ctl.position_acceptance(4)
+    assert 0.6 < table[0] < 0.95
+    assert min(table[1:8]) > 0.95
+    assert ctl.choose(match_len=4, available=8) == 8
 
 
 @pytest.mark.slow
