@@ -103,6 +103,7 @@ class Engine:
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
+        self._pending_loads = 0
         self.state: EngineState = "idle"
         self.load_progress = 0.0
         self.error: str | None = None
@@ -146,11 +147,22 @@ class Engine:
         model they were sent to, and new ones are accepted meanwhile.
         """
         done = threading.Event()
+        with self._lock:
+            # Visible at once (state "loading"), but the model in use and its
+            # settings only change when the load actually runs.
+            self._pending_loads += 1
+            self.state = "loading"
+            self.load_progress = 0.0
+            self.error = None
 
         def work() -> None:
             try:
                 self._load_now(request)
             finally:
+                with self._lock:
+                    self._pending_loads -= 1
+                    if self._pending_loads and self.state != "error":
+                        self.state = "loading"
                 done.set()
 
         self._jobs.put(work)
@@ -297,9 +309,8 @@ class Engine:
     def submit(self, job: Job) -> None:
         """Queues a generation; raises QueueFull or NotReady at once."""
         with self._lock:
-            if self.state == "loading":
-                raise NotReady("the model is still loading")
-            if self.model is None or self.state == "error":
+            # Behind a pending load a request waits for the model it brings.
+            if self.model is None and not self._pending_loads:
                 raise NotReady(self.error or "no model is loaded")
             if self._waiting >= self.queue_limit:
                 raise QueueFull(f"the engine is busy: {self._waiting} requests are waiting")
@@ -311,7 +322,8 @@ class Engine:
             self._waiting -= 1
             self._current = job
             previous = self.state
-            self.state = "generating"
+            if not self._pending_loads:
+                self.state = "generating"
         result: GenerationResult | None = None
         error: BaseException | None = None
         try:

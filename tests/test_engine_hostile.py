@@ -768,11 +768,6 @@ def test_hostile_gguf_loads_fail_in_status_while_the_engine_keeps_serving(
             assert_error(c.post("/v1/engine/load", json=bad), 400, "invalid_value")
 
 
-@pytest.mark.xfail(
-    reason="scheduler.py unloads the working model before llama.cpp has accepted the new file; "
-    "a GGUF that passes the header check but that llama.cpp refuses leaves no model loaded",
-    strict=False,
-)
 def test_a_gguf_that_only_llama_cpp_refuses_keeps_the_working_model(
     engine: EngineProc, tmp_path: Path
 ) -> None:
@@ -797,11 +792,6 @@ def test_a_gguf_that_only_llama_cpp_refuses_keeps_the_working_model(
                 assert wait_for(lambda: c.get("/v1/engine/status").json()["state"] == "ready", 60)
 
 
-@pytest.mark.xfail(
-    reason="scheduler.py's load() marks the engine 'loading' (and renames the model) when the load is "
-    "queued, not when it runs: behind a running generation, a hostile load refuses every new request",
-    strict=False,
-)
 def test_a_hostile_load_posted_during_a_stream_does_not_refuse_other_requests(
     engine: EngineProc,
 ) -> None:
