@@ -303,7 +303,7 @@ def _require_utf8(text: str | None, param: str) -> None:
         ) from exc
 
 
-def _check_common(req: SamplingFields) -> None:
+def _check_common(req: SamplingFields, *, has_draft_model: bool = False) -> None:
     if req.n is not None and req.n != 1:
         raise ApiError(
             400, "'n' must be 1: one completion per request", code="unsupported_value", param="n"
@@ -322,10 +322,17 @@ def _check_common(req: SamplingFields) -> None:
     for stop in stops:
         _require_utf8(stop, "stop")
     spec = req.speculative
-    if spec is not None and spec.type in ("draft", "mtp"):
+    if spec is not None and spec.type == "mtp":
         raise ApiError(
             400,
-            f"speculative type '{spec.type}' needs a draft model or MTP heads, which the loaded model lacks",
+            "speculative type 'mtp' is not available: Peregrine does not run MTP heads yet",
+            code="unsupported_value",
+            param="speculative.type",
+        )
+    if spec is not None and spec.type == "draft" and not has_draft_model:
+        raise ApiError(
+            400,
+            "speculative type 'draft' needs a draft model: start the engine with --draft-model",
             code="unsupported_value",
             param="speculative.type",
         )
@@ -396,7 +403,7 @@ class _Api:
             req = ChatCompletionRequest.model_validate(body)
         except ValidationError as exc:
             raise _validation_error(exc) from exc
-        _check_common(req)
+        _check_common(req, has_draft_model=self.engine.has_draft_model)
         for i, m in enumerate(req.messages):
             if isinstance(m.content, list):
                 for part in m.content:
@@ -422,7 +429,7 @@ class _Api:
             req = CompletionRequest.model_validate(body)
         except ValidationError as exc:
             raise _validation_error(exc) from exc
-        _check_common(req)
+        _check_common(req, has_draft_model=self.engine.has_draft_model)
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
             spec = PromptSpec(token_ids=[int(p) for p in prompt])

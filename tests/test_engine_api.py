@@ -446,3 +446,32 @@ def test_64_concurrent_requests_each_complete_or_get_503(engine: EngineProc) -> 
     assert results.count(200) >= 16
     with engine.client() as c:
         assert c.get("/v1/engine/status").json()["queue"]["waiting"] == 0
+
+
+def test_speculative_draft_needs_a_draft_model_and_mtp_is_refused(engine: EngineProc) -> None:
+    with engine.client() as c:
+        for kind in ("draft", "mtp"):
+            r = c.post(
+                "/v1/chat/completions",
+                json={"messages": user("Hi"), "max_tokens": 2, "speculative": {"type": kind}},
+            )
+            assert r.status_code == 400
+            assert r.json()["error"]["param"] == "speculative.type"
+
+
+def test_draft_model_over_http_is_lossless(default_model: Any) -> None:
+    """The built-in model drafts for itself: same greedy text, drafts accepted."""
+    with running_engine(
+        "--ctx", "1024", "--threads", "2", "--draft-model", str(default_model)
+    ) as eng:
+        with eng.client() as c:
+            status = c.get("/v1/engine/status").json()
+            assert status["settings"]["draft_model"] == str(default_model)
+        ask = user("List five fruits, one per line.")
+        plain = eng.chat(ask, max_tokens=40, temperature=0, speculative={"type": "none"})
+        drafted = eng.chat(
+            ask, max_tokens=40, temperature=0, speculative={"type": "draft", "n_min": 4, "n_max": 4}
+        )
+    assert drafted["choices"][0]["message"]["content"] == plain["choices"][0]["message"]["content"]
+    assert drafted["timings"]["draft_n"] > 0
+    assert drafted["timings"]["draft_n_accepted"] > 0
