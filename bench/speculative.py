@@ -23,6 +23,12 @@ from engine.llama_backend import LlamaModel, SamplingParams
 from engine.prefix_cache import PrefixStateCache
 from engine.wire import LoadRequest
 
+try:  # optional comparison rows: only where a llama-server binary was built
+    from bench.engine_decode import wait_for_quiet
+    from bench.llama_server import start_llama_server, stop_llama_server
+except ImportError:  # pragma: no cover
+    start_llama_server = None  # type: ignore[assignment]
+
 CODE = """def compute_total(items):
     total = 0
     for item in items:
@@ -99,6 +105,27 @@ def run_once(
     }
 
 
+def llama_server_rate(base_url: str, text: str, max_tokens: int) -> dict[str, float]:
+    """Decode rate and drafts of one greedy chat request to llama-server."""
+    import httpx2
+
+    body = {
+        "messages": [{"role": "user", "content": text}],
+        "max_tokens": max_tokens,
+        "temperature": 0,
+        "cache_prompt": False,
+    }
+    r = httpx2.post(base_url + "/v1/chat/completions", json=body, timeout=600)
+    r.raise_for_status()
+    t = r.json()["timings"]
+    return {
+        "tok_per_s": float(t["predicted_per_second"]),
+        "draft_n": float(t.get("draft_n", 0)),
+        "draft_n_accepted": float(t.get("draft_n_accepted", 0)),
+        "text": r.json()["choices"][0]["message"]["content"],
+    }
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=3)
@@ -118,6 +145,32 @@ def main() -> None:
     )
     template = ChatTemplate(model.meta("tokenizer.chat_template"))
     decoder = Decoder(model, state_cache=PrefixStateCache(0))
+    servers: dict[str, tuple[str, object]] = {}
+    if start_llama_server is not None:
+        common = [
+            "-m",
+            str(default_model_path()),
+            "-c",
+            "4096",
+            "-t",
+            str(args.threads),
+            "-fa",
+            "on",
+            "-ctk",
+            args.kv,
+            "-ctv",
+            args.kv,
+            "-np",
+            "1",
+            "--no-webui",
+        ]
+        for name, extra in (
+            ("ls-plain", []),
+            ("ls-ngram-simple", ["--spec-type", "ngram-simple", "--spec-draft-n-max", "8"]),
+        ):
+            started = start_llama_server([*common, *extra])
+            if started is not None:
+                servers[name] = started
     modes = {
         "plain": SpecParams(type="none"),
         "auto": SpecParams(type="auto"),
@@ -133,7 +186,12 @@ def main() -> None:
         runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
         for _ in range(args.reps):
             for mode, spec in modes.items():  # alternate modes within each repetition
+                if start_llama_server is not None:
+                    wait_for_quiet(0.85, 20.0)
                 runs[mode].append(run_once(decoder, prompt, spec, args.max_tokens))
+            for name, (url, _proc) in servers.items():
+                wait_for_quiet(0.85, 20.0)
+                runs.setdefault(name, []).append(llama_server_rate(str(url), text, args.max_tokens))
         plain_rate = statistics.median(r["tok_per_s"] for r in runs["plain"])
         row = {"prompt": name, "kind": kind, "plain_tok_s": round(plain_rate, 1)}
         for mode in ("auto", "ngram-8"):
@@ -148,6 +206,20 @@ def main() -> None:
             row[f"{mode}_drafted_per_run"] = drafted // args.reps
             row[f"{mode}_identical"] = all(
                 r["text"] == runs["plain"][0]["text"] for r in runs[mode]
+            )
+        if "ls-plain" in runs and "ls-ngram-simple" in runs:
+            ls = [
+                n["tok_per_s"] / p["tok_per_s"]
+                for n, p in zip(runs["ls-ngram-simple"], runs["ls-plain"], strict=True)
+            ]
+            row["llama_server_ngram_simple_ratio"] = round(statistics.median(ls), 3)
+            drafted = sum(r["draft_n"] for r in runs["ls-ngram-simple"])
+            accepted = sum(r["draft_n_accepted"] for r in runs["ls-ngram-simple"])
+            row["llama_server_ngram_simple_accept"] = (
+                round(accepted / drafted, 3) if drafted else None
+            )
+            row["llama_server_plain_tok_s"] = round(
+                statistics.median(r["tok_per_s"] for r in runs["ls-plain"]), 1
             )
         row["auto_mean_accepted_per_step"] = _mean_accepted(runs["auto"])
         row["ngram-8_mean_accepted_per_step"] = _mean_accepted(runs["ngram-8"])
@@ -170,6 +242,15 @@ def main() -> None:
         "max_tokens": args.max_tokens,
         "reps": args.reps,
     }
+    ls_rows = [
+        r["llama_server_ngram_simple_ratio"]
+        for r in rows
+        if r["kind"] == "rewrite" and "llama_server_ngram_simple_ratio" in r
+    ]
+    if ls_rows:
+        summary["rewrite_llama_server_ngram_simple_geomean"] = round(geomean(ls_rows), 3)
+    for _url, proc in servers.values():
+        stop_llama_server(proc)  # type: ignore[arg-type]
     print(json.dumps(summary))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
     Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary}, indent=2) + "\n")

@@ -154,7 +154,10 @@ class Decoder:
         self.model = model
         self.state_cache = state_cache
         self.clock = clock
-        self.tokens: list[int] = []  # exactly what sequence 0 holds, position by position
+        # Exactly what sequence 0 holds, position by position: start from an
+        # empty cache so the two can never disagree.
+        model.clear()
+        self.tokens: list[int] = []
         self.controller = SpeculationController()
         self.drafter = NgramDrafter()
         self.draft_drafter = draft
