@@ -38,8 +38,13 @@ unit: $(STAMP)
 
 test: lint typecheck unit
 
+# Benchmarks: figures for docs/benchmarks.md (not part of `make test`).
 bench: $(STAMP)
-	$(BIN)/python -m bench.run_all
+	$(BIN)/python -m bench.engine_decode
+	$(BIN)/python -m bench.engine_ttft
+	$(BIN)/python -m bench.speculative
+	$(BIN)/python -m bench.memory_accuracy
+	QT_QPA_PLATFORM=offscreen $(BIN)/python -m bench.gui_lag
 
 # Screenshots of the main screens under a virtual X server (docs/screenshots/).
 screenshots: $(STAMP)

@@ -164,13 +164,13 @@ def main() -> None:
             "1",
             "--no-webui",
         ]
-        for name, extra in (
+        for server, extra in (
             ("ls-plain", []),
             ("ls-ngram-simple", ["--spec-type", "ngram-simple", "--spec-draft-n-max", "8"]),
         ):
             started = start_llama_server([*common, *extra])
             if started is not None:
-                servers[name] = started
+                servers[server] = started
     modes = {
         "plain": SpecParams(type="none"),
         "auto": SpecParams(type="auto"),
@@ -189,9 +189,11 @@ def main() -> None:
                 if start_llama_server is not None:
                     wait_for_quiet(0.85, 20.0)
                 runs[mode].append(run_once(decoder, prompt, spec, args.max_tokens))
-            for name, (url, _proc) in servers.items():
+            for server, (url, _proc) in servers.items():
                 wait_for_quiet(0.85, 20.0)
-                runs.setdefault(name, []).append(llama_server_rate(str(url), text, args.max_tokens))
+                runs.setdefault(server, []).append(
+                    llama_server_rate(str(url), text, args.max_tokens)
+                )
         plain_rate = statistics.median(r["tok_per_s"] for r in runs["plain"])
         row = {"prompt": name, "kind": kind, "plain_tok_s": round(plain_rate, 1)}
         for mode in ("auto", "ngram-8"):
