@@ -15,7 +15,6 @@ from PySide6.QtCore import Qt
 from PySide6.QtWidgets import QApplication
 from pytestqt.qtbot import QtBot
 
-from app.qt.engine_supervisor import EngineSupervisor
 from app.qt.main_window import MainWindow
 from app.services.chat_service import PRESETS
 from app.services.chat_store import ChatStore
@@ -24,36 +23,12 @@ from app.services.settings import RemoteEndpoint, SettingsStore
 from engine.paths import Paths
 from tests.engine_proc import running_engine
 from tests.gui_watchdog import GuiWatchdog
+from tests.gui_windows import close_window, make_window
 
 pytestmark = [pytest.mark.qt, pytest.mark.slow]
 
 ENGINE_START_MS = 180_000  # the shared CI CPU can be very slow
 ANSWER_MS = 180_000
-
-
-def make_window(qtbot: QtBot, model: Path, max_tokens: int = 24) -> MainWindow:
-    paths = Paths.from_env().ensure()
-    window = MainWindow(
-        ChatStore(paths.chats_db),
-        SettingsStore(paths.settings_file),
-        EngineSupervisor(stall_timeout_s=120),
-        lambda: model,
-        max_tokens=max_tokens,
-    )
-    # pytest-qt closes and deletes registered widgets before fixture teardown, so the
-    # asynchronous shutdown (engine stopped, then `closed`) runs in before_close_func.
-    qtbot.addWidget(window, before_close_func=lambda w: close_window(qtbot, w))
-    window.show()
-    return window
-
-
-def close_window(qtbot: QtBot, window: MainWindow) -> None:
-    """Quits as the user would and waits until the engine is gone; safe to call twice."""
-    if not window._closed:
-        with qtbot.waitSignal(window.closed, timeout=30_000):
-            window.shut_down()
-        window.store.close()
-    assert window.supervisor.pid() is None
 
 
 @pytest.fixture
