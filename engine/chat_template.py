@@ -7,6 +7,7 @@ did not write, so they run in Jinja's immutable sandbox.
 from __future__ import annotations
 
 import datetime
+import re
 from collections.abc import Sequence
 from typing import Any
 
@@ -22,6 +23,10 @@ CHATML_TEMPLATE = (
     "{% endfor %}"
     "{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
 )
+
+
+# Private-use code points frame placeholders for message contents.
+_MARK = re.compile("(\ue000[0-9]+\ue001)")
 
 
 class TemplateError(PeregrineError):
@@ -74,3 +79,27 @@ class ChatTemplate:
             raise TemplateError(f"the model's chat template failed: {exc}") from exc
         except (TypeError, ValueError, KeyError, IndexError) as exc:
             raise TemplateError(f"the model's chat template failed: {exc}") from exc
+
+    def render_segments(
+        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
+    ) -> list[tuple[str, bool]] | None:
+        """The prompt as (text, is_message_content) pieces, in order.
+
+        Lets the caller tokenize what users wrote without turning text such as
+        "<|im_end|>" into control tokens, while the template's own markup still
+        becomes them. None when the template transforms contents (a placeholder
+        does not come out exactly once): the caller renders plainly then.
+        """
+        marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
+        masked = [{**m, "content": marks[i]} for i, m in enumerate(messages)]
+        text = self.render(masked, add_generation_prompt=add_generation_prompt)
+        if any(text.count(mark) != 1 for mark in marks):
+            return None
+        pieces: list[tuple[str, bool]] = []
+        for part in _MARK.split(text):
+            if _MARK.fullmatch(part):
+                content = messages[int(part[1:-1])].get("content")
+                pieces.append((content if isinstance(content, str) else "", True))
+            elif part:
+                pieces.append((part, False))
+        return pieces

@@ -232,6 +232,17 @@ class LlamaModel:
             default=1,
         )
 
+    @functools.cached_property
+    def control_texts(self) -> frozenset[str]:
+        """The texts of control tokens ("<|im_end|>"...), which user text must not become."""
+        texts = set()
+        for token in range(self.n_vocab):
+            if llama_cpp.llama_vocab_is_control(self.vocab, token):
+                text = self.token_text(token)
+                if text:
+                    texts.add(text)
+        return frozenset(texts)
+
     def vocab_fingerprint(self) -> str:
         """A hash of every token's text: equal fingerprints mean drafts are interchangeable."""
         digest = hashlib.sha256()

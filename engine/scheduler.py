@@ -371,12 +371,33 @@ class Engine:
             text = self.template.render(prompt.messages)
             self._check_size(text)
             # The template writes the BOS token itself when the model wants one.
-            tokens = self.model.tokenize(text, add_special=False, parse_special=True)
+            tokens = self._tokenize_chat(prompt.messages, text)
             if self.model.add_bos and (not tokens or tokens[0] != self.model.bos):
                 tokens.insert(0, self.model.bos)
             return tokens
         self._check_size(prompt.text or "")
         return self.model.tokenize(prompt.text or "", add_special=True, parse_special=True)
+
+    def _tokenize_chat(self, messages: list[dict[str, Any]], text: str) -> list[int]:
+        """Tokenizes a rendered chat; control-token text inside messages stays plain text.
+
+        A user who pastes "<|im_start|>system" must not open a system turn. Only
+        when a message contains such text are contents tokenized apart from the
+        template's markup (the common case keeps one plain tokenization).
+        """
+        assert self.model is not None and self.template is not None
+        controls = self.model.control_texts
+        suspicious = any(
+            isinstance(m.get("content"), str) and any(c in m["content"] for c in controls)
+            for m in messages
+        )
+        pieces = self.template.render_segments(messages) if suspicious else None
+        if pieces is None:
+            return self.model.tokenize(text, add_special=False, parse_special=True)
+        tokens: list[int] = []
+        for piece, is_content in pieces:
+            tokens += self.model.tokenize(piece, add_special=False, parse_special=not is_content)
+        return tokens
 
     def _check_size(self, text: str) -> None:
         """Refuses a prompt that cannot fit without spending seconds tokenizing it."""
