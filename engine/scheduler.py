@@ -10,7 +10,6 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -411,16 +410,6 @@ class Engine:
     @property
     def model_id(self) -> str | None:
         return model_id_for(self.settings.model) if self.settings else None
-
-    def wait_idle(self, timeout: float = 10.0) -> bool:
-        """Blocks until the queue is drained (tests and shutdown)."""
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            with self._lock:
-                if self._current is None and self._waiting == 0:
-                    return True
-            time.sleep(0.01)
-        return False
 
     def status(self) -> EngineStatus:
         with self._lock:

@@ -17,7 +17,7 @@ import uuid
 import zlib
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypeVar
 
 from aiohttp import web
 from pydantic import ValidationError
@@ -44,6 +44,7 @@ DEFAULT_IO_TIMEOUT = 600.0
 # client that stopped reading is noticed within a few hundred tokens.
 STREAM_SOCKET_BUFFER = 8 << 10
 STREAM_BACKLOG = 4 << 10
+_Req = TypeVar("_Req", bound=SamplingFields)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -397,13 +398,18 @@ class _Api:
             return web.json_response({"status": "unloading"}, status=202)
         return web.json_response({"status": "idle"})
 
-    async def chat(self, request: web.Request) -> web.StreamResponse:
+    async def _parse(self, request: web.Request, model: type[_Req]) -> _Req:
+        """Reads, validates and checks a completion request body (400 on any fault)."""
         body = _fold_flat_keys(await _json_body(request, self.io_timeout))
         try:
-            req = ChatCompletionRequest.model_validate(body)
+            req = model.model_validate(body)
         except ValidationError as exc:
             raise _validation_error(exc) from exc
         _check_common(req, has_draft_model=self.engine.has_draft_model)
+        return req
+
+    async def chat(self, request: web.Request) -> web.StreamResponse:
+        req = await self._parse(request, ChatCompletionRequest)
         for i, m in enumerate(req.messages):
             if isinstance(m.content, list):
                 for part in m.content:
@@ -424,12 +430,7 @@ class _Api:
         return await self._run(request, req, PromptSpec(messages=messages), chat=True)
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        body = _fold_flat_keys(await _json_body(request, self.io_timeout))
-        try:
-            req = CompletionRequest.model_validate(body)
-        except ValidationError as exc:
-            raise _validation_error(exc) from exc
-        _check_common(req, has_draft_model=self.engine.has_draft_model)
+        req = await self._parse(request, CompletionRequest)
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
             spec = PromptSpec(token_ids=[int(p) for p in prompt])

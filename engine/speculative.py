@@ -148,7 +148,6 @@ class SpeculationController:
         self.current_k = 0
         self._cooldown = 0
         self._probe_wait = 16
-        self.enabled = True
         self._draft_ms: float | None = None
         self._probing = False
 
@@ -232,7 +231,7 @@ class SpeculationController:
         `per_draft` is the extra cost of producing each draft token, relative
         to one target decode: 0 for n-gram lookup, `draft_cost()` for a model.
         """
-        if not self.enabled or available <= 0:
+        if available <= 0:
             self.current_k = 0
             return 0
         table = self.position_acceptance(match_len)

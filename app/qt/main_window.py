@@ -38,7 +38,7 @@ from app.qt.engine_supervisor import EngineSupervisor
 from app.qt.error_panel import ErrorPanel
 from app.qt.status_bar import StatusBar
 from app.qt.workers import BackgroundCalls, StreamRunner, StreamWorker
-from app.services.chat_service import PRESETS, ChatService
+from app.services.chat_service import PRESETS, ChatService, Generation
 from app.services.chat_store import ChatStore
 from app.services.engine_client import Endpoint, EngineClient, Finished
 from app.services.engine_launch import LaunchSpec, Ready
@@ -463,14 +463,7 @@ class MainWindow(QMainWindow):
         self.cancel_edit()
         if not self._engine_error_shown:
             self.error_panel.clear()
-        self._begin_stream(
-            generation.id,
-            generation.chat_id,
-            generation.assistant_message_id,
-            endpoint,
-            generation.messages,
-            generation.params,
-        )
+        self._begin_stream(generation, endpoint)
 
     def regenerate(self) -> None:
         if self.runner.busy or self.current_chat is None:
@@ -484,14 +477,7 @@ class MainWindow(QMainWindow):
         except PeregrineError as exc:
             self.show_error(str(exc))
             return
-        self._begin_stream(
-            generation.id,
-            generation.chat_id,
-            generation.assistant_message_id,
-            endpoint,
-            generation.messages,
-            generation.params,
-        )
+        self._begin_stream(generation, endpoint)
 
     def begin_edit(self, message_id: int) -> None:
         if self.runner.busy:
@@ -513,21 +499,14 @@ class MainWindow(QMainWindow):
     def copy_message(self, message_id: int) -> None:
         QGuiApplication.clipboard().setText(self.store.message(message_id).content)
 
-    def _begin_stream(
-        self,
-        generation_id: int,
-        chat_id: int,
-        message_id: int,
-        endpoint: Endpoint,
-        messages: list[dict[str, str]],
-        params: dict[str, Any],
-    ) -> None:
-        self.title_label.setText(self.store.chat(chat_id).title)
-        self.conversation.set_messages(self.store.messages(chat_id))
+    def _begin_stream(self, generation: Generation, endpoint: Endpoint) -> None:
+        generation_id = generation.id
+        self.title_label.setText(self.store.chat(generation.chat_id).title)
+        self.conversation.set_messages(self.store.messages(generation.chat_id))
         self.refresh_chats()
-        self._stream_message = message_id
+        self._stream_message = generation.assistant_message_id
         self._stream_text = ""
-        worker = StreamWorker(generation_id, endpoint, messages, params)
+        worker = StreamWorker(generation_id, endpoint, generation.messages, generation.params)
         worker.delta.connect(self._on_delta)
         worker.done.connect(self._on_done)
         worker.failed.connect(self._on_failed)
