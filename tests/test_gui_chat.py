@@ -151,8 +151,13 @@ def test_stop_mid_stream_keeps_the_partial_answer(
 def test_regenerate_replaces_the_last_answer(
     qtbot: QtBot, window: MainWindow, watchdog: GuiWatchdog
 ) -> None:
+    # When answer_finished fires the window is already idle, so the very next
+    # click is honoured (it was once ignored while the stream thread wound down).
+    busy_at_finish: list[bool] = []
+    window.answer_finished.connect(lambda _gid: busy_at_finish.append(window.runner.busy))
     with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
         send_by_keyboard(qtbot, window, "Name three birds.")
+    assert busy_at_finish == [False]
     chat_id = window.current_chat
     assert chat_id is not None
     first_user, first_answer = window.store.messages(chat_id)
@@ -164,6 +169,7 @@ def test_regenerate_replaces_the_last_answer(
     assert answer.id != first_answer.id
     assert answer.status == "complete" and answer.content
     assert list(window.conversation.widgets) == [user.id, answer.id]
+    assert busy_at_finish == [False, False]
 
 
 def test_edit_and_resend(qtbot: QtBot, window: MainWindow, watchdog: GuiWatchdog) -> None:

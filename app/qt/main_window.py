@@ -83,6 +83,7 @@ class MainWindow(QMainWindow):
             default_system_prompt=self.settings.default_system_prompt,
         )
         self.runner = StreamRunner(self)
+        self.runner.stream_finished.connect(self._on_stream_finished)
         self.background = BackgroundCalls(self)
         self.current_chat: int | None = None
         self._stream_message: int | None = None
@@ -510,7 +511,6 @@ class MainWindow(QMainWindow):
         worker.delta.connect(self._on_delta)
         worker.done.connect(self._on_done)
         worker.failed.connect(self._on_failed)
-        worker.finished.connect(self._on_stream_finished)
         self.composer.set_streaming(True)
         self.runner.start(worker)
         self.answer_started.emit(generation_id)

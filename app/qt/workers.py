@@ -70,7 +70,13 @@ class StreamWorker(QObject):
 
 
 class StreamRunner(QObject):
-    """Owns the thread of the one stream in flight."""
+    """Owns the thread of the one stream in flight.
+
+    `stream_finished` is emitted after `busy` has turned False, so whoever
+    listens to it may start the next stream at once.
+    """
+
+    stream_finished = Signal(int)  # generation id
 
     def __init__(self, parent: QObject | None = None) -> None:
         super().__init__(parent)
@@ -111,8 +117,9 @@ class StreamRunner(QObject):
             thread.wait(wait_ms)
 
     @Slot(int)
-    def _on_finished(self, _gid: int) -> None:
+    def _on_finished(self, gid: int) -> None:
         self._thread, self.worker = None, None
+        self.stream_finished.emit(gid)
 
     @Slot()
     def _on_thread_finished(self) -> None:
