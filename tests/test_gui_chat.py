@@ -133,11 +133,18 @@ def test_stop_mid_stream_keeps_the_partial_answer(
     send_by_keyboard(qtbot, window, "Tell me a long story about a falcon.")
     assert window.composer.send_button.text() == "Stop"
     qtbot.waitUntil(lambda: len(renders.partials()) >= 1, timeout=ANSWER_MS)
+    # While it streams, Edit and Regenerate (which would start another answer) are off.
+    user_widget, answer_widget = window.conversation.widgets.values()
+    assert user_widget.edit_button is not None and not user_widget.edit_button.isEnabled()
+    assert answer_widget.regenerate_button is not None
+    assert not answer_widget.regenerate_button.isEnabled()
     with qtbot.waitSignal(window.answer_finished, timeout=30_000):
         qtbot.mouseClick(window.composer.send_button, Qt.MouseButton.LeftButton)
     assert window.composer.send_button.text() == "Send"
     answer = window.store.messages(window.current_chat)[-1]  # type: ignore[arg-type]
     assert answer.status == "stopped"
+    regenerate = window.conversation.widgets[answer.id].regenerate_button
+    assert regenerate is not None and regenerate.isEnabled()
     assert answer.content and answer.content.startswith(renders.partials()[0])
     assert window.conversation.widgets[answer.id].text == answer.content
     assert window.conversation.widgets[answer.id].tag.text() == "stopped"
@@ -163,6 +170,7 @@ def test_regenerate_replaces_the_last_answer(
     first_user, first_answer = window.store.messages(chat_id)
     widget = window.conversation.widgets[first_answer.id]
     with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        assert widget.regenerate_button is not None
         widget.regenerate_button.click()
     user, answer = window.store.messages(chat_id)
     assert user.id == first_user.id

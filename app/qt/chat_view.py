@@ -93,8 +93,12 @@ class MessageWidget(QFrame):
         head.addStretch(1)
         self.copy_button = self._action("Copy", lambda: self.copy_requested.emit(message.id))
         head.addWidget(self.copy_button)
+        # Edit and Regenerate start a new answer: greyed out while one streams.
+        self.edit_button: QToolButton | None = None
+        self.regenerate_button: QToolButton | None = None
         if message.role == "user":
-            head.addWidget(self._action("Edit", lambda: self.edit_requested.emit(message.id)))
+            self.edit_button = self._action("Edit", lambda: self.edit_requested.emit(message.id))
+            head.addWidget(self.edit_button)
         elif last:
             self.regenerate_button = self._action(
                 "Regenerate", lambda: self.regenerate_requested.emit(message.id)
@@ -105,6 +109,11 @@ class MessageWidget(QFrame):
         self.body.copy_code.connect(self._copy_code)
         outer.addWidget(self.body)
         self.set_content(message.content, message.status)
+
+    def set_actions_enabled(self, enabled: bool) -> None:
+        for button in (self.edit_button, self.regenerate_button):
+            if button is not None:
+                button.setEnabled(enabled)
 
     def _action(self, text: str, slot: object) -> QToolButton:
         button = QToolButton()
@@ -157,6 +166,7 @@ class ConversationView(QScrollArea):
         self._empty = self._empty_state()
         self._layout.insertWidget(0, self._empty)
         self._follow = True
+        self._busy = False
         self.verticalScrollBar().valueChanged.connect(self._on_scrolled)
         self.verticalScrollBar().rangeChanged.connect(self._on_range)
 
@@ -205,7 +215,14 @@ class ConversationView(QScrollArea):
             widget.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Preferred)
         self._layout.insertWidget(self._layout.count() - 1, widget)
         self.widgets[message.id] = widget
+        widget.set_actions_enabled(not self._busy)
         return widget
+
+    def set_busy(self, busy: bool) -> None:
+        """While an answer streams, Edit and Regenerate are disabled."""
+        self._busy = busy
+        for widget in self.widgets.values():
+            widget.set_actions_enabled(not busy)
 
     def update_message(self, message_id: int, text: str, status: str) -> None:
         """Re-renders one message only (the one being streamed)."""

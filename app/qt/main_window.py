@@ -512,6 +512,7 @@ class MainWindow(QMainWindow):
         worker.done.connect(self._on_done)
         worker.failed.connect(self._on_failed)
         self.composer.set_streaming(True)
+        self.conversation.set_busy(True)
         self.runner.start(worker)
         self.answer_started.emit(generation_id)
 
@@ -553,6 +554,7 @@ class MainWindow(QMainWindow):
     @Slot(int)
     def _on_stream_finished(self, generation_id: int) -> None:
         self.composer.set_streaming(False)
+        self.conversation.set_busy(False)
         self.answer_finished.emit(generation_id)
 
     def _final_render(self, message_id: int, text: str, status: str) -> None:
