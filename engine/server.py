@@ -93,6 +93,10 @@ class ServerConfig:
     io_timeout: float = DEFAULT_IO_TIMEOUT
 
 
+def _model_object(model_id: str) -> dict[str, Any]:
+    return {"id": model_id, "object": "model", "created": 0, "owned_by": "peregrine"}
+
+
 def _host_name(header: str) -> str:
     header = header.strip().lower()
     if header.startswith("["):
@@ -159,6 +163,7 @@ def build_app(engine: Engine, config: ServerConfig) -> web.Application:
     app.on_shutdown.append(api.cancel_all)
     app.router.add_get("/health", api.health)
     app.router.add_get("/v1/models", api.models)
+    app.router.add_get("/v1/models/{model:.+}", api.model)
     app.router.add_post("/v1/chat/completions", api.chat)
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_post("/v1/engine/load", api.load)
@@ -373,10 +378,22 @@ class _Api:
 
     async def models(self, request: web.Request) -> web.Response:
         model_id = self.engine.model_id
-        data = []
-        if model_id:
-            data.append({"id": model_id, "object": "model", "created": 0, "owned_by": "peregrine"})
+        data = [_model_object(model_id)] if model_id else []
         return web.json_response({"object": "list", "data": data})
+
+    async def model(self, request: web.Request) -> web.Response:
+        """OpenAI's retrieve-model route (`client.models.retrieve(id)`)."""
+        wanted = request.match_info["model"]
+        model_id = self.engine.model_id
+        if not model_id or wanted != model_id:
+            raise ApiError(
+                404,
+                f"the model {wanted!r} is not loaded"
+                + (f" (the loaded model is {model_id!r})" if model_id else ""),
+                code="model_not_found",
+                param="model",
+            )
+        return web.json_response(_model_object(model_id))
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(self.engine.status().model_dump(mode="json"))

@@ -153,6 +153,10 @@ def test_openai_client_lists_models_and_streams_a_chat(engine: EngineProc) -> No
     models = client.models.list()
     ids = [m.id for m in models.data]
     assert ids == [engine.ready["model"]]
+    assert client.models.retrieve(ids[0]).id == ids[0]
+    with pytest.raises(openai.NotFoundError) as missing:
+        client.models.retrieve("no-such-model")
+    assert missing.value.code == "model_not_found"
     stream = client.chat.completions.create(
         model=ids[0],
         messages=[{"role": "user", "content": "Say hello."}],
