@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from app.services.chat_service import ChatService, ChatServiceError
-from app.services.chat_store import ChatStore, ChatStoreError
+from app.services.chat_store import ChatStore, ChatStoreError, ChatStoreUnavailable
 from app.services.engine_client import Finished
 from engine.paths import Paths
 
@@ -121,3 +121,119 @@ def test_service_send_regenerate_edit_and_failures(store: ChatStore) -> None:
     assert store.messages(chat.id)[-1].status == "stopped"
     with pytest.raises(ChatServiceError, match="unknown preset"):
         service.set_preset(chat.id, "Wild")
+
+
+def _fill_disk(store: ChatStore) -> None:
+    """Makes the database full, as a full disk would: SQLite answers SQLITE_FULL.
+
+    (max_page_count is SQLite's own cap; a real full file system gives the same error.)
+    """
+    pages = store._db.execute("PRAGMA page_count").fetchone()[0]
+    store._db.execute(f"PRAGMA max_page_count={pages}")
+
+
+def _free_disk(store: ChatStore) -> None:
+    store._db.execute("PRAGMA max_page_count=1073741823")
+
+
+def test_a_full_disk_is_a_clear_error_and_keeps_what_was_saved(store: ChatStore) -> None:
+    chat = store.create_chat("Falcons")
+    answer = store.add_message(chat.id, "assistant", "", status="streaming")
+    store.append_delta(answer.id, "kept so far. ")
+    _fill_disk(store)
+    with pytest.raises(ChatStoreUnavailable, match="the disk is full") as exc:
+        store.append_delta(answer.id, "x" * 200_000)
+    assert str(store.path) in str(exc.value)
+    with pytest.raises(ChatStoreUnavailable, match="the disk is full"):
+        store.add_message(chat.id, "user", "z" * 200_000)
+    assert len(store.messages(chat.id)) == 1  # the failed insert left nothing behind
+    assert store.message(answer.id).content == "kept so far. "
+    _free_disk(store)
+    store.append_delta(answer.id, "more")
+    assert store.message(answer.id).content == "kept so far. more"
+
+
+def test_the_service_keeps_streamed_text_through_a_full_disk(store: ChatStore) -> None:
+    service = ChatService(store)
+    chat = service.new_chat()
+    gen = service.send(chat.id, "Tell me about falcons.")
+    service.on_delta(gen.id, "Fal")
+    _fill_disk(store)
+    big = "c" * 100_000  # bigger than any page slack, so it cannot fit
+    with pytest.raises(ChatStoreUnavailable):
+        service.on_delta(gen.id, big)  # the first failure is reported...
+    service.on_delta(gen.id, "d" * 100_000)  # ...once per answer
+    assert service.has_unsaved
+    _free_disk(store)
+    service.on_delta(gen.id, "e")  # the held-back text goes with the next delta
+    answer_id = gen.assistant_message_id
+    assert store.message(answer_id).content == "Fal" + big + "d" * 100_000 + "e"
+    assert not service.has_unsaved
+    # The end of the answer cannot be saved either: kept, and saved before the next intent.
+    _fill_disk(store)
+    tail = " tail" + "f" * 100_000
+    service.on_delta(gen.id, tail)  # held back (already reported for this answer)
+    finished = Finished("stop", {"prompt_n": 5}, {"completion_tokens": 9}, 12.0, "m")
+    with pytest.raises(ChatStoreUnavailable):
+        service.on_finished(gen.id, finished)
+    assert service.has_unsaved and service.active is None
+    with pytest.raises(ChatStoreUnavailable):
+        service.send(chat.id, "Next question")  # refused while the answer is unsaved
+    _free_disk(store)
+    service.send(chat.id, "Next question")
+    saved = store.messages(chat.id)
+    assert [m.role for m in saved] == ["user", "assistant", "user", "assistant"]
+    assert saved[1].status == "complete"
+    assert saved[1].content == "Fal" + big + "d" * 100_000 + "e" + tail
+    assert saved[1].meta["usage"] == {"completion_tokens": 9}
+
+
+def test_a_damaged_database_is_moved_aside_and_a_new_one_started(tmp_path: Path) -> None:
+    path = tmp_path / "chats.db"
+    path.write_bytes(b"this is not a database\n" * 500)
+    store, notice = ChatStore.open_or_recover(path)
+    try:
+        assert notice is not None and "damaged" in notice
+        kept = list(tmp_path.glob("chats.db.damaged-*"))
+        assert len(kept) == 1 and kept[0].read_bytes() == b"this is not a database\n" * 500
+        assert str(kept[0]) in notice
+        chat = store.create_chat("Fresh start")
+        assert [c.id for c in store.list_chats()] == [chat.id]
+    finally:
+        store.close()
+
+
+def test_a_truncated_database_is_detected_at_open(tmp_path: Path) -> None:
+    path = tmp_path / "chats.db"
+    store = ChatStore(path)
+    chat = store.create_chat("Long chat")
+    for i in range(300):
+        store.add_message(chat.id, "user", f"message {i} " + "words " * 100)
+    store._db.execute("PRAGMA wal_checkpoint(TRUNCATE)")
+    store.close()
+    data = path.read_bytes()
+    path.write_bytes(data[: len(data) // 2])
+    with pytest.raises(ChatStoreUnavailable, match="damaged"):
+        ChatStore(path)
+    recovered, notice = ChatStore.open_or_recover(path)
+    recovered.close()
+    assert notice is not None
+    assert len(list(tmp_path.glob("chats.db.damaged-*"))) == 1
+
+
+def test_a_locked_database_is_a_clear_error_and_never_moved_aside(tmp_path: Path) -> None:
+    path = tmp_path / "chats.db"
+    ChatStore(path).close()
+    other = sqlite3.connect(str(path), isolation_level=None)
+    other.execute("PRAGMA locking_mode=EXCLUSIVE")
+    other.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(ChatStoreUnavailable, match="another program"):
+            ChatStore.open_or_recover(path, busy_timeout_s=0.1)
+        assert not list(tmp_path.glob("chats.db.damaged-*"))
+    finally:
+        other.execute("ROLLBACK")
+        other.close()
+    store, notice = ChatStore.open_or_recover(path)
+    store.close()
+    assert notice is None

@@ -9,6 +9,7 @@ import itertools
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PySide6.QtCore import Qt
@@ -17,7 +18,7 @@ from pytestqt.qtbot import QtBot
 
 from app.qt.main_window import MainWindow
 from app.services.chat_service import PRESETS
-from app.services.chat_store import ChatStore
+from app.services.chat_store import ChatStore, ChatStoreUnavailable
 from app.services.engine_client import EngineClient
 from app.services.settings import RemoteEndpoint, SettingsStore
 from engine.paths import Paths
@@ -178,6 +179,53 @@ def test_regenerate_replaces_the_last_answer(
     assert answer.status == "complete" and answer.content
     assert list(window.conversation.widgets) == [user.id, answer.id]
     assert busy_at_finish == [False, False]
+
+
+def test_a_full_disk_mid_answer_loses_nothing(
+    qtbot: QtBot, window: MainWindow, watchdog: GuiWatchdog, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The store's writes fail as SQLite's do on a full disk (the real SQLITE_FULL
+    # path is in test_chat_store.py); here the window's handling is under test.
+    full = {"on": False}
+    store = window.store
+    for name in ("append_delta", "finish_message"):
+        real = getattr(store, name)
+
+        def failing(*args: object, _real: Any = real) -> Any:
+            if full["on"]:
+                raise ChatStoreUnavailable(
+                    f"could not save or read chats ({store.path}): the disk is full"
+                )
+            return _real(*args)
+
+        monkeypatch.setattr(store, name, failing)
+
+    def disk_fills(_gid: int) -> None:
+        full["on"] = True
+
+    window.answer_started.connect(disk_fills)
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        send_by_keyboard(qtbot, window, "Name three birds.")
+    chat_id = window.current_chat
+    assert chat_id is not None
+    assert "could not be saved" in window.error_panel.message.text()
+    assert "disk is full" in window.error_panel.message.text()
+    _, answer = store.messages(chat_id)
+    shown = window.conversation.widgets[answer.id].text
+    assert shown and answer.content == "" and answer.status == "streaming"
+    # Still full: the next message is refused, and stays in the composer.
+    send_by_keyboard(qtbot, window, "And three fish?")
+    assert "disk is full" in window.error_panel.message.text()
+    assert window.composer.input.toPlainText() == "And three fish?"
+    assert len(store.messages(chat_id)) == 2
+    # Space comes back: sending first saves the whole held-back answer.
+    full["on"] = False
+    window.answer_started.disconnect(disk_fills)
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        qtbot.keyClick(window.composer.input, Qt.Key.Key_Return)
+    first_answer = store.message(answer.id)
+    assert first_answer.content == shown and first_answer.status == "complete"
+    assert [m.role for m in store.messages(chat_id)] == ["user", "assistant", "user", "assistant"]
 
 
 def test_edit_and_resend(qtbot: QtBot, window: MainWindow, watchdog: GuiWatchdog) -> None:

@@ -64,13 +64,14 @@ def main(argv: list[str]) -> int:
     paths = Paths.from_env().ensure()
     settings_store = SettingsStore(paths.settings_file)
     settings, warning = settings_store.load_or_reset()
-    store = ChatStore(paths.chats_db)
+    store, recovered = ChatStore.open_or_recover(paths.chats_db)
     supervisor = EngineSupervisor()
     window = MainWindow(
         store, settings_store, supervisor, default_model_path, settings, max_tokens=args.max_tokens
     )
-    if warning:
-        window.show_error(warning)
+    for notice in (warning, recovered):
+        if notice:
+            window.show_error(notice)
     window.closed.connect(app.quit)
     app.setQuitOnLastWindowClosed(False)  # the window quits the app once the engine is down
 

@@ -518,7 +518,11 @@ class MainWindow(QMainWindow):
 
     @Slot(int, str)
     def _on_delta(self, generation_id: int, text: str) -> None:
-        self.service.on_delta(generation_id, text)
+        try:
+            self.service.on_delta(generation_id, text)
+        except PeregrineError as exc:
+            # The text stays on screen and in memory; it is saved once the store takes it.
+            self.show_error(f"The answer is not being saved: {exc}. Free some disk space.")
         active = self.service.active
         if active is not None and active.id == generation_id:
             self._stream_text += text
@@ -531,7 +535,11 @@ class MainWindow(QMainWindow):
 
     @Slot(int, object)
     def _on_done(self, generation_id: int, result: Finished) -> None:
-        message = self.service.on_finished(generation_id, result)
+        try:
+            message = self.service.on_finished(generation_id, result)
+        except PeregrineError as exc:
+            self._unsaved_end(exc, "stopped" if result.finish_reason == "cancelled" else "complete")
+            return
         if message is None:
             return
         self.status.set_answer_figures(result.timings, result.ttft_ms)
@@ -540,7 +548,11 @@ class MainWindow(QMainWindow):
 
     @Slot(int, str, str)
     def _on_failed(self, generation_id: int, error: str, kind: str) -> None:
-        message = self.service.on_failed(generation_id, error)
+        try:
+            message = self.service.on_failed(generation_id, error)
+        except PeregrineError as exc:
+            self._unsaved_end(exc, "interrupted")
+            return
         if message is None:
             return
         self._final_render(message.id, message.content, message.status)
@@ -556,6 +568,15 @@ class MainWindow(QMainWindow):
         self.composer.set_streaming(False)
         self.conversation.set_busy(False)
         self.answer_finished.emit(generation_id)
+
+    def _unsaved_end(self, exc: PeregrineError, status: str) -> None:
+        """The answer ended but could not be saved: show it whole, and say why."""
+        if self._stream_message is not None:
+            self._final_render(self._stream_message, self._stream_text, status)
+        self.show_error(
+            f"The answer could not be saved: {exc}. It is kept and saved before your next "
+            "message, once there is room."
+        )
 
     def _final_render(self, message_id: int, text: str, status: str) -> None:
         self._render_timer.stop()

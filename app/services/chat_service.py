@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.services.chat_store import Chat, ChatStore, Message
+from app.services.chat_store import Chat, ChatStore, ChatStoreUnavailable, Message, Status
 from app.services.engine_client import Finished
 from engine.errors import PeregrineError
 
@@ -49,6 +49,19 @@ class _Active:
     generation: Generation
     stop_requested: bool = False
     received: int = 0
+    # Streamed text the store could not take (a full disk): retried with the next delta.
+    unsaved: str = ""
+    save_failure_reported: bool = False
+
+
+@dataclass
+class _PendingSave:
+    """The end of an answer that could not be saved when it finished."""
+
+    message_id: int
+    text: str
+    status: Status
+    meta: dict[str, Any]
 
 
 @dataclass
@@ -61,6 +74,7 @@ class ChatService:
     default_system_prompt: str = ""
     _ids: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
     _active: _Active | None = None
+    _pending: list[_PendingSave] = field(default_factory=list)
 
     # chats ------------------------------------------------------------------
 
@@ -83,6 +97,7 @@ class ChatService:
         if not text.strip():
             raise ChatServiceError("type a message first")
         self._check_idle()
+        self.flush_pending()
         chat = self.store.chat(chat_id)
         if chat.title == DEFAULT_TITLE and not self.store.messages(chat_id):
             self.store.rename_chat(chat_id, _title_from(text))
@@ -92,6 +107,7 @@ class ChatService:
     def regenerate(self, chat_id: int) -> Generation:
         """Replaces the last answer with a new one."""
         self._check_idle()
+        self.flush_pending()
         messages = self.store.messages(chat_id)
         last_user = _last(messages, "user")
         if last_user is None:
@@ -104,6 +120,7 @@ class ChatService:
         if not text.strip():
             raise ChatServiceError("an edited message cannot be empty")
         self._check_idle()
+        self.flush_pending()
         message = self.store.message(message_id)
         if message.role != "user":
             raise ChatServiceError("only your own messages can be edited and resent")
@@ -121,13 +138,33 @@ class ChatService:
     # results ----------------------------------------------------------------
 
     def on_delta(self, generation_id: int, text: str) -> None:
+        """Saves streamed text as it arrives.
+
+        When the store fails (a full disk), the text is kept here and saved
+        with the next delta that gets through; the first failure of an answer
+        is raised (ChatStoreUnavailable) so that the app can say so once.
+        """
         active = self._current(generation_id)
         if active is None:
             return
         active.received += 1
-        self.store.append_delta(active.generation.assistant_message_id, text)
+        pending = active.unsaved + text
+        try:
+            self.store.append_delta(active.generation.assistant_message_id, pending)
+        except ChatStoreUnavailable:
+            active.unsaved = pending
+            if active.save_failure_reported:
+                return
+            active.save_failure_reported = True
+            raise
+        active.unsaved = ""
 
     def on_finished(self, generation_id: int, result: Finished) -> Message | None:
+        """Saves the end of an answer; raises ChatStoreUnavailable if it could not.
+
+        Text that could not be saved is kept and saved before the next intent
+        (see flush_pending).
+        """
         active = self._current(generation_id)
         if active is None:
             return None
@@ -140,9 +177,7 @@ class ChatService:
             "model": result.model,
         }
         self._active = None
-        return self.store.finish_message(
-            active.generation.assistant_message_id, "stopped" if stopped else "complete", meta
-        )
+        return self._finish(active, "stopped" if stopped else "complete", meta)
 
     def on_failed(self, generation_id: int, error: str) -> Message | None:
         """Keeps whatever text arrived (status interrupted) and records the error."""
@@ -150,11 +185,36 @@ class ChatService:
         if active is None:
             return None
         self._active = None
-        message_id = active.generation.assistant_message_id
-        has_text = bool(self.store.message(message_id).content)
-        return self.store.finish_message(
-            message_id, "interrupted" if has_text else "error", {"error": error}
+        has_text = active.received > 0 and bool(
+            active.unsaved or self._saved_text(active.generation.assistant_message_id)
         )
+        return self._finish(active, "interrupted" if has_text else "error", {"error": error})
+
+    def flush_pending(self) -> None:
+        """Saves answers' ends that a full disk held back; raises while it still cannot."""
+        while self._pending:
+            save = self._pending[0]
+            if save.text:
+                self.store.append_delta(save.message_id, save.text)
+                save.text = ""
+            self.store.finish_message(save.message_id, save.status, save.meta)
+            self._pending.pop(0)
+
+    @property
+    def has_unsaved(self) -> bool:
+        return bool(self._pending) or bool(self._active and self._active.unsaved)
+
+    def _finish(self, active: _Active, status: Status, meta: dict[str, Any]) -> Message:
+        save = _PendingSave(active.generation.assistant_message_id, active.unsaved, status, meta)
+        self._pending.append(save)
+        self.flush_pending()
+        return self.store.message(save.message_id)
+
+    def _saved_text(self, message_id: int) -> str:
+        try:
+            return self.store.message(message_id).content
+        except ChatStoreUnavailable:
+            return ""
 
     # helpers ----------------------------------------------------------------
 

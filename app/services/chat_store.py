@@ -74,22 +74,135 @@ class Message:
     meta: dict[str, Any] = field(default_factory=dict)
 
 
-class ChatStore:
-    """The chat database. One instance per thread (sqlite3 connections are thread-bound)."""
+class ChatStoreUnavailable(ChatStoreError):
+    """The database could not be read or written (disk full, locked, read-only, damaged)."""
 
-    def __init__(self, path: Path, clock: Callable[[], float] = time.time) -> None:
+    def __init__(self, message: str, errorname: str = "") -> None:
+        super().__init__(message)
+        self.errorname = errorname
+
+
+# SQLite's own names for a file that is not a usable database.
+_DAMAGED = {"SQLITE_NOTADB", "SQLITE_CORRUPT"}
+
+
+def _unavailable(exc: sqlite3.Error, path: Path) -> ChatStoreUnavailable:
+    """The plain-words version of a SQLite failure."""
+    # Extended names ("SQLITE_IOERR_WRITE") share their primary code's meaning.
+    name = "_".join((getattr(exc, "sqlite_errorname", "") or "").split("_")[:2])
+    reason = {
+        "SQLITE_FULL": "the disk is full",
+        "SQLITE_BUSY": "another program holds the chat database (is Peregrine open twice?)",
+        "SQLITE_LOCKED": "another program holds the chat database (is Peregrine open twice?)",
+        "SQLITE_READONLY": "the chat database is read-only",
+        "SQLITE_IOERR": "the disk reported an input/output error",
+        "SQLITE_CANTOPEN": "the chat database cannot be opened",
+        "SQLITE_NOTADB": "the chat database file is damaged (not a database)",
+        "SQLITE_CORRUPT": "the chat database file is damaged",
+    }.get(name)
+    return ChatStoreUnavailable(f"could not save or read chats ({path}): {reason or exc}", name)
+
+
+class _Connection:
+    """A sqlite3 connection whose failures arrive as ChatStoreUnavailable."""
+
+    def __init__(self, db: sqlite3.Connection, path: Path) -> None:
+        self.db = db
+        self.path = path
+
+    def execute(self, sql: str, params: tuple[Any, ...] = ()) -> sqlite3.Cursor:
+        try:
+            return self.db.execute(sql, params)
+        except sqlite3.DatabaseError as exc:  # not ProgrammingError: that is our bug
+            raise _unavailable(exc, self.path) from exc
+
+    def executescript(self, sql: str) -> None:
+        try:
+            self.db.executescript(sql)
+        except sqlite3.DatabaseError as exc:
+            raise _unavailable(exc, self.path) from exc
+
+    def __enter__(self) -> _Connection:
+        return self
+
+    def __exit__(self, kind: type[BaseException] | None, *_rest: object) -> None:
+        try:
+            if kind is None:
+                self.db.commit()
+            else:
+                self.db.rollback()
+        except sqlite3.DatabaseError as exc:
+            raise _unavailable(exc, self.path) from exc
+
+    def close(self) -> None:
+        self.db.close()
+
+
+class ChatStore:
+    """The chat database. One instance per thread (sqlite3 connections are thread-bound).
+
+    Every SQLite failure (a full disk, a second app holding the lock, a damaged
+    file) arrives as ChatStoreUnavailable with plain words; a failed write
+    changes nothing, so what was saved before stays saved.
+    """
+
+    def __init__(
+        self, path: Path, clock: Callable[[], float] = time.time, busy_timeout_s: float = 5.0
+    ) -> None:
         self.path = path
         self._clock = clock
         path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(str(path), isolation_level=None)
-        self._db.row_factory = sqlite3.Row
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.execute("PRAGMA foreign_keys=ON")
-        self._db.executescript(_SCHEMA)
-        # A message still "streaming" at open was cut off by a crash: keep its
-        # text, say what happened.
-        self._db.execute("UPDATE messages SET status='interrupted' WHERE status='streaming'")
+        try:
+            # busy_timeout_s: how long a write waits for another connection's lock.
+            raw = sqlite3.connect(str(path), isolation_level=None, timeout=busy_timeout_s)
+        except sqlite3.DatabaseError as exc:
+            raise _unavailable(exc, path) from exc
+        raw.row_factory = sqlite3.Row
+        self._db = _Connection(raw, path)
+        try:
+            self._db.execute("PRAGMA journal_mode=WAL")
+            self._db.execute("PRAGMA synchronous=NORMAL")
+            self._db.execute("PRAGMA foreign_keys=ON")
+            self._db.executescript(_SCHEMA)
+            row = self._db.execute("PRAGMA quick_check").fetchone()
+            if row is None or row[0] != "ok":
+                raise ChatStoreUnavailable(
+                    f"the chat database file is damaged ({path}): {row[0] if row else '?'}",
+                    "SQLITE_CORRUPT",
+                )
+            # A message still "streaming" at open was cut off by a crash: keep its
+            # text, say what happened.
+            self._db.execute("UPDATE messages SET status='interrupted' WHERE status='streaming'")
+        except BaseException:
+            raw.close()
+            raise
+
+    @classmethod
+    def open_or_recover(
+        cls, path: Path, clock: Callable[[], float] = time.time, busy_timeout_s: float = 5.0
+    ) -> tuple[ChatStore, str | None]:
+        """Opens the store; a damaged file is moved aside (kept, never deleted) for a new one.
+
+        Returns the store and, after a recovery, a message for the user. Other
+        failures (locked, read-only, full disk) are raised: moving a healthy
+        file aside would hide the user's chats.
+        """
+        try:
+            return cls(path, clock, busy_timeout_s), None
+        except ChatStoreUnavailable as exc:
+            if exc.errorname not in _DAMAGED:
+                raise
+            stamp = time.strftime("%Y%m%d-%H%M%S", time.localtime(clock()))
+            kept = path.with_name(f"{path.name}.damaged-{stamp}")
+            for suffix in ("", "-wal", "-shm"):
+                part = path.with_name(path.name + suffix)
+                if part.exists():
+                    part.replace(kept.with_name(kept.name + suffix))
+            store = cls(path, clock, busy_timeout_s)
+            return store, (
+                f"The chat database was damaged, so a new one was started. The old file is "
+                f"kept at {kept} ({exc})."
+            )
 
     def close(self) -> None:
         self._db.close()
