@@ -6,6 +6,11 @@ call only follows same-origin redirects and reads `X-Repo-Commit`,
 `X-Linked-Etag` and `X-Linked-Size` from the redirect itself. The CDN honours
 `Range` (206 + Content-Range). Every request is recorded and the bytes served
 per file are counted, so tests can assert what went over the wire.
+
+Faults are injected per route and key with `FakeHub.inject` (see `Fault`):
+"resolve" and "cdn" take "repo/file", "api" (model info and tree) takes "repo".
+Each request takes the next fault queued for it, so a test says exactly which
+answer misbehaves and how.
 """
 
 from __future__ import annotations
@@ -109,8 +114,26 @@ class Request:
     served: int = 0  # body bytes sent in answer to this request
 
 
+@dataclass
+class Fault:
+    """One misbehaviour for the next matching request; `times=None` repeats it for every one."""
+
+    status: int | None = None  # answer this status (small JSON error body) instead
+    retry_after: str | None = None  # ... with this Retry-After header
+    body: bytes | None = None  # answer 200 with these bytes instead (garbage JSON)
+    location: str | None = None  # answer 302 to this address instead
+    headers: dict[str, str] = field(
+        default_factory=dict
+    )  # replace these headers of the real answer
+    cut_after: int | None = None  # send this many body bytes, then close the connection
+    no_length: bool = False  # leave out Content-Length (the body ends when the connection closes)
+    ignore_range: bool = False  # answer 200 with the whole file even to a Range request
+    stall: bool = False  # CDN: send the real headers, then nothing; resolve and api: nothing at all
+    times: int | None = 1
+
+
 class FakeHub:
-    """The server and its knobs: repos, corruption, throttling, and the request log."""
+    """The server and its knobs: repos, corruption, throttling, faults, and the request log."""
 
     def __init__(self) -> None:
         self.repos: dict[str, FakeRepo] = {}
@@ -119,11 +142,16 @@ class FakeHub:
         self.drop_after: dict[str, int] = {}  # "repo/file": cut the connection once after N bytes
         self.requests: list[Request] = []
         self.served: dict[str, int] = {}  # "repo/file" -> body bytes sent
+        self.faults: dict[tuple[str, str], list[Fault]] = {}
         self._lock = threading.Lock()
+        self._released = threading.Event()  # ends stalls when the hub stops
         self._server = ThreadingHTTPServer(("127.0.0.1", 0), _make_handler(self))
         self._server.daemon_threads = True
         self.port = self._server.server_address[1]
-        self._thread = threading.Thread(target=self._server.serve_forever, daemon=True)
+        # A short poll interval makes stop() quick: every test stops a hub.
+        self._thread = threading.Thread(
+            target=self._server.serve_forever, kwargs={"poll_interval": 0.02}, daemon=True
+        )
 
     @property
     def endpoint(self) -> str:
@@ -138,6 +166,7 @@ class FakeHub:
         return self
 
     def stop(self) -> None:
+        self._released.set()
         self._server.shutdown()
         self._server.server_close()
         self._thread.join(timeout=5)
@@ -146,6 +175,29 @@ class FakeHub:
         repo = FakeRepo(repo_id, **kwargs)  # type: ignore[arg-type]
         self.repos[repo_id] = repo
         return repo
+
+    def inject(self, route: str, key: str, *faults: Fault) -> None:
+        """Queues faults for a route ("resolve", "cdn", "api") and key ("repo/file" or "repo")."""
+        assert route in ("resolve", "cdn", "api"), route
+        with self._lock:
+            self.faults.setdefault((route, key), []).extend(faults)
+
+    def take_fault(self, route: str, key: str) -> Fault | None:
+        """The fault for this request, if one is queued (used by the handler)."""
+        with self._lock:
+            queue = self.faults.get((route, key))
+            if not queue:
+                return None
+            fault = queue[0]
+            if fault.times is not None:
+                fault.times -= 1
+                if fault.times <= 0:
+                    queue.pop(0)
+            return fault
+
+    def stall(self) -> None:
+        """Blocks a handler until the hub stops (bounded, so a forgotten stall cannot hang the suite)."""
+        self._released.wait(timeout=60)
 
     def file_requests(self, repo_id: str, path: str) -> list[Request]:
         """The CDN GETs for one file, in order."""
@@ -182,6 +234,13 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def log_message(self, format: str, *args: object) -> None:  # quiet test output
             pass
+
+        def handle(self) -> None:
+            try:
+                super().handle()
+            except (BrokenPipeError, ConnectionResetError):
+                # The client hung up (a timeout, a killed pull): nothing to answer.
+                self.close_connection = True
 
         def do_HEAD(self) -> None:
             self._handle(head=True)
@@ -261,6 +320,49 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             )
             return False
 
+        def _fault(self, route: str, key: str) -> tuple[bool, Fault | None]:
+            """(answered, fault): answers a status, body, redirect or stall fault itself."""
+            fault = hub.take_fault(route, key)
+            if fault is None:
+                return False, None
+            if fault.status is not None:
+                data = json.dumps({"error": f"injected HTTP {fault.status}"}).encode()
+                self.send_response(fault.status)
+                if fault.retry_after is not None:
+                    self.send_header("Retry-After", fault.retry_after)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(data)
+                return True, fault
+            if fault.body is not None:
+                self.send_response(200)
+                self.send_header("Content-Type", "application/json")
+                self.send_header("Content-Length", str(len(fault.body)))
+                self.end_headers()
+                if self.command != "HEAD":
+                    self.wfile.write(fault.body)
+                return True, fault
+            if fault.location is not None:
+                self.send_response(302)
+                self.send_header("Location", fault.location)
+                self.send_header("Content-Length", "0")
+                self.end_headers()
+                return True, fault
+            if fault.stall and route != "cdn":
+                hub.stall()
+                self.close_connection = True
+                return True, fault
+            return False, fault
+
+        def _send_headers(self, headers: dict[str, str], fault: Fault | None) -> None:
+            if fault is not None:
+                headers = {**headers, **fault.headers}
+            for name, value in headers.items():
+                self.send_header(name, value)
+            self.end_headers()
+
         # --- API routes -------------------------------------------------------
         def _list_models(self, query: dict[str, list[str]]) -> None:
             search = (query.get("search") or [""])[0].lower()
@@ -293,7 +395,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def _model_info(self, repo_id: str, query: dict[str, list[str]]) -> None:
             repo = self._repo(repo_id)
-            if repo is None:
+            if repo is None or self._fault("api", repo_id)[0]:
                 return
             blobs = (query.get("blobs") or ["false"])[0].lower() == "true"
             siblings = []
@@ -325,7 +427,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         def _tree(self, repo_id: str, rev: str) -> None:
             repo = self._repo(repo_id)
-            if repo is None:
+            if repo is None or self._fault("api", repo_id)[0]:
                 return
             self._json(
                 200,
@@ -353,14 +455,19 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if f is None:
                 self._json(404, {"error": "Entry not found"}, code="EntryNotFound")
                 return
+            answered, fault = self._fault("resolve", f"{repo_id}/{file}")
+            if answered:
+                return
             self.send_response(302)
-            self.send_header("Location", f"{hub.cdn}/cdn/{repo_id}/{repo.commit}/{quote(file)}")
-            self.send_header("X-Repo-Commit", repo.commit)
-            self.send_header("X-Linked-Etag", f'"{f.sha256}"')
-            self.send_header("X-Linked-Size", str(f.size))
-            self.send_header("ETag", f'"{hashlib.sha1(f.sha256.encode()).hexdigest()}"')
-            self.send_header("Content-Length", "0")
-            self.end_headers()
+            headers = {
+                "Location": f"{hub.cdn}/cdn/{repo_id}/{repo.commit}/{quote(file)}",
+                "X-Repo-Commit": repo.commit,
+                "X-Linked-Etag": f'"{f.sha256}"',
+                "X-Linked-Size": str(f.size),
+                "ETag": f'"{hashlib.sha1(f.sha256.encode()).hexdigest()}"',
+                "Content-Length": "0",
+            }
+            self._send_headers(headers, fault)
 
         def _cdn(self, repo_id: str, rev: str, file: str, head: bool) -> None:
             repo = hub.repos.get(repo_id)
@@ -370,33 +477,52 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                 self.send_header("Content-Length", "0")
                 self.end_headers()
                 return
+            key = f"{repo_id}/{file}"
+            answered, fault = self._fault("cdn", key)
+            if answered:
+                return
             start, end = 0, f.size
-            rng = self.headers.get("Range")
+            rng = None if fault is not None and fault.ignore_range else self.headers.get("Range")
             status = 200
             if rng and (m := _RANGE.match(rng.strip())):
                 start = int(m[1])
                 end = min(f.size, int(m[2]) + 1) if m[2] else f.size
                 if start >= f.size:
                     self.send_response(416)
-                    self.send_header("Content-Range", f"bytes */{f.size}")
-                    self.send_header("Content-Length", "0")
-                    self.end_headers()
+                    self._send_headers(
+                        {"Content-Range": f"bytes */{f.size}", "Content-Length": "0"}, fault
+                    )
                     return
                 status = 206
             self.send_response(status)
-            self.send_header("Content-Type", "application/octet-stream")
-            self.send_header("Content-Length", str(end - start))
-            self.send_header("Accept-Ranges", "bytes")
-            self.send_header("ETag", f'"{f.sha256}"')
+            headers = {
+                "Content-Type": "application/octet-stream",
+                "Content-Length": str(end - start),
+                "Accept-Ranges": "bytes",
+                "ETag": f'"{f.sha256}"',
+            }
             if status == 206:
-                self.send_header("Content-Range", f"bytes {start}-{end - 1}/{f.size}")
-            self.end_headers()
+                headers["Content-Range"] = f"bytes {start}-{end - 1}/{f.size}"
+            if fault is not None and fault.no_length:
+                del headers["Content-Length"]
+                self.close_connection = True  # the body ends when the connection does
+            self._send_headers(headers, fault)
             if head:
                 return
-            key = f"{repo_id}/{file}"
+            if fault is not None and fault.stall:
+                self.wfile.flush()
+                hub.stall()
+                self.close_connection = True
+                return
             flip_at = f.size // 2 if key in hub.corrupt else -1
             pos = start
             drop_at = hub.drop_after.pop(key, None)
+            if fault is not None and fault.cut_after is not None:
+                drop_at = start + fault.cut_after
+            if drop_at is not None and drop_at <= start:
+                self.wfile.flush()
+                self.close_connection = True
+                return
             for chunk in f.read(start, end):
                 if drop_at is not None and pos + len(chunk) > drop_at:
                     # A network cut: part of the promised body, then the connection closes.

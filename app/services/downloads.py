@@ -4,9 +4,16 @@ huggingface-hub 2.4.0 resumes only inside one call and never checks the LFS
 SHA-256 (ENGINE_NOTES.md, measured), so Peregrine keeps its own partial file
 per (repo, commit, file) under `downloads/`, with a JSON sidecar of what the
 bytes must hash to. The hub's metadata call gives the sha256, size, pinned
-commit and CDN location; its `http_get(..., resume_size=...)` moves the bytes.
-A file becomes a model only after its hash matches and `os.replace` put it in
-`models/<owner--name>/`.
+commit and CDN location. A file becomes a model only after its hash matches
+and `os.replace` put it in `models/<owner--name>/`.
+
+The bytes move through Peregrine's own ranged GET rather than huggingface-hub's
+`http_get`: against faulty servers that one retries 5xx on the CDN not at all,
+sleeps a fixed second, takes its timeout from a process-wide constant, never
+checks Content-Range, and would write past the expected size. Here every
+answer is checked (status, Content-Range, Content-Length, redirects), transient
+failures are retried with backoff from the bytes on disk, and the timeout and
+the sleep are injected so tests of stalls and retries run fast.
 
 `Downloader` does one model (all parts of a split GGUF) synchronously;
 `DownloadQueue` runs several on worker threads with pause, resume, cancel and
@@ -17,11 +24,13 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import glob
 import hashlib
 import itertools
 import json
 import logging
 import os
+import re
 import shutil
 import threading
 import time
@@ -30,32 +39,52 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, BinaryIO, cast
+from typing import Any, BinaryIO
+from urllib.parse import urljoin, urlsplit
 
-from huggingface_hub import constants as hf_constants
+import httpx2
 from huggingface_hub import get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import HfHubHTTPError
-from huggingface_hub.file_download import http_get
 from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
-from app.services.hub import access_error, default_endpoint
+from app.services.hub import (
+    RETRY_STATUSES,
+    Backoff,
+    RetryPolicy,
+    Transient,
+    access_error,
+    check_file_name,
+    check_repo_id,
+    default_endpoint,
+    default_retry_policy,
+    one_line,
+    parse_retry_after,
+    transient_failure,
+    valid_commit,
+    valid_sha256,
+    valid_size,
+)
 from engine.errors import PeregrineError
 from engine.paths import Paths
 
 log = logging.getLogger(__name__)
 
 DEFAULT_DISK_MARGIN = 512 * 1024 * 1024
-# http_get hands over the body in chunks of huggingface-hub's DOWNLOAD_CHUNK_SIZE
-# (10 MiB): too coarse for 10 Hz progress, a prompt pause, and too much held in
-# memory (lost) when the process is killed. It reads the constant per call.
+# Bytes are handed over as they arrive (at most this much per read), so progress
+# is smooth, a pause is prompt, and a killed process loses almost nothing.
 TRANSFER_CHUNK = 256 * 1024
+MAX_REDIRECTS = 10
 _HASH_CHUNK = 1 << 20
+_CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
+_UNSATISFIED_RANGE = re.compile(r"^bytes\s+\*/(\d+)$")
+_KEPT = "; the partial file is kept: pull again to resume"
 
 OpenWriter = Callable[[Path], BinaryIO]
 DiskFree = Callable[[Path], int]
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total) for the whole model
 StopFn = Callable[[], "str | None"]  # "pause", "cancel" or None
 NoticeFn = Callable[[str], None]
+ClientFactory = Callable[[RetryPolicy], httpx2.Client]
 
 
 class DownloadError(PeregrineError):
@@ -78,6 +107,14 @@ class DownloadInterrupted(Exception):
         self.kind = kind
 
 
+class _Retry(Exception):
+    """One attempt of a transfer failed in a way worth retrying from the bytes on disk."""
+
+    def __init__(self, failure: Transient) -> None:
+        super().__init__(failure.reason)
+        self.failure = failure
+
+
 def repo_folder(repo_id: str) -> str:
     """A repo id as one folder name ("owner/name" -> "owner--name"; the hub forbids "--" in ids)."""
     return repo_id.replace("/", "--")
@@ -91,6 +128,11 @@ def _disk_free(path: Path) -> int:
     return shutil.disk_usage(path).free
 
 
+def _default_client(policy: RetryPolicy) -> httpx2.Client:
+    # Redirects are followed by hand, so each hop's scheme is checked and loops are named.
+    return httpx2.Client(timeout=policy.httpx_timeout(), follow_redirects=False)
+
+
 def format_bytes(n: float) -> str:
     """A size for people: "98.4 MB"."""
     for unit in ("B", "KB", "MB", "GB"):
@@ -98,6 +140,20 @@ def format_bytes(n: float) -> str:
             return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
         n /= 1000
     return f"{n:.1f} GB"
+
+
+def _origin(url: str) -> tuple[str, str]:
+    parts = urlsplit(url)
+    return parts.scheme.lower(), parts.netloc.lower()
+
+
+def _check_scheme(url: str, what: str) -> None:
+    scheme = urlsplit(url).scheme.lower()
+    if scheme not in ("http", "https"):
+        raise DownloadError(
+            f"{what} points to {one_line(url, 120)!r}, which is not an http(s) address; "
+            "Peregrine does not follow it"
+        )
 
 
 @dataclass(frozen=True)
@@ -123,47 +179,46 @@ class PendingDownload:
     size: int
 
 
-class _HashingSink:
-    """The file object handed to http_get: writes, hashes as it goes, reports, and obeys stop requests."""
+class _Sink:
+    """The open partial file: appends, hashes as it goes, reports progress, and obeys stop requests."""
 
     def __init__(
         self,
         fh: BinaryIO,
         hasher: Any,
+        offset: int,
         on_bytes: Callable[[int], None],
         should_stop: StopFn,
     ) -> None:
         self._fh = fh
         self.hasher = hasher
+        self.offset = offset  # bytes of the file on disk (and hashed)
         self._on_bytes = on_bytes
         self._should_stop = should_stop
 
-    def write(self, data: bytes) -> int:
+    def check_stop(self) -> None:
         kind = self._should_stop()
         if kind:
             raise DownloadInterrupted(kind)
-        n = self._fh.write(data)
+
+    def write(self, data: bytes) -> None:
+        self.check_stop()
+        self._fh.write(data)
         self.hasher.update(data)
+        self.offset += len(data)
         self._on_bytes(len(data))
-        return n if n is not None else len(data)
 
-    def tell(self) -> int:
-        return self._fh.tell()
-
-    def seek(self, pos: int, whence: int = 0) -> int:
-        # http_get only seeks back to where the resume started, when a server
-        # ignored the Range header and sent the whole file again.
-        if pos != 0 or whence != 0:
-            raise OSError(f"unexpected seek to {pos} in a partial download")
+    def restart(self) -> None:
+        """Drops every byte: the next write is byte 0 of the file."""
+        self._fh.seek(0)
+        self._fh.truncate(0)
+        self._on_bytes(-self.offset)
         self.hasher = hashlib.sha256()
-        self._on_bytes(-self._fh.tell())
-        return self._fh.seek(0)
+        self.offset = 0
 
-    def truncate(self, size: int | None = None) -> int:
-        return self._fh.truncate(size)
-
-    def flush(self) -> None:
+    def finish(self) -> None:
         self._fh.flush()
+        os.fsync(self._fh.fileno())
 
 
 class Downloader:
@@ -179,21 +234,32 @@ class Downloader:
         disk_free: DiskFree = _disk_free,
         disk_margin: int = DEFAULT_DISK_MARGIN,
         metadata_fn: Callable[..., Any] = get_hf_file_metadata,
-        http_get_fn: Callable[..., None] = http_get,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
+        client_factory: ClientFactory = _default_client,
     ) -> None:
         self.paths = paths
         self.endpoint = (endpoint or default_endpoint()).rstrip("/")
         self.token = token
+        self.retry = retry or default_retry_policy()
         self._open_writer = open_writer
         self._disk_free = disk_free
         self._margin = disk_margin
         self._metadata = metadata_fn
-        self._http_get = http_get_fn
+        self._sleep = sleep
+        self._client_factory = client_factory
 
     # --- locations ------------------------------------------------------------------
     def final_path(self, repo_id: str, path: str) -> Path:
-        """Where a verified file lives: models/<owner--name>/<file>."""
-        return self.paths.models / repo_folder(repo_id) / path
+        """Where a verified file lives: models/<owner--name>/<file>, never anywhere else."""
+        check_repo_id(repo_id)
+        check_file_name(repo_id, path)
+        root = self.paths.models
+        final = root / repo_folder(repo_id) / path
+        # Belt and braces after the name checks: a symlinked folder must not lead out either.
+        if not final.resolve().is_relative_to(root.resolve()):
+            raise DownloadError(f"refusing {repo_id}/{path}: it would land outside {root}")
+        return final
 
     def _stem(self, repo_id: str, commit: str, path: str) -> str:
         return f"{repo_folder(repo_id)}--{commit[:12]}--{path.replace('/', '__')}"
@@ -208,28 +274,68 @@ class Downloader:
     def _sidecar(partial: Path) -> Path:
         return partial.with_suffix(".json")
 
+    def _partials_of(self, repo_id: str, path: str, suffix: str) -> list[Path]:
+        # File names may hold glob characters ("[", "*"): escape them, or a cancel
+        # of one file could delete another's partial.
+        pattern = (
+            glob.escape(f"{repo_folder(repo_id)}--")
+            + "*"
+            + glob.escape(f"--{path.replace('/', '__')}{suffix}")
+        )
+        return sorted(self.paths.downloads.glob(pattern))
+
     # --- metadata -------------------------------------------------------------------
-    def resolve(self, repo_id: str, path: str, revision: str | None = None) -> RemoteTarget:
-        """Asks the hub for a file's sha256, size, commit and location."""
+    def resolve(
+        self,
+        repo_id: str,
+        path: str,
+        revision: str | None = None,
+        *,
+        notice: NoticeFn | None = None,
+    ) -> RemoteTarget:
+        """Asks the hub for a file's sha256, size, commit and location, and refuses answers that make no sense."""
+        check_repo_id(repo_id)
+        check_file_name(repo_id, path)
         url = hf_hub_url(repo_id, path, revision=revision, endpoint=self.endpoint)
+        what = f"asking Hugging Face about {repo_id}/{path}"
+        backoff = Backoff(self.retry, what, sleep=self._sleep, notice=notice)
         try:
-            meta = self._metadata(url, token=self.token, endpoint=self.endpoint)
+            meta = backoff.call(
+                lambda: self._metadata(
+                    url, token=self.token, endpoint=self.endpoint, timeout=self.retry.timeout
+                )
+            )
         except HfHubHTTPError as exc:
             if exc.response is not None and exc.response.status_code == 404:
                 raise DownloadError(f"{repo_id} has no file {path}") from exc
             raise access_error(repo_id, exc, bool(self.token)) from exc
-        except OSError as exc:
+        except httpx2.TooManyRedirects as exc:
             raise DownloadError(
-                f"could not reach Hugging Face for {repo_id}/{path}: {exc}"
+                f"Hugging Face sent {repo_id}/{path} round a redirect loop; try again later"
+            ) from exc
+        except (httpx2.HTTPError, OSError) as exc:
+            raise DownloadError(
+                f"could not reach Hugging Face for {repo_id}/{path}: {one_line(exc)}"
             ) from exc
         sha = (meta.etag or "").lower()
-        if len(sha) != 64 or any(c not in "0123456789abcdef" for c in sha):
+        if not valid_sha256(sha):
             raise DownloadError(
                 f"{repo_id}/{path} has no LFS SHA-256 on the hub, so it cannot be verified"
             )
         if not meta.commit_hash or meta.size is None:
             raise DownloadError(f"the hub gave no commit or size for {repo_id}/{path}")
-        return RemoteTarget(repo_id, path, meta.commit_hash, sha, int(meta.size), meta.location)
+        if not valid_commit(meta.commit_hash):
+            raise DownloadError(
+                f"the hub gave an unreadable commit id for {repo_id}/{path}: "
+                f"{one_line(str(meta.commit_hash), 60)!r}"
+            )
+        if not valid_size(meta.size) or meta.size == 0:
+            raise DownloadError(
+                f"the hub reports an impossible size for {repo_id}/{path}: {meta.size}"
+            )
+        location = urljoin(url, meta.location or url)
+        _check_scheme(location, f"the hub's download address for {repo_id}/{path}")
+        return RemoteTarget(repo_id, path, meta.commit_hash, sha, int(meta.size), location)
 
     # --- partial bookkeeping -------------------------------------------------------------
     def _read_sidecar(self, sidecar: Path) -> dict[str, Any] | None:
@@ -240,11 +346,17 @@ class Downloader:
             return None
         return data if isinstance(data, dict) else None
 
+    @staticmethod
+    def _write_sidecar(sidecar: Path, record: dict[str, Any]) -> None:
+        # Written aside and renamed, so a crash never leaves half a record.
+        tmp = sidecar.with_suffix(".json.tmp")
+        tmp.write_text(json.dumps(record, indent=1))
+        os.replace(tmp, sidecar)
+
     def _prepare_partial(self, target: RemoteTarget, notice: NoticeFn) -> Path:
         """The partial to continue; partials of other content for the same file are dropped, saying so."""
         partial = self.partial_path(target)
-        pattern = f"{repo_folder(target.repo_id)}--*--{target.path.replace('/', '__')}.json"
-        for sidecar in self.paths.downloads.glob(pattern):
+        for sidecar in self._partials_of(target.repo_id, target.path, ".json"):
             data = self._read_sidecar(sidecar)
             if (
                 data is None
@@ -267,6 +379,15 @@ class Downloader:
             sidecar.unlink(missing_ok=True)
         sidecar = self._sidecar(partial)
         previous = self._read_sidecar(sidecar) if sidecar.exists() else None
+        if partial.exists() and (
+            previous is None
+            or previous.get("sha256") != target.sha256
+            or previous.get("size") != target.size
+        ):
+            # Bytes whose record is lost or torn may belong to another version: never mix them in.
+            notice(f"a partial download of {target.path} has no usable record; starting over")
+            partial.unlink()
+            previous = None
         record = {
             "repo_id": target.repo_id,
             "path": target.path,
@@ -276,14 +397,14 @@ class Downloader:
             "url": target.url,
             "verified": bool(previous and previous.get("verified")),
         }
-        sidecar.write_text(json.dumps(record, indent=1))
+        self._write_sidecar(sidecar, record)
         return partial
 
     def _mark_verified(self, partial: Path) -> None:
         sidecar = self._sidecar(partial)
         data = self._read_sidecar(sidecar) or {}
         data["verified"] = True
-        sidecar.write_text(json.dumps(data, indent=1))
+        self._write_sidecar(sidecar, data)
 
     def _is_verified(self, partial: Path, target: RemoteTarget) -> bool:
         data = self._read_sidecar(self._sidecar(partial))
@@ -313,10 +434,9 @@ class Downloader:
     def discard(self, repo_id: str, files: Sequence[str]) -> None:
         """Deletes every partial (and sidecar) of these files, whatever commit they were pinned to."""
         for path in files:
-            pattern = f"{repo_folder(repo_id)}--*--{path.replace('/', '__')}"
             for leftover in itertools.chain(
-                self.paths.downloads.glob(pattern + ".part"),
-                self.paths.downloads.glob(pattern + ".json"),
+                self._partials_of(repo_id, path, ".part"),
+                self._partials_of(repo_id, path, ".json"),
             ):
                 leftover.unlink(missing_ok=True)
 
@@ -337,14 +457,19 @@ class Downloader:
         """
         if not files:
             raise DownloadError(f"nothing to download from {repo_id}")
+        check_repo_id(repo_id)
+        for path in files:
+            check_file_name(repo_id, path)
         self.paths.downloads.mkdir(parents=True, exist_ok=True)
         progress = on_progress or (lambda done, total: None)
         stop = should_stop or (lambda: None)
         notice = on_notice or (lambda msg: log.info("%s", msg))
 
         # Pin every file to the commit the first answer names, so parts never mix revisions.
-        first = self.resolve(repo_id, files[0], revision)
-        targets = [first] + [self.resolve(repo_id, f, first.commit) for f in files[1:]]
+        first = self.resolve(repo_id, files[0], revision, notice=notice)
+        targets = [first] + [
+            self.resolve(repo_id, f, first.commit, notice=notice) for f in files[1:]
+        ]
         finals = [self.final_path(repo_id, t.path) for t in targets]
         if all(
             p.exists() and p.stat().st_size == t.size for p, t in zip(finals, targets, strict=True)
@@ -355,17 +480,23 @@ class Downloader:
 
         partials = [self._prepare_partial(t, notice) for t in targets]
         total = sum(t.size for t in targets)
-        have = [p.stat().st_size if p.exists() else 0 for p in partials]
+        have = [
+            min(p.stat().st_size, t.size) if p.exists() else 0
+            for p, t in zip(partials, targets, strict=True)
+        ]
         self._check_disk(repo_id, total - sum(have))
         if 0 < sum(have) < total:
             notice(f"resuming: {format_bytes(sum(have))} of {format_bytes(total)} already on disk")
 
         done_before = 0
         try:
-            for target, partial in zip(targets, partials, strict=True):
-                if not self._is_verified(partial, target):
-                    self._transfer(target, partial, done_before, total, progress, stop)
-                done_before += target.size
+            with self._client_factory(self.retry) as client:
+                for target, partial in zip(targets, partials, strict=True):
+                    if not self._is_verified(partial, target):
+                        self._transfer(
+                            client, target, partial, done_before, total, progress, stop, notice
+                        )
+                    done_before += target.size
         except DownloadInterrupted as exc:
             if exc.kind == "cancel":
                 self.discard(repo_id, [t.path for t in targets])
@@ -389,14 +520,24 @@ class Downloader:
 
     def _transfer(
         self,
+        client: httpx2.Client,
         target: RemoteTarget,
         partial: Path,
         done_before: int,
         total: int,
         progress: ProgressFn,
         stop: StopFn,
+        notice: NoticeFn,
     ) -> None:
         # Re-hash what is already on disk once, so the final digest covers every byte.
+        if partial.exists() and partial.stat().st_size > target.size:
+            # More bytes than the file has: keep the first `size`; the hash decides if they are right.
+            notice(
+                f"the partial download of {target.path} is larger than the file "
+                f"({format_bytes(partial.stat().st_size)} > {format_bytes(target.size)}); "
+                "keeping its first bytes only"
+            )
+            os.truncate(partial, target.size)
         hasher = hashlib.sha256()
         resume = 0
         if partial.exists():
@@ -404,10 +545,6 @@ class Downloader:
                 while chunk := existing.read(_HASH_CHUNK):
                     hasher.update(chunk)
                     resume += len(chunk)
-        if resume > target.size:
-            # More bytes than the file has: they cannot be right.
-            partial.unlink()
-            hasher, resume = hashlib.sha256(), 0
         done = done_before + resume
         progress(done, total)
 
@@ -416,62 +553,213 @@ class Downloader:
             done += n
             progress(done, total)
 
-        headers = build_hf_headers(token=self.token)
-        if hf_constants.DOWNLOAD_CHUNK_SIZE > TRANSFER_CHUNK:
-            hf_constants.DOWNLOAD_CHUNK_SIZE = TRANSFER_CHUNK
         fh = self._open_writer(partial)
-        sink = _HashingSink(fh, hasher, on_bytes, stop)
+        sink = _Sink(fh, hasher, resume, on_bytes, stop)
+        # Bytes from an earlier run may be wrong (a bad disk, a server that changed its
+        # file under the same hash): if they do not verify, the file is fetched once more.
+        retry_from_zero = resume > 0
         try:
-            fh.seek(0, os.SEEK_END)
-            if resume < target.size:
-                self._http_get(
-                    target.url,
-                    cast(BinaryIO, sink),
-                    resume_size=resume,
-                    headers=headers,
-                    expected_size=target.size,
-                    displayed_filename=target.path,
+            while True:
+                self._fill(client, target, sink, notice)
+                sink.finish()
+                got = sink.hasher.hexdigest()
+                if got == target.sha256:
+                    break
+                if retry_from_zero:
+                    retry_from_zero = False
+                    notice(
+                        f"{target.path} did not verify with the bytes kept from an earlier "
+                        "download; fetching it again from the start"
+                    )
+                    sink.restart()
+                    continue
+                fh.close()
+                partial.unlink(missing_ok=True)
+                self._sidecar(partial).unlink(missing_ok=True)
+                raise ChecksumError(
+                    f"{target.path} is corrupt: SHA-256 mismatch (expected {target.sha256}, "
+                    f"got {got}); the bad download was deleted"
                 )
-            fh.flush()
-            os.fsync(fh.fileno())
-        except DownloadInterrupted:
-            raise
-        except HfHubHTTPError as exc:
-            raise access_error(target.repo_id, exc, bool(self.token)) from exc
         except OSError as exc:
             if exc.errno == errno.ENOSPC:
                 raise DiskFullError(
                     f"the disk filled up while downloading {target.path}; the partial file is "
                     f"kept in {partial.parent}: free some space and pull again to resume"
                 ) from exc
-            raise DownloadError(
-                f"downloading {target.path} failed ({_one_line(exc)}); "
-                "the partial file is kept: pull again to resume"
-            ) from exc
-        except Exception as exc:
-            # httpx errors after http_get's own retries: the bytes on disk stay for a resume.
-            raise DownloadError(
-                f"downloading {target.path} failed ({type(exc).__name__}: {_one_line(exc)}); "
-                "the partial file is kept: pull again to resume"
-            ) from exc
+            raise DownloadError(f"writing {target.path} failed ({one_line(exc)}){_KEPT}") from exc
         finally:
             with contextlib.suppress(OSError):
                 # A full disk can make the final flush fail too; the bytes written so far stay.
                 fh.close()
-
-        got = sink.hasher.hexdigest()
-        if got != target.sha256:
-            partial.unlink(missing_ok=True)
-            self._sidecar(partial).unlink(missing_ok=True)
-            raise ChecksumError(
-                f"{target.path} is corrupt: SHA-256 mismatch (expected {target.sha256}, got {got}); "
-                "the bad download was deleted"
-            )
         self._mark_verified(partial)
 
+    def _fill(
+        self, client: httpx2.Client, target: RemoteTarget, sink: _Sink, notice: NoticeFn
+    ) -> None:
+        """Appends to the partial until it holds `size` bytes, retrying transient failures."""
+        # The waits go through _pause (not Backoff.call), so a pause or cancel is prompt.
+        backoff = Backoff(self.retry, f"downloading {target.path}", notice=notice, kept=_KEPT)
+        while sink.offset < target.size:
+            before = sink.offset
+            try:
+                self._fetch(client, target, sink, notice)
+                if sink.offset < target.size:
+                    raise _Retry(
+                        Transient(
+                            f"the server ended the answer at byte {sink.offset} of {target.size}"
+                        )
+                    )
+            except _Retry as exc:
+                failure = exc.failure
+            except httpx2.TransportError as exc:
+                found = transient_failure(exc)
+                if found is None:
+                    raise DownloadError(
+                        f"downloading {target.path} failed ({type(exc).__name__}: "
+                        f"{one_line(exc)}){_KEPT}"
+                    ) from exc
+                failure = found
+            else:
+                continue  # the file is complete
+            if sink.offset > before:
+                backoff.progressed()
+            self._pause(backoff.wait_before_retry(failure), sink)
 
-def _one_line(exc: BaseException) -> str:
-    return " ".join(str(exc).split())[:300]
+    def _pause(self, seconds: float, sink: _Sink) -> None:
+        # Waits in short steps so a pause or cancel during a backoff is prompt.
+        remaining = seconds
+        while remaining > 0:
+            sink.check_stop()
+            step = min(0.25, remaining)
+            self._sleep(step)
+            remaining -= step
+        sink.check_stop()
+
+    def _fetch(
+        self, client: httpx2.Client, target: RemoteTarget, sink: _Sink, notice: NoticeFn
+    ) -> None:
+        """One GET from the bytes on disk on; redirects followed by hand; every answer checked."""
+        hub_headers = build_hf_headers(token=self.token)
+        url = target.url
+        seen = {url}
+        for _ in range(MAX_REDIRECTS + 1):
+            headers = dict(hub_headers)
+            if _origin(url) != _origin(self.endpoint):
+                # The token is for the hub only, never for a CDN or whatever it redirects to.
+                headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
+            # Compression would make byte offsets meaningless for Range.
+            headers["Accept-Encoding"] = "identity"
+            if sink.offset:
+                headers["Range"] = f"bytes={sink.offset}-"
+            with client.stream("GET", url, headers=headers) as response:
+                if response.is_redirect:
+                    location = response.headers.get("Location", "")
+                    nxt = urljoin(url, location)
+                    _check_scheme(nxt, f"the download server's redirect for {target.path}")
+                    if nxt in seen:
+                        raise DownloadError(
+                            f"the download server sent {target.path} round a redirect loop "
+                            f"({one_line(nxt, 120)}){_KEPT}"
+                        )
+                    seen.add(nxt)
+                    url = nxt
+                    continue
+                self._read_body(response, target, sink, notice)
+                return
+        raise DownloadError(
+            f"the download server redirected {target.path} more than {MAX_REDIRECTS} times{_KEPT}"
+        )
+
+    def _read_body(
+        self, response: httpx2.Response, target: RemoteTarget, sink: _Sink, notice: NoticeFn
+    ) -> None:
+        status = response.status_code
+        offset = sink.offset
+        if status in RETRY_STATUSES:
+            raise _Retry(
+                Transient(
+                    f"HTTP {status} from the download server",
+                    parse_retry_after(response.headers.get("Retry-After")),
+                )
+            )
+        if status == 416:
+            unsatisfied = _UNSATISFIED_RANGE.match(response.headers.get("Content-Range", ""))
+            theirs = f"{unsatisfied[1]} bytes" if unsatisfied else "an unknown size"
+            raise DownloadError(
+                f"the download server cannot resume {target.path} at byte {offset} "
+                f"(HTTP 416: it has {theirs}, the hub says {target.size}); the hub and its "
+                f"download server disagree, try again later{_KEPT}"
+            )
+        if status in (401, 403):
+            raise DownloadError(
+                f"the download server refused {target.path} (HTTP {status}); if the repo is "
+                "gated or private, log in with `hf auth login` or set HF_TOKEN"
+            )
+        if status not in (200, 206):
+            raise DownloadError(
+                f"the download server answered HTTP {status} for {target.path}{_KEPT}"
+            )
+        length = _int_header(response, "Content-Length")
+        end = target.size  # one past the last byte this answer carries
+        if status == 200:
+            skip = offset
+            if offset:
+                # The server ignored Range and sends the whole file: the bytes on disk stay,
+                # and the same number at the front of this answer are dropped.
+                notice(
+                    f"the download server ignored the resume request for {target.path}; "
+                    f"skipping the {format_bytes(offset)} already on disk"
+                )
+            if length is not None and length != target.size:
+                raise DownloadError(
+                    f"the download server sent {length} bytes for {target.path}, but the hub "
+                    f"says it has {target.size}; try again later{_KEPT}"
+                )
+        else:
+            m = _CONTENT_RANGE.match(response.headers.get("Content-Range", "").strip())
+            if m is None:
+                raise DownloadError(
+                    f"the download server answered a resume of {target.path} without a "
+                    f"readable Content-Range{_KEPT}"
+                )
+            first, last, whole = int(m[1]), int(m[2]), m[3]
+            if (
+                first > offset
+                or last < first
+                or last >= target.size
+                or (whole != "*" and int(whole) != target.size)
+                or (length is not None and length != last - first + 1)
+            ):
+                raise DownloadError(
+                    f"the download server sent bytes {first}-{last}/{whole} of {target.path} "
+                    f"when asked for byte {offset} on of {target.size}{_KEPT}"
+                )
+            skip = offset - first
+            end = last + 1
+        for chunk in response.iter_bytes():
+            if skip:
+                dropped = min(skip, len(chunk))
+                chunk = chunk[dropped:]
+                skip -= dropped
+            room = end - sink.offset
+            if len(chunk) > room:
+                # More than the file has: keep what fits; the hash decides whether it is right.
+                log.warning("the server sent more than %d bytes of %s", target.size, target.path)
+                chunk = chunk[:room]
+            if chunk:
+                sink.write(chunk)
+            if sink.offset >= end:
+                return
+
+
+def _int_header(response: httpx2.Response, name: str) -> int | None:
+    value = response.headers.get(name)
+    if value is None:
+        return None
+    try:
+        return int(value)
+    except ValueError:
+        return None
 
 
 def _fsync_dir(folder: Path) -> None:

@@ -8,21 +8,28 @@ planner and the GGUF reader live in engine/ and this module only wires them.
 
 from __future__ import annotations
 
+import email.utils
+import itertools
 import logging
+import math
 import os
 import re
-from collections.abc import Callable, Sequence
+import time
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Protocol
+from datetime import UTC, datetime
+from typing import Any, Protocol, TypeVar
 
+import httpx2
 from huggingface_hub import HfApi, constants, hf_hub_url
 from huggingface_hub.errors import (
     GatedRepoError,
     HfHubHTTPError,
+    HFValidationError,
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
+from huggingface_hub.utils import build_hf_headers, validate_repo_id  # type: ignore[attr-defined]
 
 from engine.errors import PeregrineError
 
@@ -127,6 +134,14 @@ class QuantOption:
         return info is None or len(self.files) == info[2]
 
 
+@dataclass(frozen=True)
+class RefusedFile:
+    """A file the hub listed that Peregrine will not touch (unsafe name, impossible size), and why."""
+
+    path: str
+    reason: str
+
+
 @dataclass
 class RepoListing:
     """A repo's GGUF models grouped by quant, in the order the hub lists them, smallest first."""
@@ -136,10 +151,16 @@ class RepoListing:
     gated: bool
     license: str | None
     options: list[QuantOption]
+    refused: list[RefusedFile] = field(default_factory=list)
 
     def find(self, quant_or_file: str) -> QuantOption | None:
         """The option matching a quant label (case-insensitive) or a file name."""
         wanted = quant_or_file.lower()
+        for bad in self.refused:
+            if bad.path.lower() == wanted:
+                raise PeregrineError(
+                    f"refusing the file {bad.path!r} listed by {self.repo_id}: {bad.reason}"
+                )
         for opt in self.options:
             if opt.name.lower() == wanted or any(f.path.lower() == wanted for f in opt.files):
                 return opt
@@ -200,6 +221,237 @@ def _first_line(text: str) -> str:
     return next((line for line in text.splitlines() if line.strip()), text)
 
 
+# --- a flaky network: what is retried, how patiently, and what the user reads ---------------
+
+# Statuses that say "try again later" (the hub's own list); others are answers.
+RETRY_STATUSES = frozenset({408, 429, 500, 502, 503, 504})
+_SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
+_COMMIT_RE = re.compile(r"^[0-9a-f]{40}$")
+# Larger than any file the hub stores: a size beyond this is a broken or hostile answer.
+MAX_FILE_SIZE = 1 << 42  # 4 TiB
+
+T = TypeVar("T")
+
+
+@dataclass(frozen=True)
+class RetryPolicy:
+    """How often and how patiently a flaky hub or CDN is retried, and how long a silent one is waited for."""
+
+    retries: int = 4  # after the first try
+    base_delay: float = 1.0  # seconds; doubled on each retry
+    max_delay: float = 16.0
+    # A server asking to wait longer than this is not waited for: the error says when to retry.
+    max_retry_after: float = 60.0
+    timeout: float = 10.0  # seconds to connect, and between two reads of one answer
+
+    def delay(self, retry: int, retry_after: float | None = None) -> float:
+        """Seconds to wait before retry number `retry` (0-based); Retry-After wins when given."""
+        if retry_after is not None:
+            return max(0.0, retry_after)
+        return float(min(self.max_delay, self.base_delay * (2**retry)))
+
+    def httpx_timeout(self) -> httpx2.Timeout:
+        return httpx2.Timeout(self.timeout)
+
+
+def default_retry_policy(environ: Mapping[str, str] | None = None) -> RetryPolicy:
+    """The policy, with huggingface-hub's own HF_HUB_DOWNLOAD_TIMEOUT honoured at call time."""
+    env = os.environ if environ is None else environ
+    raw = env.get("HF_HUB_DOWNLOAD_TIMEOUT")
+    if not raw:
+        return RetryPolicy()
+    try:
+        timeout = float(raw)
+    except ValueError:
+        log.warning("ignoring HF_HUB_DOWNLOAD_TIMEOUT=%r: not a number of seconds", raw)
+        return RetryPolicy()
+    if not math.isfinite(timeout) or timeout <= 0:
+        log.warning("ignoring HF_HUB_DOWNLOAD_TIMEOUT=%r: not a positive number", raw)
+        return RetryPolicy()
+    return RetryPolicy(timeout=timeout)
+
+
+class RetriesExhausted(PeregrineError):
+    """A request kept failing with transient errors (5xx, 429, timeouts, cut connections)."""
+
+
+def parse_retry_after(value: str | None, now: Callable[[], datetime] | None = None) -> float | None:
+    """Seconds from a Retry-After header (delay-seconds or an HTTP date); None when absent or unreadable."""
+    if value is None:
+        return None
+    value = value.strip()
+    if value.isdigit():
+        return float(value)
+    try:
+        when = email.utils.parsedate_to_datetime(value)
+    except (TypeError, ValueError):
+        log.info("ignoring unreadable Retry-After %r", value)
+        return None
+    if when.tzinfo is None:
+        when = when.replace(tzinfo=UTC)
+    current = now() if now is not None else datetime.now(UTC)
+    return max(0.0, (when - current).total_seconds())
+
+
+@dataclass(frozen=True)
+class Transient:
+    """Why a request may succeed when tried again, and how long the server asked us to wait."""
+
+    reason: str
+    retry_after: float | None = None
+
+
+def transient_failure(exc: BaseException) -> Transient | None:
+    """A Transient for errors worth retrying (5xx, 429, 408, timeouts, dropped connections), else None."""
+    if isinstance(exc, HfHubHTTPError):
+        response = exc.response
+        status = response.status_code if response is not None else None
+        if status in RETRY_STATUSES and response is not None:
+            return Transient(
+                f"HTTP {status}", parse_retry_after(response.headers.get("Retry-After"))
+            )
+        return None
+    if isinstance(exc, httpx2.TimeoutException):
+        return Transient(f"no answer in time ({type(exc).__name__})")
+    if isinstance(exc, httpx2.NetworkError | httpx2.RemoteProtocolError):
+        return Transient(f"connection failed ({type(exc).__name__}: {one_line(exc)})")
+    return None
+
+
+def one_line(exc: BaseException | str, limit: int = 300) -> str:
+    """An exception's text on one line, cut to `limit` characters."""
+    return " ".join(str(exc).split())[:limit]
+
+
+class Backoff:
+    """Counts transient failures of one operation and waits between tries; gives up with a clear error."""
+
+    def __init__(
+        self,
+        policy: RetryPolicy,
+        what: str,
+        *,
+        sleep: Callable[[float], None] = time.sleep,
+        notice: Callable[[str], None] | None = None,
+        kept: str = "",
+    ) -> None:
+        self.policy = policy
+        self.what = what
+        self._sleep = sleep
+        self._notice = notice or (lambda msg: log.warning("%s", msg))
+        self._kept = kept  # appended to the final error ("; the partial file is kept ...")
+        self.failures = 0
+
+    def progressed(self) -> None:
+        """The operation moved forward (bytes arrived): its retry budget starts again."""
+        self.failures = 0
+
+    def wait_before_retry(self, failure: Transient) -> float:
+        """Raises RetriesExhausted when the budget is spent, else returns the seconds to wait."""
+        self.failures += 1
+        if failure.retry_after is not None and failure.retry_after > self.policy.max_retry_after:
+            raise RetriesExhausted(
+                f"{self.what} failed: the server is busy ({failure.reason}) and asks to retry "
+                f"in {failure.retry_after:.0f} s; try again later{self._kept}"
+            )
+        if self.failures > self.policy.retries:
+            raise RetriesExhausted(
+                f"{self.what} failed after {self.failures} tries: {failure.reason}{self._kept}"
+            )
+        delay = self.policy.delay(self.failures - 1, failure.retry_after)
+        self._notice(
+            f"{self.what}: {failure.reason}; retrying in {delay:.1f} s "
+            f"(retry {self.failures} of {self.policy.retries})"
+        )
+        return delay
+
+    def call(self, fn: Callable[[], T]) -> T:
+        """Runs `fn`, retrying transient failures with backoff."""
+        for _ in itertools.count():
+            try:
+                return fn()
+            except (HfHubHTTPError, httpx2.TransportError) as exc:
+                failure = transient_failure(exc)
+                if failure is None:
+                    raise
+                self._sleep(self.wait_before_retry(failure))
+        raise AssertionError("unreachable")
+
+
+def check_repo_id(repo_id: str) -> None:
+    """Refuses a repo id the hub could not have ("owner/name"), before it becomes a folder name."""
+    try:
+        validate_repo_id(repo_id)
+    except HFValidationError as exc:
+        raise PeregrineError(f"{repo_id!r} is not a Hugging Face repo id (owner/name)") from exc
+
+
+_WINDOWS_DRIVE = re.compile(r"^[A-Za-z]:")
+
+
+def unsafe_file_name(path: object) -> str | None:
+    """Why a file name from the hub cannot be used as a relative path under Peregrine's folders, or None."""
+    if not isinstance(path, str) or not path:
+        return "not a file name"
+    if len(path) > 1000:
+        return "name too long"
+    if any(ord(c) < 32 or c == "\x7f" for c in path):
+        return "control characters in the name"
+    if "\\" in path:
+        return "backslash in the name"
+    if path.startswith("/") or _WINDOWS_DRIVE.match(path):
+        return "absolute path"
+    if any(part in ("", ".", "..") for part in path.split("/")):
+        return "'..', '.' or empty path component"
+    return None
+
+
+def check_file_name(repo_id: str, path: str) -> None:
+    """Refuses a file name that could escape Peregrine's folders ("../../x.gguf", "/etc/x")."""
+    reason = unsafe_file_name(path)
+    if reason is not None:
+        raise PeregrineError(f"refusing the file name {path!r} from {repo_id}: {reason}")
+
+
+def valid_sha256(value: object) -> bool:
+    return isinstance(value, str) and bool(_SHA256_RE.match(value))
+
+
+def valid_commit(value: object) -> bool:
+    return isinstance(value, str) and bool(_COMMIT_RE.match(value))
+
+
+def valid_size(value: object) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_FILE_SIZE
+
+
+def _remote_files(
+    repo_id: str, siblings: Sequence[Any] | None
+) -> tuple[list[RemoteFile], list[RefusedFile]]:
+    """The repo's files as the hub listed them, minus the ones no download may touch (kept with why)."""
+    files: list[RemoteFile] = []
+    refused: list[RefusedFile] = []
+    for sibling in siblings or []:
+        name = getattr(sibling, "rfilename", None)
+        lfs = getattr(sibling, "lfs", None)
+        size = lfs.size if lfs else getattr(sibling, "size", None)
+        sha = lfs.sha256 if lfs else None
+        reason = unsafe_file_name(name)
+        if reason is None and size is not None and not valid_size(size):
+            reason = f"impossible size {one_line(repr(size), 40)}"
+        if reason is None and sha is not None and not valid_sha256(sha):
+            reason = "unreadable SHA-256"
+        if reason is not None:
+            # Logged, listed apart, and refused by name: a hostile listing loses nothing else.
+            shown = one_line(repr(name), 200)
+            log.warning("%s lists %s; ignoring it: %s", repo_id, shown, reason)
+            refused.append(RefusedFile(name if isinstance(name, str) else shown, reason))
+            continue
+        assert isinstance(name, str)
+        files.append(RemoteFile(path=name, size=size or 0, sha256=sha))
+    return files, refused
+
+
 class HubService:
     """Search and repo listing against one hub endpoint, with fit badges from an injected planner."""
 
@@ -212,10 +464,14 @@ class HubService:
         pick: PickFn | None = None,
         header_reader: RemoteHeaderFn | None = None,
         api: HfApi | None = None,
+        retry: RetryPolicy | None = None,
+        sleep: Callable[[float], None] = time.sleep,
     ) -> None:
         self.endpoint = (endpoint or default_endpoint()).rstrip("/")
         # None lets huggingface-hub find HF_TOKEN or the stored login itself.
         self.token = token
+        self.retry = retry or default_retry_policy()
+        self._sleep = sleep
         self._fit = fit
         self._pick = pick
         self._header_reader = header_reader
@@ -255,32 +511,58 @@ class HubService:
             return out
         except HfHubHTTPError as exc:
             raise access_error(term, exc, bool(self.token)) from exc
+        except httpx2.HTTPError as exc:
+            raise PeregrineError(
+                f"could not reach Hugging Face at {self.endpoint}: {one_line(exc)}"
+            ) from exc
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            raise PeregrineError(
+                f"Hugging Face sent an unreadable search answer ({type(exc).__name__}: "
+                f"{one_line(exc, 120)})"
+            ) from exc
 
     def list_quants(
         self, repo_id: str, revision: str | None = None, *, with_fit: bool = True
     ) -> RepoListing:
         """The repo's GGUF models grouped by quant; with fit badges and the planner's pick when wired."""
+        check_repo_id(repo_id)
+        backoff = Backoff(self.retry, f"asking Hugging Face about {repo_id}", sleep=self._sleep)
         try:
-            info = self._api.model_info(repo_id, revision=revision, files_metadata=True)
+            info = backoff.call(
+                lambda: self._api.model_info(
+                    repo_id, revision=revision, files_metadata=True, timeout=self.retry.timeout
+                )
+            )
+            files, refused = _remote_files(repo_id, info.siblings)
+            commit = info.sha
+            gated = bool(info.gated)
+            license_ = None
+            if info.card_data is not None:
+                license_ = getattr(info.card_data, "license", None)
         except HfHubHTTPError as exc:
             raise access_error(repo_id, exc, bool(self.token)) from exc
-        files = [
-            RemoteFile(
-                path=s.rfilename,
-                size=(s.lfs.size if s.lfs else s.size) or 0,
-                sha256=s.lfs.sha256 if s.lfs else None,
+        except httpx2.HTTPError as exc:
+            # Not worth retrying (a redirect loop, a non-http redirect) or retries already spent.
+            raise PeregrineError(
+                f"could not get {repo_id} from Hugging Face at {self.endpoint}: {one_line(exc)}"
+            ) from exc
+        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+            # The answer was not the model-info JSON the hub sends (garbage, wrong shape).
+            raise PeregrineError(
+                f"Hugging Face sent an unreadable answer about {repo_id} "
+                f"({type(exc).__name__}: {one_line(exc, 120)})"
+            ) from exc
+        if commit is not None and not valid_commit(commit):
+            raise PeregrineError(
+                f"Hugging Face sent an unreadable commit id for {repo_id}: {one_line(str(commit), 60)!r}"
             )
-            for s in (info.siblings or [])
-        ]
-        license_ = None
-        if info.card_data is not None:
-            license_ = getattr(info.card_data, "license", None)
         listing = RepoListing(
             repo_id=repo_id,
-            commit=info.sha,
-            gated=bool(info.gated),
-            license=license_,
+            commit=commit,
+            gated=gated,
+            license=license_ if isinstance(license_, str) else None,
             options=group_gguf_files(files),
+            refused=refused,
         )
         if with_fit:
             self._add_fit(listing, revision=info.sha or revision)
