@@ -8,7 +8,8 @@ call only follows same-origin redirects and reads `X-Repo-Commit`,
 per file are counted, so tests can assert what went over the wire.
 
 Faults are injected per route and key with `FakeHub.inject` (see `Fault`):
-"resolve" and "cdn" take "repo/file", "api" (model info and tree) takes "repo".
+"resolve" and "cdn" take "repo/file", "api" takes "repo" (model info and tree)
+or "search" (the model list).
 Each request takes the next fault queued for it, so a test says exactly which
 answer misbehaves and how.
 """
@@ -365,6 +366,8 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
 
         # --- API routes -------------------------------------------------------
         def _list_models(self, query: dict[str, list[str]]) -> None:
+            if self._fault("api", "search")[0]:
+                return
             search = (query.get("search") or [""])[0].lower()
             filters = query.get("filter") or []
             out = []

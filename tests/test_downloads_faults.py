@@ -435,6 +435,26 @@ def test_model_info_5xx_is_retried(hub: FakeHub) -> None:
     assert sleeps.calls == [1.0, 2.0]
 
 
+def test_search_retries_5xx_and_refuses_a_day_long_wait(hub: FakeHub) -> None:
+    hub.inject("api", "search", Fault(status=502))
+    sleeps = Sleeps()
+    service = HubService(retry=POLICY, sleep=sleeps)
+    assert [r.repo_id for r in service.search("Tiny")] == ["acme/Tiny-GGUF"]
+    assert sleeps.calls == [1.0]
+    hub.inject("api", "search", Fault(status=429, retry_after="86400"))
+    with pytest.raises(PeregrineError, match="asks to retry in 86400 s"):
+        service.search("Tiny")
+    hub.inject("api", "search", Fault(body=b"<html>", times=None))
+    with pytest.raises(PeregrineError, match="unreadable search answer"):
+        service.search("Tiny")
+
+
+def test_stalled_model_info_times_out(hub: FakeHub) -> None:
+    hub.inject("api", "acme/Tiny-GGUF", Fault(stall=True, times=None))
+    with pytest.raises(RetriesExhausted, match=r"about acme/Tiny-GGUF failed .*no answer in time"):
+        HubService(retry=STALL_POLICY, sleep=Sleeps()).list_quants("acme/Tiny-GGUF")
+
+
 UNSAFE = ["../../evil-Q4_0.gguf", "/tmp/abs-Q5_0.gguf", "sub/../../up-Q6_K.gguf", "a\\b-Q3_K.gguf"]
 
 

@@ -700,6 +700,9 @@ class Downloader:
                 f"the download server answered HTTP {status} for {target.path}{_KEPT}"
             )
         length = _int_header(response, "Content-Length")
+        if response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
+            # Compressed despite "identity": the length counts compressed bytes, not the file's.
+            length = None
         end = target.size  # one past the last byte this answer carries
         if status == 200:
             skip = offset

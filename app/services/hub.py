@@ -29,7 +29,11 @@ from huggingface_hub.errors import (
     RepositoryNotFoundError,
     RevisionNotFoundError,
 )
-from huggingface_hub.utils import build_hf_headers, validate_repo_id  # type: ignore[attr-defined]
+from huggingface_hub.utils import (  # type: ignore[attr-defined]
+    build_hf_headers,
+    hf_raise_for_status,
+    validate_repo_id,
+)
 
 from engine.errors import PeregrineError
 
@@ -237,9 +241,11 @@ T = TypeVar("T")
 class RetryPolicy:
     """How often and how patiently a flaky hub or CDN is retried, and how long a silent one is waited for."""
 
-    retries: int = 4  # after the first try
+    # 3 retries wait 1 + 2 + 4 s; a server that stalls every time fails in about
+    # 4 x timeout + 7 s, not minutes.
+    retries: int = 3  # after the first try
     base_delay: float = 1.0  # seconds; doubled on each retry
-    max_delay: float = 16.0
+    max_delay: float = 8.0
     # A server asking to wait longer than this is not waited for: the error says when to retry.
     max_retry_after: float = 60.0
     timeout: float = 10.0  # seconds to connect, and between two reads of one answer
@@ -425,6 +431,11 @@ def valid_size(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_FILE_SIZE
 
 
+def _count(value: object) -> int:
+    """A download or like count from the hub; anything that is not a count reads as 0."""
+    return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else 0
+
+
 def _remote_files(
     repo_id: str, siblings: Sequence[Any] | None
 ) -> tuple[list[RemoteFile], list[RefusedFile]]:
@@ -483,43 +494,67 @@ class HubService:
 
     def search(self, term: str, limit: int = 20) -> list[SearchResult]:
         """GGUF repos matching `term`, most downloaded first."""
+        # One GET of /api/models of our own, not HfApi.list_models: that one waits
+        # as long as any Retry-After says and has no timeout.
+        params: list[tuple[str, str | int]] = [
+            ("search", term),
+            ("filter", "gguf"),
+            ("sort", "downloads"),
+            ("direction", -1),
+            ("limit", limit),
+        ]
+        # The hub's list answer omits "gated" unless these fields are asked for by name.
+        params += [("expand", f) for f in ("downloads", "likes", "gated", "private", "tags")]
+
+        def fetch() -> Any:
+            with httpx2.Client(timeout=self.retry.httpx_timeout()) as client:
+                response = client.get(
+                    f"{self.endpoint}/api/models", params=tuple(params), headers=self.auth_headers()
+                )
+            hf_raise_for_status(response)
+            return response.json()
+
+        backoff = Backoff(self.retry, "searching Hugging Face", sleep=self._sleep)
         try:
-            # The hub's list answer omits "gated" unless these fields are asked for by name.
-            models = self._api.list_models(
-                search=term,
-                filter="gguf",
-                sort="downloads",
-                limit=limit,
-                expand=["downloads", "likes", "gated", "private", "tags"],
-            )
-            out = []
-            for m in models:
-                license_ = next(
-                    (t.split(":", 1)[1] for t in (m.tags or []) if t.startswith("license:")),
-                    None,
-                )
-                out.append(
-                    SearchResult(
-                        repo_id=m.id,
-                        downloads=m.downloads or 0,
-                        likes=m.likes or 0,
-                        license=license_,
-                        gated=bool(m.gated),
-                        private=bool(m.private),
-                    )
-                )
-            return out
+            models = backoff.call(fetch)
         except HfHubHTTPError as exc:
             raise access_error(term, exc, bool(self.token)) from exc
         except httpx2.HTTPError as exc:
             raise PeregrineError(
                 f"could not reach Hugging Face at {self.endpoint}: {one_line(exc)}"
             ) from exc
-        except (ValueError, TypeError, KeyError, AttributeError) as exc:
+        except ValueError as exc:
             raise PeregrineError(
-                f"Hugging Face sent an unreadable search answer ({type(exc).__name__}: "
-                f"{one_line(exc, 120)})"
+                f"Hugging Face sent an unreadable search answer ({one_line(exc, 120)})"
             ) from exc
+        if not isinstance(models, list):
+            raise PeregrineError("Hugging Face sent an unreadable search answer (not a list)")
+        out = []
+        for m in models[:limit]:
+            repo_id = m.get("id") if isinstance(m, dict) else None
+            if not isinstance(repo_id, str):
+                log.warning("ignoring a search result without an id: %s", one_line(repr(m), 200))
+                continue
+            tags = m.get("tags") if isinstance(m.get("tags"), list) else []
+            license_ = next(
+                (
+                    t.split(":", 1)[1]
+                    for t in tags
+                    if isinstance(t, str) and t.startswith("license:")
+                ),
+                None,
+            )
+            out.append(
+                SearchResult(
+                    repo_id=repo_id,
+                    downloads=_count(m.get("downloads")),
+                    likes=_count(m.get("likes")),
+                    license=license_,
+                    gated=bool(m.get("gated")),
+                    private=bool(m.get("private")),
+                )
+            )
+        return out
 
     def list_quants(
         self, repo_id: str, revision: str | None = None, *, with_fit: bool = True
@@ -590,6 +625,10 @@ class HubService:
                     )
                 else:
                     opt.header_error = str(exc)
+            except Exception as exc:
+                # A reader bug or an error it did not wrap must not hide the other quants.
+                log.exception("reading the header of %s failed", opt.name)
+                opt.header_error = f"header not readable: {type(exc).__name__}: {one_line(exc)}"
             if self._fit is not None and opt.header is not None:
                 try:
                     opt.fit = self._fit(opt.name, opt.header, opt.size)
