@@ -28,7 +28,7 @@ from app.services.downloads import (
 from app.services.hub import HubService, RetriesExhausted, RetryPolicy, parse_retry_after
 from engine.errors import PeregrineError
 from engine.paths import Paths
-from tests.fake_hub import FakeHub, Fault, add_tiny_repo, running_hub
+from tests.fake_hub import VALID_TOKEN, FakeHub, Fault, add_tiny_repo, running_hub
 from tests.test_downloads import FullDiskWriter
 
 REPO = "acme/Blob-GGUF"
@@ -335,7 +335,7 @@ def test_partial_without_its_record_is_not_trusted(hub: FakeHub, paths: Paths) -
 
 # --- stalls -------------------------------------------------------------------------------------
 
-STALL_POLICY = RetryPolicy(retries=1, base_delay=0.0, timeout=0.3)
+STALL_POLICY = RetryPolicy(retries=3, base_delay=0.0, timeout=0.3, timeout_retries=1)
 
 
 def test_stalled_cdn_times_out_with_a_clear_error(hub: FakeHub, paths: Paths) -> None:
@@ -343,9 +343,11 @@ def test_stalled_cdn_times_out_with_a_clear_error(hub: FakeHub, paths: Paths) ->
     with pytest.raises(RetriesExhausted) as info:
         downloader(paths, Sleeps(), retry=STALL_POLICY).download_model(REPO, [FILE])
     message = str(info.value)
-    assert "no answer in time" in message and KEPT in message
+    assert "no answer in time" in message and "2 times in a row" in message and KEPT in message
     [partial] = partials(paths)
     assert partial.stat().st_size == 200_000
+    # The cut made progress, then two silent answers: a silent server is not retried for long.
+    assert len(ranges(hub)) == 3
 
 
 def test_stalled_metadata_call_times_out_with_a_clear_error(hub: FakeHub, paths: Paths) -> None:
@@ -451,7 +453,10 @@ def test_search_retries_5xx_and_refuses_a_day_long_wait(hub: FakeHub) -> None:
 
 def test_stalled_model_info_times_out(hub: FakeHub) -> None:
     hub.inject("api", "acme/Tiny-GGUF", Fault(stall=True, times=None))
-    with pytest.raises(RetriesExhausted, match=r"about acme/Tiny-GGUF failed .*no answer in time"):
+    with pytest.raises(
+        RetriesExhausted,
+        match=r"about acme/Tiny-GGUF failed: no answer in time .* 2 times in a row",
+    ):
         HubService(retry=STALL_POLICY, sleep=Sleeps()).list_quants("acme/Tiny-GGUF")
 
 
@@ -465,7 +470,9 @@ def test_unsafe_names_in_a_listing_are_refused_by_name(hub: FakeHub) -> None:
     listing = HubService(retry=POLICY, sleep=Sleeps()).list_quants("acme/Tiny-GGUF")
     assert {r.path for r in listing.refused} == set(UNSAFE)
     assert all(f.path not in UNSAFE for opt in listing.options for f in opt.files)  # never offered
-    assert listing.find("Q4_0") is None and listing.find("Q8_0") is not None
+    assert listing.find("Q8_0") is not None
+    with pytest.raises(PeregrineError, match=r"refusing the file .* for Q4_0: '\.\.', '\.'"):
+        listing.find("Q4_0")  # the only Q4_0 is the hostile one: say so, not "no such quant"
     with pytest.raises(PeregrineError, match=r"refusing the file '\.\./\.\./evil-Q4_0\.gguf'"):
         listing.find("../../evil-Q4_0.gguf")
 
@@ -493,6 +500,19 @@ def test_glob_characters_in_a_name_touch_no_other_partial(hub: FakeHub, paths: P
     Downloader(paths).discard(REPO, ["*"])
     Downloader(paths).discard(REPO, ["[b]lob-Q4_0.gguf"])
     assert len(partials(paths)) == 1
+
+
+def test_token_goes_to_the_hub_only(hub: FakeHub, paths: Paths) -> None:
+    hub.add_repo("acme/Private-GGUF", gated=True).add("p-Q4_0.gguf", b"GGUF" * 5000)
+    hub.inject("cdn", "acme/Private-GGUF/p-Q4_0.gguf", Fault(cut_after=100))
+    [final] = downloader(paths, Sleeps(), token=VALID_TOKEN).download_model(
+        "acme/Private-GGUF", ["p-Q4_0.gguf"]
+    )
+    assert final.read_bytes() == b"GGUF" * 5000
+    hub_side = [r for r in hub.requests if r.host.startswith("127.0.0.1")]
+    cdn_side = hub.file_requests("acme/Private-GGUF", "p-Q4_0.gguf")
+    assert hub_side and all(r.authorization == f"Bearer {VALID_TOKEN}" for r in hub_side)
+    assert len(cdn_side) == 2 and all(r.authorization is None for r in cdn_side)
 
 
 # --- the queue: a pause during a backoff wait ----------------------------------------------------
@@ -568,6 +588,7 @@ def test_cli_path_traversal_writes_nothing_outside(
     assert_one_error_line(err, "refusing the file '../../evil-Q4_0.gguf'")
     code, _, err = pull(capsys, "acme/Tiny-GGUF", "--quant", "Q4_0")
     assert code == 1
+    assert_one_error_line(err, "refusing the file '../../evil-Q4_0.gguf'")
     assert all_files_under(tmp_path) == before
     assert own_ids(capsys) == []
 

@@ -169,6 +169,13 @@ class RepoListing:
             if opt.name.lower() == wanted or any(f.path.lower() == wanted for f in opt.files):
                 return opt
         matches = [o for o in self.options if (o.quant or "").lower() == wanted]
+        refused = [r for r in self.refused if (quant_of(r.path) or "").lower() == wanted]
+        if not matches and refused:
+            bad = refused[0]
+            raise PeregrineError(
+                f"refusing the file {bad.path!r} listed by {self.repo_id} for {quant_or_file}: "
+                f"{bad.reason}"
+            )
         if len(matches) > 1:
             names = ", ".join(o.name for o in matches)
             raise PeregrineError(
@@ -241,14 +248,16 @@ T = TypeVar("T")
 class RetryPolicy:
     """How often and how patiently a flaky hub or CDN is retried, and how long a silent one is waited for."""
 
-    # 3 retries wait 1 + 2 + 4 s; a server that stalls every time fails in about
-    # 4 x timeout + 7 s, not minutes.
+    # 3 retries wait 1 + 2 + 4 s.
     retries: int = 3  # after the first try
     base_delay: float = 1.0  # seconds; doubled on each retry
     max_delay: float = 8.0
     # A server asking to wait longer than this is not waited for: the error says when to retry.
     max_retry_after: float = 60.0
     timeout: float = 10.0  # seconds to connect, and between two reads of one answer
+    # A server silent for a whole timeout this many times more in a row is taken as down,
+    # so a stalled server fails in about 2 x timeout + 1 s, not minutes.
+    timeout_retries: int = 1
 
     def delay(self, retry: int, retry_after: float | None = None) -> float:
         """Seconds to wait before retry number `retry` (0-based); Retry-After wins when given."""
@@ -305,6 +314,7 @@ class Transient:
 
     reason: str
     retry_after: float | None = None
+    timed_out: bool = False  # the server stayed silent for a whole timeout
 
 
 def transient_failure(exc: BaseException) -> Transient | None:
@@ -318,7 +328,7 @@ def transient_failure(exc: BaseException) -> Transient | None:
             )
         return None
     if isinstance(exc, httpx2.TimeoutException):
-        return Transient(f"no answer in time ({type(exc).__name__})")
+        return Transient(f"no answer in time ({type(exc).__name__})", timed_out=True)
     if isinstance(exc, httpx2.NetworkError | httpx2.RemoteProtocolError):
         return Transient(f"connection failed ({type(exc).__name__}: {one_line(exc)})")
     return None
@@ -347,14 +357,25 @@ class Backoff:
         self._notice = notice or (lambda msg: log.warning("%s", msg))
         self._kept = kept  # appended to the final error ("; the partial file is kept ...")
         self.failures = 0
+        self.timeouts = 0
 
     def progressed(self) -> None:
         """The operation moved forward (bytes arrived): its retry budget starts again."""
         self.failures = 0
+        self.timeouts = 0
 
     def wait_before_retry(self, failure: Transient) -> float:
         """Raises RetriesExhausted when the budget is spent, else returns the seconds to wait."""
         self.failures += 1
+        if failure.timed_out:
+            self.timeouts += 1
+            if self.timeouts > self.policy.timeout_retries:
+                raise RetriesExhausted(
+                    f"{self.what} failed: {failure.reason}, the server sent nothing for "
+                    f"{self.policy.timeout:g} s, {self.timeouts} times in a row{self._kept}"
+                )
+        else:
+            self.timeouts = 0
         if failure.retry_after is not None and failure.retry_after > self.policy.max_retry_after:
             raise RetriesExhausted(
                 f"{self.what} failed: the server is busy ({failure.reason}) and asks to retry "
