@@ -429,6 +429,14 @@ def test_garbage_model_info_is_a_clear_error(hub: FakeHub, body: bytes) -> None:
         HubService(retry=POLICY, sleep=Sleeps()).list_quants("acme/Tiny-GGUF")
 
 
+@pytest.mark.parametrize("where", ["loop", "ftp://localhost/api"])
+def test_model_info_redirects_nowhere_are_a_clear_error(hub: FakeHub, where: str) -> None:
+    target = f"{hub.endpoint}/api/models/acme/Tiny-GGUF" if where == "loop" else where
+    hub.inject("api", "acme/Tiny-GGUF", Fault(location=target, times=None))
+    with pytest.raises(PeregrineError, match="could not get acme/Tiny-GGUF from Hugging Face"):
+        HubService(retry=POLICY, sleep=Sleeps()).list_quants("acme/Tiny-GGUF")
+
+
 def test_model_info_5xx_is_retried(hub: FakeHub) -> None:
     hub.inject("api", "acme/Tiny-GGUF", Fault(status=503, times=2))
     sleeps = Sleeps()

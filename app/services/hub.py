@@ -9,7 +9,6 @@ planner and the GGUF reader live in engine/ and this module only wires them.
 from __future__ import annotations
 
 import email.utils
-import itertools
 import logging
 import math
 import os
@@ -394,7 +393,7 @@ class Backoff:
 
     def call(self, fn: Callable[[], T]) -> T:
         """Runs `fn`, retrying transient failures with backoff."""
-        for _ in itertools.count():
+        while True:
             try:
                 return fn()
             except (HfHubHTTPError, httpx2.TransportError) as exc:
@@ -402,7 +401,6 @@ class Backoff:
                 if failure is None:
                     raise
                 self._sleep(self.wait_before_retry(failure))
-        raise AssertionError("unreachable")
 
 
 def check_repo_id(repo_id: str) -> None:
