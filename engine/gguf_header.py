@@ -43,6 +43,13 @@ MAX_METADATA_ENTRIES = 1 << 16
 MAX_TENSORS = 1 << 16
 MAX_KEY_BYTES = 1 << 16  # keys are names; real ones are under 100 bytes
 MAX_NESTED_ARRAYS = 1 << 16  # inner arrays in the whole header
+# Bounds llama.cpp asserts on while loading hyperparameters (llama-hparams.h and
+# llama_model::load_hparams of the vendored llama.cpp): a GGML_ASSERT aborts the
+# whole process, so values past them must never reach it.
+LLAMA_MAX_LAYERS = 512
+LLAMA_MAX_EXPERTS = 1024
+MAX_CONTEXT_LENGTH = (1 << 32) - 1  # llama.cpp reads context_length as a uint32
+ROPE_SCALING_TYPES = frozenset({"none", "linear", "yarn", "longrope"})
 # Rough CPython cost of the parsed metadata. The header cap alone does not
 # bound memory: a 10-byte string on disk becomes a ~60-byte str object.
 DEFAULT_MAX_METADATA_MEMORY = 64 << 20
@@ -239,13 +246,16 @@ class GGUFHeader:
 
     @property
     def context_length(self) -> int | None:
-        """The trained context length."""
-        return self._int(self.arch_get("context_length"))
+        """The trained context length (None when missing or past what llama.cpp reads)."""
+        n = self._int(self.arch_get("context_length"))
+        # Remote headers are planned without validate_gguf_file: keep absurd values out.
+        return n if n is not None and 0 < n <= MAX_CONTEXT_LENGTH else None
 
     @property
     def block_count(self) -> int | None:
-        """Number of transformer blocks (layers)."""
-        return self._int(self.arch_get("block_count"))
+        """Number of transformer blocks (None when missing or outside 1..512)."""
+        n = self._int(self.arch_get("block_count"))
+        return n if n is not None and 0 < n <= LLAMA_MAX_LAYERS else None
 
     @property
     def nextn_layers(self) -> int:
@@ -776,11 +786,127 @@ def check_tensor_data(header: GGUFHeader) -> None:
         previous = t
 
 
+def _describe(value: Any) -> str:
+    """What a metadata value is, for a message (never the value itself, which may be huge)."""
+    if isinstance(value, bool):
+        return "a bool"
+    if isinstance(value, int | float):
+        return f"the number {value}"
+    if isinstance(value, list):
+        return f"an array of {len(value):,} items"
+    return "a string"
+
+
+def _count(header: GGUFHeader, key: str, low: int, high: int) -> int | None:
+    """The integer at `key` (None when missing), refused unless low <= value <= high."""
+    if key not in header.metadata:
+        return None
+    value = header.metadata[key]
+    if isinstance(value, bool) or not isinstance(value, int):
+        raise GGUFError(f"{key} is {_describe(value)}, expected a whole number")
+    if not low <= value <= high:
+        raise GGUFError(f"{key} is {value:,}, outside the range {low:,}..{high:,}")
+    return value
+
+
+def _count_or_max(header: GGUFHeader, key: str, high: int) -> int | None:
+    """Like `_count` for keys that may also be per-layer arrays; gives the largest value."""
+    value = header.metadata.get(key)
+    if isinstance(value, list):
+        if not all(isinstance(v, int) and not isinstance(v, bool) for v in value):
+            raise GGUFError(f"{key} is an array with items that are not whole numbers")
+        if any(not 0 <= v <= high for v in value):
+            raise GGUFError(f"{key} has a value outside the range 0..{high:,}")
+        return max(value, default=0)
+    return _count(header, key, 0, high)
+
+
+def check_model_metadata(header: GGUFHeader) -> None:
+    """Refuses metadata that is well-typed but absurd, before llama.cpp sees it.
+
+    Each check stands for a GGML_ASSERT in llama.cpp's loader (which would
+    abort the engine) or for a value that makes llama.cpp or the planner
+    misbehave: a chat template that is not text, no or duplicate tokens,
+    token arrays of different lengths, a layer count of 0 or over 512,
+    impossible expert counts, an unknown RoPE scaling type, or a context
+    length of 0 or past 32 bits. Raises GGUFError naming the key.
+    """
+    meta = header.metadata
+    template = meta.get("tokenizer.chat_template")
+    if template is not None and not isinstance(template, str):
+        raise GGUFError(f"tokenizer.chat_template is {_describe(template)}, not text")
+    _check_vocabulary(header)
+    arch = header.architecture
+    if arch is None:
+        return
+    n_layer = _count(header, f"{arch}.block_count", 1, LLAMA_MAX_LAYERS)
+    _count(header, f"{arch}.context_length", 1, MAX_CONTEXT_LENGTH)
+    top = n_layer if n_layer is not None else LLAMA_MAX_LAYERS
+    for sub in ("nextn_predict_layers", "posnet.block_count", "convnext.block_count"):
+        _count(header, f"{arch}.{sub}", 0, top)
+    n_expert = _count(header, f"{arch}.expert_count", 0, LLAMA_MAX_EXPERTS) or 0
+    n_used = _count_or_max(header, f"{arch}.expert_used_count", LLAMA_MAX_EXPERTS) or 0
+    groups = _count(header, f"{arch}.expert_group_count", 0, LLAMA_MAX_EXPERTS) or 0
+    groups_used = _count(header, f"{arch}.expert_group_used_count", 0, LLAMA_MAX_EXPERTS) or 0
+    if n_expert == 0 and (n_used or groups):
+        raise GGUFError(f"{arch}.expert_used_count or expert_group_count is set without experts")
+    if n_expert and not 0 < n_used <= n_expert:
+        raise GGUFError(f"{arch}.expert_used_count must be 1..{n_expert} for {n_expert} experts")
+    if n_expert and groups >= n_expert:
+        raise GGUFError(f"{arch}.expert_group_count ({groups}) must be under the expert count")
+    if groups > 1 and (n_expert % groups or not 0 < groups_used < groups):
+        raise GGUFError(
+            f"{arch}.expert_group_count {groups} and expert_group_used_count {groups_used} "
+            f"do not fit {n_expert} experts"
+        )
+    scaling = meta.get(f"{arch}.rope.scaling.type")
+    if scaling is not None and scaling not in ROPE_SCALING_TYPES:
+        shown = _show(scaling) if isinstance(scaling, str) else _describe(scaling)
+        raise GGUFError(f"{arch}.rope.scaling.type is {shown}, not one llama.cpp knows")
+
+
+def _check_vocabulary(header: GGUFHeader) -> None:
+    meta = header.metadata
+    tokens = meta.get("tokenizer.ggml.tokens")
+    if tokens is None:
+        return
+    if not isinstance(tokens, list) or not all(isinstance(t, str) for t in tokens):
+        raise GGUFError(f"tokenizer.ggml.tokens is {_describe(tokens)} of other than strings")
+    if not tokens:
+        raise GGUFError("tokenizer.ggml.tokens is empty: the model has no vocabulary")
+    if len(set(tokens)) != len(tokens):
+        seen: set[str] = set()
+        for token in tokens:
+            if token in seen:
+                raise GGUFError(
+                    f"tokenizer.ggml.tokens lists the token {_show(token)} more than once"
+                )
+            seen.add(token)
+    for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
+        values = meta.get(key)
+        if values is not None and (not isinstance(values, list) or len(values) != len(tokens)):
+            raise GGUFError(f"{key} is {_describe(values)} for {len(tokens):,} tokens")
+    for which in ("bos", "eos"):
+        wanted = meta.get(f"tokenizer.ggml.add_{which}_token")
+        token_id = meta.get(f"tokenizer.ggml.{which}_token_id")
+        # llama.cpp asserts on a missing BOS/EOS id when it must add one.
+        if wanted is True and isinstance(token_id, int) and not 0 <= token_id < len(tokens):
+            raise GGUFError(
+                f"tokenizer.ggml.{which}_token_id {token_id:,} is outside the vocabulary of "
+                f"{len(tokens):,} tokens, but the model asks for it on every prompt"
+            )
+
+
 def validate_gguf_file(path: str | os.PathLike[str]) -> GGUFHeader:
-    """Reads a local GGUF's header and checks its tensor layout: the engine's gate before llama.cpp."""
+    """Reads a local GGUF's header and checks its tensor layout and metadata.
+
+    The engine's gate before llama.cpp: what passes loads without tripping
+    the loader's asserts known to us (see check_model_metadata).
+    """
     header = read_gguf_header(path)
     try:
         check_tensor_data(header)
+        check_model_metadata(header)
     except GGUFError as exc:
         raise GGUFError(f"{Path(path).name}: {exc}", offset=exc.offset) from None
     return header

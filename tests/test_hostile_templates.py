@@ -1,0 +1,525 @@
+"""Hostile chat templates: rendering is bounded in time and memory, real templates are untouched.
+
+Chat templates come from model files, so they are attacker-controlled. These
+tests render templates that loop forever, double strings, build huge numbers
+or format widths, recurse, or nest deeply, and check each fails with one
+clear TemplateError while the same ChatTemplate (and the real engine) keeps
+working. Real-world templates must render exactly as plain Jinja renders them.
+"""
+
+from __future__ import annotations
+
+import datetime
+import time
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import gguf
+import jinja2
+import pytest
+from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+from engine.chat_template import CHATML_TEMPLATE, ChatTemplate, RenderLimits, TemplateError
+from engine.gguf_header import read_gguf_header
+
+# --- real-world templates (as published in the models' tokenizer configs) -------------
+
+LLAMA3 = (
+    "{% set loop_messages = messages %}{% for message in loop_messages %}"
+    "{% set content = '<|start_header_id|>' + message['role'] + '<|end_header_id|>\n\n'"
+    "+ message['content'] | trim + '<|eot_id|>' %}"
+    "{% if loop.index0 == 0 %}{% set content = bos_token + content %}{% endif %}"
+    "{{ content }}{% endfor %}"
+    "{% if add_generation_prompt %}{{ '<|start_header_id|>assistant<|end_header_id|>\n\n' }}"
+    "{% endif %}"
+)
+
+GEMMA = (
+    "{{ bos_token }}{% if messages[0]['role'] == 'system' %}"
+    "{{ raise_exception('System role not supported') }}{% endif %}"
+    "{% for message in messages %}"
+    "{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
+    "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}"
+    "{% endif %}{% if (message['role'] == 'assistant') %}{% set role = 'model' %}"
+    "{% else %}{% set role = message['role'] %}{% endif %}"
+    "{{ '<start_of_turn>' + role + '\n' + message['content'] | trim + '<end_of_turn>\n' }}"
+    "{% endfor %}{% if add_generation_prompt %}{{'<start_of_turn>model\n'}}{% endif %}"
+)
+
+MISTRAL = """{%- if messages[0]['role'] == 'system' %}
+    {%- set system_message = messages[0]['content'] %}
+    {%- set loop_messages = messages[1:] %}
+{%- else %}
+    {%- set loop_messages = messages %}
+{%- endif %}
+
+{{- bos_token }}
+{%- for message in loop_messages %}
+    {%- if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}
+        {{- raise_exception('After the optional system message, conversation roles must alternate user/assistant/user/assistant/...') }}
+    {%- endif %}
+    {%- if message['role'] == 'user' %}
+        {%- if loop.first and system_message is defined %}
+            {{- ' [INST] ' + system_message + '\\n\\n' + message['content'] + ' [/INST]' }}
+        {%- else %}
+            {{- ' [INST] ' + message['content'] + ' [/INST]' }}
+        {%- endif %}
+    {%- elif message['role'] == 'assistant' %}
+        {{- ' ' + message['content'] + eos_token}}
+    {%- else %}
+        {{- raise_exception('Only user and assistant roles are supported, with the exception of an initial optional system message!') }}
+    {%- endif %}
+{%- endfor %}
+"""
+
+# Qwen2.5-style, with tools: tojson, namespace, loop.last, attribute access, |join.
+QWEN_TOOLS = """{%- if tools %}
+    {{- '<|im_start|>system\\n' }}
+    {%- if messages[0]['role'] == 'system' %}{{- messages[0]['content'] }}
+    {%- else %}{{- 'You are Qwen, created by Alibaba Cloud.' }}{%- endif %}
+    {{- "\\n\\n# Tools\\n\\n<tools>" }}
+    {%- for tool in tools %}{{- "\\n" }}{{- tool | tojson }}{%- endfor %}
+    {{- "\\n</tools><|im_end|>\\n" }}
+{%- elif messages[0]['role'] == 'system' %}
+    {{- '<|im_start|>system\\n' + messages[0]['content'] + '<|im_end|>\\n' }}
+{%- endif %}
+{%- set ns = namespace(turns=0, names=[]) %}
+{%- for message in messages %}
+    {%- if message.role == "user" or (message.role == "system" and not loop.first) %}
+        {%- set ns.turns = ns.turns + 1 %}
+        {{- '<|im_start|>' + message.role + '\\n' + message.content + '<|im_end|>' + '\\n' }}
+    {%- elif message.role == "assistant" %}
+        {{- '<|im_start|>' + message.role }}
+        {%- if message.content %}{{- '\\n' + message.content }}{%- endif %}
+        {%- for tool_call in message.tool_calls | default([]) %}
+            {%- set ns.names = ns.names + [tool_call.function.name] %}
+            {{- '\\n<tool_call>\\n{"name": "' }}{{- tool_call.function.name }}
+            {{- '", "arguments": ' }}{{- tool_call.function.arguments | tojson }}{{- '}\\n</tool_call>' }}
+        {%- endfor %}
+        {{- '<|im_end|>\\n' }}
+    {%- endif %}
+{%- endfor %}
+{%- if ns.names %}{{- '<!-- tools used: ' ~ ns.names | join(', ') ~ ' -->' }}{%- endif %}
+{%- if add_generation_prompt %}{{- '<|im_start|>assistant\\n' }}{%- endif %}
+"""
+
+# Constructs that bounded code paths touch: macros (with recursion), call blocks,
+# set blocks, cycler, joiner, dict, %, str.format, filters, slices, recursive loops.
+FEATURES = """{%- macro turn(m, depth=0) -%}
+[{{ depth }}:{{ m.role|upper }}{% if depth < 2 %}{{ turn(m, depth + 1) }}{% endif %}]
+{%- endmacro -%}
+{%- macro box(title) -%}<{{ title }}>{{ caller() }}</{{ title }}>{%- endmacro -%}
+{%- set c = cycler('odd', 'even') -%}{%- set j = joiner(' | ') -%}
+{%- set meta = dict(n=messages|length, first=messages[0].role) -%}
+{%- set header -%}{{ meta.n }} messages, first {{ meta.first }}{%- endset -%}
+{{ header|center(40) }}
+{% for m in messages -%}
+{{ j() }}{{ c.next() }} {{ turn(m) }} {{ '%-6s|%3d' % (m.role, loop.index) }}
+{{ '{:>8}/{}'.format(m.role, loop.length) }} {{ m.content[:12]|replace(' ', '_') }}
+{%- call box('c') %}{{ m.content|wordwrap(20)|indent(2) }}{% endcall %}
+{%- endfor %}
+{{ (messages|map(attribute='role')|list * 2)|join(',') }} {{ [[1, 2], [3]]|sum(start=[]) }}
+{{ range(5)|batch(2)|list }} {{ range(5)|slice(2)|list }} {{ 2 ** 10 }} {{ 'ab' * 3 }}
+{% for item in [1, [2, [3, 4]], 5] recursive -%}
+{% if item is iterable %}({{ loop(item) }}){% else %}{{ item }}{% endif %}
+{%- endfor %}
+{{ messages[0]|tojson }} {{ messages[-1].content|truncate(20) }} {{ 'a\\tb'.expandtabs(4) }}
+{{ '-'.join(['x', 'y']) }} {{ 'x'.rjust(5, '.') }} {{ 'aXa'.replace('a', 'bb') }}
+"""
+
+CHATS: list[list[dict[str, Any]]] = [
+    [{"role": "user", "content": "Hello there!"}],
+    [
+        {"role": "user", "content": "What is 2 + 2?"},
+        {"role": "assistant", "content": "  It is 4.  "},
+        {"role": "user", "content": "And {{ 3 + 3 }} in words, <|im_end|>?"},
+    ],
+    [
+        {"role": "system", "content": "You are terse."},
+        {"role": "user", "content": "Naïve café, 東京, emoji 🦅, tab\there"},
+        {"role": "assistant", "content": "Noted."},
+        {"role": "user", "content": "x" * 5000},
+    ],
+    [{"role": "user", "content": "one"}, {"role": "user", "content": "two, no answer between"}],
+]
+
+TOOLS = [
+    {
+        "type": "function",
+        "function": {
+            "name": "get_weather",
+            "description": "Weather for a city",
+            "parameters": {"type": "object", "properties": {"city": {"type": "string"}}},
+        },
+    }
+]
+TOOL_CHAT: list[dict[str, Any]] = [
+    {"role": "user", "content": "Weather in Oslo?"},
+    {
+        "role": "assistant",
+        "content": "",
+        "tool_calls": [{"function": {"name": "get_weather", "arguments": {"city": "Oslo"}}}],
+    },
+    {"role": "user", "content": "Thanks"},
+]
+
+
+def _plain_raise(message: str) -> None:
+    raise TemplateError(f"the model's chat template refused the messages: {message}")
+
+
+def plain_render(source: str, messages: list[dict[str, Any]], **extra: Any) -> str:
+    """What unbounded Jinja makes of the template: the reference output."""
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, undefined=jinja2.ChainableUndefined
+    )
+    env.globals["raise_exception"] = _plain_raise
+    env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    variables = {
+        "messages": messages,
+        "add_generation_prompt": True,
+        "bos_token": "<s>",
+        "eos_token": "</s>",
+        "tools": None,
+        **extra,
+    }
+    return env.from_string(source).render(variables)
+
+
+def outcome(render: Callable[..., str], *args: Any) -> str:
+    try:
+        return render(*args)
+    except TemplateError as exc:
+        return f"TemplateError: {exc}"
+
+
+@pytest.mark.parametrize(
+    "source",
+    [CHATML_TEMPLATE, LLAMA3, GEMMA, MISTRAL, QWEN_TOOLS, FEATURES],
+    ids=["chatml", "llama3", "gemma", "mistral", "qwen-tools", "features"],
+)
+def test_real_templates_render_exactly_as_plain_jinja(source: str) -> None:
+    template = ChatTemplate(source, bos_token="<s>", eos_token="</s>")
+    outcomes = set()
+    for chat in CHATS:
+        ours = outcome(template.render, chat)
+        assert ours == outcome(plain_render, source, chat)
+        outcomes.add(ours.startswith("TemplateError"))
+    if source is QWEN_TOOLS:
+        ours = template.render(TOOL_CHAT, tools=TOOLS)
+        assert ours == plain_render(source, TOOL_CHAT, tools=TOOLS)
+        assert "get_weather" in ours and '"city": "Oslo"' in ours
+    # Gemma and Mistral refuse some chats (system role, roles not alternating): same
+    # refusal as plain Jinja, as a TemplateError with the template's own words.
+    assert outcomes == ({False, True} if source in (GEMMA, MISTRAL) else {False})
+
+
+def test_the_default_models_template_renders_exactly_as_before(default_model: Path) -> None:
+    source = read_gguf_header(default_model).chat_template
+    assert source is not None
+    template = ChatTemplate(source, bos_token="<s>", eos_token="</s>")
+    long_chat = [
+        {"role": "user" if i % 2 == 0 else "assistant", "content": f"turn {i} " * 40}
+        for i in range(200)
+    ]
+    for chat in [*CHATS, long_chat]:
+        assert template.render(chat) == plain_render(source, chat)
+
+
+def test_a_long_honest_chat_is_not_mistaken_for_a_hostile_template() -> None:
+    # 6 M characters is over the fixed value and output limits: they grow with the input.
+    limits = RenderLimits()
+    big = "word " * ((6 << 20) // 5)
+    assert len(big) > max(limits.max_value, limits.max_output // 2)
+    text = ChatTemplate(None, limits=limits).render([{"role": "user", "content": big}])
+    assert text.startswith("<|im_start|>user\nword word") and len(text) > len(big)
+
+
+# --- hostile templates -----------------------------------------------------------------
+
+NESTED_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}x{% endfor %}{% endfor %}"
+SILENT_LOOPS = "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+DOUBLING = (
+    "{% set ns = namespace(x='ab') %}{% for i in range(64) %}{% set ns.x = ns.x ~ ns.x %}"
+    "{% endfor %}{{ ns.x|length }}"
+)
+UNROLLED_DOUBLING = "{% set x = 'ab' %}" + "{% set x = x + x %}" * 40 + "{{ x|length }}"
+
+HOSTILE: dict[str, tuple[str, str]] = {
+    "nested range loops": (NESTED_LOOPS, "too many loop iterations"),
+    "nested loops that print nothing": (SILENT_LOOPS, "too many loop iterations"),
+    "string times a huge number": ("{{ 'a' * 100000000 }}", "value too large"),
+    "list times a huge number": ("{{ ([1] * 100000000)|length }}", "value too large"),
+    "x ~ x doubling in a loop": (DOUBLING, "value too large"),
+    "x + x doubling unrolled": (UNROLLED_DOUBLING, "value too large"),
+    "huge power": ("{{ 2 ** 100000000 }}", "number too large"),
+    "squaring in a loop": (
+        "{% set ns = namespace(n=3) %}{% for i in range(64) %}{% set ns.n = ns.n * ns.n %}"
+        "{% endfor %}{{ ns.n > 0 }}",
+        "number too large",
+    ),
+    "% format width": ("{{ '%999999999d' % 1 }}", "value too large"),
+    "% format precision": ("{{ '%.999999999f' % 1.0 }}", "value too large"),
+    "% star width": ("{{ '%*d' % (999999999, 1) }}", "'*' width"),
+    "format filter width": ("{{ '%999999999s'|format('a') }}", "value too large"),
+    "str.format width": ("{{ '{:>999999999}'.format(1) }}", "value too large"),
+    "str.format nested width": ("{{ '{:>{}}'.format(1, 999999999) }}", "value too large"),
+    "str.format_map width": ("{{ '{a:>999999999}'.format_map({'a': 1}) }}", "value too large"),
+    "center filter": ("{{ 'a'|center(999999999) }}", "value too large"),
+    "center method": ("{{ 'a'.center(999999999) }}", "value too large"),
+    "ljust method": ("{{ 'a'.ljust(999999999) }}", "value too large"),
+    "zfill method": ("{{ '1'.zfill(999999999) }}", "value too large"),
+    "expandtabs": ("{{ ('\\t' * 1000).expandtabs(999999) }}", "value too large"),
+    "indent filter": ("{{ ('a\\n' * 100000)|indent(1000) }}", "value too large"),
+    "wordwrap wrapstring": ("{{ ('a ' * 10000)|wordwrap(1, wrapstring='x' * 10000) }}", "value"),
+    "join filter separator": ("{{ ([1] * 1000000)|join('x' * 1000) }}", "value too large"),
+    "join method separator": ("{{ ('x' * 100000).join(['a'] * 100000) }}", "value too large"),
+    "replace filter": ("{% set s = 'a' * 1000 %}{{ s|replace('a', s * 1000) }}", "value"),
+    "replace method": ("{% set s = 'a' * 1000 %}{{ s.replace('', s * 1000) }}", "value"),
+    "repr of many references": (
+        "{% set s = 'a' * 1000000 %}{{ [s] * 100000 }}",
+        "value too large",
+    ),
+    "tojson of many references": (
+        "{% set s = 'a' * 1000000 %}{{ ([s] * 100000)|tojson }}",
+        "value too large",
+    ),
+    "tojson huge indent": ("{{ messages|tojson(indent=100000000) }}", "JSON indent"),
+    "string filter of many references": (
+        "{% set s = 'a' * 1000000 %}{{ ([s] * 100000)|string|length }}",
+        "value too large",
+    ),
+    "batch fill": ("{{ [1]|batch(1000000000, 'x')|list|length }}", "value too large"),
+    "slice count": ("{{ [1]|slice(1000000000)|list|length }}", "loop iterations"),
+    "sum of lists": ("{{ ([[1] * 1000] * 100000)|sum(start=[])|length }}", "too much data"),
+    "keeping many big strings": (
+        "{% set ns = namespace(l=[]) %}{% for i in range(100000) %}"
+        "{% set ns.l = ns.l + ['x' * 4000000 ~ i] %}{% endfor %}{{ ns.l|length }}",
+        "too much data",
+    ),
+    "slicing copies kept": (
+        "{% set s = 'x' * 4000000 %}{% set ns = namespace(l=[]) %}{% for i in range(100000) %}"
+        "{% set ns.l = ns.l + [s[i:]] %}{% endfor %}{{ ns.l|length }}",
+        "too much data",
+    ),
+    "set block of repeated output": (
+        "{% set s = 'x' * 4000000 %}{% set big %}{% for i in range(1000) %}{{ s }}{% endfor %}"
+        "{% endset %}{{ big|length }}",
+        "value too large",
+    ),
+    "macro output repeated": (
+        "{% macro m(s) %}{% for i in range(1000) %}{{ s }}{% endfor %}{% endmacro %}"
+        "{{ m('x' * 4000000)|length }}",
+        "value too large",
+    ),
+    "output flood": (
+        "{% for i in range(1000) %}{{ 'x' * 4000000 }}{% endfor %}",
+        "too much output",
+    ),
+    "infinite macro recursion": (
+        "{% macro f(n) %}{{ f(n + 1) }}{% endmacro %}{{ f(0) }}",
+        "recursed too deeply",
+    ),
+    "exponential macro recursion": (
+        "{% macro f(n) %}{% if n > 0 %}{{ f(n - 1) }}{{ f(n - 1) }}{% endif %}{% endmacro %}"
+        "{{ f(40) }}",
+        "took too long",
+    ),
+    "recursive loop over itself": (
+        "{% set l = [[1]] %}{% for x in l recursive %}{{ loop(l) }}{% endfor %}",
+        "recursed too deeply",
+    ),
+    "lipsum is gone": ("{{ lipsum(100000) }}", "'lipsum' is undefined"),
+    "include": ("{% include 'other' %}", "failed"),
+    "division by zero": ("{{ 1 / 0 }}", "ZeroDivisionError"),
+    "mutation": ("{{ messages.append(1) }}", "failed"),
+}
+
+
+class TickingClock:
+    """A clock that moves forward by `step` seconds each time it is read."""
+
+    def __init__(self, step: float) -> None:
+        self.now = 0.0
+        self.step = step
+
+    def __call__(self) -> float:
+        self.now += self.step
+        return self.now
+
+
+HELLO = [{"role": "user", "content": "hello"}]
+
+
+@pytest.mark.parametrize("source, why", HOSTILE.values(), ids=list(HOSTILE))
+def test_hostile_template_fails_with_one_clear_error(source: str, why: str) -> None:
+    # For the slow ones, a clock that runs 1 ms per reading reaches the deadline at once.
+    clock = TickingClock(0.001) if why == "took too long" else time.monotonic
+    template = ChatTemplate(source, clock=clock)
+    with pytest.raises(TemplateError) as info:
+        template.render(HELLO)
+    message = str(info.value)
+    assert message.startswith("the model's chat template"), message
+    assert why in message, message
+    assert "\n" not in message and len(message) < 400
+
+
+def test_the_deadline_stops_a_loop_within_the_iteration_budget() -> None:
+    # 100,000 silent iterations are within budget: only the clock can stop them.
+    source = "{% for i in range(100000) %}{% endfor %}done"
+    assert ChatTemplate(source).render(HELLO) == "done"
+    slow = ChatTemplate(source, clock=TickingClock(0.001), limits=RenderLimits(seconds=5.0))
+    with pytest.raises(TemplateError, match="took too long to render \\(over 5 s\\)"):
+        slow.render(HELLO)
+
+
+def test_a_template_recovers_after_a_refused_render() -> None:
+    source = (
+        "{% if messages[-1].content == 'boom' %}{% set ns = namespace(x='ab') %}"
+        "{% for i in range(64) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}{{ ns.x }}"
+        "{% elif messages[-1].content == 'spin' %}{{ range(100000)|map('string')|join|length }}"
+        "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+        "{% else %}" + CHATML_TEMPLATE + "{% endif %}"
+    )
+    template = ChatTemplate(source)
+    for attack in ("boom", "spin", "boom"):
+        with pytest.raises(TemplateError):
+            template.render([{"role": "user", "content": attack}])
+        # The budget is per render: the next honest chat renders in full.
+        assert template.render(HELLO) == plain_render(CHATML_TEMPLATE, HELLO)
+
+
+def test_raise_exception_message_stays_one_short_line() -> None:
+    template = ChatTemplate("{{ raise_exception('line\\nbreak ' * 10000) }}")
+    with pytest.raises(TemplateError) as info:
+        template.render(HELLO)
+    message = str(info.value)
+    assert message.startswith("the model's chat template refused the messages: line break")
+    assert "\n" not in message and len(message) <= 301
+
+
+@pytest.mark.parametrize(
+    "source, why",
+    [
+        ("{% if true %}" * 200 + "x" + "{% endif %}" * 200, "nested too deeply"),
+        ("{{ " + "(" * 5000 + "1" + ")" * 5000 + " }}", "nested too deeply"),
+        ("{{ " + "[" * 5000 + "]" * 5000 + " }}", "nested too deeply"),
+        ("{{ 1" + " + 1" * 5000 + " }}", "nested too deeply"),
+        ("{% for x in y %}" * 30 + "{% endfor %}" * 30, "cannot be compiled"),
+        ("x" * ((256 << 10) + 1), "too large"),
+        ("{% for %}", "invalid"),
+        ("{{ messages", "invalid"),
+    ],
+    ids=[
+        "nested ifs",
+        "parentheses",
+        "brackets",
+        "long sum",
+        "nested loops",
+        "huge",
+        "bad1",
+        "bad2",
+    ],
+)
+def test_a_template_that_cannot_be_compiled_is_refused_at_load(source: str, why: str) -> None:
+    with pytest.raises(TemplateError) as info:
+        ChatTemplate(source)
+    assert why in str(info.value) and "\n" not in str(info.value)
+
+
+def test_a_big_but_reasonable_template_compiles_and_renders() -> None:
+    # 150 KB of blocks: bigger than any real template, under the source limit.
+    blocks = "".join(
+        f"{{% if messages[0].content == 'k{i}' %}}block {i} {{{{ messages[0].role }}}}{{% endif %}}"
+        for i in range(2500)
+    )
+    source = blocks + "{% if messages[0].content == 'hello' %}" + CHATML_TEMPLATE + "{% endif %}"
+    assert len(source) > 150_000
+    template = ChatTemplate(source)
+    assert template.render([{"role": "user", "content": "k2499"}]) == "block 2499 user"
+    assert template.render(HELLO) == plain_render(CHATML_TEMPLATE, HELLO)
+
+
+def test_the_sandbox_still_hides_python_internals() -> None:
+    template = ChatTemplate("[{{ messages.__class__.__mro__ }}{{ ''.__class__ }}]")
+    assert template.render(HELLO) == "[]"
+
+
+def test_a_template_that_is_not_text_is_refused() -> None:
+    with pytest.raises(TemplateError, match="not text"):
+        ChatTemplate(42)  # type: ignore[arg-type]
+
+
+# --- the real engine with a hostile template ------------------------------------------
+
+ENGINE_TEMPLATE = (
+    "{% set last = messages[-1]['content'] %}"
+    "{% if last == 'boom' %}{% set ns = namespace(x='ab') %}"
+    "{% for i in range(64) %}{% set ns.x = ns.x ~ ns.x %}{% endfor %}{{ ns.x }}"
+    "{% elif last == 'spin' %}"
+    "{% for i in range(100000) %}{% for j in range(100000) %}{% endfor %}{% endfor %}"
+    "{% elif last == 'recurse' %}{% macro f() %}{{ f() }}{% endmacro %}{{ f() }}"
+    "{% elif last == 'refuse' %}{{ raise_exception('this model refuses everything') }}"
+    "{% else %}" + CHATML_TEMPLATE + "{% endif %}"
+)
+
+
+def copy_with_template(src: Path, dst: Path, template: str) -> Path:
+    """A copy of a GGUF (weights included) whose tokenizer.chat_template is `template`."""
+    reader = gguf.GGUFReader(str(src))
+    arch = str(reader.fields["general.architecture"].contents())
+    writer = gguf.GGUFWriter(str(dst), arch)
+    for key, field in reader.fields.items():
+        if key.startswith("GGUF.") or key in ("general.architecture", "tokenizer.chat_template"):
+            continue
+        sub = field.types[1] if len(field.types) > 1 else None
+        writer.add_key_value(key, field.contents(), field.types[0], sub)
+    writer.add_chat_template(template)
+    for t in reader.tensors:
+        writer.add_tensor_info(t.name, t.data.shape, t.data.dtype, t.data.nbytes, t.tensor_type)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_ti_data_to_file()
+    for t in reader.tensors:
+        writer.write_tensor_data(t.data)
+    writer.close()
+    return dst
+
+
+@pytest.fixture(scope="module")
+def hostile_model(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
+    path = tmp_path_factory.mktemp("hostile-template") / "hostile-template.gguf"
+    yield copy_with_template(default_model, path, ENGINE_TEMPLATE)
+    path.unlink()
+
+
+@pytest.mark.slow
+def test_the_engine_answers_hostile_renders_with_400_and_keeps_serving(
+    hostile_model: Path,
+) -> None:
+    from tests.engine_proc import running_engine
+
+    with running_engine("--model", str(hostile_model), "--ctx", "512", "--threads", "1") as eng:
+        with eng.client() as client:
+            for attack, why in [
+                ("boom", "value too large"),
+                ("spin", "too many loop iterations"),
+                ("recurse", "recursed too deeply"),
+                ("refuse", "this model refuses everything"),
+            ]:
+                r = client.post(
+                    "/v1/chat/completions",
+                    json={"messages": [{"role": "user", "content": attack}], "max_tokens": 2},
+                )
+                assert r.status_code == 400, r.text
+                error = r.json()["error"]
+                assert error["message"].startswith("the model's chat template"), error
+                assert why in error["message"], error
+                assert client.get("/health").json() == {"status": "ok"}
+            answer = eng.chat([{"role": "user", "content": "Say hi"}], max_tokens=4)
+            assert answer["choices"][0]["message"]["content"]
+            assert answer["usage"]["prompt_tokens"] > 3
+        assert eng.proc.poll() is None
+    log = "".join(eng.stderr_lines)
+    assert "Traceback" not in log, log[-3000:]
