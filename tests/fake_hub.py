@@ -329,11 +329,10 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
             if fault.status is not None:
                 data = json.dumps({"error": f"injected HTTP {fault.status}"}).encode()
                 self.send_response(fault.status)
+                headers = {"Content-Type": "application/json", "Content-Length": str(len(data))}
                 if fault.retry_after is not None:
-                    self.send_header("Retry-After", fault.retry_after)
-                self.send_header("Content-Type", "application/json")
-                self.send_header("Content-Length", str(len(data)))
-                self.end_headers()
+                    headers["Retry-After"] = fault.retry_after
+                self._send_headers(headers, fault)
                 if self.command != "HEAD":
                     self.wfile.write(data)
                 return True, fault

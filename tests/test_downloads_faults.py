@@ -174,11 +174,36 @@ def test_range_ignored_after_a_cut_in_the_same_call(hub: FakeHub, paths: Paths) 
     assert ranges(hub) == [None, "bytes=400000-", "bytes=900000-"]
 
 
-def test_wrong_content_range_is_refused_and_the_partial_kept(hub: FakeHub, paths: Paths) -> None:
+@pytest.mark.parametrize(
+    "fault",
+    [
+        # A 206 that claims to start further on than asked would leave a hole in the file.
+        Fault(headers={"Content-Range": f"bytes 600000-{SIZE - 1}/{SIZE}"}),
+        Fault(headers={"Content-Range": "bytes whatever"}),
+        # 416 to a resume the file's size allows.
+        Fault(status=416, headers={"Content-Range": f"bytes */{SIZE}"}),
+    ],
+    ids=["hole", "unreadable", "416"],
+)
+def test_wrong_answer_to_a_resume_falls_back_to_the_whole_file(
+    hub: FakeHub, paths: Paths, fault: Fault
+) -> None:
     leave_partial(hub, paths, 500_000)
-    # A 206 that claims to start further on than asked would leave a hole in the file.
-    hub.inject("cdn", KEY, Fault(headers={"Content-Range": f"bytes 600000-{SIZE - 1}/{SIZE}"}))
-    with pytest.raises(DownloadError, match=r"sent bytes 600000-.* when asked for byte 500000"):
+    hub.inject("cdn", KEY, fault)
+    notices: list[str] = []
+    [final] = downloader(paths, Sleeps()).download_model(REPO, [FILE], on_notice=notices.append)
+    assert sha_of(final) == expected(hub)
+    # The bad answer, then the whole file asked for, its first 500,000 bytes dropped.
+    assert ranges(hub)[-2:] == ["bytes=500000-", None]
+    assert any("asking for the whole file" in n for n in notices)
+
+
+def test_resume_answer_for_another_size_is_refused_and_the_partial_kept(
+    hub: FakeHub, paths: Paths
+) -> None:
+    leave_partial(hub, paths, 500_000)
+    hub.inject("cdn", KEY, Fault(headers={"Content-Range": f"bytes 500000-{SIZE - 1}/{SIZE + 9}"}))
+    with pytest.raises(DownloadError, match=r"but the hub says it has"):
         downloader(paths, Sleeps()).download_model(REPO, [FILE])
     [partial] = partials(paths)
     assert partial.stat().st_size == 500_000

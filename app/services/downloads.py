@@ -39,7 +39,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field, replace
 from enum import StrEnum
 from pathlib import Path
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, NoReturn
 from urllib.parse import urljoin, urlsplit
 
 import httpx2
@@ -193,6 +193,9 @@ class _Sink:
         self._fh = fh
         self.hasher = hasher
         self.offset = offset  # bytes of the file on disk (and hashed)
+        # False once the server answered a Range request wrongly: from then on the
+        # whole file is asked for and the bytes already on disk are skipped.
+        self.use_range = True
         self._on_bytes = on_bytes
         self._should_stop = should_stop
 
@@ -649,7 +652,7 @@ class Downloader:
                 headers = {k: v for k, v in headers.items() if k.lower() != "authorization"}
             # Compression would make byte offsets meaningless for Range.
             headers["Accept-Encoding"] = "identity"
-            if sink.offset:
+            if sink.offset and sink.use_range:
                 headers["Range"] = f"bytes={sink.offset}-"
             with client.stream("GET", url, headers=headers) as response:
                 if response.is_redirect:
@@ -670,6 +673,19 @@ class Downloader:
             f"the download server redirected {target.path} more than {MAX_REDIRECTS} times{_KEPT}"
         )
 
+    def _stop_using_range(
+        self, target: RemoteTarget, sink: _Sink, notice: NoticeFn, what: str
+    ) -> NoReturn:
+        """After a wrong answer to a resume: ask for the whole file from now on, skipping the bytes on disk."""
+        if not sink.use_range:
+            raise DownloadError(f"the download server {what} for {target.path}{_KEPT}")
+        sink.use_range = False
+        notice(
+            f"the download server {what} for {target.path}; asking for the whole file "
+            f"and skipping the {format_bytes(sink.offset)} already on disk"
+        )
+        raise _Retry(Transient(f"the download server {what}", retry_after=0.0))
+
     def _read_body(
         self, response: httpx2.Response, target: RemoteTarget, sink: _Sink, notice: NoticeFn
     ) -> None:
@@ -684,12 +700,13 @@ class Downloader:
             )
         if status == 416:
             unsatisfied = _UNSATISFIED_RANGE.match(response.headers.get("Content-Range", ""))
-            theirs = f"{unsatisfied[1]} bytes" if unsatisfied else "an unknown size"
-            raise DownloadError(
-                f"the download server cannot resume {target.path} at byte {offset} "
-                f"(HTTP 416: it has {theirs}, the hub says {target.size}); the hub and its "
-                f"download server disagree, try again later{_KEPT}"
-            )
+            if unsatisfied is not None and int(unsatisfied[1]) != target.size:
+                raise DownloadError(
+                    f"the download server cannot resume {target.path} at byte {offset} "
+                    f"(HTTP 416: it has {unsatisfied[1]} bytes, the hub says {target.size}); "
+                    f"the hub and its download server disagree, try again later{_KEPT}"
+                )
+            self._stop_using_range(target, sink, notice, "refused a valid resume (HTTP 416)")
         if status in (401, 403):
             raise DownloadError(
                 f"the download server refused {target.path} (HTTP {status}); if the repo is "
@@ -719,23 +736,26 @@ class Downloader:
                     f"says it has {target.size}; try again later{_KEPT}"
                 )
         else:
-            m = _CONTENT_RANGE.match(response.headers.get("Content-Range", "").strip())
+            content_range = response.headers.get("Content-Range", "").strip()
+            m = _CONTENT_RANGE.match(content_range)
             if m is None:
-                raise DownloadError(
-                    f"the download server answered a resume of {target.path} without a "
-                    f"readable Content-Range{_KEPT}"
+                self._stop_using_range(
+                    target, sink, notice, "answered a resume without a readable Content-Range"
                 )
             first, last, whole = int(m[1]), int(m[2]), m[3]
+            if last >= target.size or (whole != "*" and int(whole) != target.size):
+                raise DownloadError(
+                    f"the download server sent bytes {first}-{last}/{whole} of {target.path}, "
+                    f"but the hub says it has {target.size}; try again later{_KEPT}"
+                )
             if (
                 first > offset
                 or last < first
-                or last >= target.size
-                or (whole != "*" and int(whole) != target.size)
                 or (length is not None and length != last - first + 1)
             ):
-                raise DownloadError(
-                    f"the download server sent bytes {first}-{last}/{whole} of {target.path} "
-                    f"when asked for byte {offset} on of {target.size}{_KEPT}"
+                # A hole or a mismatch: these bytes cannot be placed; ask for the whole file.
+                self._stop_using_range(
+                    target, sink, notice, f"sent bytes {first}-{last} when asked for {offset}-"
                 )
             skip = offset - first
             end = last + 1
