@@ -360,7 +360,8 @@ def test_partial_without_its_record_is_not_trusted(hub: FakeHub, paths: Paths) -
 
 # --- stalls -------------------------------------------------------------------------------------
 
-STALL_POLICY = RetryPolicy(retries=3, base_delay=0.0, timeout=0.3, timeout_retries=1)
+# Long enough that a healthy loopback answer never times out on a busy machine.
+STALL_POLICY = RetryPolicy(retries=3, base_delay=0.0, timeout=1.0, timeout_retries=1)
 
 
 def test_stalled_cdn_times_out_with_a_clear_error(hub: FakeHub, paths: Paths) -> None:

@@ -70,9 +70,6 @@ from engine.paths import Paths
 log = logging.getLogger(__name__)
 
 DEFAULT_DISK_MARGIN = 512 * 1024 * 1024
-# Bytes are handed over as they arrive (at most this much per read), so progress
-# is smooth, a pause is prompt, and a killed process loses almost nothing.
-TRANSFER_CHUNK = 256 * 1024
 MAX_REDIRECTS = 10
 _HASH_CHUNK = 1 << 20
 _CONTENT_RANGE = re.compile(r"^bytes\s+(\d+)-(\d+)/(\d+|\*)$")
@@ -759,6 +756,8 @@ class Downloader:
                 )
             skip = offset - first
             end = last + 1
+        # Unbuffered: each network read is written at once, so progress is smooth, a pause
+        # is prompt, and a cut or a killed process loses no byte that arrived.
         for chunk in response.iter_bytes():
             if skip:
                 dropped = min(skip, len(chunk))
