@@ -598,7 +598,12 @@ class Downloader:
     ) -> None:
         """Appends to the partial until it holds `size` bytes, retrying transient failures."""
         # The waits go through _pause (not Backoff.call), so a pause or cancel is prompt.
-        backoff = Backoff(self.retry, f"downloading {target.path}", notice=notice, kept=_KEPT)
+        backoff = Backoff(
+            self.retry,
+            f"downloading {target.path}",
+            notice=notice,
+            kept=lambda: _KEPT if sink.offset else "",
+        )
         while sink.offset < target.size:
             before = sink.offset
             try:

@@ -348,15 +348,19 @@ class Backoff:
         *,
         sleep: Callable[[float], None] = time.sleep,
         notice: Callable[[str], None] | None = None,
-        kept: str = "",
+        kept: str | Callable[[], str] = "",
     ) -> None:
         self.policy = policy
         self.what = what
         self._sleep = sleep
         self._notice = notice or (lambda msg: log.warning("%s", msg))
-        self._kept = kept  # appended to the final error ("; the partial file is kept ...")
+        # Appended to the final error ("; the partial file is kept ..."), read when it is raised.
+        self._kept = kept
         self.failures = 0
         self.timeouts = 0
+
+    def _kept_text(self) -> str:
+        return self._kept() if callable(self._kept) else self._kept
 
     def progressed(self) -> None:
         """The operation moved forward (bytes arrived): its retry budget starts again."""
@@ -371,18 +375,18 @@ class Backoff:
             if self.timeouts > self.policy.timeout_retries:
                 raise RetriesExhausted(
                     f"{self.what} failed: {failure.reason}, the server sent nothing for "
-                    f"{self.policy.timeout:g} s, {self.timeouts} times in a row{self._kept}"
+                    f"{self.policy.timeout:g} s, {self.timeouts} times in a row{self._kept_text()}"
                 )
         else:
             self.timeouts = 0
         if failure.retry_after is not None and failure.retry_after > self.policy.max_retry_after:
             raise RetriesExhausted(
                 f"{self.what} failed: the server is busy ({failure.reason}) and asks to retry "
-                f"in {failure.retry_after:.0f} s; try again later{self._kept}"
+                f"in {failure.retry_after:.0f} s; try again later{self._kept_text()}"
             )
         if self.failures > self.policy.retries:
             raise RetriesExhausted(
-                f"{self.what} failed after {self.failures} tries: {failure.reason}{self._kept}"
+                f"{self.what} failed after {self.failures} tries: {failure.reason}{self._kept_text()}"
             )
         delay = self.policy.delay(self.failures - 1, failure.retry_after)
         self._notice(
