@@ -86,7 +86,7 @@ class RenderLimits:
     max_iterations: int = 1_000_000  # loop iterations, all loops together
     max_int_bits: int = 1 << 16
     max_source: int = 256 << 10  # template text; real ones are under 50 KB
-    max_nesting: int = 64  # nested blocks in the template source
+    max_nesting: int = 100  # syntax-tree depth; real templates stay under 20
     input_factor: int = 8
 
 

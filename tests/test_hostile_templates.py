@@ -1,15 +1,22 @@
-"""Hostile chat templates: rendering is bounded in time and memory, real templates are untouched.
+"""Hostile model files beyond the header: chat templates and absurd metadata.
 
 Chat templates come from model files, so they are attacker-controlled. These
 tests render templates that loop forever, double strings, build huge numbers
 or format widths, recurse, or nest deeply, and check each fails with one
 clear TemplateError while the same ChatTemplate (and the real engine) keeps
 working. Real-world templates must render exactly as plain Jinja renders them.
+
+Metadata that is well-typed but absurd (no tokens, 0 layers, a 64-bit context
+length...) is refused by the GGUF gate with one line naming the key, before
+llama.cpp (which aborts the process on several of them) or the planner (which
+hung on one) sees it.
 """
 
 from __future__ import annotations
 
 import datetime
+import subprocess
+import sys
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -21,7 +28,9 @@ import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
 from engine.chat_template import CHATML_TEMPLATE, ChatTemplate, RenderLimits, TemplateError
-from engine.gguf_header import read_gguf_header
+from engine.gguf_header import GGUFError, read_gguf_header, validate_gguf_file
+from tests.engine_proc import EngineProc, read_events, running_engine, serve_command
+from tests.gguf_fixtures import INT32, UINT64, Typed, make_gguf_bytes
 
 # --- real-world templates (as published in the models' tokenizer configs) -------------
 
@@ -494,32 +503,253 @@ def hostile_model(default_model: Path, tmp_path_factory: pytest.TempPathFactory)
     path.unlink()
 
 
+@pytest.fixture(scope="module")
+def engine(hostile_model: Path) -> Iterator[EngineProc]:
+    with running_engine("--model", str(hostile_model), "--ctx", "512", "--threads", "1") as proc:
+        yield proc
+    log = "".join(proc.stderr_lines)
+    assert "Traceback" not in log, log[-3000:]
+
+
 @pytest.mark.slow
 def test_the_engine_answers_hostile_renders_with_400_and_keeps_serving(
-    hostile_model: Path,
+    engine: EngineProc,
 ) -> None:
-    from tests.engine_proc import running_engine
+    with engine.client() as client:
+        for attack, why in [
+            ("boom", "value too large"),
+            ("spin", "too many loop iterations"),
+            ("recurse", "recursed too deeply"),
+            ("refuse", "this model refuses everything"),
+        ]:
+            r = client.post(
+                "/v1/chat/completions",
+                json={"messages": [{"role": "user", "content": attack}], "max_tokens": 2},
+            )
+            assert r.status_code == 400, r.text
+            error = r.json()["error"]
+            assert error["message"].startswith("the model's chat template"), error
+            assert why in error["message"], error
+            assert client.get("/health").json() == {"status": "ok"}
+        answer = engine.chat([{"role": "user", "content": "Say hi"}], max_tokens=4)
+        assert answer["choices"][0]["message"]["content"]
+        assert answer["usage"]["prompt_tokens"] > 3
+    assert engine.proc.poll() is None
 
-    with running_engine("--model", str(hostile_model), "--ctx", "512", "--threads", "1") as eng:
-        with eng.client() as client:
-            for attack, why in [
-                ("boom", "value too large"),
-                ("spin", "too many loop iterations"),
-                ("recurse", "recursed too deeply"),
-                ("refuse", "this model refuses everything"),
-            ]:
-                r = client.post(
-                    "/v1/chat/completions",
-                    json={"messages": [{"role": "user", "content": attack}], "max_tokens": 2},
-                )
-                assert r.status_code == 400, r.text
-                error = r.json()["error"]
-                assert error["message"].startswith("the model's chat template"), error
-                assert why in error["message"], error
-                assert client.get("/health").json() == {"status": "ok"}
-            answer = eng.chat([{"role": "user", "content": "Say hi"}], max_tokens=4)
-            assert answer["choices"][0]["message"]["content"]
-            assert answer["usage"]["prompt_tokens"] > 3
-        assert eng.proc.poll() is None
-    log = "".join(eng.stderr_lines)
-    assert "Traceback" not in log, log[-3000:]
+
+# --- absurd metadata ------------------------------------------------------------------
+
+
+def tiny_model(path: Path, **changes: Any) -> Path:
+    """A small llama-shaped GGUF with consistent layout; `changes` edit its metadata (None drops)."""
+    metadata: dict[str, Any] = {
+        "general.architecture": "llama",
+        "general.name": "tiny",
+        "llama.context_length": 256,
+        "llama.block_count": 1,
+        "llama.embedding_length": 32,
+        "llama.attention.head_count": 4,
+        "llama.feed_forward_length": 64,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.chat_template": "{{ messages }}",
+        "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "a"],
+        "tokenizer.ggml.scores": [0.0, 0.0, 0.0, -1.0],
+        "tokenizer.ggml.token_type": Typed([2, 3, 3, 1], INT32),
+    }
+    for key, value in changes.items():
+        key = key.replace("__", ".")
+        if value is None:
+            metadata.pop(key, None)
+        else:
+            metadata[key] = value
+    tensors = [("token_embd.weight", (32, 4), 0), ("blk.0.attn_norm.weight", (32,), 0)]
+    path.write_bytes(make_gguf_bytes(metadata, tensors, with_data=True))
+    return path
+
+
+ABSURD: dict[str, tuple[dict[str, Any], str]] = {
+    "template is a number": (
+        {"tokenizer.chat_template": 42},
+        "tokenizer.chat_template is the number 42, not text",
+    ),
+    "template is an array": (
+        {"tokenizer.chat_template": ["{{ messages }}", "x"]},
+        "tokenizer.chat_template is an array of 2 items, not text",
+    ),
+    "no tokens": ({"tokenizer.ggml.tokens": Typed([], 8)}, "tokenizer.ggml.tokens is empty"),
+    "duplicate tokens": (
+        {"tokenizer.ggml.tokens": ["<unk>", "a", "</s>", "a"]},
+        "lists the token 'a' more than once",
+    ),
+    "tokens not strings": ({"tokenizer.ggml.tokens": [1, 2, 3, 4]}, "other than strings"),
+    "scores for fewer tokens": (
+        {"tokenizer.ggml.scores": [0.0, 0.0]},
+        "tokenizer.ggml.scores is an array of 2 items for 4 tokens",
+    ),
+    "token types for more tokens": (
+        {"tokenizer.ggml.token_type": Typed([1] * 9, INT32)},
+        "tokenizer.ggml.token_type is an array of 9 items for 4 tokens",
+    ),
+    "zero layers": ({"llama.block_count": 0}, "llama.block_count is 0, outside the range 1..512"),
+    "negative layers": ({"llama.block_count": Typed(-1, INT32)}, "llama.block_count is -1"),
+    "4 billion layers": (
+        {"llama.block_count": 4_000_000_000},
+        "llama.block_count is 4,000,000,000",
+    ),
+    "layers as text": ({"llama.block_count": "12"}, "llama.block_count is a string"),
+    "context of 0": ({"llama.context_length": 0}, "llama.context_length is 0"),
+    "64-bit context": (
+        {"llama.context_length": Typed(1 << 62, UINT64)},
+        "llama.context_length is 4,611,686,018,427,387,904, outside the range 1..4,294,967,295",
+    ),
+    "more MTP layers than layers": ({"llama.nextn_predict_layers": 2}, "nextn_predict_layers"),
+    "too many experts": ({"llama.expert_count": 5000}, "llama.expert_count is 5,000"),
+    "experts used without experts": ({"llama.expert_used_count": 2}, "set without experts"),
+    "more experts used than exist": (
+        {"llama.expert_count": 4, "llama.expert_used_count": 8},
+        "expert_used_count must be 1..4",
+    ),
+    "experts but none used": ({"llama.expert_count": 4}, "expert_used_count must be 1..4"),
+    "expert groups that do not divide": (
+        {
+            "llama.expert_count": 8,
+            "llama.expert_used_count": 2,
+            "llama.expert_group_count": 3,
+            "llama.expert_group_used_count": 1,
+        },
+        "do not fit 8 experts",
+    ),
+    "unknown rope scaling": ({"llama.rope.scaling.type": "warp"}, "'warp', not one llama.cpp"),
+    "bos required but outside the vocabulary": (
+        {"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.bos_token_id": 1_000_000},
+        "bos_token_id 1,000,000 is outside the vocabulary of 4 tokens",
+    ),
+}
+
+
+def test_a_consistent_tiny_model_passes_the_gate(tmp_path: Path, default_model: Path) -> None:
+    header = validate_gguf_file(tiny_model(tmp_path / "ok.gguf", llama__expert_count=0))
+    assert header.block_count == 1 and header.context_length == 256
+    validate_gguf_file(
+        tiny_model(
+            tmp_path / "moe.gguf",
+            llama__expert_count=8,
+            llama__expert_used_count=Typed([2], INT32),
+            llama__expert_group_count=4,
+            llama__expert_group_used_count=2,
+            llama__rope__scaling__type="yarn",
+            tokenizer__ggml__add_bos_token=True,
+            tokenizer__ggml__bos_token_id=1,
+        )
+    )
+    validate_gguf_file(default_model)
+
+
+@pytest.mark.parametrize("changes, why", ABSURD.values(), ids=list(ABSURD))
+def test_absurd_metadata_is_refused_with_one_line_naming_it(
+    tmp_path: Path, changes: dict[str, Any], why: str
+) -> None:
+    path = tiny_model(
+        tmp_path / "absurd.gguf", **{k.replace(".", "__"): v for k, v in changes.items()}
+    )
+    with pytest.raises(GGUFError) as info:
+        validate_gguf_file(path)
+    message = str(info.value)
+    assert message.startswith("absurd.gguf: ") and why in message, message
+    assert "\n" not in message
+
+
+def test_remote_headers_with_absurd_sizes_read_as_missing(tmp_path: Path) -> None:
+    # Remote files are planned from the header alone (no validate_gguf_file):
+    # the shape properties must not hand the planner 4 billion layers.
+    header = read_gguf_header(
+        tiny_model(
+            tmp_path / "remote.gguf",
+            llama__block_count=4_000_000_000,
+            llama__context_length=Typed(1 << 62, UINT64),
+        )
+    )
+    assert header.block_count is None and header.context_length is None
+
+
+@pytest.mark.parametrize(
+    "changes, why",
+    [
+        # These two made `profile` run out of memory and hang (planner ranges over them).
+        ({"llama__block_count": 4_000_000_000}, "llama.block_count is 4,000,000,000"),
+        ({"llama__context_length": Typed(1 << 62, UINT64)}, "llama.context_length is"),
+    ],
+    ids=["4 billion layers", "64-bit context"],
+)
+def test_profile_refuses_absurd_metadata_in_one_line(
+    tmp_path: Path, changes: dict[str, Any], why: str
+) -> None:
+    path = tiny_model(tmp_path / "absurd.gguf", **changes)
+    proc = subprocess.run(
+        [sys.executable, "-m", "app.cli", "profile", "--model", str(path), "--estimate-only"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert proc.returncode == 1, proc.stderr
+    lines = proc.stderr.strip().splitlines()
+    assert len(lines) == 1 and why in lines[0], proc.stderr
+
+
+@pytest.mark.slow
+def test_serve_refuses_a_file_llama_cpp_would_abort_on(tmp_path: Path) -> None:
+    path = tiny_model(tmp_path / "zero-layers.gguf", llama__block_count=0)
+    proc = subprocess.Popen(
+        serve_command("--port", "0", "--model", str(path)),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        events = read_events(proc, timeout=60)
+        assert proc.wait(30) == 1
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+            proc.wait(5)
+    assert events[-1]["event"] == "error", events
+    assert "llama.block_count is 0" in events[-1]["message"]
+
+
+def _wait_for_load(client: Any, timeout: float = 60.0) -> dict[str, Any]:
+    """Polls the engine status until the posted load has run (ended in error or ready)."""
+    deadline = time.monotonic() + timeout
+    while True:
+        status: dict[str, Any] = client.get("/v1/engine/status").json()
+        if status["state"] != "loading" or time.monotonic() > deadline:
+            return status
+        time.sleep(0.05)
+
+
+@pytest.mark.slow
+def test_absurd_loads_fail_in_status_while_the_engine_keeps_serving(
+    engine: EngineProc, tmp_path: Path
+) -> None:
+    files = {
+        # The first three abort the process in llama.cpp's loader (GGML_ASSERT), and
+        # the engine loads in process: only the gate stands between them and llama.cpp.
+        "llama.block_count is 0": tiny_model(tmp_path / "zero.gguf", llama__block_count=0),
+        "more than once": tiny_model(
+            tmp_path / "dup.gguf", tokenizer__ggml__tokens=["a", "a", "b", "c"]
+        ),
+        "rope.scaling.type": tiny_model(tmp_path / "rope.gguf", llama__rope__scaling__type="x"),
+        # llama.cpp would hand over "7" as the template text.
+        "not text": tiny_model(tmp_path / "template.gguf", tokenizer__chat_template=7),
+    }
+    with engine.client() as client:
+        model_id = client.get("/v1/engine/status").json()["model"]["id"]
+        for why, path in files.items():
+            r = client.post("/v1/engine/load", json={"model": str(path), "n_ctx": 512})
+            assert r.status_code == 202, r.text
+            status = _wait_for_load(client)
+            assert why in (status["error"] or ""), status
+            assert status["state"] == "ready" and status["model"]["id"] == model_id, status
+            assert engine.proc.poll() is None, f"{path.name} killed the engine"
+        answer = engine.chat([{"role": "user", "content": "Say hi"}], max_tokens=4)
+        assert answer["choices"][0]["message"]["content"]
