@@ -627,6 +627,15 @@ def test_cli_path_traversal_writes_nothing_outside(
     assert own_ids(capsys) == []
 
 
+def test_cli_repo_whose_only_gguf_is_refused_says_why(
+    hub: FakeHub, capsys: pytest.CaptureFixture[str]
+) -> None:
+    hub.add_repo("acme/Only-Hostile").add("../../evil-Q4_0.gguf", b"GGUF" * 10)
+    code, _, err = pull(capsys, "acme/Only-Hostile")
+    assert code == 1
+    assert_one_error_line(err, "no GGUF file Peregrine can accept", "'../../evil-Q4_0.gguf'")
+
+
 def test_cli_negative_size_and_rate_limit(hub: FakeHub, capsys: pytest.CaptureFixture[str]) -> None:
     key = "acme/Tiny-GGUF/Tiny-Q8_0.gguf"
     hub.inject("resolve", key, Fault(headers={"X-Linked-Size": "-1"}))

@@ -168,6 +168,12 @@ def _choose(listing: RepoListing, file: str | None, quant: str | None) -> QuantO
             raise PeregrineError(f"{listing.repo_id} has no {what} {wanted} (GGUF quants: {have})")
         return opt
     if not listing.options:
+        if listing.refused:
+            bad = listing.refused[0]
+            raise PeregrineError(
+                f"{listing.repo_id} lists no GGUF file Peregrine can accept "
+                f"(refused {bad.path!r}: {bad.reason})"
+            )
         raise PeregrineError(f"{listing.repo_id} has no GGUF files")
     if len(listing.options) == 1:
         return listing.options[0]
