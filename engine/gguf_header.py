@@ -874,17 +874,21 @@ def _check_vocabulary(header: GGUFHeader) -> None:
         raise GGUFError(f"tokenizer.ggml.tokens is {_describe(tokens)} of other than strings")
     if not tokens:
         raise GGUFError("tokenizer.ggml.tokens is empty: the model has no vocabulary")
-    if len(set(tokens)) != len(tokens):
+    # llama.cpp renames empty tokens to "[EMPTY_<id>]", then asserts that the
+    # token texts are unique.
+    texts = [t or f"[EMPTY_{i}]" for i, t in enumerate(tokens)]
+    if len(set(texts)) != len(texts):
         seen: set[str] = set()
-        for token in tokens:
-            if token in seen:
+        for text in texts:
+            if text in seen:
                 raise GGUFError(
-                    f"tokenizer.ggml.tokens lists the token {_show(token)} more than once"
+                    f"tokenizer.ggml.tokens lists the token {_show(text)} more than once"
                 )
-            seen.add(token)
+            seen.add(text)
     for key in ("tokenizer.ggml.scores", "tokenizer.ggml.token_type"):
         values = meta.get(key)
-        if values is not None and (not isinstance(values, list) or len(values) != len(tokens)):
+        # Longer arrays are fine for llama.cpp; shorter ones would be read past.
+        if values is not None and (not isinstance(values, list) or len(values) < len(tokens)):
             raise GGUFError(f"{key} is {_describe(values)} for {len(tokens):,} tokens")
     for which in ("bos", "eos"):
         wanted = meta.get(f"tokenizer.ggml.add_{which}_token")

@@ -587,9 +587,13 @@ ABSURD: dict[str, tuple[dict[str, Any], str]] = {
         {"tokenizer.ggml.scores": [0.0, 0.0]},
         "tokenizer.ggml.scores is an array of 2 items for 4 tokens",
     ),
-    "token types for more tokens": (
-        {"tokenizer.ggml.token_type": Typed([1] * 9, INT32)},
-        "tokenizer.ggml.token_type is an array of 9 items for 4 tokens",
+    "token types for fewer tokens": (
+        {"tokenizer.ggml.token_type": Typed([1] * 3, INT32)},
+        "tokenizer.ggml.token_type is an array of 3 items for 4 tokens",
+    ),
+    "a token named like a renamed empty one": (
+        {"tokenizer.ggml.tokens": ["", "[EMPTY_0]", "</s>", "a"]},
+        "lists the token '[EMPTY_0]' more than once",
     ),
     "zero layers": ({"llama.block_count": 0}, "llama.block_count is 0, outside the range 1..512"),
     "negative layers": ({"llama.block_count": Typed(-1, INT32)}, "llama.block_count is -1"),
@@ -641,6 +645,14 @@ def test_a_consistent_tiny_model_passes_the_gate(tmp_path: Path, default_model: 
             llama__rope__scaling__type="yarn",
             tokenizer__ggml__add_bos_token=True,
             tokenizer__ggml__bos_token_id=1,
+        )
+    )
+    # What llama.cpp accepts passes: empty tokens (it renames them), longer score arrays.
+    validate_gguf_file(
+        tiny_model(
+            tmp_path / "loose.gguf",
+            tokenizer__ggml__tokens=["", "", "</s>", "a"],
+            tokenizer__ggml__scores=[0.0] * 6,
         )
     )
     validate_gguf_file(default_model)
