@@ -48,7 +48,9 @@ MAX_NESTED_ARRAYS = 1 << 16  # inner arrays in the whole header
 # whole process, so values past them must never reach it.
 LLAMA_MAX_LAYERS = 512
 LLAMA_MAX_EXPERTS = 1024
-MAX_CONTEXT_LENGTH = (1 << 32) - 1  # llama.cpp reads context_length as a uint32
+# A trained context beyond this is nonsense (the longest real GGUF, Llama-4-Scout,
+# says 10,485,760), and the planner would plan a context the engine cannot load.
+MAX_CONTEXT_LENGTH = 1 << 24
 ROPE_SCALING_TYPES = frozenset({"none", "linear", "yarn", "longrope"})
 # Rough CPython cost of the parsed metadata. The header cap alone does not
 # bound memory: a 10-byte string on disk becomes a ~60-byte str object.
@@ -246,7 +248,7 @@ class GGUFHeader:
 
     @property
     def context_length(self) -> int | None:
-        """The trained context length (None when missing or past what llama.cpp reads)."""
+        """The trained context length (None when missing, 0 or over MAX_CONTEXT_LENGTH)."""
         n = self._int(self.arch_get("context_length"))
         # Remote headers are planned without validate_gguf_file: keep absurd values out.
         return n if n is not None and 0 < n <= MAX_CONTEXT_LENGTH else None
@@ -828,8 +830,8 @@ def check_model_metadata(header: GGUFHeader) -> None:
     abort the engine) or for a value that makes llama.cpp or the planner
     misbehave: a chat template that is not text, no or duplicate tokens,
     token arrays of different lengths, a layer count of 0 or over 512,
-    impossible expert counts, an unknown RoPE scaling type, or a context
-    length of 0 or past 32 bits. Raises GGUFError naming the key.
+    impossible expert counts, an unknown RoPE scaling type, or a trained
+    context of 0 or over 16 Mi tokens. Raises GGUFError naming the key.
     """
     meta = header.metadata
     template = meta.get("tokenizer.chat_template")

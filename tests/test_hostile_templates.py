@@ -537,6 +537,24 @@ def test_the_engine_answers_hostile_renders_with_400_and_keeps_serving(
     assert engine.proc.poll() is None
 
 
+@pytest.mark.slow
+def test_a_template_that_cannot_compile_fails_the_load_and_keeps_the_working_model(
+    engine: EngineProc, default_model: Path, tmp_path: Path
+) -> None:
+    # llama.cpp loads this file; only the template (deeply nested blocks) is refused.
+    nested = "{% if true %}" * 300 + "x" + "{% endif %}" * 300
+    path = copy_with_template(default_model, tmp_path / "nested-template.gguf", nested)
+    with engine.client() as client:
+        model_id = client.get("/v1/engine/status").json()["model"]["id"]
+        r = client.post("/v1/engine/load", json={"model": str(path), "n_ctx": 512, "threads": 1})
+        assert r.status_code == 202, r.text
+        status = _wait_for_load(client)
+        assert "the model's chat template is nested too deeply" in (status["error"] or ""), status
+        assert status["state"] == "ready" and status["model"]["id"] == model_id, status
+    answer = engine.chat([{"role": "user", "content": "Say hi"}], max_tokens=4)
+    assert answer["choices"][0]["message"]["content"]
+
+
 # --- absurd metadata ------------------------------------------------------------------
 
 
@@ -605,7 +623,11 @@ ABSURD: dict[str, tuple[dict[str, Any], str]] = {
     "context of 0": ({"llama.context_length": 0}, "llama.context_length is 0"),
     "64-bit context": (
         {"llama.context_length": Typed(1 << 62, UINT64)},
-        "llama.context_length is 4,611,686,018,427,387,904, outside the range 1..4,294,967,295",
+        "llama.context_length is 4,611,686,018,427,387,904, outside the range 1..16,777,216",
+    ),
+    "4 billion token context": (
+        {"llama.context_length": (1 << 32) - 1},
+        "llama.context_length is 4,294,967,295, outside the range 1..16,777,216",
     ),
     "more MTP layers than layers": ({"llama.nextn_predict_layers": 2}, "nextn_predict_layers"),
     "too many experts": ({"llama.expert_count": 5000}, "llama.expert_count is 5,000"),
@@ -635,6 +657,8 @@ ABSURD: dict[str, tuple[dict[str, Any], str]] = {
 def test_a_consistent_tiny_model_passes_the_gate(tmp_path: Path, default_model: Path) -> None:
     header = validate_gguf_file(tiny_model(tmp_path / "ok.gguf", llama__expert_count=0))
     assert header.block_count == 1 and header.context_length == 256
+    scout_like = tiny_model(tmp_path / "long.gguf", llama__context_length=10_485_760)
+    assert validate_gguf_file(scout_like).context_length == 10_485_760
     validate_gguf_file(
         tiny_model(
             tmp_path / "moe.gguf",
@@ -688,11 +712,13 @@ def test_remote_headers_with_absurd_sizes_read_as_missing(tmp_path: Path) -> Non
 @pytest.mark.parametrize(
     "changes, why",
     [
-        # These two made `profile` run out of memory and hang (planner ranges over them).
+        # These made `profile` run out of memory, hang (the planner ranges over the
+        # context in steps of 1024) and fail with "internal error: ValidationError".
         ({"llama__block_count": 4_000_000_000}, "llama.block_count is 4,000,000,000"),
         ({"llama__context_length": Typed(1 << 62, UINT64)}, "llama.context_length is"),
+        ({"llama__context_length": (1 << 32) - 1}, "llama.context_length is 4,294,967,295"),
     ],
-    ids=["4 billion layers", "64-bit context"],
+    ids=["4 billion layers", "64-bit context", "4 billion token context"],
 )
 def test_profile_refuses_absurd_metadata_in_one_line(
     tmp_path: Path, changes: dict[str, Any], why: str
