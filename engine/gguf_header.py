@@ -830,8 +830,9 @@ def check_model_metadata(header: GGUFHeader) -> None:
     abort the engine) or for a value that makes llama.cpp or the planner
     misbehave: a chat template that is not text, no or duplicate tokens,
     token arrays of different lengths, a layer count of 0 or over 512,
-    impossible expert counts, an unknown RoPE scaling type, or a trained
-    context of 0 or over 16 Mi tokens. Raises GGUFError naming the key.
+    impossible expert counts, an unknown RoPE scaling type, a trained
+    context of 0 or over 16 Mi tokens, or a SentencePiece vocabulary that
+    cannot spell every byte. Raises GGUFError naming the key.
     """
     meta = header.metadata
     template = meta.get("tokenizer.chat_template")
@@ -892,6 +893,8 @@ def _check_vocabulary(header: GGUFHeader) -> None:
         # Longer arrays are fine for llama.cpp; shorter ones would be read past.
         if values is not None and (not isinstance(values, list) or len(values) < len(tokens)):
             raise GGUFError(f"{key} is {_describe(values)} for {len(tokens):,} tokens")
+    if meta.get("tokenizer.ggml.model") == "llama":
+        _check_byte_fallback(set(texts))
     for which in ("bos", "eos"):
         wanted = meta.get(f"tokenizer.ggml.add_{which}_token")
         token_id = meta.get(f"tokenizer.ggml.{which}_token_id")
@@ -901,6 +904,29 @@ def _check_vocabulary(header: GGUFHeader) -> None:
                 f"tokenizer.ggml.{which}_token_id {token_id:,} is outside the vocabulary of "
                 f"{len(tokens):,} tokens, but the model asks for it on every prompt"
             )
+
+
+# Bytes that can occur in UTF-8 text (0xC0, 0xC1 and 0xF5..0xFF never do).
+_UTF8_BYTES = [b for b in range(0xF5) if b not in (0xC0, 0xC1)]
+
+
+def _check_byte_fallback(texts: set[str]) -> None:
+    """A SentencePiece vocabulary must spell any byte: llama.cpp aborts when it cannot.
+
+    Its SPM tokenizer writes a character that no token covers as byte tokens
+    "<0xXX>" (or the byte itself), looked up with std::map::at: a missing one
+    throws through the C API and terminates the engine on the first prompt
+    containing such a character.
+    """
+    missing = [
+        b for b in _UTF8_BYTES if f"<0x{b:02X}>" not in texts and not (b < 0x80 and chr(b) in texts)
+    ]
+    if missing:
+        raise GGUFError(
+            f"the SentencePiece vocabulary lacks the byte token <0x{missing[0]:02X}>"
+            + (f" and {len(missing) - 1} more" if len(missing) > 1 else "")
+            + ": llama.cpp would abort on text it cannot spell"
+        )
 
 
 def validate_gguf_file(path: str | os.PathLike[str]) -> GGUFHeader:

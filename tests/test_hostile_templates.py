@@ -558,6 +558,12 @@ def test_a_template_that_cannot_compile_fails_the_load_and_keeps_the_working_mod
 # --- absurd metadata ------------------------------------------------------------------
 
 
+# A SentencePiece vocabulary: three specials, "a", and the 256 byte tokens llama.cpp
+# falls back on for any character no token covers.
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+TOKENS = ["<unk>", "<s>", "</s>", "a", *BYTE_TOKENS]
+
+
 def tiny_model(path: Path, **changes: Any) -> Path:
     """A small llama-shaped GGUF with consistent layout; `changes` edit its metadata (None drops)."""
     metadata: dict[str, Any] = {
@@ -571,9 +577,9 @@ def tiny_model(path: Path, **changes: Any) -> Path:
         "llama.attention.layer_norm_rms_epsilon": 1e-5,
         "tokenizer.ggml.model": "llama",
         "tokenizer.chat_template": "{{ messages }}",
-        "tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "a"],
-        "tokenizer.ggml.scores": [0.0, 0.0, 0.0, -1.0],
-        "tokenizer.ggml.token_type": Typed([2, 3, 3, 1], INT32),
+        "tokenizer.ggml.tokens": TOKENS,
+        "tokenizer.ggml.scores": [0.0, 0.0, 0.0, -1.0] + [0.0] * 256,
+        "tokenizer.ggml.token_type": Typed([2, 3, 3, 1] + [6] * 256, INT32),
     }
     for key, value in changes.items():
         key = key.replace("__", ".")
@@ -597,20 +603,20 @@ ABSURD: dict[str, tuple[dict[str, Any], str]] = {
     ),
     "no tokens": ({"tokenizer.ggml.tokens": Typed([], 8)}, "tokenizer.ggml.tokens is empty"),
     "duplicate tokens": (
-        {"tokenizer.ggml.tokens": ["<unk>", "a", "</s>", "a"]},
+        {"tokenizer.ggml.tokens": ["<unk>", "a", "</s>", "a", *BYTE_TOKENS]},
         "lists the token 'a' more than once",
     ),
     "tokens not strings": ({"tokenizer.ggml.tokens": [1, 2, 3, 4]}, "other than strings"),
     "scores for fewer tokens": (
         {"tokenizer.ggml.scores": [0.0, 0.0]},
-        "tokenizer.ggml.scores is an array of 2 items for 4 tokens",
+        "tokenizer.ggml.scores is an array of 2 items for 260 tokens",
     ),
     "token types for fewer tokens": (
         {"tokenizer.ggml.token_type": Typed([1] * 3, INT32)},
-        "tokenizer.ggml.token_type is an array of 3 items for 4 tokens",
+        "tokenizer.ggml.token_type is an array of 3 items for 260 tokens",
     ),
     "a token named like a renamed empty one": (
-        {"tokenizer.ggml.tokens": ["", "[EMPTY_0]", "</s>", "a"]},
+        {"tokenizer.ggml.tokens": ["", "[EMPTY_0]", "</s>", "a", *BYTE_TOKENS]},
         "lists the token '[EMPTY_0]' more than once",
     ),
     "zero layers": ({"llama.block_count": 0}, "llama.block_count is 0, outside the range 1..512"),
@@ -646,10 +652,18 @@ ABSURD: dict[str, tuple[dict[str, Any], str]] = {
         },
         "do not fit 8 experts",
     ),
+    "SentencePiece vocabulary without byte tokens": (
+        {"tokenizer.ggml.tokens": ["<unk>", "<s>", "</s>", "a"]},
+        "lacks the byte token <0x00> and 241 more: llama.cpp would abort",
+    ),
+    "SentencePiece vocabulary missing one byte": (
+        {"tokenizer.ggml.tokens": [t for t in TOKENS if t != "<0xE2>"]},
+        "lacks the byte token <0xE2>: llama.cpp would abort",
+    ),
     "unknown rope scaling": ({"llama.rope.scaling.type": "warp"}, "'warp', not one llama.cpp"),
     "bos required but outside the vocabulary": (
         {"tokenizer.ggml.add_bos_token": True, "tokenizer.ggml.bos_token_id": 1_000_000},
-        "bos_token_id 1,000,000 is outside the vocabulary of 4 tokens",
+        "bos_token_id 1,000,000 is outside the vocabulary of 260 tokens",
     ),
 }
 
@@ -675,8 +689,8 @@ def test_a_consistent_tiny_model_passes_the_gate(tmp_path: Path, default_model: 
     validate_gguf_file(
         tiny_model(
             tmp_path / "loose.gguf",
-            tokenizer__ggml__tokens=["", "", "</s>", "a"],
-            tokenizer__ggml__scores=[0.0] * 6,
+            tokenizer__ggml__tokens=["", "", "</s>", "a", *BYTE_TOKENS],
+            tokenizer__ggml__scores=[0.0] * 300,
         )
     )
     validate_gguf_file(default_model)
@@ -774,7 +788,7 @@ def test_absurd_loads_fail_in_status_while_the_engine_keeps_serving(
         # the engine loads in process: only the gate stands between them and llama.cpp.
         "llama.block_count is 0": tiny_model(tmp_path / "zero.gguf", llama__block_count=0),
         "more than once": tiny_model(
-            tmp_path / "dup.gguf", tokenizer__ggml__tokens=["a", "a", "b", "c"]
+            tmp_path / "dup.gguf", tokenizer__ggml__tokens=["a", "a", "b", "c", *BYTE_TOKENS]
         ),
         "rope.scaling.type": tiny_model(tmp_path / "rope.gguf", llama__rope__scaling__type="x"),
         # llama.cpp would hand over "7" as the template text.
