@@ -843,10 +843,16 @@ def check_model_metadata(header: GGUFHeader) -> None:
     if arch is None:
         return
     n_layer = _count(header, f"{arch}.block_count", 1, LLAMA_MAX_LAYERS)
+    if n_layer is None:
+        # Every architecture llama.cpp loads has one; without it the file is a
+        # vocabulary, a projector, or an architecture it does not know.
+        raise GGUFError(
+            f"there is no {arch}.block_count: not a model llama.cpp can load "
+            f"(architecture {_show(arch)})"
+        )
     _count(header, f"{arch}.context_length", 1, MAX_CONTEXT_LENGTH)
-    top = n_layer if n_layer is not None else LLAMA_MAX_LAYERS
     for sub in ("nextn_predict_layers", "posnet.block_count", "convnext.block_count"):
-        _count(header, f"{arch}.{sub}", 0, top)
+        _count(header, f"{arch}.{sub}", 0, n_layer)
     n_expert = _count(header, f"{arch}.expert_count", 0, LLAMA_MAX_EXPERTS) or 0
     n_used = _count_or_max(header, f"{arch}.expert_used_count", LLAMA_MAX_EXPERTS) or 0
     groups = _count(header, f"{arch}.expert_group_count", 0, LLAMA_MAX_EXPERTS) or 0

@@ -619,6 +619,12 @@ ABSURD: dict[str, tuple[dict[str, Any], str]] = {
         {"tokenizer.ggml.tokens": ["", "[EMPTY_0]", "</s>", "a", *BYTE_TOKENS]},
         "lists the token '[EMPTY_0]' more than once",
     ),
+    "no layer count": ({"llama.block_count": None}, "there is no llama.block_count"),
+    "unknown architecture": (
+        {"general.architecture": "notanarch"},
+        "there is no notanarch.block_count: not a model llama.cpp can load "
+        "(architecture 'notanarch')",
+    ),
     "zero layers": ({"llama.block_count": 0}, "llama.block_count is 0, outside the range 1..512"),
     "negative layers": ({"llama.block_count": Typed(-1, INT32)}, "llama.block_count is -1"),
     "4 billion layers": (
