@@ -78,6 +78,21 @@ class LlamaLogCapture:
     def memory_since(self, mark: int) -> MemoryReport:
         return parse_memory_log(self.lines[mark:])
 
+    def error_since(self, mark: int) -> str | None:
+        """llama.cpp's reason for a failure since `mark`, if it logged one.
+
+        Its "error loading model: <reason>" line says why; the lines after it
+        only say that loading failed.
+        """
+        lines = self.lines[mark:]
+        for line in reversed(lines):
+            if "error loading model:" in line:
+                return " ".join(line.split("error loading model:", 1)[1].split())[:300]
+        for line in reversed(lines):
+            if "error" in line.lower():
+                return " ".join(line.split())[:300]
+        return None
+
 
 def parse_memory_log(lines: Sequence[str]) -> MemoryReport:
     """Sums the model, KV and compute buffer sizes from llama.cpp's log lines."""
@@ -148,7 +163,11 @@ class LlamaModel:
         mparams.progress_callback = self._progress_cb
         model = llama_cpp.llama_model_load_from_file(request.model.encode("utf-8"), mparams)
         if not model:
-            raise PeregrineError(f"llama.cpp could not load the model: {request.model}")
+            reason = log_capture.error_since(mark) if log_capture else None
+            raise PeregrineError(
+                f"llama.cpp could not load the model: {request.model}"
+                + (f" ({reason})" if reason else "")
+            )
         self.model = model
         self.vocab = llama_cpp.llama_model_get_vocab(model)
 

@@ -117,6 +117,10 @@ def parse_log(text: str) -> MeasuredMemory:
     return found
 
 
+class DryRunCrashed(PeregrineError):
+    """The child process died from a signal (a llama.cpp GGML_ASSERT or abort)."""
+
+
 def measure(
     load: LoadRequest,
     timeout_s: float = DEFAULT_TIMEOUT_S,
@@ -128,6 +132,8 @@ def measure(
     # The child imports this package, wherever the parent found it.
     root = str(Path(__file__).resolve().parent.parent)
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
+    # An abort should report its assert line, not a gdb backtrace.
+    env["GGML_NO_BACKTRACE"] = "1"
     if load.runtime:
         lib = Paths.from_env(env).runtimes / load.runtime / "lib"
         if not lib.is_dir():
@@ -155,11 +161,21 @@ def measure(
             why = signal.Signals(-proc.returncode).name
         except ValueError:
             why = f"signal {-proc.returncode}"
-        last = _last_line(proc.stderr)
-        raise PeregrineError(f"the memory dry run crashed ({why}){': ' + last if last else ''}")
+        last = _crash_line(proc.stderr)
+        raise DryRunCrashed(f"the memory dry run crashed ({why}){': ' + last if last else ''}")
     raise PeregrineError(
         f"the memory dry run failed (exit {proc.returncode}): {_last_line(proc.stderr) or 'no output'}"
     )
+
+
+def _crash_line(text: str) -> str:
+    """The line that says why a child aborted: llama.cpp's assert or C++'s terminate message."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    for marker in ("GGML_ASSERT", "GGML_ABORT", "what():", "terminate called", "error"):
+        for line in reversed(lines):
+            if marker in line:
+                return line[:300]
+    return lines[-1][:300] if lines else ""
 
 
 def _last_line(text: str) -> str:

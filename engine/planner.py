@@ -37,7 +37,7 @@ from engine.memory_estimate import (
     shape_from_header,
 )
 from engine.memory_probe import MeasuredMemory, measure
-from engine.wire import KV_BYTES_PER_ELEMENT, FlashAttn, KVType, LoadRequest
+from engine.wire import KV_BYTES_PER_ELEMENT, MAX_N_CTX, FlashAttn, KVType, LoadRequest
 
 log = logging.getLogger(__name__)
 
@@ -321,7 +321,8 @@ def _search(ctx: _Context, candidates: list[ModelCandidate]) -> Plan:
             f"every file is below the ~{QUALITY_FLOOR_BPW} bpw quality floor; using the best of them"
         )
     shape0 = ctx.shapes[ordered[0].file_name]
-    trained = shape0.n_ctx_train
+    # Capped at what a LoadRequest accepts (4 Mi tokens): a header may claim more.
+    trained = min(shape0.n_ctx_train, MAX_N_CTX)
     target = pins.ctx or trained
     min_ctx = pins.ctx or min(pins.min_ctx, trained, target)
     kv = _kv_pairs(ctx)

@@ -93,11 +93,15 @@ class Engine:
         state_cache_bytes: int = 1 << 30,
         runtime: RuntimeInfo | None = None,
         validate: Callable[[str], object] | None = None,
+        preflight: Callable[[LoadRequest], object] | None = None,
         log_capture: LlamaLogCapture | None = None,
     ) -> None:
         self.queue_limit = queue_limit
         self.runtime = runtime or RuntimeInfo(name="default", backend="cpu")
         self._validate = validate
+        # A trial load elsewhere (a child process) before a model in use is
+        # given up: a llama.cpp abort must not take the working model with it.
+        self._preflight = preflight
         self._log_capture = log_capture or LlamaLogCapture()
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._lock = threading.Lock()
@@ -175,6 +179,8 @@ class Engine:
                 self._validate(request.model)
                 if request.draft_model:
                     self._validate(request.draft_model)
+            if self._preflight is not None and self.model is not None:
+                self._preflight(request)
         except PeregrineError as exc:
             self._fail_load(str(exc), keep_current=self.model is not None)
             return

@@ -223,6 +223,25 @@ def _validate_model(path: str) -> object:
     return validate_gguf_file(p)
 
 
+def _preflight_load(request: LoadRequest) -> None:
+    """Loads `request` once in a child process (no allocation) before the model in use goes.
+
+    Only a crash refuses the load: other trouble in the trial (a timeout, an
+    odd runtime) is logged and the real load decides.
+    """
+    from engine.memory_probe import DryRunCrashed, measure
+
+    try:
+        measure(request, timeout_s=120.0)
+    except DryRunCrashed as exc:
+        raise PeregrineError(
+            f"llama.cpp crashed on {request.model} in a trial load, so the model in use "
+            f"was kept ({exc})"
+        ) from exc
+    except PeregrineError as exc:
+        log.warning("trial load of %s did not finish (%s); loading it anyway", request.model, exc)
+
+
 def _parent_alive(pid: int, started: float | None) -> bool:
     """Whether the watched process still runs.
 
@@ -315,6 +334,7 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
         state_cache_bytes=max(args.cache_ram, 0) << 20,
         runtime=RuntimeInfo(name=runtime_name, backend=backend),
         validate=_validate_model,
+        preflight=_preflight_load,
     )
     config = ServerConfig(
         api_key=api_key,

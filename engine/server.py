@@ -22,6 +22,7 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import ValidationError
 
+from engine.chat_template import TemplateError
 from engine.decoder import GenerationResult, SpecParams
 from engine.errors import PeregrineError
 from engine.llama_backend import SamplingParams
@@ -654,6 +655,10 @@ def _api_error_for(error: BaseException | None) -> ApiError:
         return ApiError(400, str(error), code="context_length_exceeded", param="messages")
     if isinstance(error, NotReady):
         return ApiError(503, str(error), type_="server_error", code="model_not_ready")
+    if isinstance(error, TemplateError):
+        # The model's own template refused or overran its bounds: tell it apart
+        # from a mistake in the request.
+        return ApiError(400, str(error), code="chat_template_error", param="messages")
     if isinstance(error, PeregrineError):
         return ApiError(400, str(error), code="invalid_request")
     log.error("generation failed", exc_info=error)

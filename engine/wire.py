@@ -26,6 +26,9 @@ KV_TYPE_IDS: dict[str, int] = {
     "bf16": 30,
 }
 
+# The longest context a LoadRequest may ask for (4 Mi tokens); headers may claim more.
+MAX_N_CTX = 1 << 22
+
 # Bytes per element of each KV type (block size / elements per block).
 KV_BYTES_PER_ELEMENT: dict[str, float] = {
     "f32": 4.0,
@@ -52,7 +55,7 @@ class LoadRequest(WireModel):
     model: str
     draft_model: str | None = None
     runtime: str | None = None
-    n_ctx: int = Field(default=4096, ge=16, le=1 << 22)
+    n_ctx: int = Field(default=4096, ge=16, le=MAX_N_CTX)
     n_gpu_layers: int = Field(default=-1, ge=-1)
     tensor_split: list[float] | None = None
     expert_offload: bool = False

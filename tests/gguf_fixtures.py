@@ -312,6 +312,38 @@ def write_hostile_corpus(directory: Path = HOSTILE_DIR) -> list[Path]:
     return written
 
 
+BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
+TOKENS = ["<unk>", "<s>", "</s>", "a", *BYTE_TOKENS]
+
+
+def tiny_model(path: Path, **changes: Any) -> Path:
+    """A small llama-shaped GGUF with consistent layout; `changes` edit its metadata (None drops)."""
+    metadata: dict[str, Any] = {
+        "general.architecture": "llama",
+        "general.name": "tiny",
+        "llama.context_length": 256,
+        "llama.block_count": 1,
+        "llama.embedding_length": 32,
+        "llama.attention.head_count": 4,
+        "llama.feed_forward_length": 64,
+        "llama.attention.layer_norm_rms_epsilon": 1e-5,
+        "tokenizer.ggml.model": "llama",
+        "tokenizer.chat_template": "{{ messages }}",
+        "tokenizer.ggml.tokens": TOKENS,
+        "tokenizer.ggml.scores": [0.0, 0.0, 0.0, -1.0] + [0.0] * 256,
+        "tokenizer.ggml.token_type": Typed([2, 3, 3, 1] + [6] * 256, INT32),
+    }
+    for key, value in changes.items():
+        key = key.replace("__", ".")
+        if value is None:
+            metadata.pop(key, None)
+        else:
+            metadata[key] = value
+    tensors = [("token_embd.weight", (32, 4), 0), ("blk.0.attn_norm.weight", (32,), 0)]
+    path.write_bytes(make_gguf_bytes(metadata, tensors, with_data=True))
+    return path
+
+
 if __name__ == "__main__":
     paths = write_hostile_corpus(Path(sys.argv[1]) if len(sys.argv) > 1 else HOSTILE_DIR)
     print(f"wrote {len(paths)} files, {sum(p.stat().st_size for p in paths):,} bytes in all")

@@ -29,7 +29,7 @@ import psutil
 import pytest
 
 from tests.engine_proc import EngineProc, read_events, running_engine, serve_command
-from tests.gguf_fixtures import HOSTILE_DIR, small_model_bytes
+from tests.gguf_fixtures import HOSTILE_DIR, tiny_model
 
 pytestmark = pytest.mark.slow
 
@@ -771,9 +771,9 @@ def test_hostile_gguf_loads_fail_in_status_while_the_engine_keeps_serving(
 def test_a_gguf_that_only_llama_cpp_refuses_keeps_the_working_model(
     engine: EngineProc, tmp_path: Path
 ) -> None:
-    # A header that parses and a consistent layout, but no hyperparameters a loader could use.
-    tiny = tmp_path / "tiny.gguf"
-    tiny.write_bytes(small_model_bytes(with_data=True))
+    # Sound metadata and layout that pass the gate, but tensors of the wrong shape:
+    # llama.cpp refuses it, and its reason reaches the status.
+    tiny = tiny_model(tmp_path / "tiny.gguf")
     with engine.client() as c:
         settings = c.get("/v1/engine/status").json()["settings"]
         try:
@@ -782,6 +782,7 @@ def test_a_gguf_that_only_llama_cpp_refuses_keeps_the_working_model(
             )
             status = wait_load_finished(c)
             assert status["error"]
+            assert "token_embd.weight' has wrong shape" in status["error"], status["error"]
             assert engine.proc.poll() is None, "the file killed the engine"
             assert status["state"] == "ready", status
             still_serving(engine)

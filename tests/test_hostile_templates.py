@@ -30,7 +30,7 @@ from jinja2.sandbox import ImmutableSandboxedEnvironment
 from engine.chat_template import CHATML_TEMPLATE, ChatTemplate, RenderLimits, TemplateError
 from engine.gguf_header import GGUFError, read_gguf_header, validate_gguf_file
 from tests.engine_proc import EngineProc, read_events, running_engine, serve_command
-from tests.gguf_fixtures import INT32, UINT64, Typed, make_gguf_bytes
+from tests.gguf_fixtures import BYTE_TOKENS, INT32, TOKENS, UINT64, Typed, tiny_model
 
 # --- real-world templates (as published in the models' tokenizer configs) -------------
 
@@ -528,6 +528,7 @@ def test_the_engine_answers_hostile_renders_with_400_and_keeps_serving(
             )
             assert r.status_code == 400, r.text
             error = r.json()["error"]
+            assert error["code"] == "chat_template_error", error
             assert error["message"].startswith("the model's chat template"), error
             assert why in error["message"], error
             assert client.get("/health").json() == {"status": "ok"}
@@ -560,38 +561,6 @@ def test_a_template_that_cannot_compile_fails_the_load_and_keeps_the_working_mod
 
 # A SentencePiece vocabulary: three specials, "a", and the 256 byte tokens llama.cpp
 # falls back on for any character no token covers.
-BYTE_TOKENS = [f"<0x{b:02X}>" for b in range(256)]
-TOKENS = ["<unk>", "<s>", "</s>", "a", *BYTE_TOKENS]
-
-
-def tiny_model(path: Path, **changes: Any) -> Path:
-    """A small llama-shaped GGUF with consistent layout; `changes` edit its metadata (None drops)."""
-    metadata: dict[str, Any] = {
-        "general.architecture": "llama",
-        "general.name": "tiny",
-        "llama.context_length": 256,
-        "llama.block_count": 1,
-        "llama.embedding_length": 32,
-        "llama.attention.head_count": 4,
-        "llama.feed_forward_length": 64,
-        "llama.attention.layer_norm_rms_epsilon": 1e-5,
-        "tokenizer.ggml.model": "llama",
-        "tokenizer.chat_template": "{{ messages }}",
-        "tokenizer.ggml.tokens": TOKENS,
-        "tokenizer.ggml.scores": [0.0, 0.0, 0.0, -1.0] + [0.0] * 256,
-        "tokenizer.ggml.token_type": Typed([2, 3, 3, 1] + [6] * 256, INT32),
-    }
-    for key, value in changes.items():
-        key = key.replace("__", ".")
-        if value is None:
-            metadata.pop(key, None)
-        else:
-            metadata[key] = value
-    tensors = [("token_embd.weight", (32, 4), 0), ("blk.0.attn_norm.weight", (32,), 0)]
-    path.write_bytes(make_gguf_bytes(metadata, tensors, with_data=True))
-    return path
-
-
 ABSURD: dict[str, tuple[dict[str, Any], str]] = {
     "template is a number": (
         {"tokenizer.chat_template": 42},

@@ -233,3 +233,14 @@ def test_repo_picks_a_quant_from_remote_headers(
 def test_unknown_repo_is_one_line(capsys: pytest.CaptureFixture[str], hub: FakeHub) -> None:
     code, _, err = run(capsys, "--repo", "acme/Nope", "--estimate-only")
     assert code == 1 and err.count("\n") == 1 and "acme/Nope" in err
+
+
+def test_a_huge_trained_context_is_planned_within_what_a_load_accepts(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    from engine.wire import MAX_N_CTX
+    from tests.gguf_fixtures import tiny_model
+
+    model = tiny_model(tmp_path / "long.gguf", llama__context_length=16_000_000)
+    data = profile_json(capsys, "--estimate-only", "--model", str(model))
+    assert data["plan"]["load"]["n_ctx"] == MAX_N_CTX
