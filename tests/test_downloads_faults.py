@@ -361,7 +361,7 @@ def test_partial_without_its_record_is_not_trusted(hub: FakeHub, paths: Paths) -
 # --- stalls -------------------------------------------------------------------------------------
 
 # Long enough that a healthy loopback answer never times out on a busy machine.
-STALL_POLICY = RetryPolicy(retries=3, base_delay=0.0, timeout=1.0, timeout_retries=1)
+STALL_POLICY = RetryPolicy(retries=3, base_delay=0.0, timeout=2.0, timeout_retries=1)
 
 
 def test_stalled_cdn_times_out_with_a_clear_error(hub: FakeHub, paths: Paths) -> None:
