@@ -6,13 +6,14 @@ A GUI-thread watchdog is active whenever an answer streams.
 from __future__ import annotations
 
 import itertools
+import os
 import sqlite3
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from PySide6.QtCore import Qt
+from PySide6.QtCore import Qt, QUrl
 from PySide6.QtWidgets import QApplication
 from pytestqt.qtbot import QtBot
 
@@ -350,6 +351,36 @@ def test_code_blocks_are_highlighted_with_a_copy_link(qtbot: QtBot, tmp_path: Pa
     widget.body.copy_code.emit(0)  # what clicking the block's "Copy" link emits
     assert QApplication.clipboard().text() == "def add(a, b):\n    return a + b"
     store.close()
+
+
+def test_model_text_never_makes_the_view_load_a_file_or_url(qtbot: QtBot, tmp_path: Path) -> None:
+    from app.qt.chat_view import MessageWidget
+    from app.qt.error_panel import ErrorPanel
+    from app.qt.markdown_render import MarkdownRenderer
+
+    # A FIFO nobody writes to: reading it would block the GUI thread forever.
+    fifo = tmp_path / "fifo"
+    os.mkfifo(fifo)
+    store = ChatStore(tmp_path / "c.sqlite3")
+    chat = store.create_chat("images")
+    text = f"![a chart]({fifo}) ![zero](/dev/zero) ![remote](http://127.0.0.1:9/x.png)"
+    message = store.add_message(chat.id, "assistant", text)
+    # Checked before any widget exists: an <img> would hang the test on the FIFO.
+    assert "<img" not in MarkdownRenderer().render(text).html
+    widget = MessageWidget(message, MarkdownRenderer(), last=True)
+    qtbot.addWidget(widget)
+    widget.show()
+    qtbot.waitExposed(widget)
+    assert "[image: a chart]" in widget.body.toPlainText()
+    assert widget.body.loadResource(2, QUrl.fromLocalFile(str(fifo))) is None
+    store.close()
+    # A server's error text is shown as text, not as HTML (and not at any length).
+    panel = ErrorPanel()
+    qtbot.addWidget(panel)
+    panel.show_error("HTTP 500: <img src='/dev/zero'><h1>big</h1>" + "x" * 5000)
+    assert panel.message.textFormat() == Qt.TextFormat.PlainText
+    assert panel.message.text().startswith("HTTP 500: <img src='/dev/zero'>")
+    assert len(panel.message.text()) <= 600
 
 
 def test_preset_and_system_prompt_belong_to_each_chat(qtbot: QtBot, default_model: Path) -> None:

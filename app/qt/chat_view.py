@@ -6,8 +6,10 @@ main window decides what happens.
 
 from __future__ import annotations
 
+from typing import Any
+
 from PySide6.QtCore import QEvent, QObject, Qt, QTimer, QUrl, Signal
-from PySide6.QtGui import QGuiApplication, QKeyEvent, QResizeEvent
+from PySide6.QtGui import QDesktopServices, QGuiApplication, QKeyEvent, QResizeEvent
 from PySide6.QtWidgets import (
     QFrame,
     QHBoxLayout,
@@ -54,6 +56,13 @@ class MarkdownView(QTextBrowser):
     def _on_anchor(self, url: QUrl) -> None:
         if url.scheme() == "copy":
             self.copy_code.emit(int(url.path() or 0))
+        elif url.scheme() in ("http", "https", "mailto"):
+            # Web links open in the user's browser, on a click only.
+            QDesktopServices.openUrl(url)
+
+    def loadResource(self, kind: int, name: QUrl | str) -> Any:
+        """Nothing is ever loaded: message text is untrusted (see MarkdownRenderer._image)."""
+        return None
 
     def resizeEvent(self, event: QResizeEvent) -> None:
         super().resizeEvent(event)

@@ -13,6 +13,9 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
+# Longer messages (a server's whole error page) are cut; the log has the rest.
+MAX_MESSAGE = 600
+
 
 class ErrorPanel(QFrame):
     """A dismissable banner; `show_error` replaces whatever it showed before."""
@@ -25,6 +28,8 @@ class ErrorPanel(QFrame):
         lay.setSpacing(6)
         row = QHBoxLayout()
         self.message = QLabel()
+        # Messages may quote a remote server: plain text, never HTML.
+        self.message.setTextFormat(Qt.TextFormat.PlainText)
         self.message.setWordWrap(True)
         self.message.setTextInteractionFlags(Qt.TextInteractionFlag.TextSelectableByMouse)
         row.addWidget(self.message, 1)
@@ -47,6 +52,8 @@ class ErrorPanel(QFrame):
         self.hide()
 
     def show_error(self, message: str, log_text: str | None = None) -> None:
+        if len(message) > MAX_MESSAGE:
+            message = message[: MAX_MESSAGE - 1] + "…"
         self.message.setText(message)
         self.log.setPlainText(log_text or "")
         self.log.verticalScrollBar().setValue(self.log.verticalScrollBar().maximum())

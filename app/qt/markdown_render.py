@@ -43,9 +43,13 @@ class MarkdownRenderer:
         def code_inline(_renderer: Any, tokens: Any, idx: int, _options: Any, _env: Any) -> str:
             return self._code_inline(tokens[idx])
 
+        def image(_renderer: Any, tokens: Any, idx: int, _options: Any, _env: Any) -> str:
+            return self._image(tokens[idx])
+
         self._md.add_render_rule("fence", fence)
         self._md.add_render_rule("code_block", fence)
         self._md.add_render_rule("code_inline", code_inline)
+        self._md.add_render_rule("image", image)
         self._blocks: list[str] = []
 
     def render(self, text: str) -> Rendered:
@@ -86,6 +90,17 @@ class MarkdownRenderer:
             f'<tr><td colspan="2"><pre style="font-family: {theme.MONO_FAMILY};'
             f' font-size: 9.5pt; margin: 0;">{body}</pre></td></tr></table>'
         )
+
+    def _image(self, token: Any) -> str:
+        """An image becomes a link with its description: never loaded.
+
+        The text comes from a model or a remote server; an <img> would make
+        Qt read that path on the GUI thread (a FIFO hangs it, /dev/zero
+        exhausts memory) or fetch a URL.
+        """
+        src = str(token.attrs.get("src", ""))
+        alt = token.content or src or "image"
+        return f'<a href="{html.escape(src, quote=True)}">[image: {html.escape(alt)}]</a>'
 
     def _code_inline(self, token: Any) -> str:
         return (
