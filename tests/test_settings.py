@@ -7,6 +7,7 @@ import json
 import pytest
 
 from app.services.settings import (
+    MIGRATIONS,
     SCHEMA_VERSION,
     RemoteEndpoint,
     Settings,
@@ -91,3 +92,81 @@ def test_unusable_file_is_a_clear_error_and_is_kept(content: str, message: str) 
     aside = store.path.with_name("settings.json.broken-1700000000")
     assert aside.read_text() == content
     assert not store.path.exists()
+
+
+@pytest.mark.parametrize(
+    ("content", "message"),
+    [
+        ('{"a": 1}'.encode("utf-16"), "not UTF-8 text"),
+        (bytes(range(256)), "not UTF-8 text"),
+        (b'{"remote_endpoints": 5}', "remote_endpoints: Input should be a valid list"),
+        (b'{"remote_url": "http://h:1", "remote_endpoints": {"a": 1}}', "remote_endpoints"),
+        (b"[" * 100_000, "nested too deeply"),
+        (b'{"engine": ' * 5_000 + b"1" + b"}" * 5_000, "nested too deeply"),
+        (b'{"schema_version": 1' + b"0" * 5_000 + b"}", "not usable JSON"),
+        (b'{"last_model_path": "\\ud800"}', "not valid Unicode"),
+    ],
+    ids=[
+        "utf16",
+        "binary",
+        "endpoints-int",
+        "endpoints-dict",
+        "deep",
+        "deep-obj",
+        "digits",
+        "surr",
+    ],
+)
+def test_damaged_file_is_reset_never_a_crash(content: bytes, message: str) -> None:
+    store = _store()
+    store.path.parent.mkdir(parents=True)
+    store.path.write_bytes(content)
+    with pytest.raises(SettingsError, match=message):
+        store.load()
+    settings, warning = store.load_or_reset()
+    assert settings == Settings()
+    assert warning is not None and message in warning
+    assert store.path.with_name("settings.json.broken-1700000000").read_bytes() == content
+    assert not store.path.exists()
+
+
+def test_a_byte_order_mark_is_accepted() -> None:
+    store = _store()
+    store.path.parent.mkdir(parents=True)
+    store.path.write_bytes(b'\xef\xbb\xbf{"schema_version": 2, "last_model_path": "/m/a.gguf"}')
+    assert store.load().last_model_path == "/m/a.gguf"
+
+
+def test_a_migration_that_fails_on_a_damaged_file_is_a_settings_error(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    def broken(data: dict[str, object]) -> dict[str, object]:
+        raise TypeError("'int' object is not iterable")
+
+    monkeypatch.setitem(MIGRATIONS, 1, broken)
+    store = _store()
+    store.path.parent.mkdir(parents=True)
+    store.path.write_text("{}")
+    with pytest.raises(SettingsError, match="schema 1 cannot be upgraded: TypeError"):
+        store.load()
+
+
+def test_a_second_broken_file_does_not_replace_the_first_one_kept() -> None:
+    store = _store()
+    store.path.parent.mkdir(parents=True)
+    for content in ("{first", "{second"):
+        store.path.write_text(content)
+        assert store.load_or_reset()[1] is not None
+    assert store.path.with_name("settings.json.broken-1700000000").read_text() == "{first"
+    assert store.path.with_name("settings.json.broken-1700000000-1").read_text() == "{second"
+
+
+def test_a_file_that_cannot_be_moved_aside_is_left_in_place() -> None:
+    # A clock this far out gives a name longer than any file system allows.
+    store = SettingsStore(Paths.from_env().settings_file, clock=lambda: 1e300)
+    store.path.parent.mkdir(parents=True)
+    store.path.write_text("{broken")
+    settings, warning = store.load_or_reset()
+    assert settings == Settings()
+    assert warning is not None and "could not be moved aside" in warning
+    assert store.path.read_text() == "{broken"

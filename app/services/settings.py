@@ -15,6 +15,7 @@ from pathlib import Path
 from typing import Any
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic_core import PydanticSerializationError
 
 from engine.errors import PeregrineError
 
@@ -87,9 +88,12 @@ def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
     data = dict(data)
     url = data.pop("remote_url", None)
     key = data.pop("remote_api_key", "")
-    endpoints = list(data.get("remote_endpoints") or [])
-    if url:
-        endpoints.append({"name": "Remote", "base_url": url, "api_key": key or ""})
+    endpoints = data.get("remote_endpoints") or []
+    # Anything but a list is left as it is, so validation names the field.
+    if isinstance(endpoints, list):
+        endpoints = list(endpoints)
+        if url:
+            endpoints.append({"name": "Remote", "base_url": url, "api_key": key or ""})
     data["remote_endpoints"] = endpoints
     if "model_path" in data and "last_model_path" not in data:
         data["last_model_path"] = data.pop("model_path")
@@ -112,7 +116,13 @@ def migrate(data: dict[str, Any]) -> dict[str, Any]:
             f"this one knows {SCHEMA_VERSION}); upgrade Peregrine"
         )
     while version < SCHEMA_VERSION:
-        data = MIGRATIONS[version](data)
+        try:
+            data = MIGRATIONS[version](data)
+        except (TypeError, ValueError, KeyError, AttributeError) as exc:
+            # A migration written for well-formed old files met a damaged one.
+            raise SettingsError(
+                f"settings of schema {version} cannot be upgraded: {type(exc).__name__}: {exc}"
+            ) from exc
         version = data["schema_version"]
     return data
 
@@ -127,26 +137,47 @@ class SettingsStore:
     def load(self) -> Settings:
         """Reads the settings; defaults when there is no file yet; SettingsError when unusable."""
         try:
-            text = self.path.read_text(encoding="utf-8")
+            raw = self.path.read_bytes()
         except FileNotFoundError:
             return Settings()
         except OSError as exc:
             raise SettingsError(f"cannot read settings {self.path}: {exc.strerror}") from exc
+        try:
+            # utf-8-sig: editors such as Notepad put a byte-order mark in front.
+            text = raw.decode("utf-8-sig")
+        except UnicodeDecodeError as exc:
+            raise SettingsError(
+                f"settings {self.path} are not UTF-8 text (byte {exc.start}: {exc.reason})"
+            ) from exc
         try:
             data = json.loads(text)
         except json.JSONDecodeError as exc:
             raise SettingsError(
                 f"settings {self.path} are not valid JSON (line {exc.lineno}: {exc.msg})"
             ) from exc
+        except RecursionError as exc:
+            raise SettingsError(f"settings {self.path} are nested too deeply to read") from exc
+        except ValueError as exc:
+            # For example an integer with more digits than Python converts.
+            raise SettingsError(f"settings {self.path} are not usable JSON ({exc})") from exc
         if not isinstance(data, dict):
             raise SettingsError(f"settings {self.path} must hold a JSON object")
         data = migrate(data)
         try:
-            return Settings.model_validate(data)
+            settings = Settings.model_validate(data)
         except ValidationError as exc:
             first = exc.errors()[0]
             where = ".".join(str(p) for p in first["loc"]) or "(top level)"
             raise SettingsError(f"settings {self.path}: {where}: {first['msg']}") from exc
+        try:
+            # JSON may escape a lone surrogate that can never be written back as UTF-8;
+            # refuse it now rather than fail at the next save.
+            settings.model_dump_json()
+        except PydanticSerializationError as exc:
+            raise SettingsError(
+                f"settings {self.path} hold text that is not valid Unicode"
+            ) from exc
+        return settings
 
     def load_or_reset(self) -> tuple[Settings, str | None]:
         """Like load(), but an unusable file is moved aside and defaults are used.
@@ -158,10 +189,28 @@ class SettingsStore:
         except SettingsError as exc:
             if not self.path.exists():
                 raise
-            aside = self.path.with_name(f"{self.path.name}.broken-{int(self._clock())}")
-            os.replace(self.path, aside)
+            try:
+                aside = self._aside_path()
+                os.replace(self.path, aside)
+            except OSError as move_exc:
+                # Left in place: nothing is written until the user changes a setting.
+                log.warning("%s; could not move it aside: %s", exc, move_exc)
+                return Settings(), (
+                    f"{exc}. The file could not be moved aside ({move_exc.strerror}); "
+                    "defaults are in use."
+                )
             log.warning("%s; moved to %s", exc, aside)
             return Settings(), f"{exc}. The file was kept as {aside.name}; defaults are in use."
+
+    def _aside_path(self) -> Path:
+        """A name for a broken file that never replaces an earlier broken file."""
+        base = f"{self.path.name}.broken-{int(self._clock())}"
+        aside = self.path.with_name(base)
+        n = 1
+        while aside.exists():
+            aside = self.path.with_name(f"{base}-{n}")
+            n += 1
+        return aside
 
     def save(self, settings: Settings) -> None:
         """Writes atomically: a crash mid-write leaves the previous file intact."""
