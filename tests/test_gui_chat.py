@@ -229,6 +229,31 @@ def test_a_full_disk_mid_answer_loses_nothing(
     assert [m.role for m in store.messages(chat_id)] == ["user", "assistant", "user", "assistant"]
 
 
+def test_deleting_the_chat_being_answered_leaves_the_app_usable(
+    qtbot: QtBot, window: MainWindow, watchdog: GuiWatchdog
+) -> None:
+    window.service.max_tokens = 400
+    renders = RenderLog(window)
+    send_by_keyboard(qtbot, window, "Tell me a long story about a falcon.")
+    qtbot.waitUntil(lambda: len(renders.partials()) >= 1, timeout=ANSWER_MS)
+    doomed = window.current_chat
+    assert doomed is not None
+    window.begin_edit(window.store.messages(doomed)[0].id)
+    window.delete_chat(doomed)
+    assert not window.composer.editing
+    qtbot.waitUntil(lambda: not window.runner.busy, timeout=30_000)
+    assert doomed not in window.chat_list.chat_ids()
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        send_by_keyboard(qtbot, window, "Say hi.")
+    chat_id = window.current_chat
+    assert chat_id is not None and chat_id != doomed
+    user, answer = window.store.messages(chat_id)
+    assert user.content == "Say hi." and answer.status == "complete" and answer.content
+    assert not window.error_panel.isVisible() or "does not exist" not in (
+        window.error_panel.message.text()
+    )
+
+
 def test_edit_and_resend(qtbot: QtBot, window: MainWindow, watchdog: GuiWatchdog) -> None:
     with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
         send_by_keyboard(qtbot, window, "What is the capital of France?")

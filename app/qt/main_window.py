@@ -321,10 +321,16 @@ class MainWindow(QMainWindow):
         if chat_id == self.current_chat:
             if self.runner.busy:
                 self.stop()
+            self.cancel_edit()
             self.current_chat = None
             self.title_label.setText("New chat")
             self.conversation.set_messages([])
-        self.store.delete_chat(chat_id)
+        # An answer still winding down for this chat has nowhere to go now.
+        self.service.forget_chat(chat_id)
+        try:
+            self.store.delete_chat(chat_id)
+        except PeregrineError as exc:
+            self.show_error(str(exc))
         self.refresh_chats()
 
     def _ask_rename(self, chat_id: int) -> None:

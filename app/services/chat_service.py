@@ -14,7 +14,14 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.services.chat_store import Chat, ChatStore, ChatStoreUnavailable, Message, Status
+from app.services.chat_store import (
+    Chat,
+    ChatStore,
+    ChatStoreError,
+    ChatStoreUnavailable,
+    Message,
+    Status,
+)
 from app.services.engine_client import Finished
 from engine.errors import PeregrineError
 
@@ -194,11 +201,21 @@ class ChatService:
         """Saves answers' ends that a full disk held back; raises while it still cannot."""
         while self._pending:
             save = self._pending[0]
-            if save.text:
-                self.store.append_delta(save.message_id, save.text)
-                save.text = ""
-            self.store.finish_message(save.message_id, save.status, save.meta)
+            try:
+                if save.text:
+                    self.store.append_delta(save.message_id, save.text)
+                    save.text = ""
+                self.store.finish_message(save.message_id, save.status, save.meta)
+            except ChatStoreUnavailable:
+                raise
+            except ChatStoreError:
+                pass  # the message is gone (its chat was deleted): nothing left to save
             self._pending.pop(0)
+
+    def forget_chat(self, chat_id: int) -> None:
+        """Drops what is in flight for a chat that is being deleted."""
+        if self._active is not None and self._active.generation.chat_id == chat_id:
+            self._active = None
 
     @property
     def has_unsaved(self) -> bool:
