@@ -45,8 +45,9 @@ class Model(Protocol):
     def decode(self, tokens: Sequence[int], pos0: int, *, logits_all: bool = False) -> float: ...
     def truncate(self, n_keep: int) -> bool: ...
     def clear(self) -> None: ...
-    def save_state(self) -> bytes: ...
-    def restore_state(self, data: bytes) -> bool: ...
+    def state_size(self) -> int: ...
+    def save_state(self) -> bytearray: ...
+    def restore_state(self, data: bytes | bytearray) -> bool: ...
     def sample(self, sampler: object, row: int) -> int: ...
     def piece(self, token: int) -> bytes: ...
     def is_eog(self, token: int) -> bool: ...
@@ -166,8 +167,13 @@ class Decoder:
     # --- prefix reuse -------------------------------------------------------------
 
     def _stash(self) -> None:
-        if len(self.tokens) >= MIN_STATE_TOKENS and not self.model.has_recurrent_state:
-            self.state_cache.put(self.tokens, self.model.save_state())
+        if len(self.tokens) < MIN_STATE_TOKENS or self.model.has_recurrent_state:
+            return
+        # Saving copies the whole KV state: skip it when the cache could not keep
+        # it anyway (--cache-ram 0, or a state larger than the budget).
+        if not self.state_cache.can_hold(self.model.state_size() + 4 * len(self.tokens)):
+            return
+        self.state_cache.put(self.tokens, self.model.save_state())
 
     def _reset_context(self) -> None:
         self.model.clear()
@@ -180,8 +186,8 @@ class Decoder:
         if saved is not None and n_saved > n_live + MIN_STATE_TOKENS // 2:
             self._stash()
             if self.model.restore_state(saved.data):
-                self.state_cache.touch(saved)
                 self.tokens = list(saved.tokens)
+                self.state_cache.touch(saved)
                 n_live = n_saved
             else:
                 log.warning("a saved KV state could not be restored; re-reading the prompt")
@@ -211,7 +217,12 @@ class Decoder:
         timings = Timings()
         t_start = self.clock()
         prompt = req.prompt_tokens
-        n_keep = self._reuse_prefix(prompt)
+        try:
+            n_keep = self._reuse_prefix(prompt)
+        except Exception:
+            # The cache may now hold another chat than self.tokens says.
+            self.drop_context()
+            raise
         timings.cache_n = n_keep
         todo = prompt[n_keep:]
         timings.prompt_n = len(todo)

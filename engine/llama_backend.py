@@ -352,17 +352,31 @@ class LlamaModel:
 
     # --- sequence state (per-chat KV snapshots) -----------------------------------
 
-    def save_state(self) -> bytes:
-        size = int(llama_cpp.llama_state_seq_get_size(self.ctx, 0))
-        buf = (ctypes.c_uint8 * size)()
-        written = int(llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, 0))
-        return bytes(memoryview(buf)[:written])
+    def state_size(self) -> int:
+        """Bytes save_state would take now (cheap: nothing is copied)."""
+        return int(llama_cpp.llama_state_seq_get_size(self.ctx, 0))
 
-    def restore_state(self, data: bytes) -> bool:
+    def save_state(self) -> bytearray:
+        size = self.state_size()
+        # One copy only: llama.cpp writes straight into the bytearray's buffer.
+        data = bytearray(size)
+        buf = (ctypes.c_uint8 * size).from_buffer(data)
+        written = int(llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, 0))
+        del buf  # release the export so the bytearray can be resized
+        if written < size:
+            del data[written:]
+        return data
+
+    def restore_state(self, data: bytes | bytearray) -> bool:
         """Replaces sequence 0 with a saved state. False if llama.cpp refused it."""
         self.clear()
-        buf = (ctypes.c_uint8 * len(data)).from_buffer_copy(data)
+        array = ctypes.c_uint8 * len(data)
+        # A bytearray is lent as it is (llama.cpp only reads it): no second copy.
+        buf = (
+            array.from_buffer(data) if isinstance(data, bytearray) else array.from_buffer_copy(data)
+        )
         read = int(llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(data), 0))
+        del buf
         if read == 0:
             self.clear()
             return False

@@ -31,7 +31,7 @@ def common_prefix(a: Sequence[int], b: Sequence[int]) -> int:
 @dataclass(frozen=True)
 class SavedState:
     tokens: tuple[int, ...]
-    data: bytes
+    data: bytes | bytearray
 
     @property
     def size(self) -> int:
@@ -63,10 +63,17 @@ class PrefixStateCache:
         return best, best_len
 
     def touch(self, entry: SavedState) -> None:
-        self._entries.move_to_end(entry.tokens)
+        # The entry may be gone already: stashing the live context just before
+        # a restore can evict the very state being restored.
+        if entry.tokens in self._entries:
+            self._entries.move_to_end(entry.tokens)
         self.hits += 1
 
-    def put(self, tokens: Sequence[int], data: bytes) -> None:
+    def can_hold(self, n_bytes: int) -> bool:
+        """Whether a state of this size could be kept at all (saving it is a full copy)."""
+        return 0 < n_bytes <= self.limit_bytes
+
+    def put(self, tokens: Sequence[int], data: bytes | bytearray) -> None:
         key = tuple(tokens)
         state = SavedState(key, data)
         if state.size > self.limit_bytes:
