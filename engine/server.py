@@ -516,13 +516,17 @@ class _Api:
     async def _next(self, request: web.Request, stream: _Stream, job: Job) -> tuple[str, Any]:
         """The next event, cancelling the job if the client has gone away meanwhile."""
         while True:
+            # Checked before every event, not only in quiet spells: a busy
+            # generation (an event every few ms) must also notice a client that
+            # left, or a non-streaming request would run to max_tokens for nobody.
+            transport = request.transport
+            if transport is None or transport.is_closing():
+                job.cancel.set()
+                raise ConnectionResetError("client disconnected")
             try:
                 return await asyncio.wait_for(stream.queue.get(), timeout=0.25)
             except TimeoutError:
-                transport = request.transport
-                if transport is None or transport.is_closing():
-                    job.cancel.set()
-                    raise ConnectionResetError("client disconnected") from None
+                continue
 
     async def _await_start(self, request: web.Request, stream: _Stream, job: Job) -> int:
         """Waits for the job to start; returns its prompt size or raises ApiError."""

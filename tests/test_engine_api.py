@@ -14,7 +14,7 @@ import httpx2 as httpx
 import openai
 import pytest
 
-from tests.engine_proc import EngineProc, read_events, running_engine, serve_command
+from tests.engine_proc import EngineProc, read_events, running_engine, serve_command, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -418,6 +418,29 @@ def test_dropped_client_frees_the_engine_at_once(engine: EngineProc) -> None:
     assert state == "ready"
     out = engine.chat(user("Hi"), max_tokens=3)
     assert out["usage"]["completion_tokens"] >= 1
+
+
+def test_a_non_streaming_client_that_leaves_frees_the_engine_too(engine: EngineProc) -> None:
+    body = json.dumps(
+        {
+            "messages": user("Write a very long essay about rivers."),
+            "max_tokens": 1500,
+            "temperature": 0,
+            "speculative": {"type": "none"},
+        }
+    ).encode()
+    head = (
+        f"POST /v1/chat/completions HTTP/1.1\r\nHost: 127.0.0.1\r\n"
+        f"Authorization: Bearer {engine.key}\r\nContent-Type: application/json\r\n"
+        f"Content-Length: {len(body)}\r\n\r\n"
+    ).encode()
+    with engine.client() as c:
+        sock = socket.create_connection((engine.ready["host"], engine.ready["port"]))
+        sock.sendall(head + body)
+        assert wait_for(lambda: c.get("/v1/engine/status").json()["state"] == "generating", 30)
+        sock.close()  # gone before any answer: nobody will read the 1500 tokens
+        # 1500 tokens take ~15 s here; a freed engine is ready again well before.
+        assert wait_for(lambda: c.get("/v1/engine/status").json()["state"] == "ready", 5)
 
 
 def test_64_concurrent_requests_each_complete_or_get_503(engine: EngineProc) -> None:

@@ -19,7 +19,7 @@ import sys
 import threading
 import time
 import zlib
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -28,7 +28,7 @@ import openai
 import psutil
 import pytest
 
-from tests.engine_proc import EngineProc, read_events, running_engine, serve_command
+from tests.engine_proc import EngineProc, read_events, running_engine, serve_command, wait_for
 from tests.gguf_fixtures import HOSTILE_DIR, tiny_model
 
 pytestmark = pytest.mark.slow
@@ -50,16 +50,6 @@ def engine() -> Iterator[EngineProc]:
 
 def user(text: Any) -> list[dict[str, Any]]:
     return [{"role": "user", "content": text}]
-
-
-def wait_for(condition: Callable[[], bool], timeout: float, interval: float = 0.05) -> bool:
-    """Polls `condition` until it holds or `timeout` seconds pass."""
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        if condition():
-            return True
-        time.sleep(interval)
-    return condition()
 
 
 def post(engine: EngineProc, path: str, body: Any = None, **kwargs: Any) -> httpx.Response:
