@@ -226,7 +226,7 @@ class Decoder:
         timings.cache_n = n_keep
         todo = prompt[n_keep:]
         timings.prompt_n = len(todo)
-        chain = SamplerChain(req.sampling, model.n_vocab)
+        chain = SamplerChain(req.sampling, model.n_vocab, model.n_ctx)
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stopper = StopMatcher(req.stop)
         pieces: list[str] = []

@@ -422,8 +422,11 @@ class SamplingParams:
 class SamplerChain:
     """A llama.cpp sampler chain built from SamplingParams, freed on close."""
 
-    def __init__(self, params: SamplingParams, n_vocab: int) -> None:
+    def __init__(self, params: SamplingParams, n_vocab: int, n_ctx: int = 1 << 20) -> None:
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
+        # -1 means the whole context, as in llama-server (llama.cpp itself would
+        # clamp it to 0, turning the penalty off); larger windows are the context.
+        last_n = n_ctx if params.repeat_last_n < 0 else min(params.repeat_last_n, n_ctx)
         self.handle = chain
         penalize = (
             params.repeat_penalty != 1.0
@@ -435,7 +438,7 @@ class SamplerChain:
                 chain,
                 llama_cpp.llama_sampler_init_penalties(
                     n_vocab,
-                    params.repeat_last_n,
+                    last_n,
                     params.repeat_penalty,
                     params.frequency_penalty,
                     params.presence_penalty,

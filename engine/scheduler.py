@@ -173,6 +173,12 @@ class Engine:
 
     def _load_now(self, request: LoadRequest) -> None:
         try:
+            if request.runtime and request.runtime != self.runtime.name:
+                # A runtime is a llama.cpp library, loaded once per process.
+                raise PeregrineError(
+                    f"this engine runs the {self.runtime.name!r} runtime; using "
+                    f"{request.runtime!r} needs an engine started with --runtime {request.runtime}"
+                )
             # Check the file before giving up the model in use: a bad path or
             # a hostile file must not cost the user their working engine.
             if self._validate is not None:

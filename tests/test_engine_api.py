@@ -443,6 +443,28 @@ def test_a_non_streaming_client_that_leaves_frees_the_engine_too(engine: EngineP
         assert wait_for(lambda: c.get("/v1/engine/status").json()["state"] == "ready", 5)
 
 
+def test_repeat_last_n_minus_one_penalizes_the_whole_context(engine: EngineProc) -> None:
+    def count(last_n: int) -> str:
+        with engine.client() as c:
+            r = c.post(
+                "/v1/completions",
+                json={
+                    "prompt": "1, 2, 3, 4, 5, 6, 7, 8,",
+                    "max_tokens": 30,
+                    "temperature": 0,
+                    "repeat_penalty": 1.5,
+                    "repeat_last_n": last_n,
+                    "speculative": {"type": "none"},
+                },
+            )
+        assert r.status_code == 200, r.text
+        return str(r.json()["choices"][0]["text"])
+
+    whole = count(-1)
+    assert whole == count(2048)  # the whole context (llama-server's meaning of -1)
+    assert whole != count(0)  # not "off", which is what llama.cpp makes of -1
+
+
 def test_64_concurrent_requests_each_complete_or_get_503(engine: EngineProc) -> None:
     results: list[int | str] = []
     lock = threading.Lock()

@@ -809,6 +809,21 @@ def test_a_hostile_load_posted_during_a_stream_does_not_refuse_other_requests(
     assert other.status_code == 200, other.text
 
 
+def test_a_load_naming_another_runtime_is_refused_and_the_model_serves_on(
+    engine: EngineProc,
+) -> None:
+    with engine.client() as c:
+        before = c.get("/v1/engine/status").json()
+        body = {**before["settings"], "runtime": "no-such-runtime"}
+        assert c.post("/v1/engine/load", json=body).status_code == 202
+        status = wait_load_finished(c)
+        assert "needs an engine started with --runtime no-such-runtime" in status["error"]
+        assert status["state"] == "ready"
+        assert status["settings"]["runtime"] == before["settings"]["runtime"]
+        assert status["runtime"] == before["runtime"]
+    still_serving(engine)
+
+
 def test_unload_then_chat_is_503_then_load_again(engine: EngineProc) -> None:
     with engine.client() as c:
         settings = c.get("/v1/engine/status").json()["settings"]
