@@ -7,6 +7,7 @@ import signal
 import subprocess
 import sys
 import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -157,3 +158,41 @@ def test_a_signal_quits_the_app_and_stops_the_engine(signum: int, exit_code: int
         if app.poll() is None:
             app.kill()
             app.wait()
+
+
+FAKE_ENGINE = """#!/bin/sh
+# Stands in for `python -m app.cli serve`: ready at once, exits 0 on SIGTERM.
+echo $$ >> "{pids}"
+trap 'exit 0' TERM
+echo '{{"event": "ready", "host": "127.0.0.1", "port": 9, "api_key": "k", "model": "fake"}}'
+i=0
+while [ $i -lt 600 ]; do sleep 0.1; i=$((i+1)); done
+"""
+
+
+def test_stopping_while_the_ready_line_is_unread_is_not_taken_for_a_crash(
+    qtbot: QtBot, tmp_path: Path
+) -> None:
+    from app.qt.engine_supervisor import EngineSupervisor
+    from app.services.engine_launch import LaunchSpec
+
+    pids = tmp_path / "pids"
+    fake = tmp_path / "fake-engine"
+    fake.write_text(FAKE_ENGINE.format(pids=pids))
+    fake.chmod(0o755)
+    supervisor = EngineSupervisor(python=str(fake))
+    states: list[str] = []
+    supervisor.state_changed.connect(states.append)
+    supervisor.start(LaunchSpec(model=tmp_path / "m.gguf"))
+    # The engine prints "ready" while the GUI thread is busy elsewhere (no events
+    # processed), and the user closes the window before that line is read.
+    deadline = time.monotonic() + 30
+    while not (pids.exists() and pids.read_text().strip()) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.5)
+    with qtbot.waitSignal(supervisor.stopped, timeout=15_000):
+        supervisor.stop()
+    qtbot.wait(300)  # a wrongly scheduled restart would start here
+    assert states == ["starting", "stopping", "stopped"], states
+    assert supervisor.state == "stopped" and supervisor.pid() is None
+    assert len(pids.read_text().split()) == 1  # never relaunched

@@ -153,6 +153,10 @@ class EngineSupervisor(QObject):
         chunk = bytes(self._process.readAllStandardOutput().data()).decode("utf-8", "replace")
         for line in self._stdout.feed(chunk):
             event = parse_event(line)
+            if self.state == "stopping":
+                # Read late (the GUI thread was busy): a process being stopped is
+                # neither loading nor ready, or its exit would pass for a crash.
+                continue
             if self._watch is not None:
                 self._watch.saw(event)
             if isinstance(event, Loading):
