@@ -153,8 +153,17 @@ def test_a_full_disk_is_a_clear_error_and_keeps_what_was_saved(store: ChatStore)
     assert store.message(answer.id).content == "kept so far. more"
 
 
+class FakeClock:
+    def __init__(self) -> None:
+        self.now = 1000.0
+
+    def __call__(self) -> float:
+        return self.now
+
+
 def test_the_service_keeps_streamed_text_through_a_full_disk(store: ChatStore) -> None:
-    service = ChatService(store)
+    clock = FakeClock()
+    service = ChatService(store, clock=clock)
     chat = service.new_chat()
     gen = service.send(chat.id, "Tell me about falcons.")
     service.on_delta(gen.id, "Fal")
@@ -162,10 +171,14 @@ def test_the_service_keeps_streamed_text_through_a_full_disk(store: ChatStore) -
     big = "c" * 100_000  # bigger than any page slack, so it cannot fit
     with pytest.raises(ChatStoreUnavailable):
         service.on_delta(gen.id, big)  # the first failure is reported...
+    clock.now += 1.5
     service.on_delta(gen.id, "d" * 100_000)  # ...once per answer
     assert service.has_unsaved
     _free_disk(store)
-    service.on_delta(gen.id, "e")  # the held-back text goes with the next delta
+    service.on_delta(gen.id, "e")  # held: the store is retried once a second, not per token
+    assert store.message(gen.assistant_message_id).content == "Fal"
+    clock.now += 1.5
+    service.on_delta(gen.id, "")  # the held-back text goes with the next delta after that
     answer_id = gen.assistant_message_id
     assert store.message(answer_id).content == "Fal" + big + "d" * 100_000 + "e"
     assert not service.has_unsaved
@@ -173,6 +186,7 @@ def test_the_service_keeps_streamed_text_through_a_full_disk(store: ChatStore) -
     _fill_disk(store)
     tail = " tail" + "f" * 100_000
     service.on_delta(gen.id, tail)  # held back (already reported for this answer)
+    clock.now += 1.5
     finished = Finished("stop", {"prompt_n": 5}, {"completion_tokens": 9}, 12.0, "m")
     with pytest.raises(ChatStoreUnavailable):
         service.on_finished(gen.id, finished)
@@ -186,6 +200,38 @@ def test_the_service_keeps_streamed_text_through_a_full_disk(store: ChatStore) -
     assert saved[1].status == "complete"
     assert saved[1].content == "Fal" + big + "d" * 100_000 + "e" + tail
     assert saved[1].meta["usage"] == {"completion_tokens": 9}
+
+
+def test_a_lock_held_by_another_program_costs_one_short_wait_a_second(tmp_path: Path) -> None:
+    path = tmp_path / "chats.db"
+    store = ChatStore(path, busy_timeout_s=0.05)
+    clock = FakeClock()
+    service = ChatService(store, clock=clock)
+    chat = service.new_chat()
+    gen = service.send(chat.id, "Tell me about falcons.")
+    tries = 0
+    real_append = store.append_delta
+
+    def counting(message_id: int, delta: str) -> None:
+        nonlocal tries
+        tries += 1
+        real_append(message_id, delta)
+
+    store.append_delta = counting  # type: ignore[method-assign]
+    other = sqlite3.connect(str(path), isolation_level=None)
+    other.execute("BEGIN IMMEDIATE")  # e.g. a database browser with unsaved edits
+    with pytest.raises(ChatStoreUnavailable, match="another program"):
+        service.on_delta(gen.id, "a")
+    for _ in range(100):  # tokens within the same second: held, the store is not tried
+        service.on_delta(gen.id, "b")
+    assert tries == 1
+    other.execute("ROLLBACK")
+    other.close()
+    clock.now += 1.5
+    service.on_delta(gen.id, "c")
+    assert tries == 2
+    assert store.message(gen.assistant_message_id).content == "a" + "b" * 100 + "c"
+    store.close()
 
 
 def test_a_damaged_database_is_moved_aside_and_a_new_one_started(tmp_path: Path) -> None:

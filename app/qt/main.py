@@ -64,7 +64,9 @@ def main(argv: list[str]) -> int:
     paths = Paths.from_env().ensure()
     settings_store = SettingsStore(paths.settings_file)
     settings, warning = settings_store.load_or_reset()
-    store, recovered = ChatStore.open_or_recover(paths.chats_db)
+    # Saves run on the GUI thread: a lock held by another program may stall it
+    # 0.1 s (then the text is held and retried once a second), never 5 s a token.
+    store, recovered = ChatStore.open_or_recover(paths.chats_db, busy_timeout_s=0.1)
     supervisor = EngineSupervisor()
     window = MainWindow(
         store, settings_store, supervisor, default_model_path, settings, max_tokens=args.max_tokens

@@ -528,7 +528,10 @@ class MainWindow(QMainWindow):
             self.service.on_delta(generation_id, text)
         except PeregrineError as exc:
             # The text stays on screen and in memory; it is saved once the store takes it.
-            self.show_error(f"The answer is not being saved: {exc}. Free some disk space.")
+            self.show_error(
+                f"The answer is not being saved yet: {exc}. It is kept and saved as soon "
+                "as the chat database accepts it."
+            )
         active = self.service.active
         if active is not None and active.id == generation_id:
             self._stream_text += text

@@ -32,6 +32,8 @@ PRESETS: dict[str, dict[str, Any]] = {
     "Creative": {"temperature": 1.0, "top_p": 1.0},
 }
 DEFAULT_PRESET = "Balanced"
+# After a failed save, streamed text is held this long before the store is tried again.
+SAVE_RETRY_S = 1.0
 DEFAULT_TITLE = "New chat"
 
 
@@ -56,9 +58,12 @@ class _Active:
     generation: Generation
     stop_requested: bool = False
     received: int = 0
-    # Streamed text the store could not take (a full disk): retried with the next delta.
+    # Streamed text the store could not take (a full disk, a lock held by another
+    # program): retried with a later delta, at most once a second, so that a
+    # store that waits for a lock cannot stall every token.
     unsaved: str = ""
     save_failure_reported: bool = False
+    retry_at: float = 0.0
 
 
 @dataclass
@@ -156,10 +161,14 @@ class ChatService:
             return
         active.received += 1
         pending = active.unsaved + text
+        if active.unsaved and self.clock() < active.retry_at:
+            active.unsaved = pending
+            return
         try:
             self.store.append_delta(active.generation.assistant_message_id, pending)
         except ChatStoreUnavailable:
             active.unsaved = pending
+            active.retry_at = self.clock() + SAVE_RETRY_S
             if active.save_failure_reported:
                 return
             active.save_failure_reported = True
