@@ -103,6 +103,13 @@ def test_an_engine_that_cannot_start_is_explained_with_its_log(
     assert w.supervisor.state == "failed"
     # A failed start never becomes the remembered model.
     assert SettingsStore(Paths.from_env().settings_file).load().last_model_path is None
+    # Enter now keeps saying what is wrong, not "still starting"; the text stays.
+    qtbot.keyClicks(w.composer.input, "hello")
+    qtbot.keyClick(w.composer.input, Qt.Key.Key_Return)
+    assert w.composer.input.toPlainText() == "hello"
+    assert w.error_panel.message.text().startswith("The engine could not run:")
+    assert "not sent" in w.error_panel.message.text()
+    assert w.error_panel.log_button.isVisible()
     close_window(qtbot, w)
 
 

@@ -242,9 +242,25 @@ class MainWindow(QMainWindow):
 
     _engine_error_shown = False
 
+    _engine_failure: str | None = None
+
     def _on_engine_failed(self, message: str) -> None:
-        self.show_error(f"The engine could not run: {message}", self.supervisor.log_tail.text(40))
+        self._engine_failure = f"The engine could not run: {message}"
+        self.show_error(self._engine_failure, self.supervisor.log_tail.text(40))
         self._engine_error_shown = True
+
+    def _explain_no_endpoint(self, then: str) -> None:
+        """Why a message cannot go out now; the composer keeps the text."""
+        if self.settings.active_endpoint is None and self.supervisor.state == "failed":
+            # Keep saying what is wrong (with its log), not "still starting".
+            self.show_error(
+                f"{self._engine_failure or 'The engine is not running.'} Your message was "
+                "not sent; choose another model or restart Peregrine.",
+                self.supervisor.log_tail.text(40),
+            )
+            self._engine_error_shown = True
+            return
+        self.show_error(f"The engine is still starting; {then}")
 
     def _on_engine_died(self, message: str) -> None:
         self.show_error(
@@ -451,9 +467,7 @@ class MainWindow(QMainWindow):
         endpoint = self.endpoint()
         if endpoint is None:
             # The text stays in the composer; nothing is lost.
-            self.show_error(
-                "The engine is still starting; your message will be ready to send in a moment."
-            )
+            self._explain_no_endpoint("your message will be ready to send in a moment.")
             return
         try:
             if self._editing is not None:
@@ -477,7 +491,7 @@ class MainWindow(QMainWindow):
             return
         endpoint = self.endpoint()
         if endpoint is None:
-            self.show_error("The engine is still starting; try again in a moment.")
+            self._explain_no_endpoint("try again in a moment.")
             return
         try:
             generation = self.service.regenerate(self.current_chat)
