@@ -254,6 +254,34 @@ def test_deleting_the_chat_being_answered_leaves_the_app_usable(
     )
 
 
+def test_sending_redraws_only_what_changed(
+    qtbot: QtBot, window: MainWindow, watchdog: GuiWatchdog
+) -> None:
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        send_by_keyboard(qtbot, window, "Name a bird.")
+    chat_id = window.current_chat
+    assert chat_id is not None
+    q1, a1 = window.store.messages(chat_id)
+    first_question = window.conversation.widgets[q1.id]
+    assert window.conversation.widgets[a1.id].regenerate_button is not None
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        send_by_keyboard(qtbot, window, "Name a fish.")
+    _, a1_, q2, a2 = window.store.messages(chat_id)
+    widgets = window.conversation.widgets
+    assert list(widgets) == [q1.id, a1.id, q2.id, a2.id]
+    assert widgets[q1.id] is first_question  # kept, not rebuilt
+    # Regenerate moved to the newest answer.
+    assert widgets[a1.id].regenerate_button is None
+    assert widgets[a2.id].regenerate_button is not None
+    assert widgets[a1.id].text == a1_.content and widgets[a2.id].text == a2.content
+    with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
+        widgets[a2.id].regenerate_button.click()
+    *_, q2_, a3 = window.store.messages(chat_id)
+    assert q2_.id == q2.id and a3.id != a2.id
+    assert list(window.conversation.widgets) == [q1.id, a1.id, q2.id, a3.id]
+    assert window.conversation.widgets[q1.id] is first_question
+
+
 def test_edit_and_resend(qtbot: QtBot, window: MainWindow, watchdog: GuiWatchdog) -> None:
     with qtbot.waitSignal(window.answer_finished, timeout=ANSWER_MS):
         send_by_keyboard(qtbot, window, "What is the capital of France?")

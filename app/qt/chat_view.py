@@ -84,6 +84,7 @@ class MessageWidget(QFrame):
 
     def __init__(self, message: Message, renderer: MarkdownRenderer, last: bool) -> None:
         super().__init__()
+        self.last = last  # the newest answer carries Regenerate
         self.message = message
         self._renderer = renderer
         self._rendered = Rendered("")
@@ -214,7 +215,42 @@ class ConversationView(QScrollArea):
         self._follow = True
         QTimer.singleShot(0, self._scroll_to_bottom)
 
-    def _add(self, message: Message, last: bool) -> MessageWidget:
+    def sync_messages(self, messages: list[Message]) -> None:
+        """Brings the view to `messages` of the chat already shown, redrawing only changes.
+
+        Widgets of removed messages go, new messages get widgets, and a kept
+        message is re-rendered only if its text, status or "last answer" role
+        changed. Falls back to set_messages when the view shows another chat.
+        """
+        ids = [m.id for m in messages]
+        kept = [i for i in self.widgets if i in ids]
+        if not self.widgets or kept != ids[: len(kept)]:
+            self.set_messages(messages)
+            return
+        for message_id in [i for i in self.widgets if i not in ids]:
+            gone = self.widgets.pop(message_id)
+            self._layout.removeWidget(gone)
+            gone.deleteLater()
+        last_assistant = max((m.id for m in messages if m.role == "assistant"), default=None)
+        for m in messages:
+            last = m.id == last_assistant
+            widget = self.widgets.get(m.id)
+            if widget is not None and widget.last != last:
+                # The Regenerate button moves to the newest answer: rebuild this one.
+                index = self._layout.indexOf(widget)
+                self._layout.removeWidget(widget)
+                widget.deleteLater()
+                self._add(m, last, index)
+            elif widget is None:
+                self._add(m, last)
+            elif (widget.text, widget.status) != (m.content, m.status):
+                widget.set_content(m.content, m.status)
+        self.widgets = {i: self.widgets[i] for i in ids}  # in message order
+        self._empty.setVisible(not messages)
+        self._follow = True
+        QTimer.singleShot(0, self._scroll_to_bottom)
+
+    def _add(self, message: Message, last: bool, index: int | None = None) -> MessageWidget:
         widget = MessageWidget(message, self._renderer, last)
         widget.copy_requested.connect(self.copy_requested)
         widget.edit_requested.connect(self.edit_requested)
@@ -222,7 +258,7 @@ class ConversationView(QScrollArea):
         if message.role == "user":
             # User bubbles hug the right, as in every chat app.
             widget.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Preferred)
-        self._layout.insertWidget(self._layout.count() - 1, widget)
+        self._layout.insertWidget(self._layout.count() - 1 if index is None else index, widget)
         self.widgets[message.id] = widget
         widget.set_actions_enabled(not self._busy)
         return widget

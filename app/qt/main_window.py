@@ -49,6 +49,7 @@ log = logging.getLogger(__name__)
 
 LOCAL = "Local engine"
 RENDER_INTERVAL_MS = 50  # re-render a streaming message at most ~20 times a second
+MAX_RENDER_INTERVAL_MS = 1000  # even a huge answer is redrawn once a second
 
 
 class MainWindow(QMainWindow):
@@ -523,10 +524,12 @@ class MainWindow(QMainWindow):
     def _begin_stream(self, generation: Generation, endpoint: Endpoint) -> None:
         generation_id = generation.id
         self.title_label.setText(self.store.chat(generation.chat_id).title)
-        self.conversation.set_messages(self.store.messages(generation.chat_id))
+        # Only what changed is redrawn: rebuilding a long chat costs seconds.
+        self.conversation.sync_messages(self.store.messages(generation.chat_id))
         self.refresh_chats()
         self._stream_message = generation.assistant_message_id
         self._stream_text = ""
+        self._render_timer.setInterval(RENDER_INTERVAL_MS)
         worker = StreamWorker(generation_id, endpoint, generation.messages, generation.params)
         worker.delta.connect(self._on_delta)
         worker.done.connect(self._on_done)
@@ -554,7 +557,14 @@ class MainWindow(QMainWindow):
 
     def _render_stream(self) -> None:
         if self._stream_message is not None:
+            started = time.perf_counter()
             self.conversation.update_message(self._stream_message, self._stream_text, "streaming")
+            # A long answer costs more to re-render: wait at least twice that long
+            # before the next render, so rendering never takes over the GUI thread.
+            cost_ms = (time.perf_counter() - started) * 1000.0
+            self._render_timer.setInterval(
+                int(min(MAX_RENDER_INTERVAL_MS, max(RENDER_INTERVAL_MS, 2 * cost_ms)))
+            )
 
     @Slot(int, object)
     def _on_done(self, generation_id: int, result: Finished) -> None:

@@ -7,6 +7,7 @@ is `copy:<index>`; the view looks the block's text up in `Rendered.code_blocks`.
 from __future__ import annotations
 
 import html
+from collections import OrderedDict
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -17,6 +18,9 @@ from pygments.lexers import get_lexer_by_name
 from pygments.util import ClassNotFound
 
 from app.qt import theme
+
+# Rendered messages kept for reuse (a chat reopened, a view rebuilt).
+CACHE_SIZE = 256
 
 
 @dataclass
@@ -51,8 +55,21 @@ class MarkdownRenderer:
         self._md.add_render_rule("code_inline", code_inline)
         self._md.add_render_rule("image", image)
         self._blocks: list[str] = []
+        self._cache: OrderedDict[str, Rendered] = OrderedDict()
 
     def render(self, text: str) -> Rendered:
+        """HTML for `text`; finished messages come from a small cache (reopening a chat)."""
+        cached = self._cache.get(text)
+        if cached is not None:
+            self._cache.move_to_end(text)
+            return cached
+        rendered = self._render(text)
+        self._cache[text] = rendered
+        while len(self._cache) > CACHE_SIZE:
+            self._cache.popitem(last=False)
+        return rendered
+
+    def _render(self, text: str) -> Rendered:
         self._blocks = []
         body = self._md.render(text)
         css = (
