@@ -66,10 +66,14 @@ class MarkdownView(QTextBrowser):
 
     def resizeEvent(self, event: QResizeEvent) -> None:
         super().resizeEvent(event)
-        self._fit()
+        # Height changes are our own (_fit); only a new width needs a new layout.
+        if event.size().width() != event.oldSize().width():
+            self._fit()
 
     def _fit(self) -> None:
-        self.document().setTextWidth(self.viewport().width())
+        width = self.viewport().width()
+        if self.document().textWidth() != width:
+            self.document().setTextWidth(width)  # a full relayout: only when it changed
         height = int(self.document().size().height()) + 4
         if height != self.height():
             self.setFixedHeight(height)
