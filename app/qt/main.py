@@ -11,13 +11,14 @@ from types import FrameType
 
 from PySide6.QtCore import QSocketNotifier, QTimer
 from PySide6.QtGui import QFont
-from PySide6.QtWidgets import QApplication
+from PySide6.QtWidgets import QApplication, QMessageBox
 
 from app.qt.engine_supervisor import EngineSupervisor
 from app.qt.main_window import MainWindow
 from app.services.chat_store import ChatStore
 from app.services.settings import SettingsStore
 from engine.default_model import default_model_path
+from engine.errors import PeregrineError
 from engine.paths import Paths
 
 log = logging.getLogger(__name__)
@@ -66,7 +67,12 @@ def main(argv: list[str]) -> int:
     settings, warning = settings_store.load_or_reset()
     # Saves run on the GUI thread: a lock held by another program may stall it
     # 0.1 s (then the text is held and retried once a second), never 5 s a token.
-    store, recovered = ChatStore.open_or_recover(paths.chats_db, busy_timeout_s=0.1)
+    try:
+        store, recovered = ChatStore.open_or_recover(paths.chats_db, busy_timeout_s=0.1)
+    except PeregrineError as exc:
+        # Started from a desktop icon nobody reads stderr: say it in a window too.
+        QMessageBox.critical(None, "Peregrine cannot open your chats", str(exc))
+        raise
     supervisor = EngineSupervisor()
     window = MainWindow(
         store, settings_store, supervisor, default_model_path, settings, max_tokens=args.max_tokens
