@@ -46,9 +46,11 @@ class NotReady(PeregrineError):
 class PromptTooLong(PeregrineError):
     """The prompt does not fit the context."""
 
-    def __init__(self, n_prompt: int, n_ctx: int) -> None:
+    def __init__(self, n_prompt: int, n_ctx: int, *, at_least: bool = False) -> None:
+        # at_least: counted from bytes without tokenizing (a prompt far too long).
+        count = f"at least {n_prompt}" if at_least else f"{n_prompt}"
         super().__init__(
-            f"the prompt has {n_prompt} tokens, more than the context of {n_ctx} tokens allows"
+            f"the prompt has {count} tokens, more than the context of {n_ctx} tokens allows"
         )
         self.n_prompt = n_prompt
         self.n_ctx = n_ctx
@@ -415,7 +417,11 @@ class Engine:
         assert self.model is not None
         limit = self.model.n_ctx * max(self.model.max_token_bytes, 1)
         if len(text) > limit or len(text.encode("utf-8", "surrogatepass")) > limit:
-            raise PromptTooLong(len(text) // max(self.model.max_token_bytes, 1), self.model.n_ctx)
+            # No token is longer than max_token_bytes, so this many tokens at least.
+            n_bytes = len(text.encode("utf-8", "surrogatepass"))
+            raise PromptTooLong(
+                n_bytes // max(self.model.max_token_bytes, 1), self.model.n_ctx, at_least=True
+            )
 
     # --- status -------------------------------------------------------------------
 

@@ -533,7 +533,7 @@ class _Api:
         kind, value = await self._next(request, stream, job)
         if kind == "done":
             _result, error = value
-            raise _api_error_for(error)
+            raise _api_error_for(error, _prompt_field(job))
         n_prompt, _granted = value
         return int(n_prompt)
 
@@ -546,7 +546,7 @@ class _Api:
             if kind == "done":
                 result, error = value
                 if error is not None or result is None:
-                    raise _api_error_for(error)
+                    raise _api_error_for(error, _prompt_field(job))
                 return web.json_response(meta.full(result, n_prompt))
 
     async def _stream(
@@ -578,7 +578,7 @@ class _Api:
                 elif kind == "done":
                     result, error = value
                     if error is not None or result is None:
-                        await send.event(_api_error_for(error).body())
+                        await send.event(_api_error_for(error, _prompt_field(job)).body())
                     else:
                         final = meta.chunk({} if meta.chat else "", result.finish_reason)
                         final["timings"] = result.timings.to_json()
@@ -652,11 +652,16 @@ class _Sender:
             transport.abort()  # close() would wait to flush what the client will never read
 
 
-def _api_error_for(error: BaseException | None) -> ApiError:
+def _prompt_field(job: Job) -> str:
+    """The request field that held the prompt, for `param` in errors."""
+    return "messages" if job.prompt.messages is not None else "prompt"
+
+
+def _api_error_for(error: BaseException | None, prompt_field: str = "messages") -> ApiError:
     if error is None:
         return ApiError(499, "the request was cancelled", code="cancelled")
     if isinstance(error, PromptTooLong):
-        return ApiError(400, str(error), code="context_length_exceeded", param="messages")
+        return ApiError(400, str(error), code="context_length_exceeded", param=prompt_field)
     if isinstance(error, NotReady):
         return ApiError(503, str(error), type_="server_error", code="model_not_ready")
     if isinstance(error, TemplateError):

@@ -329,6 +329,14 @@ def test_prompt_too_long_and_max_tokens_clamped() -> None:
             )
             assert r.status_code == 400
             assert r.json()["error"]["code"] == "context_length_exceeded"
+            assert r.json()["error"]["param"] == "messages"
+            # Text completions name their own field; a prompt far too long to
+            # tokenize is refused from its size, its count given as a lower bound.
+            r = c.post("/v1/completions", json={"prompt": "word " * 200_000, "max_tokens": 4})
+            assert r.status_code == 400
+            error = r.json()["error"]
+            assert (error["code"], error["param"]) == ("context_length_exceeded", "prompt")
+            assert "at least" in error["message"]
             r = c.post(
                 "/v1/chat/completions",
                 json={
