@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import socket
+import socketserver
 import threading
 from collections.abc import Callable, Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
@@ -163,7 +164,7 @@ def stub() -> Iterator[tuple[str, type[_Stub]]]:
     _Stub.release = threading.Event()
     _Stub.handler_done = threading.Event()
     server = ThreadingHTTPServer(("127.0.0.1", 0), _Stub)
-    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
     thread.start()
     yield f"http://127.0.0.1:{server.server_address[1]}", _Stub
     _Stub.release.set()
@@ -205,15 +206,18 @@ def test_cancel_wakes_a_stream_stuck_waiting_for_the_next_token(
     handler.behaviour = "hang"
     cancel = CancelToken()
     events: list[object] = []
+
+    def cancel_once_silent() -> None:
+        if handler.headers_sent.wait(30):
+            cancel.cancel()
+
     with EngineClient(Endpoint(url), read_timeout=60) as client:
         for event in client.stream_chat(CHAT, cancel=cancel):
             events.append(event)
             if isinstance(event, Delta):
                 # The server has gone silent after one token; cancel from another thread
                 # while this one waits in recv for a token that never comes.
-                threading.Thread(
-                    target=lambda: handler.headers_sent.wait(30) and cancel.cancel(), daemon=True
-                ).start()
+                threading.Thread(target=cancel_once_silent, daemon=True).start()
     # It returned while the server was still hanging: the cancel woke the read.
     assert not handler.release.is_set() and not handler.handler_done.is_set()
     assert [type(e) for e in events] == [Delta, Finished]
@@ -236,6 +240,364 @@ def test_endpoint_accepts_urls_with_or_without_v1() -> None:
     assert Endpoint("http://h:1").api_root == "http://h:1/v1"
     assert Endpoint("http://h:1/v1/").api_root == "http://h:1/v1"
     assert Endpoint("https://h/api/v1").api_root == "https://h/api/v1"
+
+
+# --- Stop before the server answers ---------------------------------------------
+
+
+def _stream_in_thread(
+    client: EngineClient, cancel: CancelToken
+) -> tuple[threading.Thread, list[object]]:
+    """Runs one stream on a worker thread, as the app does; results holds events or the error."""
+    results: list[object] = []
+
+    def run() -> None:
+        try:
+            results.extend(client.stream_chat(CHAT, cancel=cancel))
+        except EngineClientError as exc:
+            results.append(exc)
+
+    thread = threading.Thread(target=run, daemon=True)
+    thread.start()
+    return thread, results
+
+
+def test_stop_works_while_the_server_has_not_answered() -> None:
+    # A listener that never accepts: the kernel completes the handshake, nobody answers
+    # (a hung server, or the engine holding the request in its queue).
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        port = listener.getsockname()[1]
+        cancel = CancelToken()
+        with EngineClient(Endpoint(f"http://127.0.0.1:{port}"), read_timeout=60) as client:
+            thread, results = _stream_in_thread(client, cancel)
+            conn, _ = listener.accept()  # the client is connected and sending
+            with conn:
+                assert conn.recv(65536).startswith(b"POST /v1/chat/completions")
+                cancel.cancel()
+                thread.join(10)  # far under the 60 s read timeout it would wait without Stop
+                assert not thread.is_alive()
+    assert [type(e) for e in results] == [Finished]
+    assert isinstance(results[0], Finished) and results[0].finish_reason == "cancelled"
+
+
+def test_a_cancel_that_comes_before_the_socket_shuts_it_down_when_it_arrives() -> None:
+    ours, theirs = socket.socketpair()
+    with ours, theirs:
+        cancel = CancelToken()
+        cancel.cancel()
+        cancel._attach(ours)
+        theirs.settimeout(10)
+        assert theirs.recv(1) == b""  # shut down at once: the peer sees the end
+
+
+def test_a_cancelled_token_never_connects() -> None:
+    cancel = CancelToken()
+    cancel.cancel()
+    with socket.create_server(("127.0.0.1", 0)) as listener:
+        url = f"http://127.0.0.1:{listener.getsockname()[1]}"
+        # A short read timeout: a client that did connect fails here instead of hanging.
+        with EngineClient(Endpoint(url), read_timeout=5) as client:
+            events = list(client.stream_chat(CHAT, cancel=cancel))
+        listener.settimeout(0)
+        with pytest.raises(BlockingIOError):
+            listener.accept()
+    assert events == [Finished("cancelled")]
+
+
+# --- odd but valid (or real) servers, scripted byte for byte -------------------------
+
+
+class _Scripted(socketserver.StreamRequestHandler):
+    """Reads one request, writes the server's scripted bytes, then holds or closes."""
+
+    server: _ScriptedServer
+
+    def handle(self) -> None:
+        length = 0
+        while (line := self.rfile.readline()) not in (b"\r\n", b"\n", b""):
+            if line.lower().startswith(b"content-length:"):
+                length = int(line.split(b":")[1])
+        self.rfile.read(length)
+        self.wfile.write(self.server.reply)
+        self.wfile.flush()
+        if self.server.hold:
+            self.server.replied.set()
+            self.server.release.wait(30)
+
+
+class _ScriptedServer(socketserver.ThreadingTCPServer):
+    daemon_threads = True
+    reply = b""
+    hold = False
+
+    def __init__(self) -> None:
+        super().__init__(("127.0.0.1", 0), _Scripted)
+        self.replied = threading.Event()
+        self.release = threading.Event()
+
+
+@pytest.fixture
+def scripted() -> Iterator[_ScriptedServer]:
+    server = _ScriptedServer()
+    thread = threading.Thread(target=server.serve_forever, args=(0.02,), daemon=True)
+    thread.start()
+    yield server
+    server.release.set()
+    server.shutdown()
+    server.server_close()
+
+
+def _url(server: _ScriptedServer) -> str:
+    return f"http://127.0.0.1:{server.server_address[1]}"
+
+
+def _reply(status: str, content_type: str, body: bytes) -> bytes:
+    head = f"HTTP/1.1 {status}\r\nContent-Type: {content_type}\r\nConnection: close\r\n\r\n"
+    return head.encode() + body
+
+
+def _sse(body: bytes) -> bytes:
+    return _reply("200 OK", "text/event-stream", body)
+
+
+def _chunk(text: str | None = None, finish: str | None = None, **extra: object) -> bytes:
+    delta = {"content": text} if text is not None else {}
+    choice = {"index": 0, "delta": delta, "finish_reason": finish}
+    return json.dumps({"choices": [choice], **extra}).encode()
+
+
+def _collect(server: _ScriptedServer) -> tuple[list[str], Finished]:
+    with EngineClient(Endpoint(_url(server)), read_timeout=30) as client:
+        events = list(client.stream_chat(CHAT))
+    last = events[-1]
+    assert isinstance(last, Finished)
+    assert all(isinstance(e, Delta) for e in events[:-1])
+    return [e.text for e in events[:-1] if isinstance(e, Delta)], last
+
+
+def test_stop_works_after_headers_when_no_token_follows(scripted: _ScriptedServer) -> None:
+    scripted.reply = _reply("200 OK", "text/event-stream", b"")
+    scripted.hold = True
+    cancel = CancelToken()
+    with EngineClient(Endpoint(_url(scripted)), read_timeout=60) as client:
+        thread, results = _stream_in_thread(client, cancel)
+        assert scripted.replied.wait(30)
+        cancel.cancel()
+        thread.join(10)
+        assert not thread.is_alive()
+    assert not scripted.release.is_set()  # the server was still holding the answer
+    assert results == [Finished("cancelled")]
+
+
+@pytest.mark.parametrize(
+    ("body", "texts"),
+    [
+        # Valid SSE: data lines join with "\n" until the blank line.
+        (b'data: {"choices": [{"delta":\ndata: {"content": "Hi"}}]}\n\ndata: [DONE]\n\n', ["Hi"]),
+        (b"data:\n\ndata: " + _chunk("Hi") + b"\n\ndata: [DONE]\n\n", ["Hi"]),
+        (
+            b": keep-alive\n\nevent: message\nid: 1\nretry: 1000\ndata:"
+            + _chunk("Hi")
+            + b"\n\ndata:[DONE]\n\n",
+            ["Hi"],
+        ),
+        (
+            b"data: "
+            + _chunk("a")
+            + b"\r\n\r\ndata: "
+            + _chunk("b")
+            + b"\r\n\r\ndata: [DONE]\r\n\r\n",
+            ["a", "b"],
+        ),
+        # "error": null is no error.
+        (
+            b'data: {"error": null, "choices": [{"delta": {"content": "Hi"}}]}\n\ndata: [DONE]\n\n',
+            ["Hi"],
+        ),
+        # Content parts: the text parts are the answer.
+        (
+            b'data: {"choices": [{"delta": {"content": [{"type": "thinking", "thinking": "hm"},'
+            b' {"type": "text", "text": "Hi"}]}}]}\n\ndata: [DONE]\n\n',
+            ["Hi"],
+        ),
+        # Chunks on consecutive lines without the blank line between them.
+        (b"data: " + _chunk("a") + b"\ndata: " + _chunk("b") + b"\n\ndata: [DONE]\n\n", ["a", "b"]),
+        # The server said it finished, then closed without [DONE] ...
+        (b"data: " + _chunk("Hi", "stop") + b"\n\n", ["Hi"]),
+        # ... or without the blank line after [DONE].
+        (b"data: " + _chunk("Hi") + b"\n\ndata: [DONE]\n", ["Hi"]),
+    ],
+    ids=[
+        "multiline",
+        "empty-data",
+        "comments",
+        "crlf",
+        "error-null",
+        "parts",
+        "no-blank",
+        "no-done",
+        "done-at-eof",
+    ],
+)
+def test_odd_but_valid_streams_give_the_whole_answer(
+    scripted: _ScriptedServer, body: bytes, texts: list[str]
+) -> None:
+    scripted.reply = _sse(body)
+    received, last = _collect(scripted)
+    assert received == texts
+    assert last.finish_reason == "stop"
+
+
+def test_malformed_figures_are_dropped_and_finished_always_has_dicts(
+    scripted: _ScriptedServer,
+) -> None:
+    timings = {"predicted_n": 3, "predicted_per_second": "fast", "prompt_ms": None, "draft_n": True}
+    scripted.reply = _sse(
+        b"data: " + _chunk("Hi", timings=[1, 2], usage="lots", model=5) + b"\n\n"
+        b"data: " + _chunk(finish="length", timings=timings) + b"\n\n"
+        b'data: {"choices": [], "timings": {"prompt_n": Infinity, "cache_n": NaN}}\n\n'
+        b"data: [DONE]\n\n"
+    )
+    received, last = _collect(scripted)
+    assert received == ["Hi"]
+    assert last.finish_reason == "length"
+    assert last.timings == {"predicted_n": 3}  # only finite numbers: callers compute with them
+    assert last.usage == {} and last.model == ""
+
+
+@pytest.mark.parametrize(
+    ("chunk", "words"),
+    [
+        (b'{"choices": ["Hi"]}', "a choice that is a string, not an object"),
+        (b'{"choices": [{"delta": {"content": 5}}]}', "delta.content that is a number, not text"),
+        (b'{"choices": [{"delta": "Hi"}]}', "a delta that is a string, not an object"),
+        (b'{"choices": {"0": {}}}', "choices that are an object, not a list"),
+        (b'{"error": {"message": "out of memory"}}', "out of memory"),
+        (b'{"error": "boom"}', "boom"),
+    ],
+)
+def test_malformed_text_is_a_clear_protocol_error(
+    scripted: _ScriptedServer, chunk: bytes, words: str
+) -> None:
+    scripted.reply = _sse(b"data: " + _chunk("Hel") + b"\n\ndata: " + chunk + b"\n\n")
+    received: list[str] = []
+    with (
+        EngineClient(Endpoint(_url(scripted))) as client,
+        pytest.raises(EngineClientError, match=words) as info,
+    ):
+        for event in client.stream_chat(CHAT):
+            if isinstance(event, Delta):
+                received.append(event.text)
+    assert received == ["Hel"]
+    assert info.value.kind == ("server" if b"error" in chunk else "protocol")
+
+
+def test_an_sse_error_event_carries_the_servers_message(scripted: _ScriptedServer) -> None:
+    scripted.reply = _sse(b'event: error\ndata: {"error": {"message": "overloaded"}}\n\n')
+    with (
+        EngineClient(Endpoint(_url(scripted))) as client,
+        pytest.raises(EngineClientError, match="overloaded") as info,
+    ):
+        list(client.stream_chat(CHAT))
+    assert info.value.kind == "server"
+
+
+def test_a_whole_json_answer_from_a_server_that_ignored_stream(scripted: _ScriptedServer) -> None:
+    body = {
+        "model": "m1",
+        "choices": [
+            {
+                "message": {"role": "assistant", "content": "The full answer"},
+                "finish_reason": "length",
+            }
+        ],
+        "usage": {"completion_tokens": 3},
+    }
+    scripted.reply = _reply("200 OK", "application/json; charset=utf-8", json.dumps(body).encode())
+    received, last = _collect(scripted)
+    assert received == ["The full answer"]
+    assert (last.finish_reason, last.usage, last.model) == (
+        "length",
+        {"completion_tokens": 3},
+        "m1",
+    )
+
+
+def test_an_event_stream_labelled_json_is_read_as_a_stream(scripted: _ScriptedServer) -> None:
+    scripted.reply = _reply(
+        "200 OK", "application/json", b"data: " + _chunk("Hi") + b"\n\ndata: [DONE]\n\n"
+    )
+    assert _collect(scripted)[0] == ["Hi"]
+
+
+@pytest.mark.parametrize(
+    ("status", "content_type", "body", "kind", "words"),
+    [
+        # 200 with a JSON error body, e.g. a server that ignored stream and failed.
+        (
+            "200 OK",
+            "application/json",
+            b'{"error": {"message": "model llama3 is not loaded"}}',
+            "server",
+            "llama3 is not loaded",
+        ),
+        ("200 OK", "application/json", b'{"id": 1}', "protocol", "not a chat completion"),
+        ("200 OK", "application/json", b"[1, 2]", "protocol", "not an object"),
+        ("200 OK", "application/json", b"{truncated", "protocol", "answer is not JSON"),
+        ("200 OK", "text/html", b"<html>a web app</html>", "protocol", "web page"),
+        # What vLLM and OpenAI answer for an unknown model.
+        (
+            "404 Not Found",
+            "application/json",
+            b'{"error": {"message": "The model `x` does not exist", "type": "invalid_request_error",'
+            b' "code": "model_not_found"}}',
+            "request",
+            r"The model `x` does not exist \(.*404\)",
+        ),
+        (
+            "404 Not Found",
+            "application/json",
+            b'{"detail": "Not Found"}',
+            "request",
+            "no OpenAI-compatible API here",
+        ),
+        (
+            "401 Unauthorized",
+            "application/json",
+            b'{"error": {"message": "Incorrect API key provided"}}',
+            "auth",
+            r"refused the API key \(401: Incorrect API key provided\)",
+        ),
+        (
+            "502 Bad Gateway",
+            "text/html",
+            b"<html><h1>502 Bad Gateway</h1></html>",
+            "server",
+            "^the server answered HTTP 502$",
+        ),
+        ("500 Internal Server Error", "application/json", b"[" * 50_000, "server", r"^\[\[\["),
+    ],
+)
+def test_answers_that_are_not_streams_are_named(
+    scripted: _ScriptedServer, status: str, content_type: str, body: bytes, kind: str, words: str
+) -> None:
+    scripted.reply = _reply(status, content_type, body)
+    with (
+        EngineClient(Endpoint(_url(scripted))) as client,
+        pytest.raises(EngineClientError, match=words) as info,
+    ):
+        list(client.stream_chat(CHAT))
+    assert info.value.kind == kind
+
+
+def test_a_model_list_that_is_not_json_is_a_protocol_error(scripted: _ScriptedServer) -> None:
+    scripted.reply = _reply("200 OK", "application/json", b"<not json>")
+    with (
+        EngineClient(Endpoint(_url(scripted))) as client,
+        pytest.raises(EngineClientError, match="model list is not JSON") as info,
+    ):
+        client.models()
+    assert info.value.kind == "protocol"
 
 
 # --- engine_launch -------------------------------------------------------------
