@@ -24,7 +24,7 @@ PROMPT = "Write a Python function that checks whether a number is prime, with a 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("out", type=Path)
-    parser.add_argument("--max-tokens", type=int, default=160)
+    parser.add_argument("--max-tokens", type=int, default=400)
     args = parser.parse_args(argv)
     args.out.mkdir(parents=True, exist_ok=True)
     home = tempfile.mkdtemp(prefix="peregrine-shots-")
