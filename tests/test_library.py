@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import struct
 from pathlib import Path
 
@@ -14,6 +15,7 @@ import pytest
 from app.services.library import (
     Library,
     ScanFolder,
+    ScanLimits,
     default_scan_folders,
     scan_folders_from_strings,
 )
@@ -237,3 +239,166 @@ def test_scan_folders_from_settings(tmp_path: Path) -> None:
     )
     assert [f.source for f in folders] == ["ollama", "ollama", "gpt4all", "lmstudio"]
     assert folders[0].path == Path("/x/models")
+
+
+# --- hostile folders and files (adversarial pass) ------------------------------------------
+
+
+def test_odd_things_named_like_models_are_skipped_without_blocking(
+    paths: Paths, tmp_path: Path
+) -> None:
+    lms = tmp_path / "lms"
+    (lms / "pub" / "repo").mkdir(parents=True)
+    good = make_gguf(lms / "pub" / "repo" / "good.gguf")
+    hostile_gguf(lms / "pub" / "hostile.gguf")
+    os.mkfifo(lms / "fifo.gguf")  # opening it would wait for a writer forever
+    (lms / "folder.gguf").mkdir()
+    (lms / "dangling.gguf").symlink_to(tmp_path / "nowhere.gguf")
+    (lms / "self.gguf").symlink_to(lms / "self.gguf")
+    (lms / "pub" / "up").symlink_to(lms)  # a folder loop
+    (lms / "pub" / "repo" / "again").symlink_to(lms / "pub")
+    entries = Library(paths, [ScanFolder("lmstudio", lms)]).entries()
+    by_id = {e.id: e for e in entries}
+    assert set(by_id) == {"lmstudio:pub/hostile.gguf", "lmstudio:pub/repo/good.gguf"}
+    assert by_id["lmstudio:pub/repo/good.gguf"].valid
+    assert by_id["lmstudio:pub/repo/good.gguf"].path == good
+    assert not by_id["lmstudio:pub/hostile.gguf"].valid
+
+
+def test_a_very_deep_tree_neither_crashes_nor_hides_shallow_models(
+    paths: Paths, tmp_path: Path
+) -> None:
+    # Deeper than Python's recursion limit: a recursive glob raised RecursionError here.
+    lms = tmp_path / "lms"
+    lms.mkdir()
+    make_gguf(lms / "top.gguf")
+    deep = lms
+    for _ in range(1100):
+        deep = deep / "d"
+        os.mkdir(deep)
+    make_gguf(deep / "bottom.gguf")
+    entries = Library(paths, [ScanFolder("lmstudio", lms)]).entries()
+    assert [e.id for e in entries] == ["lmstudio:top.gguf"]
+
+
+def test_a_huge_folder_is_scanned_within_its_limits(
+    paths: Paths, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    lms = tmp_path / "lms"
+    lms.mkdir()
+    for i in range(60):
+        (lms / f"junk{i:03d}").mkdir()
+    make_gguf(paths.models / "own.gguf")
+    library = Library(paths, [ScanFolder("lmstudio", lms)], limits=ScanLimits(max_entries=20))
+    with caplog.at_level(logging.WARNING):
+        assert [e.id for e in library.entries()] == ["own.gguf"]
+    assert "stopped scanning" in caplog.text
+
+    # Time, too: a clock that jumps 1 s per look ends the scan after max_seconds.
+    ticks = iter(range(10_000))
+    timed = Library(
+        paths,
+        [ScanFolder("lmstudio", lms)],
+        limits=ScanLimits(max_seconds=5),
+        clock=lambda: float(next(ticks)),
+    )
+    caplog.clear()
+    with caplog.at_level(logging.WARNING):
+        timed.entries()
+    assert "stopped scanning" in caplog.text and "after 5 entries" in caplog.text
+
+
+def test_hostile_ollama_manifests_are_skipped(
+    paths: Paths, tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    ollama = tmp_path / "ollama"
+    blobs = ollama / "blobs"
+    blobs.mkdir(parents=True)
+    good = make_gguf(tmp_path / "g.gguf")
+    digest = hashlib.sha256(good.read_bytes()).hexdigest()
+    good.rename(blobs / f"sha256-{digest}")
+    # On Windows a backslash is a separator: such a digest would climb out of blobs/.
+    make_gguf(blobs / "sha256-..\\..\\secret")
+    manifests = ollama / "manifests" / "registry.ollama.ai" / "library" / "m"
+    manifests.mkdir(parents=True)
+
+    def manifest(tag: str, digest_: object) -> None:
+        layer = {"mediaType": "application/vnd.ollama.image.model", "digest": digest_}
+        (manifests / tag).write_text(json.dumps({"layers": [layer]}))
+
+    manifest("latest", f"sha256:{digest}")
+    manifest("traversal", "sha256:../../../etc/passwd")
+    manifest("backslash", "sha256:..\\..\\secret")
+    manifest("number", 42)
+    (manifests / "deep").write_text("[" * 100_000 + "]" * 100_000)
+    (manifests / "list").write_text("[1, 2]")
+    (manifests / "layers-dict").write_text('{"layers": {"a": 1}}')
+    os.mkfifo(manifests / "fifo")
+    (manifests / "loop").symlink_to(manifests)
+    with caplog.at_level(logging.WARNING):
+        entries = Library(paths, [ScanFolder("ollama", ollama)]).entries()
+    assert [(e.id, e.path) for e in entries] == [("ollama:m:latest", blobs / f"sha256-{digest}")]
+    assert "odd digest" in caplog.text and "unreadable Ollama manifest" in caplog.text
+
+
+def test_unusable_scan_folder_settings_do_not_break_listing(paths: Paths, tmp_path: Path) -> None:
+    folders = scan_folders_from_strings(
+        ["/tmp/a\0b", "~no-such-user-xyz/models", "lmstudio:~no-such-user-xyz/m", "ollama:/x\0y"]
+    )
+    assert len(folders) == 4
+    make_gguf(paths.models / "own.gguf")
+    assert [e.id for e in Library(paths, folders).entries()] == ["own.gguf"]
+
+
+@pytest.mark.skipif(os.geteuid() == 0, reason="root reads chmod-000 files and folders anyway")
+def test_unreadable_folders_and_files(paths: Paths, tmp_path: Path) -> None:
+    lms = tmp_path / "lms"
+    (lms / "locked").mkdir(parents=True)
+    make_gguf(lms / "locked" / "inside.gguf")
+    secret = make_gguf(lms / "secret.gguf")
+    make_gguf(lms / "open.gguf")
+    (lms / "locked").chmod(0)
+    secret.chmod(0)
+    try:
+        by_id = {e.id: e for e in Library(paths, [ScanFolder("lmstudio", lms)]).entries()}
+    finally:
+        (lms / "locked").chmod(0o755)
+    assert set(by_id) == {"lmstudio:open.gguf", "lmstudio:secret.gguf"}
+    assert "permission denied" in (by_id["lmstudio:secret.gguf"].error or "")
+
+
+def test_delete_checks_every_part_before_deleting_any(paths: Paths, tmp_path: Path) -> None:
+    folder = paths.models / "acme--Split"
+    folder.mkdir(parents=True)
+    outside = make_gguf(tmp_path / "outside.gguf", split=(1, 2))
+    first = make_gguf(folder / "S-F16-00001-of-00002.gguf", split=(0, 2))
+    (folder / "S-F16-00002-of-00002.gguf").symlink_to(outside)
+    library = Library(paths)
+    entry = library.find("acme/Split/S-F16-00001-of-00002.gguf")
+    with pytest.raises(PeregrineError, match="outside Peregrine's models folder"):
+        library.delete(entry)
+    assert first.exists() and outside.exists()
+
+    (folder / "S-F16-00002-of-00002.gguf").unlink()
+    (folder / "S-F16-00002-of-00002.gguf").mkdir()  # a folder where a part should be
+    entry = library.find("acme/Split/S-F16-00001-of-00002.gguf")
+    with pytest.raises(PeregrineError, match="is a folder"):
+        library.delete(entry)
+    assert first.exists()
+
+
+def test_symlinks_out_of_the_models_folder_are_never_followed_or_deleted(
+    paths: Paths, tmp_path: Path
+) -> None:
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = make_gguf(outside / "victim.gguf")
+    (paths.models / "linked-folder").symlink_to(outside)
+    (paths.models / "link.gguf").symlink_to(victim)
+    library = Library(paths)
+    assert [e.id for e in library.entries()] == ["link.gguf"]  # not linked-folder/victim.gguf
+    with pytest.raises(PeregrineError, match="no model"):
+        library.find("linked-folder/victim.gguf")
+    with pytest.raises(PeregrineError, match="outside"):
+        library.delete(library.find("link.gguf"))
+    assert victim.exists()

@@ -205,3 +205,77 @@ def test_search(hub: FakeHub) -> None:
     assert "acme/Tiny-GGUF" in result.stdout and "apache-2.0" in result.stdout
     bad = run("search", "tiny", "--limit", "0")
     assert bad.returncode == 2
+
+
+# --- hostile files and faulty environments (adversarial pass) ------------------------------
+
+
+def _settings(folders: list[str]) -> None:
+    paths = Paths.from_env().ensure()
+    paths.settings_file.write_text(
+        json.dumps({"schema_version": 1, "library_scan_folders": folders})
+    )
+
+
+def test_ls_lists_a_non_utf8_file_name_on_a_strict_utf8_terminal(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    lms = tmp_path / "lms"
+    lms.mkdir()
+    (lms / "ok.gguf").write_bytes(b"not a model")
+    with open(os.path.join(os.fsencode(lms), b"caf\xe9.gguf"), "wb") as f:
+        f.write(b"GGUF")
+    _settings([f"lmstudio:{lms}"])
+    monkeypatch.setenv("PYTHONIOENCODING", "utf-8:strict")
+    listing = run("ls")
+    assert listing.returncode == 0, listing.stderr
+    assert "lmstudio:caf\ufffd.gguf" in listing.stdout and "lmstudio:ok.gguf" in listing.stdout
+    as_json = run("ls", "--json")
+    assert as_json.returncode == 0, as_json.stderr
+    assert {e["id"] for e in json.loads(as_json.stdout)} == {
+        "lmstudio:caf\udce9.gguf",  # lossless: the bytes round-trip through os.fsencode
+        "lmstudio:ok.gguf",
+    }
+
+
+def test_ls_with_a_fifo_as_settings_file_does_not_hang(tmp_path: Path) -> None:
+    paths = Paths.from_env().ensure()
+    os.mkfifo(paths.settings_file)
+    result = run("ls", "--own")
+    assert result.returncode == 0, result.stderr
+    assert "not a regular file" in result.stderr
+    assert stat_is_fifo(paths.settings_file)  # left as it was
+
+
+def stat_is_fifo(path: Path) -> bool:
+    import stat
+
+    return stat.S_ISFIFO(path.lstat().st_mode)
+
+
+def test_rm_never_deletes_outside_the_models_folder(tmp_path: Path) -> None:
+    paths = Paths.from_env().ensure()
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    victim = outside / "victim.gguf"
+    victim.write_bytes(b"GGUF precious")
+    (paths.models / "link.gguf").symlink_to(victim)
+    (paths.models / "linked").symlink_to(outside)
+    lms = tmp_path / "lms"
+    lms.mkdir()
+    theirs = lms / "theirs.gguf"
+    theirs.write_bytes(b"GGUF theirs")
+    _settings([f"lmstudio:{lms}"])
+    for ref, message in (
+        ("../outside/victim.gguf", "no model"),
+        (str(victim), "no model"),
+        ("linked/victim.gguf", "no model"),
+        ("link.gguf", "outside Peregrine's models folder"),
+        ("lmstudio:theirs.gguf", "never deletes other apps' files"),
+        ("theirs.gguf", "never deletes other apps' files"),
+    ):
+        result = run("rm", ref)
+        assert result.returncode == 1, (ref, result.stderr)
+        assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
+        assert "Traceback" not in result.stderr
+    assert victim.read_bytes() == b"GGUF precious" and theirs.read_bytes() == b"GGUF theirs"

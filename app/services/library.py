@@ -14,9 +14,11 @@ import contextlib
 import json
 import logging
 import os
+import re
 import shutil
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -40,6 +42,46 @@ HeaderReader = Callable[[Path], Any]
 
 _OLLAMA_MODEL_MEDIA = "application/vnd.ollama.image.model"
 _MAX_MANIFEST_BYTES = 1 << 20
+# Real Ollama digests are exactly this; anything else could name a path outside blobs/.
+_OLLAMA_DIGEST = re.compile(r"sha256:[0-9a-f]{64}")
+
+
+@dataclass(frozen=True)
+class ScanLimits:
+    """Bounds on scanning one folder, so a huge or hostile tree cannot stall `ls` or the GUI."""
+
+    max_depth: int = 16  # real layouts are 1-4 levels deep
+    max_entries: int = 100_000  # directory entries looked at
+    max_seconds: float = 10.0
+
+
+class _ScanBudget:
+    """What is left of one folder's ScanLimits; `spend()` is False once any is used up."""
+
+    def __init__(self, limits: ScanLimits, clock: Callable[[], float], root: Path) -> None:
+        self.limits = limits
+        self._clock = clock
+        self._deadline = clock() + limits.max_seconds
+        self._entries = 0
+        self._root = root
+        self.exhausted = False
+
+    def spend(self) -> bool:
+        if self.exhausted:
+            return False
+        self._entries += 1
+        if self._entries > self.limits.max_entries or self._clock() > self._deadline:
+            self.exhausted = True
+            log.warning(
+                "stopped scanning %s after %d entries (limits: %d entries, %.0f s); "
+                "models beyond that point are not listed",
+                self._root,
+                self._entries - 1,
+                self.limits.max_entries,
+                self.limits.max_seconds,
+            )
+            return False
+        return True
 
 
 @dataclass(frozen=True)
@@ -121,19 +163,36 @@ def scan_folders_from_strings(values: Sequence[str]) -> list[ScanFolder]:
     for value in values:
         source, sep, rest = value.partition(":")
         if sep and source in SOURCE_NAMES and source != "peregrine":
-            folders.append(ScanFolder(source, Path(rest).expanduser()))  # type: ignore[arg-type]
+            folders.append(ScanFolder(source, _expanded(rest)))  # type: ignore[arg-type]
             continue
-        path = Path(value).expanduser()
+        path = _expanded(value)
         lowered = value.lower()
         guessed: Source = "lmstudio"  # a plain tree of .gguf files
         if "ollama" in lowered:
             guessed = "ollama"
-        elif "huggingface" in lowered or (path / "hub").is_dir() or any(path.glob("models--*")):
+        elif "huggingface" in lowered or _looks_like_hf_cache(path):
             guessed = "huggingface"
         elif "gpt4all" in lowered:
             guessed = "gpt4all"
         folders.append(ScanFolder(guessed, path))
     return folders
+
+
+def _expanded(value: str) -> Path:
+    """`~` expanded where it can be; "~nobody/x" stays as written (and is then not found)."""
+    try:
+        return Path(value).expanduser()
+    except RuntimeError as exc:
+        log.warning("cannot expand %r: %s", value, exc)
+        return Path(value)
+
+
+def _looks_like_hf_cache(path: Path) -> bool:
+    try:
+        return (path / "hub").is_dir() or any(path.glob("models--*"))
+    except (OSError, ValueError) as exc:  # unreadable folder, a NUL in the setting
+        log.warning("cannot look into %s: %s", path, exc)
+        return False
 
 
 def _default_reader(path: Path) -> Any:
@@ -158,28 +217,33 @@ class Library:
         *,
         header_reader: HeaderReader = _default_reader,
         validator: HeaderReader = _default_validator,
+        limits: ScanLimits = ScanLimits(),
+        clock: Callable[[], float] = time.monotonic,
     ) -> None:
         self.paths = paths
         self.scan_folders = list(scan_folders)
         self._read = header_reader
         self._validate = validator
+        self.limits = limits
+        self._clock = clock
 
     # --- listing ----------------------------------------------------------------------------
     def entries(self) -> list[ModelEntry]:
         """Every model found: Peregrine's first, then other apps' in scan-folder order."""
         entries = list(self._peregrine())
-        seen = {e.path.resolve() for e in entries}
+        seen = {_real(e.path) for e in entries}
         for folder in self.scan_folders:
-            if not folder.path.is_dir():
-                continue
             try:
+                if not folder.path.is_dir():
+                    continue
                 found = list(self._scan(folder))
-            except OSError as exc:
+            except (OSError, ValueError, RuntimeError) as exc:
+                # ValueError: a NUL in a configured path; RuntimeError: "~nobody" unexpandable.
                 log.warning("cannot scan %s (%s): %s", folder.path, folder.source, exc)
                 continue
             for entry in found:
                 # The same blob reachable twice (symlinks, overlapping folders) is listed once.
-                key = entry.path.resolve()
+                key = _real(entry.path)
                 if key not in seen:
                     seen.add(key)
                     entries.append(entry)
@@ -202,9 +266,8 @@ class Library:
         root = self.paths.models
         if not root.is_dir():
             return
-        for path in sorted(root.rglob("*.gguf")):
-            if not path.is_file():
-                continue
+        # Symlinked folders are not followed here: what `rm` may delete stays inside models/.
+        for path in self._walk(root, _is_gguf_name, follow_links=False):
             info = split_info(path.name)
             if info is not None and info[1] != 1:
                 continue  # later parts are listed with their first part
@@ -221,20 +284,26 @@ class Library:
         elif folder.source == "huggingface":
             yield from self._scan_hf_cache(folder.path)
         else:
-            for path in sorted(folder.path.rglob("*.gguf")):
+            for path in self._walk(folder.path, _is_gguf_name, follow_links=True):
                 info = split_info(path.name)
-                if not path.is_file() or (info is not None and info[1] != 1):
+                if info is not None and info[1] != 1:
                     continue
                 rel = path.relative_to(folder.path).as_posix()
                 yield self._entry(f"{folder.source}:{rel}", path, folder.source, read_only=True)
 
     def _scan_hf_cache(self, root: Path) -> Iterator[ModelEntry]:
         # models--owner--name/snapshots/<commit>/<file>, files symlinked to blobs/
+        budget = _ScanBudget(self.limits, self._clock, root)
         for repo_dir in sorted(root.glob("models--*")):
             repo_id = repo_dir.name[len("models--") :].replace("--", "/", 1)
-            for path in sorted(repo_dir.glob("snapshots/*/**/*.gguf")):
+            snapshots = repo_dir / "snapshots"
+            if not snapshots.is_dir():
+                continue
+            for path in self._walk(
+                snapshots, _is_gguf_name, follow_links=False, budget=budget, min_depth=1
+            ):
                 info = split_info(path.name)
-                if not path.is_file() or (info is not None and info[1] != 1):
+                if info is not None and info[1] != 1:
                     continue
                 rel = path.relative_to(repo_dir / "snapshots").as_posix().split("/", 1)[1]
                 yield self._entry(f"hf:{repo_id}/{rel}", path, "huggingface", read_only=True)
@@ -244,7 +313,7 @@ class Library:
         manifests = root / "manifests"
         if not manifests.is_dir():
             return
-        for manifest in sorted(p for p in manifests.rglob("*") if p.is_file()):
+        for manifest in self._walk(manifests, lambda _name: True, follow_links=False):
             rel = manifest.relative_to(manifests).parts
             name = f"{'/'.join(rel[-3:-1]) if len(rel) >= 3 else rel[0]}:{rel[-1]}"
             if name.startswith("library/"):
@@ -265,10 +334,17 @@ class Library:
             )
         except StopIteration:
             return None  # e.g. an embedding-only or adapter manifest: nothing to run
-        except (OSError, ValueError, KeyError, TypeError, AttributeError) as exc:
+        except (
+            OSError,
+            ValueError,
+            KeyError,
+            TypeError,
+            AttributeError,
+            RecursionError,  # deeply nested JSON
+        ) as exc:
             log.warning("skipping unreadable Ollama manifest %s: %s", manifest, exc)
             return None
-        if not isinstance(digest, str) or not digest.startswith("sha256:") or "/" in digest:
+        if not isinstance(digest, str) or not _OLLAMA_DIGEST.fullmatch(digest):
             log.warning("skipping Ollama manifest %s: odd digest %r", manifest, digest)
             return None
         blob = root / "blobs" / digest.replace(":", "-")
@@ -276,6 +352,59 @@ class Library:
             log.warning("Ollama manifest %s names a missing blob %s", manifest, blob.name)
             return None
         return blob
+
+    def _walk(
+        self,
+        root: Path,
+        match: Callable[[str], bool],
+        *,
+        follow_links: bool,
+        budget: _ScanBudget | None = None,
+        min_depth: int = 0,
+    ) -> list[Path]:
+        """Regular files under root whose name matches, sorted; bounded, never recursive.
+
+        A FIFO, socket or device named like a model is not a file here (it is never
+        opened, so it cannot block); dangling links and link loops are skipped; a
+        folder reached twice through symlinks is walked once; unreadable folders are
+        logged and skipped. Files deeper than `min_depth` folders only.
+        """
+        budget = budget or _ScanBudget(self.limits, self._clock, root)
+        try:
+            st = root.stat()
+        except OSError as exc:
+            log.warning("cannot scan %s: %s", root, exc)
+            return []
+        visited = {(st.st_dev, st.st_ino)}
+        found: list[Path] = []
+        stack: list[tuple[Path, int]] = [(root, 0)]
+        while stack and not budget.exhausted:
+            folder, depth = stack.pop()
+            try:
+                with os.scandir(folder) as it:
+                    children = list(it)
+            except OSError as exc:
+                log.warning("cannot read folder %s: %s", folder, exc)
+                continue
+            for child in children:
+                if not budget.spend():
+                    break
+                try:
+                    if child.is_dir(follow_symlinks=follow_links):
+                        if depth >= self.limits.max_depth:
+                            log.warning(
+                                "not scanning %s: deeper than %d folders", child.path, depth
+                            )
+                            continue
+                        cst = child.stat(follow_symlinks=True)
+                        if (cst.st_dev, cst.st_ino) not in visited:
+                            visited.add((cst.st_dev, cst.st_ino))
+                            stack.append((Path(child.path), depth + 1))
+                    elif depth >= min_depth and match(child.name) and child.is_file():
+                        found.append(Path(child.path))
+                except OSError as exc:  # vanished, or unreadable, while we looked
+                    log.info("skipping %s: %s", child.path, exc)
+        return sorted(found)
 
     def _entry(self, model_id: str, path: Path, source: Source, *, read_only: bool) -> ModelEntry:
         parts = _split_parts(path)
@@ -325,14 +454,26 @@ class Library:
                 f"{entry.id} belongs to {SOURCE_NAMES[entry.source]}; Peregrine only lists it "
                 "and never deletes other apps' files"
             )
-        removed = []
-        for part in entry.parts or (entry.path,):
-            resolved = part.resolve()
-            if not resolved.is_relative_to(root):
+        parts = entry.parts or (entry.path,)
+        # Every part is checked before any is deleted: a refusal must leave the model whole.
+        for part in parts:
+            if not Path(_real(part)).is_relative_to(root):
                 raise PeregrineError(
                     f"{part} is outside Peregrine's models folder; not deleting it"
                 )
-            part.unlink(missing_ok=True)
+            if part.is_dir() and not part.is_symlink():
+                raise PeregrineError(f"{part} is a folder, not a model file; not deleting it")
+        removed: list[Path] = []
+        for part in parts:
+            try:
+                part.unlink(missing_ok=True)
+            except OSError as exc:
+                done = (
+                    f" (already deleted: {', '.join(p.name for p in removed)})" if removed else ""
+                )
+                raise PeregrineError(
+                    f"could not delete {part}: {exc.strerror or exc}{done}"
+                ) from None
             removed.append(part)
         parent = entry.path.parent
         if parent != self.paths.models and parent.resolve().is_relative_to(root):
@@ -375,6 +516,15 @@ class Library:
         if move:
             source.unlink()
         return self._entry(f"imported/{dest.name}", dest, "peregrine", read_only=False)
+
+
+def _is_gguf_name(name: str) -> bool:
+    return name.lower().endswith(".gguf")
+
+
+def _real(path: Path) -> str:
+    """The path with every symlink resolved; unlike Path.resolve on 3.11, never raises on a loop."""
+    return os.path.realpath(path)
 
 
 def _split_parts(path: Path) -> list[Path]:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import stat
 import sys
 import time
 from collections.abc import Callable, Sequence
@@ -28,6 +29,19 @@ from engine.errors import PeregrineError, UsageError
 from engine.paths import Paths
 
 log = logging.getLogger(__name__)
+
+
+def _shown(text: str) -> str:
+    """Text safe to print in any locale: undecodable file-name bytes (surrogates) become U+FFFD.
+
+    A file name that is not UTF-8 arrives as lone surrogates, which a strict UTF-8
+    stdout cannot encode; `ls` must still list it rather than fail.
+    """
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+
+
+def _out(line: str) -> None:
+    sys.stdout.write(_shown(line) + "\n")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -134,11 +148,26 @@ def _hub(with_fit: bool) -> HubService:
 
 def _library(paths: Paths) -> Library:
     folders: list[ScanFolder]
+    configured: list[str] | None = None
     try:
-        configured = SettingsStore(paths.settings_file).load().library_scan_folders
-    except SettingsError as exc:
-        log.warning("%s; scanning the default folders", exc)
-        configured = None
+        # read_bytes() on a FIFO or device would wait forever: only a regular file is read.
+        mode = paths.settings_file.stat().st_mode
+    except FileNotFoundError:
+        mode = None
+    except OSError as exc:
+        log.warning(
+            "cannot read settings %s (%s); scanning the default folders", paths.settings_file, exc
+        )
+        mode = None
+    if mode is not None and not stat.S_ISREG(mode):
+        log.warning(
+            "settings %s is not a regular file; scanning the default folders", paths.settings_file
+        )
+    elif mode is not None:
+        try:
+            configured = SettingsStore(paths.settings_file).load().library_scan_folders
+        except SettingsError as exc:
+            log.warning("%s; scanning the default folders", exc)
     folders = (
         default_scan_folders() if configured is None else scan_folders_from_strings(configured)
     )
@@ -203,7 +232,7 @@ def pull_main(argv: list[str]) -> int:
     listing = hub.list_quants(args.repo, args.revision, with_fit=needs_fit)
     if args.list:
         for opt in listing.options:
-            sys.stdout.write(_describe_option(opt) + "\n")
+            _out(_describe_option(opt))
         return 0
     opt = _choose(listing, args.file, args.quant)
     if not opt.complete:
@@ -225,7 +254,7 @@ def pull_main(argv: list[str]) -> int:
     finally:
         bar.finish()
     for path in finals:
-        sys.stdout.write(f"{path}\n")
+        _out(str(path))
     return 0
 
 
@@ -282,7 +311,7 @@ def ls_main(argv: list[str]) -> int:
                 f"ctx {e.context_length or '?'}"
             )
         ro = " (read-only)" if e.read_only else ""
-        sys.stdout.write(f"{e.id}  {format_bytes(e.size)}  {detail}  [{e.source}{ro}]\n")
+        _out(f"{e.id}  {format_bytes(e.size)}  {detail}  [{e.source}{ro}]")
     return 0
 
 
@@ -294,7 +323,7 @@ def rm_main(argv: list[str]) -> int:
     library = _library(Paths.from_env())
     entry = library.find(args.model)
     for path in library.delete(entry):
-        sys.stdout.write(f"deleted {path}\n")
+        _out(f"deleted {path}")
     return 0
 
 
@@ -312,7 +341,7 @@ def search_main(argv: list[str]) -> int:
         return 0
     for r in results:
         flags = " gated" if r.gated else ""
-        sys.stdout.write(
-            f"{r.repo_id}  {r.downloads:,} downloads  {r.likes:,} likes  {r.license or '?'}{flags}\n"
+        _out(
+            f"{r.repo_id}  {r.downloads:,} downloads  {r.likes:,} likes  {r.license or '?'}{flags}"
         )
     return 0
