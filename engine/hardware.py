@@ -12,6 +12,7 @@ import importlib
 import importlib.util
 import json
 import logging
+import math
 import os
 import shutil
 import subprocess
@@ -64,6 +65,11 @@ _GGML_DEV_TYPE_GPU = 1
 _GGML_DEV_TYPE_IGPU = 2
 
 _AMD_VENDOR_ID = "0x1002"
+
+# Bounds on a hardware object: past them a number is hostile or corrupt, not a machine.
+MAX_BYTES = 1 << 60  # 1 EiB of memory or disk
+MAX_CORES = 1 << 16
+MAX_GPUS = 256
 
 
 @dataclass
@@ -126,36 +132,53 @@ class Hardware:
         if not isinstance(data, dict):
             raise PeregrineError("hardware must be a JSON object")
         try:
+            gpu_list = _as_list(data.get("gpus", []), "gpus")
+            if len(gpu_list) > MAX_GPUS:
+                raise PeregrineError(
+                    f"hardware.gpus lists {len(gpu_list)} GPUs (at most {MAX_GPUS})"
+                )
             gpus = [
                 GPU(
-                    name=str(g["name"]),
-                    backend=str(g.get("backend") or "cuda"),
+                    name=_text(g["name"], "gpus[].name"),
+                    backend=_text(g.get("backend") or "cuda", "gpus[].backend"),
                     total=_nonneg_int(g["total"], "gpus[].total"),
                     free=_nonneg_int(g["free"], "gpus[].free"),
                     compute_capability=(
                         None
                         if g.get("compute_capability") is None
-                        else str(g["compute_capability"])
+                        else _text(g["compute_capability"], "gpus[].compute_capability")
                     ),
                 )
-                for g in _as_list(data.get("gpus", []), "gpus")
+                for g in (_as_obj(x, "gpus[]") for x in gpu_list)
             ]
-            cpu_d = data["cpu"]
-            if not isinstance(cpu_d, dict):
-                raise PeregrineError("hardware.cpu must be an object")
+            for g in gpus:
+                if g.free > g.total:
+                    raise PeregrineError(
+                        f"hardware.gpus[]: {g.name!r} has more free memory ({g.free}) than in "
+                        f"total ({g.total})"
+                    )
+            cpu_d = _as_obj(data["cpu"], "cpu")
             cpu = CPU(
-                name=str(cpu_d.get("name", "")),
-                physical_cores=max(1, _nonneg_int(cpu_d["physical_cores"], "cpu.physical_cores")),
-                logical_cores=max(1, _nonneg_int(cpu_d["logical_cores"], "cpu.logical_cores")),
-                flags=[str(f) for f in _as_list(cpu_d.get("flags", []), "cpu.flags")],
+                name=_text(cpu_d.get("name", ""), "cpu.name"),
+                physical_cores=max(
+                    1, _nonneg_int(cpu_d["physical_cores"], "cpu.physical_cores", MAX_CORES)
+                ),
+                logical_cores=max(
+                    1, _nonneg_int(cpu_d["logical_cores"], "cpu.logical_cores", MAX_CORES)
+                ),
+                flags=[
+                    _text(f, "cpu.flags[]") for f in _as_list(cpu_d.get("flags", []), "cpu.flags")
+                ],
             )
-            ram_d = data["ram"]
-            if not isinstance(ram_d, dict):
-                raise PeregrineError("hardware.ram must be an object")
+            ram_d = _as_obj(data["ram"], "ram")
             ram = RAM(
                 total=_nonneg_int(ram_d["total"], "ram.total"),
                 available=_nonneg_int(ram_d["available"], "ram.available"),
             )
+            if ram.available > ram.total:
+                raise PeregrineError(
+                    f"hardware.ram.available ({ram.available}) is more than ram.total ({ram.total})"
+                )
             runtimes = [
                 Runtime(
                     name=str(r["name"]),
@@ -165,7 +188,9 @@ class Hardware:
                         None if r.get("llama_cpp_commit") is None else str(r["llama_cpp_commit"])
                     ),
                 )
-                for r in _as_list(data.get("runtimes", []), "runtimes")
+                for r in (
+                    _as_obj(x, "runtimes[]") for x in _as_list(data.get("runtimes", []), "runtimes")
+                )
             ]
             return cls(
                 gpus=gpus,
@@ -176,15 +201,51 @@ class Hardware:
                 missing=[str(m) for m in _as_list(data.get("missing", []), "missing")],
             )
         except KeyError as exc:
-            raise PeregrineError(f"hardware is missing the field {exc.args[0]!r}") from exc
+            hint = (
+                " (give the `hardware` object of `profile --json`, not the whole profile)"
+                if isinstance(data.get("hardware"), dict)
+                else ""
+            )
+            raise PeregrineError(f"hardware is missing the field {exc.args[0]!r}{hint}") from exc
         except TypeError as exc:
             raise PeregrineError(f"hardware has a field of the wrong shape: {exc}") from exc
 
 
-def _nonneg_int(value: Any, name: str) -> int:
-    if isinstance(value, bool) or not isinstance(value, int | float) or value < 0:
-        raise PeregrineError(f"hardware.{name} must be a non-negative number, not {value!r}")
+def _nonneg_int(value: Any, name: str, limit: int = MAX_BYTES) -> int:
+    if (
+        isinstance(value, bool)
+        or not isinstance(value, int | float)
+        or (isinstance(value, float) and not math.isfinite(value))
+        or value < 0
+    ):
+        raise PeregrineError(f"hardware.{name} must be a non-negative number, not {_short(value)}")
+    if value > limit:
+        raise PeregrineError(
+            f"hardware.{name} is implausibly large ({_short(value)}; at most {limit})"
+        )
     return int(value)
+
+
+def _short(value: Any) -> str:
+    if isinstance(value, int) and value.bit_length() > 100:
+        return f"a {value.bit_length()}-bit number"  # str() of a huge int is slow, or refused
+    text = repr(value)
+    return text if len(text) <= 60 else text[:57] + "..."
+
+
+def _text(value: Any, name: str) -> str:
+    """A string field; numbers are accepted as text, objects and lists are not."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, int | float) and not isinstance(value, bool):
+        return str(value)
+    raise PeregrineError(f"hardware.{name} must be text, not {_short(value)}")
+
+
+def _as_obj(value: Any, name: str) -> dict[str, Any]:
+    if not isinstance(value, dict):
+        raise PeregrineError(f"hardware.{name} must be an object, not {_short(value)}")
+    return value
 
 
 def _as_list(value: Any, name: str) -> list[Any]:
@@ -236,8 +297,8 @@ def detect_hardware(
             missing.append(f"{what}: {type(exc).__name__}: {exc}")
         return default
 
-    nvidia: list[GPU] = attempt("nvml", lambda: probe_nvml(p.nvml_module), [])
-    amd: list[GPU] = attempt("amd sysfs", lambda: probe_amd_sysfs(p.sysfs_root), [])
+    nvidia: list[GPU] = attempt("nvml", lambda: probe_nvml(p.nvml_module, missing), [])
+    amd: list[GPU] = attempt("amd sysfs", lambda: probe_amd_sysfs(p.sysfs_root, missing), [])
     ggml: list[GPU] = (
         attempt(
             "ggml devices",
@@ -256,21 +317,46 @@ def detect_hardware(
         lambda: probe_cpu(p.proc_cpuinfo, p.cpu_count),
         CPU(name="unknown", physical_cores=1, logical_cores=1),
     )
-    vm = attempt("ram", p.virtual_memory, None)
-    ram = RAM(total=int(vm.total), available=int(vm.available)) if vm is not None else RAM(0, 0)
+    ram: RAM = attempt("ram", lambda: _ram(p.virtual_memory), RAM(0, 0))
     if models_dir is None:
         models_dir = Paths.from_env().models
-    disk_free = attempt("disk", lambda: _disk_free(models_dir, p.disk_usage), 0)
+    disk_free: int = attempt("disk", lambda: _disk_free(models_dir, p.disk_usage), 0)
     runtimes_dir = p.runtimes_dir if p.runtimes_dir is not None else Paths.from_env().runtimes
     runtimes: list[Runtime] = attempt("runtimes", lambda: probe_runtimes(runtimes_dir, missing), [])
     return Hardware(
-        gpus=merge_gpus(nvidia + amd, ggml),
+        gpus=[_sane_gpu(g) for g in merge_gpus(nvidia + amd, ggml)][:MAX_GPUS],
         cpu=cpu,
         ram=ram,
         disk_free=disk_free,
         runtimes=runtimes,
         missing=missing,
     )
+
+
+def _ram(virtual_memory: Callable[[], Any]) -> RAM:
+    vm = virtual_memory()
+    total = _probed_int(vm.total, "total")
+    # Never more available than there is: `--hardware` refuses such a file.
+    return RAM(total=total, available=min(total, _probed_int(vm.available, "available")))
+
+
+def _probed_int(value: Any, what: str) -> int:
+    """A byte count a probe reported, or ProbeError when it is not a sane one."""
+    if isinstance(value, bool):
+        raise ProbeError(f"{what} is {value!r}, not a number")
+    try:
+        number = int(value)
+    except (TypeError, ValueError, OverflowError) as exc:
+        raise ProbeError(f"{what} is {_short(value)}, not a number") from exc
+    if not 0 <= number <= MAX_BYTES:
+        raise ProbeError(f"{what} is {_short(number)}, out of range")
+    return number
+
+
+def _sane_gpu(g: GPU) -> GPU:
+    # A driver can report free > total for a moment; the planner must never see it.
+    g.free = max(0, min(g.free, g.total))
+    return g
 
 
 def merge_gpus(vendor: list[GPU], ggml: list[GPU]) -> list[GPU]:
@@ -288,8 +374,8 @@ def merge_gpus(vendor: list[GPU], ggml: list[GPU]) -> list[GPU]:
     return merged
 
 
-def probe_nvml(load: Callable[[], ModuleType]) -> list[GPU]:
-    """NVIDIA GPUs through NVML (nvidia-ml-py)."""
+def probe_nvml(load: Callable[[], ModuleType], missing: list[str] | None = None) -> list[GPU]:
+    """NVIDIA GPUs through NVML (nvidia-ml-py); a GPU that cannot be read goes to `missing`."""
     try:
         nvml = load()
     except ImportError as exc:
@@ -299,28 +385,17 @@ def probe_nvml(load: Callable[[], ModuleType]) -> list[GPU]:
     except Exception as exc:
         raise ProbeError(f"no NVIDIA driver ({exc})") from exc
     try:
+        count = _probed_int(nvml.nvmlDeviceGetCount(), "device count")
+        if count > MAX_GPUS:
+            raise ProbeError(f"NVML reports {count} GPUs; not believed")
         gpus = []
-        for i in range(int(nvml.nvmlDeviceGetCount())):
-            handle = nvml.nvmlDeviceGetHandleByIndex(i)
-            name = nvml.nvmlDeviceGetName(handle)
-            if isinstance(name, bytes):
-                name = name.decode("utf-8", "replace")
-            mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+        for i in range(count):
             try:
-                major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
-                cc: str | None = f"{major}.{minor}"
-            except Exception:
-                log.debug("compute capability of GPU %d unknown", i, exc_info=True)
-                cc = None
-            gpus.append(
-                GPU(
-                    name=str(name),
-                    backend="cuda",
-                    total=int(mem.total),
-                    free=int(mem.free),
-                    compute_capability=cc,
-                )
-            )
+                gpus.append(_nvml_gpu(nvml, i))
+            except Exception as exc:  # one bad GPU must not hide the others
+                log.debug("NVML GPU %d failed", i, exc_info=True)
+                if missing is not None:
+                    missing.append(f"nvml GPU {i}: {type(exc).__name__}: {exc}")
         return gpus
     finally:
         try:
@@ -329,27 +404,47 @@ def probe_nvml(load: Callable[[], ModuleType]) -> list[GPU]:
             log.debug("nvmlShutdown failed", exc_info=True)
 
 
-def probe_amd_sysfs(root: Path) -> list[GPU]:
+def _nvml_gpu(nvml: Any, i: int) -> GPU:
+    handle = nvml.nvmlDeviceGetHandleByIndex(i)
+    name = nvml.nvmlDeviceGetName(handle)
+    if isinstance(name, bytes):
+        name = name.decode("utf-8", "replace")
+    mem = nvml.nvmlDeviceGetMemoryInfo(handle)
+    try:
+        major, minor = nvml.nvmlDeviceGetCudaComputeCapability(handle)
+        cc: str | None = f"{int(major)}.{int(minor)}"
+    except Exception:
+        log.debug("compute capability of GPU %d unknown", i, exc_info=True)
+        cc = None
+    return GPU(
+        name=str(name),
+        backend="cuda",
+        total=_probed_int(mem.total, "memory total"),
+        free=_probed_int(mem.free, "memory free"),
+        compute_capability=cc,
+    )
+
+
+def probe_amd_sysfs(root: Path, missing: list[str] | None = None) -> list[GPU]:
     """AMD GPUs on Linux: VRAM counters under /sys/class/drm/card*/device."""
     drm = root / "class" / "drm"
     if not drm.is_dir():
         raise ProbeError(f"{drm} does not exist")
     gpus = []
-    for card in sorted(drm.glob("card[0-9]*")):
+    failures = []
+    for card in sorted(drm.glob("card[0-9]*"))[:MAX_GPUS]:
         if "-" in card.name:  # connectors such as card0-HDMI-A-1
             continue
         dev = card / "device"
-        try:
-            vendor = (dev / "vendor").read_text().strip()
-        except OSError:
-            continue
-        if vendor != _AMD_VENDOR_ID:
+        if _read_first(dev / "vendor") != _AMD_VENDOR_ID:
             continue
         try:
-            total = int((dev / "mem_info_vram_total").read_text().strip())
-            used = int((dev / "mem_info_vram_used").read_text().strip())
-        except (OSError, ValueError) as exc:
-            raise ProbeError(f"{card.name}: cannot read VRAM counters ({exc})") from exc
+            total = _probed_int(_read_first(dev / "mem_info_vram_total"), "VRAM total")
+            used = _probed_int(_read_first(dev / "mem_info_vram_used"), "VRAM used")
+        except ProbeError as exc:
+            # One card without counters must not hide the others.
+            failures.append(f"{card.name}: cannot read VRAM counters ({exc})")
+            continue
         name = _read_first(dev / "product_name") or f"AMD GPU ({card.name})"
         gfx = _read_first(dev / "gfx_target_version")
         gpus.append(
@@ -361,14 +456,23 @@ def probe_amd_sysfs(root: Path) -> list[GPU]:
                 compute_capability=gfx,
             )
         )
+    if failures and not gpus:
+        raise ProbeError("; ".join(failures))
+    if missing is not None:
+        missing.extend(f"amd sysfs: {f}" for f in failures)
     return gpus
 
 
 def _read_first(path: Path) -> str | None:
+    """A short sysfs attribute, or None; a FIFO or a huge file there is not read."""
     try:
-        text = path.read_text().strip()
+        if not path.is_file():
+            return None
+        with path.open("rb") as f:
+            raw = f.read(4096)
     except OSError:
         return None
+    text = raw.decode("utf-8", "replace").strip()
     return text or None
 
 
@@ -488,9 +592,9 @@ def probe_cpu(cpuinfo: Path, cpu_count: Callable[[bool], int | None]) -> CPU:
         elif key in ("flags", "features") and not flags:
             present = set(value.split())
             flags = [f for f in _INTERESTING_CPU_FLAGS if f in present]
-    logical = cpu_count(True) or os.cpu_count() or 1
-    physical = cpu_count(False) or logical
-    return CPU(name=name, physical_cores=int(physical), logical_cores=int(logical), flags=flags)
+    logical = max(1, min(MAX_CORES, int(cpu_count(True) or os.cpu_count() or 1)))
+    physical = max(1, min(logical, int(cpu_count(False) or logical)))
+    return CPU(name=name, physical_cores=physical, logical_cores=logical, flags=flags)
 
 
 def _disk_free(models_dir: Path, disk_usage: Callable[[Path], Any]) -> int:
@@ -498,7 +602,7 @@ def _disk_free(models_dir: Path, disk_usage: Callable[[Path], Any]) -> int:
     folder = models_dir
     while not folder.exists() and folder.parent != folder:
         folder = folder.parent
-    return int(disk_usage(folder).free)
+    return _probed_int(disk_usage(folder).free, "free space")
 
 
 def probe_runtimes(runtimes_dir: Path, missing: list[str]) -> list[Runtime]:
@@ -512,7 +616,7 @@ def probe_runtimes(runtimes_dir: Path, missing: list[str]) -> list[Runtime]:
             data = json.loads(manifest.read_text())
             if not isinstance(data, dict) or not isinstance(data.get("backend"), str):
                 raise ValueError("needs an object with a string 'backend'")
-        except (OSError, ValueError) as exc:
+        except (OSError, ValueError, RecursionError) as exc:
             missing.append(f"runtime {name}: unreadable runtime.json ({exc})")
             continue
         commit = data.get("llama_cpp_commit")

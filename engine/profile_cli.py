@@ -3,11 +3,14 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import logging
+import math
 import os
+import stat
 import sys
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from pathlib import Path
 from typing import Any, NoReturn
 
@@ -18,6 +21,11 @@ from engine.planner import ModelCandidate, Pins, Plan, plan, plan_for_file
 from engine.wire import KV_BYTES_PER_ELEMENT
 
 log = logging.getLogger(__name__)
+
+# What a LoadRequest accepts (engine/wire.py); a bigger machine is planned with this many.
+MAX_THREADS = 1024
+# A hardware object is a few KiB; more than this is not one (and /dev/zero never ends).
+MAX_HARDWARE_FILE_BYTES = 16 << 20
 
 
 class _Parser(argparse.ArgumentParser):
@@ -67,16 +75,16 @@ def pins_from_args(args: argparse.Namespace) -> Pins:
             raise UsageError("--gpu-layers must be -1 (all) or more")
         pins.n_gpu_layers = args.gpu_layers
     if args.budget_gib is not None:
-        if not args.budget_gib > 0:
-            raise UsageError("--budget-gib must be positive")
+        if not (math.isfinite(args.budget_gib) and args.budget_gib > 0):
+            raise UsageError("--budget-gib must be a positive number of GiB")
         pins.budget_bytes = int(args.budget_gib * GIB)
     if args.headroom_gib is not None:
-        if args.headroom_gib < 0:
-            raise UsageError("--headroom-gib cannot be negative")
+        if not (math.isfinite(args.headroom_gib) and args.headroom_gib >= 0):
+            raise UsageError("--headroom-gib must be a number of GiB, 0 or more")
         pins.headroom_bytes = int(args.headroom_gib * GIB)
     if args.threads is not None:
-        if args.threads < 1:
-            raise UsageError("--threads must be at least 1")
+        if not 1 <= args.threads <= MAX_THREADS:
+            raise UsageError(f"--threads must be between 1 and {MAX_THREADS}")
         pins.threads = args.threads
     return pins
 
@@ -84,33 +92,82 @@ def pins_from_args(args: argparse.Namespace) -> Pins:
 def load_hardware_file(path: str) -> Hardware:
     """Reads `--hardware FILE`: exactly the `hardware` object `profile --json` prints."""
     try:
-        text = Path(path).read_text(encoding="utf-8")
+        # stat first: reading a FIFO would wait for a writer, a device such as /dev/zero never ends
+        if not stat.S_ISREG(os.stat(path).st_mode):
+            raise PeregrineError(f"hardware file {path} is not a regular file")
+        with open(path, "rb") as f:
+            raw = f.read(MAX_HARDWARE_FILE_BYTES + 1)
     except FileNotFoundError:
         raise PeregrineError(f"hardware file not found: {path}") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise PeregrineError(f"cannot read hardware file {path}: {exc}") from None
+    except OSError as exc:
+        raise PeregrineError(f"cannot read hardware file {path}: {exc.strerror or exc}") from None
+    if len(raw) > MAX_HARDWARE_FILE_BYTES:
+        raise PeregrineError(
+            f"hardware file {path} is larger than {MAX_HARDWARE_FILE_BYTES >> 20} MiB; "
+            "it is not a hardware object"
+        )
+    try:
+        text = raw.decode("utf-8-sig")
+    except UnicodeDecodeError as exc:
+        raise PeregrineError(
+            f"hardware file {path} is not UTF-8 text (byte {exc.start}: {exc.reason})"
+        ) from None
     try:
         data = json.loads(text)
     except json.JSONDecodeError as exc:
         raise PeregrineError(f"hardware file {path} is not JSON: {exc}") from None
+    except RecursionError:
+        raise PeregrineError(f"hardware file {path} is nested too deeply to read") from None
+    except ValueError as exc:  # e.g. an integer with more digits than Python converts
+        raise PeregrineError(f"hardware file {path} is not usable JSON: {exc}") from None
     return Hardware.from_json(data)
+
+
+@contextlib.contextmanager
+def _quiet_hub_retries() -> Iterator[None]:
+    """Silences huggingface-hub's per-retry warnings (each printed twice) unless debugging.
+
+    A failed listing ends in one error line; the retries before it are noise on stderr.
+    """
+    hub_log = logging.getLogger("huggingface_hub")
+    old = hub_log.level
+    if not logging.getLogger().isEnabledFor(logging.DEBUG):
+        hub_log.setLevel(logging.ERROR)
+    try:
+        yield
+    finally:
+        hub_log.setLevel(old)
 
 
 def remote_candidates(repo: str, file: str | None) -> list[ModelCandidate]:
     """Quant files of a hub repo, planned from headers read with Range requests."""
+    import httpx2
     from huggingface_hub import HfApi, constants, get_token, hf_hub_url
-    from huggingface_hub.errors import HfHubHTTPError, RepositoryNotFoundError
+    from huggingface_hub.errors import (
+        GatedRepoError,
+        HfHubHTTPError,
+        HFValidationError,
+        RepositoryNotFoundError,
+    )
 
     from engine.gguf_header import read_remote_gguf_header
 
     # huggingface-hub reads HF_ENDPOINT once, at import; honour it as it is now.
     endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")
     try:
-        files = HfApi(endpoint=endpoint).list_repo_files(repo)
+        with _quiet_hub_retries():
+            files = HfApi(endpoint=endpoint).list_repo_files(repo)
+    except HFValidationError:
+        raise PeregrineError(f"{repo!r} is not a Hugging Face repo id (owner/name)") from None
+    except GatedRepoError:
+        raise PeregrineError(
+            f"{repo} is gated: accept its terms on Hugging Face and log in (or set HF_TOKEN)"
+        ) from None
     except RepositoryNotFoundError:
         raise PeregrineError(f"repo {repo!r} not found (or it is private)") from None
-    except (HfHubHTTPError, OSError) as exc:
-        raise PeregrineError(f"cannot list {repo}: {exc}") from None
+    except (HfHubHTTPError, httpx2.HTTPError, OSError) as exc:
+        reason = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise PeregrineError(f"cannot list {repo} on {endpoint}: {reason}") from None
     ggufs = [f for f in files if f.lower().endswith(".gguf")]
     if file is not None:
         if file not in ggufs:
@@ -123,9 +180,18 @@ def remote_candidates(repo: str, file: str | None) -> list[ModelCandidate]:
     token = get_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     out = []
+    refused: list[str] = []
     for name in single:
         url = hf_hub_url(repo, name, endpoint=endpoint)
-        header = read_remote_gguf_header(url, headers=headers)
+        try:
+            header = read_remote_gguf_header(url, headers=headers)
+        except PeregrineError as exc:
+            if file is not None:
+                raise
+            # One broken quant must not hide the others; said only if none is readable.
+            log.warning("skipping %s: %s", name, exc)
+            refused.append(f"{name}: {exc}")
+            continue
         out.append(
             ModelCandidate(
                 file_name=name,
@@ -134,6 +200,8 @@ def remote_candidates(repo: str, file: str | None) -> list[ModelCandidate]:
                 path=None,
             )
         )
+    if not out:
+        raise PeregrineError(f"no GGUF file of {repo} could be read ({refused[0]})")
     return out
 
 
@@ -143,13 +211,22 @@ def make_profile(args: argparse.Namespace) -> Plan:
         raise UsageError("give --model or --repo, not both")
     if args.file and not args.repo:
         raise UsageError("--file needs --repo")
+    for flag, value in (
+        ("--model", args.model),
+        ("--repo", args.repo),
+        ("--hardware", args.hardware),
+    ):
+        if value is not None and not value.strip():
+            raise UsageError(f"{flag} needs a value, not an empty string")
     pins = pins_from_args(args)
     hardware = load_hardware_file(args.hardware) if args.hardware else detect_hardware()
+    if pins.threads is None and hardware.cpu.physical_cores > MAX_THREADS:
+        pins.threads = MAX_THREADS
     if args.repo:
         result = plan(hardware, remote_candidates(args.repo, args.file), pins)
         result.reasons.append("remote files: estimated from their headers, no dry run")
         return result
-    if args.model:
+    if args.model is not None:
         path = Path(args.model)
     else:
         from engine.default_model import default_model_path

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
 from typing import Any
@@ -10,7 +11,7 @@ from typing import Any
 import pytest
 
 from engine.errors import PeregrineError
-from engine.hardware import GPU, Hardware, HardwareProbes, detect_hardware, merge_gpus
+from engine.hardware import GPU, RAM, Hardware, HardwareProbes, detect_hardware, merge_gpus
 
 GiB = 1 << 30
 
@@ -237,4 +238,125 @@ def test_vendor_and_ggml_views_of_one_gpu_are_merged() -> None:
 )
 def test_bad_hardware_json_is_a_clear_error(data: Any, message: str) -> None:
     with pytest.raises(PeregrineError, match=message.replace("[", r"\[").replace("]", r"\]")):
+        Hardware.from_json(data)
+
+
+# --- probes failing in odd ways, hostile hardware objects (adversarial pass) ----------------
+
+
+class OddNVML(FakeNVML):
+    """NVML whose second GPU fails with an exception NVML's own docs never mention."""
+
+    def nvmlDeviceGetMemoryInfo(self, h: int) -> Any:
+        if h == 1:
+            raise ZeroDivisionError("driver bug")
+        return super().nvmlDeviceGetMemoryInfo(h)
+
+
+def test_one_failing_nvml_gpu_does_not_hide_the_others(tmp_path: Path) -> None:
+    hw = detect_hardware(_probes(tmp_path, nvml_module=lambda: OddNVML()), models_dir=tmp_path)
+    assert [g.name for g in hw.gpus] == ["NVIDIA GeForce RTX 3090"]
+    assert any("nvml GPU 1: ZeroDivisionError: driver bug" in m for m in hw.missing)
+
+
+@pytest.mark.parametrize("count", [None, "two", -1, 10**9])
+def test_an_absurd_nvml_device_count_is_recorded(tmp_path: Path, count: Any) -> None:
+    nvml = FakeNVML()
+    nvml.nvmlDeviceGetCount = lambda: count  # type: ignore[method-assign]
+    hw = detect_hardware(_probes(tmp_path, nvml_module=lambda: nvml), models_dir=tmp_path)
+    assert hw.gpus == []
+    assert any(m.startswith("nvml:") for m in hw.missing)
+    assert nvml.shutdown_calls == 1
+
+
+def test_nvml_memory_figures_that_make_no_sense_are_recorded(tmp_path: Path) -> None:
+    nvml = FakeNVML()
+    nvml.gpus[0] = ("Liar", 8 * GiB, 9 * GiB, (8, 6))  # more free than total: clamped
+    nvml.gpus[1] = ("Negative", -1, 0, (8, 6))
+    hw = detect_hardware(_probes(tmp_path, nvml_module=lambda: nvml), models_dir=tmp_path)
+    assert [(g.name, g.total, g.free) for g in hw.gpus] == [("Liar", 8 * GiB, 8 * GiB)]
+    assert any(m.startswith("nvml GPU 1:") and "out of range" in m for m in hw.missing)
+    assert Hardware.from_json(json.loads(json.dumps(hw.to_json()))) == hw
+
+
+def test_nvml_loader_raising_anything_is_recorded(tmp_path: Path) -> None:
+    def broken() -> ModuleType:
+        raise OSError("libnvidia-ml.so.1: cannot open shared object file")
+
+    hw = detect_hardware(_probes(tmp_path, nvml_module=broken), models_dir=tmp_path)
+    assert any("nvml: OSError" in m for m in hw.missing)
+
+
+def test_psutil_and_disk_answers_of_the_wrong_kind_are_recorded(tmp_path: Path) -> None:
+    hw = detect_hardware(
+        _probes(
+            tmp_path,
+            virtual_memory=lambda: SimpleNamespace(total=None, available=1),
+            disk_usage=lambda _p: SimpleNamespace(free=-5),
+            cpu_count=lambda _logical: -3,
+        ),
+        models_dir=tmp_path,
+    )
+    assert hw.ram == RAM(0, 0) and hw.disk_free == 0
+    assert hw.cpu.physical_cores == 1 and hw.cpu.logical_cores == 1
+    assert any(m.startswith("ram:") and "total" in m for m in hw.missing)
+    assert any(m.startswith("disk:") and "out of range" in m for m in hw.missing)
+
+
+def test_one_odd_amd_card_does_not_hide_the_good_one(tmp_path: Path) -> None:
+    root = tmp_path / "sys"
+    _amd_card(root, "card0", "0x1002", None, 0, "Radeon without counters")
+    _amd_card(root, "card1", "0x1002", 16 * GiB, GiB, "Radeon")
+    (root / "class" / "drm" / "card1" / "device" / "product_name").write_bytes(b"Rade\xffon\n")
+    _amd_card(root, "card2", "0x1002", 8 * GiB, 0, "x")
+    (root / "class" / "drm" / "card2" / "device" / "mem_info_vram_total").write_bytes(b"\xff\xfe")
+    hw = detect_hardware(_probes(tmp_path, sysfs_root=root), models_dir=tmp_path)
+    assert [(g.name, g.total, g.free) for g in hw.gpus] == [("Rade\ufffdon", 16 * GiB, 15 * GiB)]
+    assert any("card0: cannot read VRAM counters" in m for m in hw.missing)
+    assert any("card2: cannot read VRAM counters" in m for m in hw.missing)
+
+
+def test_a_deeply_nested_runtime_manifest_is_recorded(tmp_path: Path) -> None:
+    runtimes = tmp_path / "runtimes"
+    (runtimes / "deep").mkdir(parents=True)
+    (runtimes / "deep" / "runtime.json").write_text("[" * 100_000 + "]" * 100_000)
+    (runtimes / "cpu").mkdir()
+    (runtimes / "cpu" / "runtime.json").write_text('{"backend": "cpu"}')
+    hw = detect_hardware(_probes(tmp_path, runtimes_dir=runtimes), models_dir=tmp_path)
+    assert [r.name for r in hw.runtimes] == ["cpu"]
+    assert any(m.startswith("runtime deep:") for m in hw.missing)
+
+
+def _hw(**over: Any) -> dict[str, Any]:
+    data: dict[str, Any] = {
+        "gpus": [],
+        "cpu": {"name": "x", "physical_cores": 2, "logical_cores": 4, "flags": []},
+        "ram": {"total": 8 * GiB, "available": 4 * GiB},
+        "disk_free": GiB,
+    }
+    data.update(over)
+    return data
+
+
+@pytest.mark.parametrize(
+    ("data", "message"),
+    [
+        (_hw(ram={"total": 8 * GiB, "available": float("nan")}), "ram.available"),
+        (_hw(ram={"total": float("inf"), "available": 1}), "ram.total"),
+        (_hw(ram={"total": 1 << 200, "available": 1}), "implausibly large (a 201-bit number"),
+        (_hw(ram={"total": 1, "available": 2}), "more than ram.total"),
+        (_hw(gpus=[None]), "gpus[] must be an object"),
+        (_hw(gpus=["RTX"]), "gpus[] must be an object"),
+        (_hw(gpus=[{"name": "g", "total": 1, "free": 2}]), "more free memory"),
+        (_hw(gpus=[{"name": ["deep"], "total": 1, "free": 1}]), "gpus[].name must be text"),
+        (_hw(gpus=[{"name": "g", "total": 1, "free": 1}] * 300), "at most 256"),
+        (_hw(cpu={"physical_cores": 1e300, "logical_cores": 1}), "cpu.physical_cores"),
+        (_hw(cpu={"physical_cores": 2, "logical_cores": 2, "flags": [{}]}), "cpu.flags[]"),
+        (_hw(runtimes=[1]), "runtimes[] must be an object"),
+        (_hw(disk_free=-1), "disk_free"),
+        ({"hardware": _hw()}, "not the whole profile"),
+    ],
+)
+def test_hostile_hardware_objects_are_clear_errors(data: Any, message: str) -> None:
+    with pytest.raises(PeregrineError, match=re.escape(message)):
         Hardware.from_json(data)

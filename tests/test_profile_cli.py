@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -244,3 +245,147 @@ def test_a_huge_trained_context_is_planned_within_what_a_load_accepts(
     model = tiny_model(tmp_path / "long.gguf", llama__context_length=16_000_000)
     data = profile_json(capsys, "--estimate-only", "--model", str(model))
     assert data["plan"]["load"]["n_ctx"] == MAX_N_CTX
+
+
+# --- hostile inputs (adversarial pass) -------------------------------------------------------
+
+
+def _one_line_failure(err: str) -> None:
+    assert err.count("\n") == 1 and "Traceback" not in err and "internal error" not in err, err
+
+
+def _good_hardware() -> dict[str, Any]:
+    return Hardware(
+        gpus=[], cpu=CPU("x", 4, 8, []), ram=RAM(16 * GiB, 12 * GiB), disk_free=GiB
+    ).to_json()
+
+
+@pytest.mark.parametrize(
+    ("text", "message"),
+    [
+        ('{"ram": NaN}', "must be a non-negative number, not nan"),
+        ("RAM_AVAILABLE", "ram.available"),
+        ("1e999", "ram.available"),
+        ("9" * 5000, "not usable JSON"),
+        ("[" * 100_000 + "]" * 100_000, "nested too deeply"),
+        ('{"gpus": ' + "[" * 100_000 + "]" * 100_000 + "}", "nested too deeply"),
+        ("GPUS_NONE", "gpus[] must be an object"),
+        ("PROFILE", "not the whole profile"),
+        ("CORES_2000", ""),  # valid: planned with at most 1024 threads
+    ],
+)
+def test_hostile_hardware_files_are_one_line_errors(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, text: str, message: str
+) -> None:
+    good = _good_hardware()
+    if text == "RAM_AVAILABLE":
+        text = json.dumps(good).replace(f'"available": {12 * GiB}', '"available": -Infinity')
+    elif text == "1e999":
+        text = json.dumps(good).replace(f'"available": {12 * GiB}', '"available": 1e999')
+    elif text == "GPUS_NONE":
+        text = json.dumps({**good, "gpus": [None]})
+    elif text == "PROFILE":
+        text = json.dumps({"hardware": good})
+    elif text == "CORES_2000":
+        good["cpu"]["physical_cores"] = good["cpu"]["logical_cores"] = 2000
+        text = json.dumps(good)
+    elif text.startswith('{"ram": NaN}'):
+        text = json.dumps(good).replace(f'"total": {16 * GiB}', '"total": NaN')
+        message = "ram.total must be a non-negative number, not nan"
+    path = tmp_path / "hw.json"
+    path.write_text(text)
+    code, out, err = run(capsys, "--json", "--estimate-only", "--hardware", str(path))
+    if not message:
+        assert code == 0, err
+        assert json.loads(out)["plan"]["load"]["threads"] == 1024
+        return
+    assert code == 1 and out == ""
+    _one_line_failure(err)
+    assert message in err
+
+
+def test_hardware_files_that_are_not_files_do_not_block(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    fifo = tmp_path / "hw.fifo"
+    os.mkfifo(fifo)  # reading it would wait for a writer forever
+    for path in (str(fifo), "/dev/zero", str(tmp_path)):
+        code, out, err = run(capsys, "--estimate-only", "--hardware", path)
+        assert code == 1 and out == ""
+        _one_line_failure(err)
+        assert "not a regular file" in err
+    big = tmp_path / "big.json"
+    with big.open("wb") as f:
+        f.truncate(17 << 20)  # sparse: costs no disk
+    code, _, err = run(capsys, "--estimate-only", "--hardware", str(big))
+    assert code == 1 and "larger than 16 MiB" in err
+    binary = tmp_path / "bin.json"
+    binary.write_bytes(b"\xff\xfe\x00garbage")
+    code, _, err = run(capsys, "--estimate-only", "--hardware", str(binary))
+    assert code == 1 and "not UTF-8" in err
+
+
+def test_model_paths_that_are_not_models_are_one_line_errors(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    fifo = tmp_path / "m.gguf"
+    os.mkfifo(fifo)
+    for path, message in (
+        (str(fifo), "not a regular file"),
+        ("/dev/zero", "not a regular file"),
+        (str(tmp_path), "is a directory"),
+        ("acme/NoSuchRepo-GGUF", "no such file"),
+    ):
+        code, out, err = run(capsys, "--estimate-only", "--model", path)
+        assert code == 1 and out == ""
+        _one_line_failure(err)
+        assert message in err
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["--budget-gib", "inf"],
+        ["--budget-gib", "nan"],
+        ["--headroom-gib", "nan"],
+        ["--headroom-gib", "inf"],
+        ["--threads", "5000"],
+        ["--model", ""],
+        ["--hardware", " "],
+    ],
+)
+def test_hostile_flag_values_are_usage_errors(
+    capsys: pytest.CaptureFixture[str], args: list[str]
+) -> None:
+    code, out, err = run(capsys, "--estimate-only", *args)
+    assert code == 2 and out == ""
+    _one_line_failure(err)
+
+
+def test_a_repo_id_that_is_not_one_is_one_line(
+    capsys: pytest.CaptureFixture[str], hub: FakeHub
+) -> None:
+    code, _, err = run(capsys, "--repo", "../../etc", "--estimate-only")
+    assert code == 1
+    _one_line_failure(err)
+    assert "not a Hugging Face repo id" in err
+
+
+def test_a_broken_remote_quant_does_not_hide_the_good_ones(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, hub: FakeHub
+) -> None:
+    repo = hub.add_repo("acme/Mixed-GGUF")
+    good = llama8b_like(tmp_path, "Q4_K_M")
+    repo.add(good.name, header_bytes(good))
+    repo.add("Broken-Q8_0.gguf", b"GGUF" + b"\xff" * 64)
+    hw = write_hardware(
+        tmp_path / "hw.json", Hardware([], CPU("x", 8, 16, []), RAM(64 * GiB, 60 * GiB), GiB)
+    )
+    data = profile_json(capsys, "--repo", "acme/Mixed-GGUF", "--hardware", str(hw))
+    assert data["plan"]["quant_file"] == good.name
+    # Named explicitly, the broken file is the error.
+    code, _, err = run(
+        capsys, "--repo", "acme/Mixed-GGUF", "--file", "Broken-Q8_0.gguf", "--hardware", str(hw)
+    )
+    assert code == 1 and "Broken-Q8_0.gguf" in err
+    _one_line_failure(err)
