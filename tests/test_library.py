@@ -17,6 +17,7 @@ from app.services.library import (
     Library,
     ScanFolder,
     ScanLimits,
+    _default_reader,
     default_scan_folders,
     scan_folders_from_strings,
 )
@@ -413,3 +414,20 @@ def test_symlinks_out_of_the_models_folder_are_never_followed_or_deleted(
     with pytest.raises(PeregrineError, match="outside"):
         library.delete(library.find("link.gguf"))
     assert victim.exists()
+
+
+def test_a_folder_listed_many_times_is_scanned_once(paths: Paths, tmp_path: Path) -> None:
+    lms = tmp_path / "lms"
+    lms.mkdir()
+    make_gguf(lms / "m.gguf")
+    (tmp_path / "alias").symlink_to(lms)
+    looks: list[Path] = []
+
+    def reader(path: Path) -> object:
+        looks.append(path)
+        return _default_reader(path)
+
+    folders = [ScanFolder("lmstudio", lms)] * 50 + [ScanFolder("lmstudio", tmp_path / "alias")]
+    entries = Library(paths, folders, header_reader=reader).entries()
+    assert [e.id for e in entries] == ["lmstudio:m.gguf"]
+    assert len(looks) == 1

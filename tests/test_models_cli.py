@@ -279,3 +279,33 @@ def test_rm_never_deletes_outside_the_models_folder(tmp_path: Path) -> None:
         assert result.stderr.count("\n") == 1 and message in result.stderr, result.stderr
         assert "Traceback" not in result.stderr
     assert victim.read_bytes() == b"GGUF precious" and theirs.read_bytes() == b"GGUF theirs"
+
+
+def test_control_characters_in_names_never_reach_the_terminal(tmp_path: Path) -> None:
+    lms = tmp_path / "lms"
+    lms.mkdir()
+    (lms / "evil\x1b[2J\nfake-line.gguf").write_bytes(b"not a model")
+    _settings([f"lmstudio:{lms}"])
+    listing = run("ls")
+    assert listing.returncode == 0, listing.stderr
+    assert "\x1b" not in listing.stdout
+    assert listing.stdout.splitlines() == [
+        line for line in listing.stdout.splitlines() if line.startswith("lmstudio:evil?[2J?fake")
+    ]
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ["pull", "acme/Tiny-GGUF", "--quant", ""],
+        ["pull", "acme/Tiny-GGUF", ""],
+        ["pull", "acme/Tiny-GGUF", "--revision", " "],
+        ["search", ""],
+        ["search", "tiny", "--limit", "1000000000"],
+    ],
+)
+def test_empty_and_absurd_arguments_are_usage_errors(hub: FakeHub, args: list[str]) -> None:
+    result = run(*args)
+    assert result.returncode == 2, result.stderr
+    assert result.stdout == "" and result.stderr.count("\n") == 1
+    assert not any(Paths.from_env().models.rglob("*.gguf"))  # nothing was downloaded

@@ -232,7 +232,12 @@ class Library:
         """Every model found: Peregrine's first, then other apps' in scan-folder order."""
         entries = list(self._peregrine())
         seen = {_real(e.path) for e in entries}
+        scanned: set[tuple[str, str]] = set()
         for folder in self.scan_folders:
+            where = (folder.source, _real(folder.path))
+            if where in scanned:
+                continue  # listed twice in settings: scanning it again finds nothing new
+            scanned.add(where)
             try:
                 if not folder.path.is_dir():
                     continue
@@ -524,7 +529,10 @@ def _is_gguf_name(name: str) -> bool:
 
 def _real(path: Path) -> str:
     """The path with every symlink resolved; unlike Path.resolve on 3.11, never raises on a loop."""
-    return os.path.realpath(path)
+    try:
+        return os.path.realpath(path)
+    except (OSError, ValueError):  # ValueError: a NUL in a configured folder
+        return os.path.abspath(path)
 
 
 def _split_parts(path: Path) -> list[Path]:

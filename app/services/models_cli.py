@@ -9,6 +9,7 @@ from __future__ import annotations
 import argparse
 import json
 import logging
+import re
 import stat
 import sys
 import time
@@ -31,13 +32,20 @@ from engine.paths import Paths
 log = logging.getLogger(__name__)
 
 
+# C0 and C1 control characters (ESC, CR, newline ...): a hostile file or repo name must not
+# drive the terminal or break one-entry-per-line output.
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
+MAX_SEARCH_LIMIT = 1000
+
+
 def _shown(text: str) -> str:
-    """Text safe to print in any locale: undecodable file-name bytes (surrogates) become U+FFFD.
+    """Text safe to print in any locale and on any terminal.
 
     A file name that is not UTF-8 arrives as lone surrogates, which a strict UTF-8
-    stdout cannot encode; `ls` must still list it rather than fail.
+    stdout cannot encode (they become U+FFFD); control characters become "?".
     """
-    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    text = text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
+    return _CONTROL.sub("?", text)
 
 
 def _out(line: str) -> None:
@@ -86,7 +94,7 @@ class TerminalProgress:
         bar = "#" * int(frac * width) + "-" * (width - int(frac * width))
         eta = f" ETA {int((total - done) / speed)}s" if speed > 0 and done < total else ""
         line = (
-            f"{self.label} [{bar}] {frac * 100:5.1f}% {format_bytes(done)}/{format_bytes(total)}"
+            f"{_shown(self.label)} [{bar}] {frac * 100:5.1f}% {format_bytes(done)}/{format_bytes(total)}"
             f" {format_bytes(speed)}/s{eta}"
         )
         if self._tty:
@@ -224,6 +232,13 @@ def pull_main(argv: list[str]) -> int:
     p.add_argument("--revision", help="branch, tag or commit (default: main)")
     p.add_argument("--list", action="store_true", help="list the repo's quants with fit badges")
     args = p.parse_args(argv)
+    for what, value in (
+        ("the file", args.file),
+        ("--quant", args.quant),
+        ("--revision", args.revision),
+    ):
+        if value is not None and not value.strip():
+            raise UsageError(f"{what} cannot be empty")
     if args.file and args.quant:
         raise UsageError("give a file or --quant, not both")
     paths = Paths.from_env().ensure()
@@ -333,11 +348,13 @@ def search_main(argv: list[str]) -> int:
     p.add_argument("term")
     p.add_argument("--limit", type=int, default=20)
     args = p.parse_args(argv)
-    if args.limit < 1:
-        raise UsageError("--limit must be at least 1")
+    if not args.term.strip():
+        raise UsageError("give a search term, e.g. `peregrine search llama`")
+    if not 1 <= args.limit <= MAX_SEARCH_LIMIT:
+        raise UsageError(f"--limit must be between 1 and {MAX_SEARCH_LIMIT}")
     results = _hub(with_fit=False).search(args.term, limit=args.limit)
     if not results:
-        sys.stdout.write(f"no GGUF repos match {args.term!r}\n")
+        _out(f"no GGUF repos match {args.term!r}")
         return 0
     for r in results:
         flags = " gated" if r.gated else ""
