@@ -70,6 +70,7 @@ _AMD_VENDOR_ID = "0x1002"
 MAX_BYTES = 1 << 60  # 1 EiB of memory or disk
 MAX_CORES = 1 << 16
 MAX_GPUS = 256
+_MAX_RUNTIME_JSON = 1 << 20
 
 
 @dataclass
@@ -613,7 +614,14 @@ def probe_runtimes(runtimes_dir: Path, missing: list[str]) -> list[Runtime]:
     for manifest in sorted(runtimes_dir.glob("*/runtime.json")):
         name = manifest.parent.name
         try:
-            data = json.loads(manifest.read_text())
+            # A FIFO would block the read and a device never end it: regular files only, capped.
+            if not manifest.is_file():
+                raise ValueError("not a regular file")
+            with manifest.open("rb") as f:
+                raw = f.read(_MAX_RUNTIME_JSON + 1)
+            if len(raw) > _MAX_RUNTIME_JSON:
+                raise ValueError(f"larger than {_MAX_RUNTIME_JSON} bytes")
+            data = json.loads(raw.decode("utf-8"))
             if not isinstance(data, dict) or not isinstance(data.get("backend"), str):
                 raise ValueError("needs an object with a string 'backend'")
         except (OSError, ValueError, RecursionError) as exc:

@@ -8,6 +8,7 @@ import json
 import logging
 import math
 import os
+import re
 import stat
 import sys
 from collections.abc import Iterator, Sequence
@@ -26,6 +27,7 @@ log = logging.getLogger(__name__)
 MAX_THREADS = 1024
 # A hardware object is a few KiB; more than this is not one (and /dev/zero never ends).
 MAX_HARDWARE_FILE_BYTES = 16 << 20
+_CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
 class _Parser(argparse.ArgumentParser):
@@ -267,7 +269,11 @@ def render_text(result: Plan) -> str:
     )
     lines.append("why:")
     lines.extend(f"  - {r}" for r in result.reasons)
-    return "\n".join(lines) + "\n"
+    # Names come from a --hardware file or a model header: no control character may reach
+    # the terminal (an ESC sequence, or a newline faking a line of the profile).
+    # A file name that is not UTF-8 (lone surrogates) must print on a strict UTF-8 stdout too.
+    text = "\n".join(_CONTROL.sub("?", line) for line in lines) + "\n"
+    return text.encode("utf-8", "surrogateescape").decode("utf-8", "replace")
 
 
 def main(argv: Sequence[str]) -> int:

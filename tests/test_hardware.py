@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 from pathlib import Path
 from types import ModuleType, SimpleNamespace
@@ -360,3 +361,16 @@ def _hw(**over: Any) -> dict[str, Any]:
 def test_hostile_hardware_objects_are_clear_errors(data: Any, message: str) -> None:
     with pytest.raises(PeregrineError, match=re.escape(message)):
         Hardware.from_json(data)
+
+
+def test_a_runtime_json_that_is_a_fifo_does_not_block(tmp_path: Path) -> None:
+    runtimes = tmp_path / "runtimes"
+    (runtimes / "fifo").mkdir(parents=True)
+    os.mkfifo(runtimes / "fifo" / "runtime.json")
+    (runtimes / "huge").mkdir()
+    with (runtimes / "huge" / "runtime.json").open("wb") as f:
+        f.truncate(2 << 20)
+    hw = detect_hardware(_probes(tmp_path, runtimes_dir=runtimes), models_dir=tmp_path)
+    assert hw.runtimes == []
+    assert any(m.startswith("runtime fifo:") and "not a regular file" in m for m in hw.missing)
+    assert any(m.startswith("runtime huge:") and "larger than" in m for m in hw.missing)

@@ -389,3 +389,21 @@ def test_a_broken_remote_quant_does_not_hide_the_good_ones(
     )
     assert code == 1 and "Broken-Q8_0.gguf" in err
     _one_line_failure(err)
+
+
+def test_text_output_keeps_hostile_names_off_the_terminal(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, default_model: Path
+) -> None:
+    hw = _good_hardware()
+    hw["cpu"]["name"] = "Evil\x1b]0;pwned\x07CPU\nfake: line"
+    hw["missing"] = ["nvml: \x1b[31mred\x1b[0m"]
+    path = tmp_path / "hw.json"
+    path.write_text(json.dumps(hw))
+    model = tmp_path / os.fsdecode(b"caf\xe9.gguf")
+    model.symlink_to(default_model)
+    code, out, err = run(capsys, "--estimate-only", "--hardware", str(path), "--model", str(model))
+    assert code == 0, err
+    assert "\x1b" not in out and "\x07" not in out and "fake: line" not in out.splitlines()
+    assert "Evil?]0;pwned?CPU?fake: line" in out
+    out.encode("utf-8")  # printable on a strict UTF-8 terminal (no lone surrogates)
+    assert "caf\ufffd.gguf" in out
