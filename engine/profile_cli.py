@@ -27,6 +27,7 @@ log = logging.getLogger(__name__)
 MAX_THREADS = 1024
 # A hardware object is a few KiB; more than this is not one (and /dev/zero never ends).
 MAX_HARDWARE_FILE_BYTES = 16 << 20
+MAX_REMOTE_FILES = 64
 _CONTROL = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 
 
@@ -179,6 +180,15 @@ def remote_candidates(repo: str, file: str | None) -> list[ModelCandidate]:
     single = [f for f in ggufs if "-of-0" not in f and "mmproj" not in f.lower()]
     if not single:
         raise PeregrineError(f"{repo} has no single-file GGUF model to plan for")
+    if len(single) > MAX_REMOTE_FILES:
+        # Each file costs a ranged request or more; a repo with thousands is not a quant list.
+        log.warning(
+            "%s has %d GGUF files; planning with the first %d (name one with --file)",
+            repo,
+            len(single),
+            MAX_REMOTE_FILES,
+        )
+        single = sorted(single)[:MAX_REMOTE_FILES]
     token = get_token()
     headers = {"Authorization": f"Bearer {token}"} if token else None
     out = []
@@ -230,6 +240,12 @@ def make_profile(args: argparse.Namespace) -> Plan:
         return result
     if args.model is not None:
         path = Path(args.model)
+        if not os.path.lexists(path):
+            looks_like_repo = args.model.count("/") == 1 and not args.model.startswith((".", "/"))
+            hint = (
+                f"; to plan a Hugging Face repo use --repo {args.model}" if looks_like_repo else ""
+            )
+            raise PeregrineError(f"{path}: no such file{hint}")
     else:
         from engine.default_model import default_model_path
 

@@ -334,7 +334,8 @@ def test_model_paths_that_are_not_models_are_one_line_errors(
         (str(fifo), "not a regular file"),
         ("/dev/zero", "not a regular file"),
         (str(tmp_path), "is a directory"),
-        ("acme/NoSuchRepo-GGUF", "no such file"),
+        ("acme/NoSuchRepo-GGUF", "no such file; to plan a Hugging Face repo use --repo"),
+        (str(tmp_path / "gone.gguf"), "gone.gguf: no such file"),
     ):
         code, out, err = run(capsys, "--estimate-only", "--model", path)
         assert code == 1 and out == ""
@@ -407,3 +408,25 @@ def test_text_output_keeps_hostile_names_off_the_terminal(
     assert "Evil?]0;pwned?CPU?fake: line" in out
     out.encode("utf-8")  # printable on a strict UTF-8 terminal (no lone surrogates)
     assert "caf\ufffd.gguf" in out
+
+
+def test_a_repo_with_thousands_of_files_reads_a_bounded_number_of_headers(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path, hub: FakeHub
+) -> None:
+    from engine.profile_cli import MAX_REMOTE_FILES
+
+    repo = hub.add_repo("acme/Flood-GGUF")
+    header = header_bytes(llama8b_like(tmp_path, "Q4_K_M"))
+    for i in range(MAX_REMOTE_FILES + 20):
+        repo.add(f"Flood-{i:04d}-Q4_K_M.gguf", header)
+    hw = write_hardware(
+        tmp_path / "hw.json", Hardware([], CPU("x", 8, 16, []), RAM(64 * GiB, 60 * GiB), GiB)
+    )
+    data = profile_json(capsys, "--repo", "acme/Flood-GGUF", "--hardware", str(hw))
+    assert data["plan"]["quant_file"].startswith("Flood-")
+    read = {
+        r.path.rsplit("/", 1)[-1]
+        for r in hub.requests
+        if r.path.startswith("/cdn/acme/Flood-GGUF/")
+    }
+    assert 0 < len(read) <= MAX_REMOTE_FILES
