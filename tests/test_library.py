@@ -431,3 +431,29 @@ def test_a_folder_listed_many_times_is_scanned_once(paths: Paths, tmp_path: Path
     entries = Library(paths, folders, header_reader=reader).entries()
     assert [e.id for e in entries] == ["lmstudio:m.gguf"]
     assert len(looks) == 1
+
+
+def test_header_reads_of_one_listing_are_bounded_in_time(paths: Paths, tmp_path: Path) -> None:
+    lms = tmp_path / "lms"
+    lms.mkdir()
+    for i in range(5):
+        make_gguf(lms / f"m{i}.gguf")
+    now = [0.0]
+
+    def slow_reader(path: Path) -> object:
+        now[0] += 10.0  # each header read "takes" 10 s
+        return _default_reader(path)
+
+    library = Library(
+        paths,
+        [ScanFolder("lmstudio", lms)],
+        header_reader=slow_reader,
+        limits=ScanLimits(max_read_seconds=25),
+        clock=lambda: now[0],
+    )
+    entries = library.entries()
+    assert [e.name for e in entries] == [f"m{i}.gguf" for i in range(5)]  # all still listed
+    assert [e.valid for e in entries] == [True, True, True, False, False]
+    assert "header not read" in (entries[3].error or "")
+    # The next listing starts a fresh budget.
+    assert library.entries()[0].valid

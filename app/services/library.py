@@ -53,6 +53,9 @@ class ScanLimits:
     max_depth: int = 16  # real layouts are 1-4 levels deep
     max_entries: int = 100_000  # directory entries looked at
     max_seconds: float = 10.0
+    # Header reads of one listing, all folders together: thousands of hostile files (each
+    # a sparse file with a huge metadata string) could otherwise take minutes.
+    max_read_seconds: float = 30.0
 
 
 class _ScanBudget:
@@ -226,10 +229,18 @@ class Library:
         self._validate = validator
         self.limits = limits
         self._clock = clock
+        self._read_deadline: float | None = None
 
     # --- listing ----------------------------------------------------------------------------
     def entries(self) -> list[ModelEntry]:
         """Every model found: Peregrine's first, then other apps' in scan-folder order."""
+        self._read_deadline = self._clock() + self.limits.max_read_seconds
+        try:
+            return self._entries()
+        finally:
+            self._read_deadline = None
+
+    def _entries(self) -> list[ModelEntry]:
         entries = list(self._peregrine())
         seen = {_real(e.path) for e in entries}
         scanned: set[tuple[str, str]] = set()
@@ -429,6 +440,11 @@ class Library:
         )
         if missing:
             return replace(base, error=f"split model is missing parts: {', '.join(missing)}")
+        if self._read_deadline is not None and self._clock() > self._read_deadline:
+            return replace(
+                base,
+                error=f"header not read: listing took over {self.limits.max_read_seconds:.0f} s",
+            )
         try:
             header = self._read(path)
         except PeregrineError as exc:
