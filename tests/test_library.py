@@ -457,3 +457,18 @@ def test_header_reads_of_one_listing_are_bounded_in_time(paths: Paths, tmp_path:
     assert "header not read" in (entries[3].error or "")
     # The next listing starts a fresh budget.
     assert library.entries()[0].valid
+
+
+def test_a_models_folder_moved_behind_a_symlink_still_lists_and_deletes(tmp_path: Path) -> None:
+    # Users move models/ to a bigger disk and leave a symlink: that is Peregrine's folder.
+    paths = Paths.from_env().ensure()
+    paths.models.rmdir()
+    big = tmp_path / "big-disk" / "models"
+    big.mkdir(parents=True)
+    paths.models.symlink_to(big)
+    (big / "acme--Tiny").mkdir()
+    make_gguf(big / "acme--Tiny" / "Tiny-Q8_0.gguf")
+    library = Library(paths)
+    entry = library.find("acme/Tiny/Tiny-Q8_0.gguf")
+    assert library.delete(entry) == [paths.models / "acme--Tiny" / "Tiny-Q8_0.gguf"]
+    assert not (big / "acme--Tiny").exists() and big.is_dir()
