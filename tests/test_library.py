@@ -358,6 +358,7 @@ def test_unusable_scan_folder_settings_do_not_break_listing(paths: Paths, tmp_pa
         ["/tmp/a\0b", "~no-such-user-xyz/models", "lmstudio:~no-such-user-xyz/m", "ollama:/x\0y"]
     )
     assert len(folders) == 4
+    assert scan_folders_from_strings(["", "  ", "lmstudio:", "ollama: "]) == []
     make_gguf(paths.models / "own.gguf")
     assert [e.id for e in Library(paths, folders).entries()] == ["own.gguf"]
 

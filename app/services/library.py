@@ -165,6 +165,10 @@ def scan_folders_from_strings(values: Sequence[str]) -> list[ScanFolder]:
     folders = []
     for value in values:
         source, sep, rest = value.partition(":")
+        if not (rest if sep and source in SOURCE_NAMES else value).strip():
+            # Path("") is the current directory: an empty setting must not scan wherever we run.
+            log.warning("ignoring an empty library scan folder %r", value)
+            continue
         if sep and source in SOURCE_NAMES and source != "peregrine":
             folders.append(ScanFolder(source, _expanded(rest)))  # type: ignore[arg-type]
             continue
