@@ -10,6 +10,7 @@ from __future__ import annotations
 import importlib
 import logging
 import sys
+import unicodedata
 from collections.abc import Callable, Sequence
 
 from engine.errors import PeregrineError
@@ -85,6 +86,10 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 def _one_line(text: str) -> str:
+    # Control characters (an ESC in a hostile file name) never reach the terminal.
+    text = "".join(
+        "?" if unicodedata.category(c) == "Cc" and c not in "\t\n\r" else c for c in text
+    )
     return " ".join(text.split()) or "unknown error"
 
 

@@ -548,7 +548,8 @@ def _make_plan(
             f"warning: K {c.type_k} / V {c.type_v} has no fast flash-attention kernel on this "
             "runtime (asymmetric pairs need a runtime built with GGML_CUDA_FA_QUANTS=all)"
         )
-    threads = pins.threads or ctx.hardware.cpu.physical_cores
+    # LoadRequest takes at most 1024 threads; more cores than that gain nothing here.
+    threads = pins.threads or min(ctx.hardware.cpu.physical_cores, 1024)
     reasons.append(
         f"threads = {threads} (physical cores)"
         if not pins.threads

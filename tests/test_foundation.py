@@ -51,6 +51,18 @@ def test_user_error_is_one_line_without_traceback() -> None:
     assert "Traceback" not in proc.stderr
 
 
+def test_error_lines_never_carry_control_characters(
+    capsys: pytest.CaptureFixture[str], tmp_path: Path
+) -> None:
+    # A hostile file name with a terminal escape sequence and a newline in it.
+    hostile = tmp_path / "evil\x1b[2J\nname.gguf"
+    hostile.write_bytes(b"not a gguf")
+    assert cli.main(["profile", "--estimate-only", "--model", str(hostile)]) == 1
+    err = capsys.readouterr().err
+    assert err.count("\n") == 1 and "\x1b" not in err
+    assert "evil?[2J" in err
+
+
 def _imports(path: Path) -> set[str]:
     tree = ast.parse(path.read_text(encoding="utf-8"))
     names: set[str] = set()

@@ -297,6 +297,9 @@ def test_default_model_on_this_machine(default_model: Path) -> None:
     assert load.n_gpu_layers == 0
     assert load.threads == hw.cpu.physical_cores
     assert p.stage == 0
+    # A machine with more cores than a LoadRequest takes is planned, not refused.
+    huge = replace(cpu_only, cpu=replace(hw.cpu, physical_cores=5000, logical_cores=10000))
+    assert plan(huge, [candidate(default_model)]).load.threads == 1024
 
 
 def test_plan_for_file_is_checked_by_a_real_dry_run(default_model: Path) -> None:

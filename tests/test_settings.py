@@ -170,3 +170,15 @@ def test_a_file_that_cannot_be_moved_aside_is_left_in_place() -> None:
     assert settings == Settings()
     assert warning is not None and "could not be moved aside" in warning
     assert store.path.read_text() == "{broken"
+
+
+def test_a_fifo_in_place_of_the_settings_file_is_reset_not_a_hang() -> None:
+    import os
+
+    store = _store()
+    store.path.parent.mkdir(parents=True)
+    os.mkfifo(store.path)  # nobody writes to it: a blocking read would never return
+    with pytest.raises(SettingsError, match="not a regular file"):
+        store.load()
+    settings, warning = store.load_or_reset()
+    assert settings == Settings() and warning is not None

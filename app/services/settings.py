@@ -6,9 +6,11 @@ never overwritten: it is moved aside so nothing the user wrote is lost.
 
 from __future__ import annotations
 
+import errno
 import json
 import logging
 import os
+import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -137,7 +139,7 @@ class SettingsStore:
     def load(self) -> Settings:
         """Reads the settings; defaults when there is no file yet; SettingsError when unusable."""
         try:
-            raw = self.path.read_bytes()
+            raw = _read_regular_file(self.path, MAX_SETTINGS_BYTES)
         except FileNotFoundError:
             return Settings()
         except OSError as exc:
@@ -218,3 +220,23 @@ class SettingsStore:
         tmp = self.path.with_name(self.path.name + ".tmp")
         tmp.write_text(settings.model_dump_json(indent=2) + "\n", encoding="utf-8")
         os.replace(tmp, self.path)
+
+
+# Real settings are a few KiB; a bigger file is not ours.
+MAX_SETTINGS_BYTES = 4 << 20
+
+
+def _read_regular_file(path: Path, limit: int) -> bytes:
+    """The bytes of a regular file of at most `limit` bytes.
+
+    Opened without blocking, so a FIFO or a device in its place is refused
+    instead of hanging the app at start.
+    """
+    fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    with os.fdopen(fd, "rb") as fh:
+        info = os.fstat(fh.fileno())
+        if not stat.S_ISREG(info.st_mode):
+            raise OSError(errno.EINVAL, "not a regular file")
+        if info.st_size > limit:
+            raise OSError(errno.EFBIG, f"larger than {limit >> 20} MiB")
+        return fh.read(limit + 1)
