@@ -85,7 +85,9 @@ def test_cancel_stops_within_one_token_and_frees_the_engine(engine: EngineProc) 
     cancel = CancelToken()
     seen: list[object] = []
     with EngineClient(Endpoint(engine.base_url + "/v1/", engine.key)) as client:
-        for event in client.stream_chat(CHAT, {"max_tokens": 400}, cancel):
+        # Greedy and a long answer: a sampled one was once over after two tokens.
+        long_answer = [{"role": "user", "content": "Write a long story about a falcon."}]
+        for event in client.stream_chat(long_answer, {"max_tokens": 400, "temperature": 0}, cancel):
             seen.append(event)
             if isinstance(event, Delta) and len(seen) == 3:
                 cancel.cancel()
