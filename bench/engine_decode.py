@@ -209,8 +209,15 @@ def wait_for_quiet(min_idle: float, max_wait: float) -> float:
             return idle
 
 
-def add_quiet_options(parser: argparse.ArgumentParser) -> None:
-    """The --min-idle / --max-wait options both benchmarks share."""
+def engine_bench_parser(prog: str, out: Path) -> argparse.ArgumentParser:
+    """The options both engine benchmarks share (model, rounds, llama-server, output, quiet)."""
+    parser = argparse.ArgumentParser(prog=prog)
+    parser.add_argument("--model", type=Path, help="a local GGUF (default: the built-in model)")
+    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (default 3)")
+    parser.add_argument(
+        "--no-llama-server", action="store_true", help="skip llama-server even if built"
+    )
+    parser.add_argument("--out", type=Path, default=out)
     parser.add_argument(
         "--min-idle",
         type=float,
@@ -223,6 +230,12 @@ def add_quiet_options(parser: argparse.ArgumentParser) -> None:
         default=Quiet.max_wait,
         help="...but at most this many seconds (default 60; 0: never wait)",
     )
+    return parser
+
+
+def quiet_logging() -> None:
+    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
+    logging.getLogger("httpx2").setLevel(logging.WARNING)
 
 
 def machine() -> dict[str, Any]:
@@ -424,20 +437,12 @@ def render(summary: dict[str, dict[str, Any]], tokens: int, repeats: int) -> str
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.engine_decode")
-    parser.add_argument("--model", type=Path, help="a local GGUF (default: the built-in model)")
+    parser = engine_bench_parser("python -m bench.engine_decode", RESULTS / "engine_decode.json")
     parser.add_argument(
         "--tokens", type=int, default=256, help="max_tokens per answer (default 256)"
     )
-    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (default 3)")
-    parser.add_argument(
-        "--no-llama-server", action="store_true", help="skip llama-server even if built"
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS / "engine_decode.json")
-    add_quiet_options(parser)
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    quiet_logging()
 
     import llama_cpp
 

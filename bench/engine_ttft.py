@@ -24,7 +24,6 @@ Writes a table to stdout and the full record to bench/results/engine_ttft.json.
 
 from __future__ import annotations
 
-import argparse
 import json
 import logging
 import os
@@ -42,9 +41,10 @@ import httpx2 as httpx
 from bench.engine_decode import (
     CpuWatch,
     Quiet,
-    add_quiet_options,
     code_version,
+    engine_bench_parser,
     machine,
+    quiet_logging,
     stream_chat,
     wait_for_quiet,
 )
@@ -226,17 +226,9 @@ def render(summary: dict[str, dict[str, Any]], repeats: int) -> str:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="python -m bench.engine_ttft")
-    parser.add_argument("--model", type=Path, help="a local GGUF (default: the built-in model)")
-    parser.add_argument("--repeats", type=int, default=3, help="alternating rounds (default 3)")
-    parser.add_argument(
-        "--no-llama-server", action="store_true", help="skip llama-server even if built"
-    )
-    parser.add_argument("--out", type=Path, default=RESULTS / "engine_ttft.json")
-    add_quiet_options(parser)
+    parser = engine_bench_parser("python -m bench.engine_ttft", RESULTS / "engine_ttft.json")
     args = parser.parse_args(argv)
-    logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stderr)
-    logging.getLogger("httpx2").setLevel(logging.WARNING)
+    quiet_logging()
 
     from bench.llama_server import start_llama_server, stop_llama_server
     from engine.default_model import default_model_path

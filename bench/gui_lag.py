@@ -41,24 +41,13 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtCore import QTimer
     from PySide6.QtWidgets import QApplication
 
-    from app.qt.engine_supervisor import EngineSupervisor
     from app.qt.main_window import MainWindow
     from app.services.chat_store import ChatStore
-    from app.services.settings import SettingsStore
-    from engine.default_model import default_model_path
-    from engine.paths import Paths
 
     load_before = os.getloadavg()
     app = QApplication([sys.argv[0]])
-    paths = Paths.from_env().ensure()
-    store = ChatStore(paths.chats_db)
-    window = MainWindow(
-        store,
-        SettingsStore(paths.settings_file),
-        EngineSupervisor(),
-        default_model_path,
-        max_tokens=args.tokens,
-    )
+    window = MainWindow.on_profile(max_tokens=args.tokens)
+    store = window.store
     window.show()
     lags: list[float] = []
     streaming = [False]

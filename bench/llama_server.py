@@ -76,13 +76,9 @@ def start_llama_server(
 
 def stop_llama_server(proc: subprocess.Popen[bytes]) -> None:
     """Stops a server started by `start_llama_server`: SIGTERM, then kill."""
-    if proc.poll() is None:
-        proc.terminate()
-        try:
-            proc.wait(10)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            proc.wait(5)
+    from tests.engine_proc import stop_process
+
+    stop_process(proc)
 
 
 def _tail(path: str, n: int = 15) -> str:

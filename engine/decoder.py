@@ -217,15 +217,6 @@ class Decoder:
         timings = Timings()
         t_start = self.clock()
         prompt = req.prompt_tokens
-        try:
-            n_keep = self._reuse_prefix(prompt)
-        except Exception:
-            # The cache may now hold another chat than self.tokens says.
-            self.drop_context()
-            raise
-        timings.cache_n = n_keep
-        todo = prompt[n_keep:]
-        timings.prompt_n = len(todo)
         chain = SamplerChain(req.sampling, model.n_vocab, model.n_ctx)
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stopper = StopMatcher(req.stop)
@@ -246,6 +237,12 @@ class Decoder:
             return False
 
         try:
+            # Inside the try: a failed restore may leave another chat in the cache
+            # than self.tokens says, and the handler below starts clean.
+            n_keep = self._reuse_prefix(prompt)
+            timings.cache_n = n_keep
+            todo = prompt[n_keep:]
+            timings.prompt_n = len(todo)
             # Prompt, in n_batch chunks with a cancellation check between them.
             chunk = model.n_batch
             for offset in range(0, len(todo), chunk):

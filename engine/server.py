@@ -688,16 +688,12 @@ class _ResponseMeta:
 
     def chunk(self, delta: dict[str, Any] | str, finish: str | None) -> dict[str, Any]:
         if self.chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "delta": delta,
-                "logprobs": None,
-                "finish_reason": finish,
-            }
-            obj = "chat.completion.chunk"
-        else:
-            choice = {"index": 0, "text": delta, "logprobs": None, "finish_reason": finish}
-            obj = "text_completion"
+            return self._envelope("chat.completion.chunk", {"delta": delta}, finish)
+        return self._envelope("text_completion", {"text": delta}, finish)
+
+    def _envelope(self, obj: str, content: dict[str, Any], finish: str | None) -> dict[str, Any]:
+        """OpenAI's object around one choice (its content: delta, message or text)."""
+        choice = {"index": 0, **content, "logprobs": None, "finish_reason": finish}
         return {
             "id": self.id,
             "object": obj,
@@ -716,27 +712,12 @@ class _ResponseMeta:
 
     def full(self, result: GenerationResult, n_prompt: int) -> dict[str, Any]:
         if self.chat:
-            choice: dict[str, Any] = {
-                "index": 0,
-                "message": {"role": "assistant", "content": result.text},
-                "logprobs": None,
-                "finish_reason": result.finish_reason,
-            }
-            obj = "chat.completion"
+            message = {"message": {"role": "assistant", "content": result.text}}
+            body = self._envelope("chat.completion", message, result.finish_reason)
         else:
-            choice = {
-                "index": 0,
-                "text": result.text,
-                "logprobs": None,
-                "finish_reason": result.finish_reason,
-            }
-            obj = "text_completion"
+            body = self._envelope("text_completion", {"text": result.text}, result.finish_reason)
         return {
-            "id": self.id,
-            "object": obj,
-            "created": self.created,
-            "model": self.model,
-            "choices": [choice],
+            **body,
             "usage": self.usage(result, n_prompt),
             "timings": result.timings.to_json(),
         }

@@ -19,6 +19,7 @@ from __future__ import annotations
 import contextlib
 import hashlib
 import json
+import os
 import re
 import threading
 import time
@@ -625,3 +626,12 @@ def add_tiny_repo(hub: FakeHub, folder: Path, repo_id: str = "acme/Tiny-GGUF") -
     repo.add("mmproj-Tiny-F16.gguf", make_gguf(folder / "mmproj.gguf", arch="clip").read_bytes())
     repo.add("README.md", b"# Tiny\n")
     return repo
+
+
+@contextlib.contextmanager
+def hub_with_blob(folder: Path, repo_id: str, file_name: str, size: int) -> Iterator[FakeHub]:
+    """A running hub serving one random `size`-byte file, plus the tiny repo (HF_ENDPOINT is the caller's)."""
+    with running_hub() as hub:
+        hub.add_repo(repo_id).add(file_name, os.urandom(size))
+        add_tiny_repo(hub, folder / "tiny")
+        yield hub

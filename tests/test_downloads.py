@@ -24,7 +24,7 @@ from app.services.downloads import (
 )
 from engine.errors import PeregrineError
 from engine.paths import Paths
-from tests.fake_hub import VALID_TOKEN, FakeHub, add_tiny_repo, running_hub
+from tests.fake_hub import VALID_TOKEN, FakeHub, hub_with_blob
 
 REPO = "acme/Blob-GGUF"
 FILE = "blob-Q4_0.gguf"
@@ -33,10 +33,8 @@ SIZE = 3 * 1024 * 1024 + 12345
 
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    with running_hub() as h:
+    with hub_with_blob(tmp_path, REPO, FILE, SIZE) as h:
         monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
-        h.add_repo(REPO).add(FILE, os.urandom(SIZE))
-        add_tiny_repo(h, tmp_path / "tiny")
         yield h
 
 

@@ -28,7 +28,7 @@ from app.services.downloads import (
 from app.services.hub import HubService, RetriesExhausted, RetryPolicy, parse_retry_after
 from engine.errors import PeregrineError
 from engine.paths import Paths
-from tests.fake_hub import VALID_TOKEN, FakeHub, Fault, add_tiny_repo, running_hub
+from tests.fake_hub import VALID_TOKEN, FakeHub, Fault, hub_with_blob
 from tests.test_downloads import FullDiskWriter
 
 REPO = "acme/Blob-GGUF"
@@ -40,10 +40,8 @@ KEPT = "partial file is kept"
 
 @pytest.fixture
 def hub(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[FakeHub]:
-    with running_hub() as h:
+    with hub_with_blob(tmp_path, REPO, FILE, SIZE) as h:
         monkeypatch.setenv("HF_ENDPOINT", h.endpoint)
-        h.add_repo(REPO).add(FILE, os.urandom(SIZE))
-        add_tiny_repo(h, tmp_path / "tiny")
         yield h
 
 

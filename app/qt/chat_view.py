@@ -88,7 +88,6 @@ class MessageWidget(QFrame):
 
     def __init__(self, message: Message, renderer: MarkdownRenderer, last: bool) -> None:
         super().__init__()
-        self.last = last  # the newest answer carries Regenerate
         self.message = message
         self._renderer = renderer
         self._rendered = Rendered("")
@@ -239,7 +238,7 @@ class ConversationView(QScrollArea):
         for m in messages:
             last = m.id == last_assistant
             widget = self.widgets.get(m.id)
-            if widget is not None and widget.last != last:
+            if widget is not None and (widget.regenerate_button is not None) != last:
                 # The Regenerate button moves to the newest answer: rebuild this one.
                 index = self._layout.indexOf(widget)
                 self._layout.removeWidget(widget)

@@ -43,7 +43,9 @@ from app.services.chat_store import ChatStore
 from app.services.engine_client import Endpoint, EngineClient, Finished
 from app.services.engine_launch import LaunchSpec, Ready
 from app.services.settings import RemoteEndpoint, Settings, SettingsStore
+from engine.default_model import default_model_path
 from engine.errors import PeregrineError
+from engine.paths import Paths
 
 log = logging.getLogger(__name__)
 
@@ -58,6 +60,18 @@ class MainWindow(QMainWindow):
     closed = Signal()  # after the engine has stopped: the app may quit now
     answer_started = Signal(int)  # generation id
     answer_finished = Signal(int)  # generation id, after success, stop or failure
+
+    @classmethod
+    def on_profile(cls, max_tokens: int) -> MainWindow:
+        """A window on PEREGRINE_HOME's profile with the built-in model (screenshots, benchmarks)."""
+        paths = Paths.from_env().ensure()
+        return cls(
+            ChatStore(paths.chats_db),
+            SettingsStore(paths.settings_file),
+            EngineSupervisor(),
+            default_model_path,
+            max_tokens=max_tokens,
+        )
 
     def __init__(
         self,

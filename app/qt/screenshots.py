@@ -31,24 +31,12 @@ def main(argv: list[str] | None = None) -> int:
     os.environ["PEREGRINE_HOME"] = home
 
     # Imported after PEREGRINE_HOME is set, so every path lands in the throwaway home.
-    from app.qt.engine_supervisor import EngineSupervisor
     from app.qt.main_window import MainWindow
-    from app.services.chat_store import ChatStore
-    from app.services.settings import SettingsStore
-    from engine.default_model import default_model_path
-    from engine.paths import Paths
 
     app = QApplication([sys.argv[0]])
     app.setFont(QFont("DejaVu Sans", 10))
-    paths = Paths.from_env().ensure()
-    store = ChatStore(paths.chats_db)
-    window = MainWindow(
-        store,
-        SettingsStore(paths.settings_file),
-        EngineSupervisor(),
-        default_model_path,
-        max_tokens=args.max_tokens,
-    )
+    window = MainWindow.on_profile(max_tokens=args.max_tokens)
+    store = window.store
     window.resize(1280, 820)
     window.show()
     steps: list[str] = []
