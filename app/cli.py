@@ -1,7 +1,7 @@
 """The `peregrine` command: one entry point, a subcommand per job.
 
 Each subcommand lives in the module that owns the job and exposes
-`main(argv) -> int`. Errors follow CONTRACTS.md: one line on stderr, exit 1
+`main(argv) -> int`. Errors follow docs/api.md: one line on stderr, exit 1
 (2 for bad usage), and a traceback only with `--debug`.
 """
 
@@ -18,8 +18,8 @@ from engine.errors import PeregrineError
 # subcommand -> (module, function, one-line help)
 COMMANDS: dict[str, tuple[str, str, str]] = {
     "gui": ("app.qt.main", "main", "open the desktop app (the default)"),
-    "serve": ("engine.serve_cli", "main", "run the engine: an OpenAI-compatible server"),
-    "profile": ("engine.profile_cli", "main", "detect hardware and plan a model's memory"),
+    "serve": ("engine.serving.serve_cli", "main", "run the engine: an OpenAI-compatible server"),
+    "profile": ("engine.planning.profile_cli", "main", "detect hardware and plan a model's memory"),
     "pull": ("app.services.models_cli", "pull_main", "download a model from Hugging Face"),
     "ls": ("app.services.models_cli", "ls_main", "list the models Peregrine can run"),
     "rm": ("app.services.models_cli", "rm_main", "delete a downloaded model"),

@@ -4,8 +4,8 @@
     .venv/bin/python -m bench.memory_accuracy --shapes   # also 8B / 30B-A3B / Gemma-3-12B shapes
 
 Each row plans with the planner's own flash attention, n_batch and n_ubatch, then
-compares the estimate (engine/memory_estimate.py) with the buffer sizes llama.cpp
-logs for a `no_alloc` dry run (engine/memory_probe.py). Issue 5's bar: KV within
+compares the estimate (engine/planning/estimate.py) with the buffer sizes llama.cpp
+logs for a `no_alloc` dry run (engine/planning/probe.py). Issue 5's bar: KV within
 1%, compute within 10%, total within 5%.
 """
 
@@ -18,11 +18,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from engine.default_model import default_model_path
-from engine.gguf_header import read_gguf_header
-from engine.memory_estimate import MIB, estimate, shape_from_header
-from engine.memory_probe import measure
-from engine.planner import Pins
-from engine.wire import LoadRequest
+from engine.gguf.header import read_gguf_header
+from engine.planning.estimate import MIB, estimate, shape_from_header
+from engine.planning.planner import Pins
+from engine.planning.probe import measure
+from engine.wire.control import LoadRequest
 
 CONTEXTS = (1024, 4096, 8192)
 KV_TYPES = ("f16", "q8_0", "q4_0")

@@ -16,12 +16,12 @@ import statistics
 import time
 from pathlib import Path
 
-from engine.chat_template import ChatTemplate
-from engine.decoder import Decoder, GenerationRequest, SpecParams
+from engine.backend.llama import LlamaModel, SamplingParams
+from engine.decoding.decoder import Decoder, GenerationRequest, SpecParams
+from engine.decoding.prefix_cache import PrefixStateCache
 from engine.default_model import default_model_path
-from engine.llama_backend import LlamaModel, SamplingParams
-from engine.prefix_cache import PrefixStateCache
-from engine.wire import LoadRequest
+from engine.gguf.chat_template import ChatTemplate
+from engine.wire.control import LoadRequest
 
 try:  # optional comparison rows: only where a llama-server binary was built
     from bench.engine_decode import wait_for_quiet

@@ -1,4 +1,4 @@
-"""User-facing errors: one clear line, no traceback (CONTRACTS.md)."""
+"""User-facing errors: one clear line, no traceback (docs/api.md)."""
 
 from __future__ import annotations
 

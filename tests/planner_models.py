@@ -15,8 +15,8 @@ from pathlib import Path
 import gguf
 import numpy as np
 
-from engine.gguf_header import read_gguf_header
-from engine.planner import ModelCandidate
+from engine.gguf.header import read_gguf_header
+from engine.planning.planner import ModelCandidate
 
 Q = gguf.GGMLQuantizationType
 

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
-from engine.scheduler import Engine, PromptSpec
-from engine.wire import LoadRequest
+from engine.serving.scheduler import Engine, PromptSpec
+from engine.wire.control import LoadRequest
 
 
 @pytest.fixture(scope="module")

@@ -1,6 +1,6 @@
 """A model that makes llama.cpp abort must not take the model in use with it.
 
-The header gate (engine/gguf_header.py) refuses every abort we know of; the
+The header gate (engine/gguf/header.py) refuses every abort we know of; the
 trial load in a child process is the net for the ones we don't. This test
 turns the gate off, so the trial load is the only guard, and runs the engine
 in a child process of its own: if the guard failed, llama.cpp's abort would
@@ -14,8 +14,8 @@ import subprocess
 import sys
 from pathlib import Path
 
-from engine.memory_probe import DryRunCrashed, measure
-from engine.wire import LoadRequest
+from engine.planning.probe import DryRunCrashed, measure
+from engine.wire.control import LoadRequest
 from tests.gguf_fixtures import tiny_model
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -23,9 +23,9 @@ ROOT = Path(__file__).resolve().parent.parent
 SCRIPT = r"""
 import json, sys
 from engine.default_model import default_model_path
-from engine.scheduler import Engine
-from engine.serve_cli import _preflight_load
-from engine.wire import LoadRequest
+from engine.serving.scheduler import Engine
+from engine.serving.serve_cli import _preflight_load
+from engine.wire.control import LoadRequest
 
 engine = Engine(preflight=_preflight_load)  # no header gate
 engine.load(LoadRequest(model=str(default_model_path()), n_ctx=512, threads=1)).wait(300)

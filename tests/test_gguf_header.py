@@ -1,4 +1,4 @@
-"""Tests for engine/gguf_header.py: valid files, a hostile corpus, fuzzing, the real model, HTTP."""
+"""Tests for engine/gguf/header.py: valid files, a hostile corpus, fuzzing, the real model, HTTP."""
 
 from __future__ import annotations
 
@@ -20,7 +20,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from engine.errors import PeregrineError
-from engine.gguf_header import (
+from engine.gguf.header import (
     GGML_TYPES,
     GGUFError,
     GGUFHeader,

@@ -12,7 +12,7 @@ from typing import Any
 import pytest
 
 from engine.errors import PeregrineError
-from engine.hardware import GPU, RAM, Hardware, HardwareProbes, detect_hardware, merge_gpus
+from engine.planning.hardware import GPU, RAM, Hardware, HardwareProbes, detect_hardware, merge_gpus
 
 GiB = 1 << 30
 

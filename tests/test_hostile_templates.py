@@ -27,8 +27,8 @@ import jinja2
 import pytest
 from jinja2.sandbox import ImmutableSandboxedEnvironment
 
-from engine.chat_template import CHATML_TEMPLATE, ChatTemplate, RenderLimits, TemplateError
-from engine.gguf_header import GGUFError, read_gguf_header, validate_gguf_file
+from engine.gguf.chat_template import CHATML_TEMPLATE, ChatTemplate, RenderLimits, TemplateError
+from engine.gguf.header import GGUFError, read_gguf_header, validate_gguf_file
 from tests.engine_proc import EngineProc, read_events, running_engine, serve_command
 from tests.gguf_fixtures import BYTE_TOKENS, INT32, TOKENS, UINT64, Typed, tiny_model
 

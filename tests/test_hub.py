@@ -12,7 +12,7 @@ import pytest
 
 from app.services.hub import HubService, default_endpoint, quant_of, split_info
 from engine.errors import PeregrineError
-from engine.gguf_header import parse_gguf_header
+from engine.gguf.header import parse_gguf_header
 from tests.fake_hub import FakeHub, add_tiny_repo, running_hub
 
 
@@ -152,10 +152,10 @@ def test_a_failing_fit_function_leaves_the_listing_usable(
 
 
 def test_real_planner_badges(hub: FakeHub) -> None:
-    planner = pytest.importorskip("engine.planner")
-    gguf_header = pytest.importorskip("engine.gguf_header")
+    planner = pytest.importorskip("engine.planning.planner")
+    gguf_header = pytest.importorskip("engine.gguf.header")
     if not hasattr(gguf_header, "read_remote_gguf_header"):
-        pytest.skip("engine.gguf_header.read_remote_gguf_header is not there yet")
+        pytest.skip("engine.gguf.header.read_remote_gguf_header is not there yet")
     from app.services.models_cli import planner_wiring
 
     fit, pick, reader = planner_wiring()
@@ -168,10 +168,10 @@ def test_real_planner_badges(hub: FakeHub) -> None:
 
 
 def test_gated_repo_listing_says_why_badges_are_missing(hub: FakeHub) -> None:
-    gguf_header = pytest.importorskip("engine.gguf_header")
+    gguf_header = pytest.importorskip("engine.gguf.header")
     reader = getattr(gguf_header, "read_remote_gguf_header", None)
     if reader is None:
-        pytest.skip("engine.gguf_header.read_remote_gguf_header is not there yet")
+        pytest.skip("engine.gguf.header.read_remote_gguf_header is not there yet")
     hub.add_repo("acme/Gated-GGUF", gated=True).add("g-Q4_0.gguf", b"GGUF" * 100)
     service = HubService(
         token=False,

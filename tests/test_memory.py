@@ -10,8 +10,8 @@ from pathlib import Path
 import pytest
 
 from engine.errors import PeregrineError
-from engine.gguf_header import read_gguf_header
-from engine.memory_estimate import (
+from engine.gguf.header import read_gguf_header
+from engine.planning.estimate import (
     MIB,
     Device,
     estimate,
@@ -19,8 +19,8 @@ from engine.memory_estimate import (
     layer_layout,
     shape_from_header,
 )
-from engine.memory_probe import measure, parse_log
-from engine.wire import LoadRequest
+from engine.planning.probe import measure, parse_log
+from engine.wire.control import LoadRequest
 from tests.planner_models import gemma3_like, llama8b_like, qwen3moe_like
 
 GiB = 1 << 30
@@ -28,7 +28,7 @@ GiB = 1 << 30
 
 @pytest.mark.parametrize(
     ("n_ctx", "kv_type", "mib"),
-    # llama.cpp's own figures for the default model (ENGINE_NOTES.md).
+    # llama.cpp's own figures for the default model (logged by a no_alloc load).
     [(2048, "f16", 45.00), (8192, "f16", 180.00), (8192, "q8_0", 95.62), (8192, "q4_0", 50.62)],
 )
 def test_kv_formula_matches_llama_cpp_figures(

@@ -9,9 +9,8 @@ from pathlib import Path
 import pytest
 
 from engine.errors import PeregrineError
-from engine.hardware import CPU, GPU, RAM, Hardware, Runtime, detect_hardware
-from engine.memory_probe import MeasuredMemory
-from engine.planner import (
+from engine.planning.hardware import CPU, GPU, RAM, Hardware, Runtime, detect_hardware
+from engine.planning.planner import (
     STAGES,
     ModelCandidate,
     Pins,
@@ -21,7 +20,8 @@ from engine.planner import (
     plan,
     plan_for_file,
 )
-from engine.wire import LoadRequest
+from engine.planning.probe import MeasuredMemory
+from engine.wire.control import LoadRequest
 from tests.planner_models import (
     candidate,
     gemma3_like,
@@ -323,8 +323,8 @@ def test_a_dry_run_over_budget_makes_the_planner_give_more_up(default_model: Pat
     def pessimistic(load: LoadRequest) -> MeasuredMemory:
         calls.append(load)
         # Pretend llama.cpp needs 40 MiB more compute than the estimate says.
-        from engine.gguf_header import read_gguf_header
-        from engine.memory_estimate import estimate, shape_from_header
+        from engine.gguf.header import read_gguf_header
+        from engine.planning.estimate import estimate, shape_from_header
 
         shape = shape_from_header(read_gguf_header(default_model))
         est = estimate(shape, n_ctx=load.n_ctx, type_k=load.type_k, type_v=load.type_v)

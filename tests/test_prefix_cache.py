@@ -7,11 +7,11 @@ from pathlib import Path
 
 import pytest
 
-from engine.chat_template import ChatTemplate
-from engine.decoder import Decoder, GenerationRequest, GenerationResult, SpecParams
-from engine.llama_backend import LlamaModel, SamplingParams
-from engine.prefix_cache import PrefixStateCache
-from engine.wire import LoadRequest
+from engine.backend.llama import LlamaModel, SamplingParams
+from engine.decoding.decoder import Decoder, GenerationRequest, GenerationResult, SpecParams
+from engine.decoding.prefix_cache import PrefixStateCache
+from engine.gguf.chat_template import ChatTemplate
+from engine.wire.control import LoadRequest
 
 PLAIN = SpecParams(type="none")
 GREEDY = SamplingParams(temperature=0.0)

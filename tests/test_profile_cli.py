@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 
 from app.cli import main as peregrine
-from engine.hardware import CPU, GPU, RAM, Hardware
+from engine.planning.hardware import CPU, GPU, RAM, Hardware
 from tests.fake_hub import FakeHub, running_hub
 from tests.planner_models import header_bytes, llama8b_like, qwen3moe_like
 
@@ -239,7 +239,7 @@ def test_unknown_repo_is_one_line(capsys: pytest.CaptureFixture[str], hub: FakeH
 def test_a_huge_trained_context_is_planned_within_what_a_load_accepts(
     capsys: pytest.CaptureFixture[str], tmp_path: Path
 ) -> None:
-    from engine.wire import MAX_N_CTX
+    from engine.wire.base import MAX_N_CTX
     from tests.gguf_fixtures import tiny_model
 
     model = tiny_model(tmp_path / "long.gguf", llama__context_length=16_000_000)
@@ -413,7 +413,7 @@ def test_text_output_keeps_hostile_names_off_the_terminal(
 def test_a_repo_with_thousands_of_files_reads_a_bounded_number_of_headers(
     capsys: pytest.CaptureFixture[str], tmp_path: Path, hub: FakeHub
 ) -> None:
-    from engine.profile_cli import MAX_REMOTE_FILES
+    from engine.planning.profile_cli import MAX_REMOTE_FILES
 
     repo = hub.add_repo("acme/Flood-GGUF")
     header = header_bytes(llama8b_like(tmp_path, "Q4_K_M"))

@@ -9,12 +9,13 @@ from pathlib import Path
 
 import pytest
 
-from engine.chat_template import ChatTemplate
-from engine.decoder import Decoder, GenerationRequest, GenerationResult, SpecParams
-from engine.llama_backend import LlamaModel, SamplingParams
-from engine.prefix_cache import PrefixStateCache
-from engine.speculative import NgramDrafter, SpeculationController
-from engine.wire import LoadRequest
+from engine.backend.llama import LlamaModel, SamplingParams
+from engine.decoding.decoder import Decoder, GenerationRequest, GenerationResult, SpecParams
+from engine.decoding.prefix_cache import PrefixStateCache
+from engine.gguf.chat_template import ChatTemplate
+from engine.speculative.controller import SpeculationController
+from engine.speculative.drafters import NgramDrafter
+from engine.wire.control import LoadRequest
 
 CODE = """def compute_total(items):
     total = 0
@@ -237,7 +238,7 @@ def test_draft_model_drafting_is_lossless_and_accepted(
     model: LlamaModel, default_model: Path
 ) -> None:
     """The same model as its own draft: every draft should be accepted, output unchanged."""
-    from engine.speculative import DraftModelDrafter
+    from engine.speculative.drafters import DraftModelDrafter
 
     draft_model = LlamaModel(
         LoadRequest(model=str(default_model), n_ctx=2048, flash_attn="on", threads=2)

@@ -1,7 +1,7 @@
 """Downloads that never lose a byte: resumable, SHA-256 verified, moved into place atomically.
 
 huggingface-hub 2.4.0 resumes only inside one call and never checks the LFS
-SHA-256 (ENGINE_NOTES.md, measured), so Peregrine keeps its own partial file
+SHA-256 (measured against a loopback hub), so Peregrine keeps its own partial file
 per (repo, commit, file) under `downloads/`, with a JSON sidecar of what the
 bytes must hash to. The hub's metadata call gives the sha256, size, pinned
 commit and CDN location. A file becomes a model only after its hash matches

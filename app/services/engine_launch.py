@@ -1,7 +1,7 @@
 """Starting the local engine, without Qt: its command line, start-up events, log tail.
 
 The engine (`peregrine serve`) prints one JSON object per stdout line while it
-starts (CONTRACTS.md); these helpers turn that into typed events and decide
+starts (docs/api.md); these helpers turn that into typed events and decide
 when a start has stalled and whether a crashed engine may be restarted.
 """
 

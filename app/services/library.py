@@ -203,13 +203,13 @@ def _looks_like_hf_cache(path: Path) -> bool:
 
 
 def _default_reader(path: Path) -> Any:
-    from engine.gguf_header import read_gguf_header
+    from engine.gguf.header import read_gguf_header
 
     return read_gguf_header(path)
 
 
 def _default_validator(path: Path) -> Any:
-    from engine.gguf_header import validate_gguf_file
+    from engine.gguf.header import validate_gguf_file
 
     return validate_gguf_file(path)
 

@@ -116,9 +116,9 @@ class TerminalProgress:
 def planner_wiring() -> tuple[Any, Any, Any]:
     """(fit, pick, remote header reader) from engine/, or Nones when those modules are absent."""
     try:
-        from engine import planner
-        from engine.gguf_header import read_remote_gguf_header
-        from engine.hardware import detect_hardware
+        from engine.gguf.header import read_remote_gguf_header
+        from engine.planning import planner
+        from engine.planning.hardware import detect_hardware
     except ImportError as exc:
         log.info("fit badges unavailable: %s", exc)
         return None, None, None

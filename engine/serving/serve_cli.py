@@ -1,4 +1,4 @@
-"""`peregrine serve`: the engine process (CONTRACTS.md, "peregrine serve").
+"""`peregrine serve`: the engine process (docs/api.md, "peregrine serve").
 
 stdout carries only start-up events, one JSON object per line: `loading`
 (zero or more), then exactly one `ready` or one `error` (then exit 1). Logs go
@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from engine.errors import PeregrineError, UsageError
 from engine.paths import Paths
-from engine.wire import LoadRequest
+from engine.wire.control import LoadRequest
 
 log = logging.getLogger("peregrine.serve")
 
@@ -154,7 +154,7 @@ def _load_request(args: argparse.Namespace, model_path: str) -> LoadRequest:
         "runtime": args.runtime,
     }
     if args.plan == "auto":
-        from engine.planner import plan_for_file  # the planner is optional at this layer
+        from engine.planning.planner import plan_for_file  # the planner is optional at this layer
 
         planned = plan_for_file(Path(model_path)).load.model_dump()
         base = {**planned, **{k: v for k, v in base.items() if v is not None}}
@@ -217,7 +217,7 @@ def _validate_model(path: str) -> object:
     if not p.is_file():
         raise PeregrineError(f"not a model file: {path}")
     try:
-        from engine.gguf_header import validate_gguf_file
+        from engine.gguf.header import validate_gguf_file
     except ImportError:  # pragma: no cover - the reader ships with the engine
         return None
     return validate_gguf_file(p)
@@ -229,7 +229,7 @@ def _preflight_load(request: LoadRequest) -> None:
     Only a crash refuses the load: other trouble in the trial (a timeout, an
     odd runtime) is logged and the real load decides.
     """
-    from engine.memory_probe import DryRunCrashed, measure
+    from engine.planning.probe import DryRunCrashed, measure
 
     try:
         measure(request, timeout_s=120.0)
@@ -315,9 +315,9 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
     from aiohttp import web
 
     logging.getLogger("aiohttp.server").addFilter(QuietBadRequests())
-    from engine.scheduler import Engine
-    from engine.server import ServerConfig, build_app, make_runner
-    from engine.wire import RuntimeInfo
+    from engine.serving.scheduler import Engine
+    from engine.serving.server import ServerConfig, build_app, make_runner
+    from engine.wire.control import RuntimeInfo
 
     try:
         sock = socket.socket(socket.AF_INET6 if ":" in args.host else socket.AF_INET)

@@ -20,7 +20,8 @@ from typing import Any
 import llama_cpp
 
 from engine.errors import PeregrineError
-from engine.wire import KV_TYPE_IDS, LoadRequest
+from engine.wire.base import KV_TYPE_IDS
+from engine.wire.control import LoadRequest
 
 log = logging.getLogger("peregrine.llama")
 
@@ -150,7 +151,7 @@ class LlamaModel:
             mparams.tensor_split = arr
         self._overrides: Any = None
         if request.expert_offload:
-            from engine.memory_probe import cpu_expert_overrides
+            from engine.planning.probe import cpu_expert_overrides
 
             # MoE expert tensors stay in system RAM (llama-server's --cpu-moe);
             # the array must outlive the load.

@@ -1,10 +1,10 @@
 """Dry-run memory measurement: llama.cpp's own buffer sizes, with nothing allocated.
 
-The parent (`measure`) starts `python -m engine.memory_probe --json --load '<LoadRequest>'`
+The parent (`measure`) starts `python -m engine.planning.probe --json --load '<LoadRequest>'`
 in a child process. The child loads the model with `no_alloc=True` and
 `load_mode=0` (NONE), creates the context, and reports the buffer sizes that
 llama.cpp logs. It runs in a child because a llama.cpp assert aborts the whole
-process (ENGINE_NOTES.md), and a parent-side timeout turns a hang into an error.
+process, and a parent-side timeout turns a hang into an error.
 """
 
 from __future__ import annotations
@@ -26,7 +26,8 @@ from pydantic import ValidationError
 
 from engine.errors import PeregrineError
 from engine.paths import Paths
-from engine.wire import KV_TYPE_IDS, LoadRequest
+from engine.wire.base import KV_TYPE_IDS
+from engine.wire.control import LoadRequest
 
 MIB = 1024 * 1024
 DEFAULT_TIMEOUT_S = 120.0
@@ -139,7 +140,7 @@ def measure(
         if not lib.is_dir():
             raise PeregrineError(f"runtime {load.runtime!r} is not installed ({lib} is missing)")
         env["LLAMA_CPP_LIB_PATH"] = str(lib)
-    cmd = [python, "-m", "engine.memory_probe", "--json", "--load", load.model_dump_json()]
+    cmd = [python, "-m", "engine.planning.probe", "--json", "--load", load.model_dump_json()]
     try:
         proc = subprocess.run(
             cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False
@@ -213,7 +214,7 @@ def _dry_run_logged(load: LoadRequest, log_lines: list[str]) -> dict[str, Any]:
     mparams = llama_cpp.llama_model_default_params()
     mparams.n_gpu_layers = load.n_gpu_layers
     mparams.no_alloc = True
-    mparams.load_mode = 0  # NONE: MMAP/MLOCK abort under no_alloc (ENGINE_NOTES.md)
+    mparams.load_mode = 0  # NONE: MMAP/MLOCK abort under no_alloc (measured)
     mparams.use_mmap = False
     split_keepalive = None
     overrides_keepalive = None
@@ -270,7 +271,7 @@ def cpu_expert_overrides(pattern: str = EXPERT_TENSOR_PATTERN) -> ctypes.Array[B
     llama-cpp-python leaves `tensor_buft_overrides` as an untyped pointer; this builds
     the array for it. Keep the returned array alive until the model is loaded.
     """
-    from engine.hardware import load_ggml
+    from engine.planning.hardware import load_ggml
 
     lib = load_ggml()
     lib.ggml_backend_dev_by_type.argtypes = [ctypes.c_int]
@@ -287,7 +288,7 @@ def cpu_expert_overrides(pattern: str = EXPERT_TENSOR_PATTERN) -> ctypes.Array[B
 
 
 def _gpu_device_names() -> list[str]:
-    from engine.hardware import probe_ggml_devices
+    from engine.planning.hardware import probe_ggml_devices
 
     return [g.name for g in probe_ggml_devices(None)]
 
@@ -300,7 +301,7 @@ def _log_error(lines: Sequence[str]) -> str:
 
 def main(argv: Sequence[str] | None = None) -> int:
     """Child entry point: prints one JSON line with the measured sizes."""
-    parser = argparse.ArgumentParser(prog="python -m engine.memory_probe")
+    parser = argparse.ArgumentParser(prog="python -m engine.planning.probe")
     parser.add_argument("--json", action="store_true", help="print one JSON line (the only mode)")
     parser.add_argument("--load", required=True, help="a LoadRequest as JSON")
     args = parser.parse_args(argv)

@@ -15,13 +15,13 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.chat_template import ChatTemplate
-from engine.decoder import Decoder, GenerationRequest, GenerationResult, SpecParams
+from engine.backend.llama import LlamaLogCapture, LlamaModel, MemoryReport, SamplingParams
+from engine.decoding.decoder import Decoder, GenerationRequest, GenerationResult, SpecParams
+from engine.decoding.prefix_cache import PrefixStateCache
 from engine.errors import PeregrineError
-from engine.llama_backend import LlamaLogCapture, LlamaModel, MemoryReport, SamplingParams
-from engine.prefix_cache import PrefixStateCache
-from engine.speculative import DraftModelDrafter
-from engine.wire import (
+from engine.gguf.chat_template import ChatTemplate
+from engine.speculative.drafters import DraftModelDrafter
+from engine.wire.control import (
     EngineState,
     EngineStatus,
     LoadRequest,

@@ -16,14 +16,10 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Literal, Protocol
 
-from engine.llama_backend import SamplerChain, SamplingParams
-from engine.prefix_cache import PrefixStateCache, common_prefix
-from engine.speculative import (
-    DRAFT_MODEL_SIGNAL,
-    DraftModelDrafter,
-    NgramDrafter,
-    SpeculationController,
-)
+from engine.backend.llama import SamplerChain, SamplingParams
+from engine.decoding.prefix_cache import PrefixStateCache, common_prefix
+from engine.speculative.controller import DRAFT_MODEL_SIGNAL, SpeculationController
+from engine.speculative.drafters import DraftModelDrafter, NgramDrafter
 
 log = logging.getLogger("peregrine.decoder")
 
@@ -73,7 +69,7 @@ class GenerationRequest:
 
 @dataclass
 class Timings:
-    """Per-request figures, with llama-server's names (CONTRACTS.md)."""
+    """Per-request figures, with llama-server's names (docs/api.md)."""
 
     prompt_n: int = 0
     cache_n: int = 0

@@ -1,4 +1,4 @@
-"""`peregrine profile`: detect the hardware and plan a model's memory (CONTRACTS.md)."""
+"""`peregrine profile`: detect the hardware and plan a model's memory (docs/api.md)."""
 
 from __future__ import annotations
 
@@ -16,14 +16,14 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from engine.errors import PeregrineError, UsageError
-from engine.hardware import Hardware, detect_hardware
-from engine.memory_estimate import GIB
-from engine.planner import ModelCandidate, Pins, Plan, plan, plan_for_file
-from engine.wire import KV_BYTES_PER_ELEMENT
+from engine.planning.estimate import GIB
+from engine.planning.hardware import Hardware, detect_hardware
+from engine.planning.planner import ModelCandidate, Pins, Plan, plan, plan_for_file
+from engine.wire.base import KV_BYTES_PER_ELEMENT
 
 log = logging.getLogger(__name__)
 
-# What a LoadRequest accepts (engine/wire.py); a bigger machine is planned with this many.
+# What a LoadRequest accepts (engine/wire/); a bigger machine is planned with this many.
 MAX_THREADS = 1024
 # A hardware object is a few KiB; more than this is not one (and /dev/zero never ends).
 MAX_HARDWARE_FILE_BYTES = 16 << 20
@@ -153,7 +153,7 @@ def remote_candidates(repo: str, file: str | None) -> list[ModelCandidate]:
         RepositoryNotFoundError,
     )
 
-    from engine.gguf_header import read_remote_gguf_header
+    from engine.gguf.header import read_remote_gguf_header
 
     # huggingface-hub reads HF_ENDPOINT once, at import; honour it as it is now.
     endpoint = (os.environ.get("HF_ENDPOINT") or constants.ENDPOINT).rstrip("/")

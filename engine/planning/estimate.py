@@ -2,7 +2,7 @@
 
 Used for remote files (before download), with `--estimate-only`, and by the
 planner to search; local plans are then checked by a dry run
-(engine/memory_probe.py). The formulas follow llama.cpp 0c1e57098 (vendored by
+(engine/planning/probe.py). The formulas follow llama.cpp 0c1e57098 (vendored by
 llama-cpp-python 0.3.36): layer placement from llama-model.cpp, KV cells from
 llama-context.cpp / llama-kv-cache-iswa.cpp, and a compute-buffer model fitted to
 the buffer sizes llama.cpp logs (docs/planner.md has the accuracy table).
@@ -17,8 +17,8 @@ from dataclasses import asdict, dataclass, field
 from typing import Any
 
 from engine.errors import PeregrineError
-from engine.gguf_header import GGUFHeader
-from engine.wire import KV_BYTES_PER_ELEMENT
+from engine.gguf.header import GGUFHeader
+from engine.wire.base import KV_BYTES_PER_ELEMENT
 
 MIB = 1024 * 1024
 GIB = 1024 * MIB
@@ -286,7 +286,7 @@ class Device:
 
 @dataclass
 class DeviceMemory:
-    """One device's share of a plan (CONTRACTS.md `memory.devices[]`)."""
+    """One device's share of a plan (docs/api.md `memory.devices[]`)."""
 
     name: str
     weights: int = 0

@@ -11,7 +11,7 @@ It gives things up in a fixed order as memory tightens (issue 5, docs/planner.md
 5. partial offload (MoE: expert tensors to system RAM first);
 6. quants below the floor.
 
-`plan_for_file()` adds the dry run (engine/memory_probe.py) for local files.
+`plan_for_file()` adds the dry run (engine/planning/probe.py) for local files.
 """
 
 from __future__ import annotations
@@ -23,9 +23,8 @@ from pathlib import Path
 from typing import Any, Literal
 
 from engine.errors import PeregrineError
-from engine.gguf_header import GGUFHeader, validate_gguf_file
-from engine.hardware import GPU, Hardware, Runtime, detect_hardware
-from engine.memory_estimate import (
+from engine.gguf.header import GGUFHeader, validate_gguf_file
+from engine.planning.estimate import (
     CTX_PAD,
     DEVICE_PREFIX,
     GIB,
@@ -36,8 +35,10 @@ from engine.memory_estimate import (
     estimate,
     shape_from_header,
 )
-from engine.memory_probe import MeasuredMemory, measure
-from engine.wire import KV_BYTES_PER_ELEMENT, MAX_N_CTX, FlashAttn, KVType, LoadRequest
+from engine.planning.hardware import GPU, Hardware, Runtime, detect_hardware
+from engine.planning.probe import MeasuredMemory, measure
+from engine.wire.base import KV_BYTES_PER_ELEMENT, MAX_N_CTX, FlashAttn, KVType
+from engine.wire.control import LoadRequest
 
 log = logging.getLogger(__name__)
 
@@ -114,7 +115,7 @@ class Plan:
     hardware: Hardware | None = None
 
     def to_json(self, hardware: Hardware | None = None) -> dict[str, Any]:
-        """CONTRACTS.md's `peregrine profile --json` object."""
+        """docs/api.md's `peregrine profile --json` object."""
         hw = hardware or self.hardware
         return {
             "hardware": hw.to_json() if hw is not None else None,

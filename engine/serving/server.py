@@ -1,4 +1,4 @@
-"""The engine's HTTP API: OpenAI-compatible routes plus engine control (CONTRACTS.md).
+"""The engine's HTTP API: OpenAI-compatible routes plus engine control (docs/api.md).
 
 aiohttp serves on the event loop; generation runs on the engine's decode
 thread, and tokens come back through `loop.call_soon_threadsafe` into a
@@ -22,17 +22,13 @@ from typing import Any, TypeVar
 from aiohttp import web
 from pydantic import ValidationError
 
-from engine.chat_template import TemplateError
-from engine.decoder import GenerationResult, SpecParams
+from engine.backend.llama import SamplingParams
+from engine.decoding.decoder import GenerationResult, SpecParams
 from engine.errors import PeregrineError
-from engine.llama_backend import SamplingParams
-from engine.scheduler import Engine, Job, NotReady, PromptSpec, PromptTooLong, QueueFull
-from engine.wire import (
-    ChatCompletionRequest,
-    CompletionRequest,
-    LoadRequest,
-    SamplingFields,
-)
+from engine.gguf.chat_template import TemplateError
+from engine.serving.scheduler import Engine, Job, NotReady, PromptSpec, PromptTooLong, QueueFull
+from engine.wire.control import LoadRequest
+from engine.wire.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
 
 log = logging.getLogger("peregrine.server")
 

@@ -1,4 +1,4 @@
-"""What this machine has: GPUs, CPU, RAM, disk and engine runtimes (CONTRACTS.md `Hardware`).
+"""What this machine has: GPUs, CPU, RAM, disk and engine runtimes (docs/api.md `Hardware`).
 
 Each probe is one small function behind `HardwareProbes`, so tests can swap any
 of them for a fake (a fake NVML module, a fake sysfs tree). A probe that fails
@@ -114,7 +114,7 @@ class Runtime:
 
 @dataclass
 class Hardware:
-    """Everything the planner needs to know about a machine (CONTRACTS.md)."""
+    """Everything the planner needs to know about a machine (docs/api.md)."""
 
     gpus: list[GPU]
     cpu: CPU
@@ -511,8 +511,8 @@ def probe_ggml_devices(lib_dir: Path | None) -> list[GPU]:
 
 
 def probe_ggml_devices_in_child(lib_dir: Path | None, timeout_s: float = 30.0) -> list[GPU]:
-    """probe_ggml_devices, run by `python -m engine.hardware --ggml-devices` in a child."""
-    cmd = [sys.executable, "-m", "engine.hardware", "--ggml-devices"]
+    """probe_ggml_devices, run by `python -m engine.planning.hardware --ggml-devices` in a child."""
+    cmd = [sys.executable, "-m", "engine.planning.hardware", "--ggml-devices"]
     if lib_dir is not None:
         cmd += ["--lib-dir", str(lib_dir)]
     env = dict(os.environ)
@@ -643,7 +643,7 @@ def main(argv: list[str] | None = None) -> int:
     """Child entry point: `--ggml-devices` prints the ggml GPU list as one JSON line."""
     import argparse
 
-    parser = argparse.ArgumentParser(prog="python -m engine.hardware")
+    parser = argparse.ArgumentParser(prog="python -m engine.planning.hardware")
     parser.add_argument("--ggml-devices", action="store_true", required=True)
     parser.add_argument("--lib-dir", type=Path)
     args = parser.parse_args(argv)

@@ -1,0 +1,1 @@
+"""The llama.cpp backend: the only code that calls llama.cpp for inference."""

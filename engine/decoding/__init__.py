@@ -1,0 +1,1 @@
+"""Decoding: one request's tokens through the model, with prefix reuse and verification."""

@@ -1,0 +1,1 @@
+"""GGUF files: header reading and the sandboxed chat template."""

@@ -1,0 +1,1 @@
+"""Memory planning: hardware probe, estimate, dry-run probe, planner and `peregrine profile`."""

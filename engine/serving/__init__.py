@@ -1,0 +1,1 @@
+"""Serving: the HTTP server, the scheduler and `peregrine serve`."""

@@ -1,0 +1,1 @@
+"""Wire types, declared once and split by concept (docs/api.md)."""
