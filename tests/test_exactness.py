@@ -4,8 +4,10 @@ The real engine over HTTP, an f16 KV cache with flash attention, past 512 cells
 of context: the same prompt must give byte-identical text freshly, with
 speculative verify batches, and from a cached prefix (only the tail
 evaluated), for the built-in Q4_1 model and for Q4_0 and Q4_K_M copies of it
-made here with llama_model_quantize (they take llama.cpp's repacked CPU matrix
-kernels, which Q4_1 does not). docs/architecture.md, "Exactness", says why.
+made here with llama_model_quantize: unlike Q4_1 they take llama.cpp's
+repacked CPU kernels (Q4_0, Q4_K) and its tinyBLAS products (Q4_0, Q5_0, Q8_0),
+which have separate one-row and many-row paths. docs/architecture.md,
+"Exactness", says why this holds.
 """
 
 from __future__ import annotations

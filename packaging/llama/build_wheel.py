@@ -11,11 +11,12 @@ Usage (stdlib only, any Python >= 3.9):
 
     CMAKE_ARGS="-DGGML_NATIVE=ON" python3 packaging/llama/build_wheel.py
 
-Options: --cmake-args ARGS (default: $CMAKE_ARGS, else empty, which is
+Options: --cmake-args=ARGS (default: $CMAKE_ARGS, else empty, which is
 llama.cpp's native build), --cache-dir DIR (default: $PEREGRINE_WHEEL_CACHE,
 else <user cache>/peregrine/wheels), --sdist FILE (a local copy, checked
 against the pinned sha256), --python PY (the interpreter whose pip builds the
-wheel), --print-key. The wheel's absolute path is the last line on stdout;
+wheel), --patches-dir DIR (default: packaging/llama/patches; an empty folder
+builds upstream), --print-key. The wheel's absolute path is the last line on stdout;
 build output goes to stderr. Exit status 0 on success, 1 on any failure.
 """
 
@@ -70,8 +71,8 @@ def default_cache_dir() -> Path:
     return base / "peregrine" / "wheels"
 
 
-def patches() -> list[Path]:
-    return sorted(PATCH_DIR.glob("*.patch"))
+def patches(folder: Path = PATCH_DIR) -> list[Path]:
+    return sorted(folder.glob("*.patch"))
 
 
 def cache_key(cmake_args: str, patch_files: list[Path]) -> str:
@@ -110,10 +111,8 @@ def obtain_sdist(cache: Path, python: str, given: Path | None) -> Path:
         if not source.is_file():
             source.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=source.parent) as tmp:
-                run(
-                    [python, "-m", "pip", "download", "--no-deps", "--no-binary", ":all:"]
-                    + ["--no-cache-dir", "-d", tmp, f"llama-cpp-python=={VERSION}"]
-                )
+                pip = [python, "-m", "pip", "download", "--no-deps", "--no-cache-dir"]
+                run([*pip, "--no-binary", ":all:", "-d", tmp, f"llama-cpp-python=={VERSION}"])
                 fetched = Path(tmp) / SDIST_NAME
                 if not fetched.is_file():
                     raise BuildError(f"pip download did not produce {SDIST_NAME}")
@@ -141,8 +140,9 @@ def apply_patches(tree: Path, patch_files: list[Path]) -> None:
         run(cmd, cwd=tree)
 
 
-def build(cmake_args: str, cache: Path, python: str, sdist: Path | None) -> Path:
-    patch_files = patches()
+def build(
+    cmake_args: str, cache: Path, python: str, sdist: Path | None, patch_files: list[Path]
+) -> Path:
     key = cache_key(cmake_args, patch_files)
     target = cache / key
     existing = sorted(target.glob("*.whl")) if target.is_dir() else []
@@ -158,7 +158,7 @@ def build(cmake_args: str, cache: Path, python: str, sdist: Path | None) -> Path
             if hasattr(tarfile, "data_filter"):
                 tar.extractall(tmp, filter="data")
             else:  # Python < 3.12 without the backported filter
-                tar.extractall(tmp)  # noqa: S202 - the archive's sha256 was checked
+                tar.extractall(tmp)  # the archive's sha256 was checked
         tree = tmp / f"llama_cpp_python-{VERSION}"
         apply_patches(tree, patch_files)
 
@@ -207,14 +207,20 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--cache-dir", type=Path, default=None)
     parser.add_argument("--sdist", type=Path, default=None)
     parser.add_argument("--python", default=sys.executable)
+    parser.add_argument(
+        "--patches-dir",
+        type=Path,
+        default=PATCH_DIR,
+        help="the *.patch files to apply (an empty folder builds upstream, e.g. for benchmarks)",
+    )
     parser.add_argument("--print-key", action="store_true", help="print the cache key and exit")
     args = parser.parse_args(argv)
     cache = (args.cache_dir or default_cache_dir()).expanduser().resolve()
     if args.print_key:
-        print(cache_key(args.cmake_args, patches()))
+        print(cache_key(args.cmake_args, patches(args.patches_dir)))
         return 0
     try:
-        wheel = build(args.cmake_args, cache, args.python, args.sdist)
+        wheel = build(args.cmake_args, cache, args.python, args.sdist, patches(args.patches_dir))
     except (BuildError, OSError, tarfile.TarError) as e:
         log(f"failed: {e}")
         return 1
