@@ -8,8 +8,9 @@ from pathlib import Path
 import pytest
 
 from engine.backend.llama import LlamaModel, SamplingParams
-from engine.decoding.decoder import Decoder, GenerationRequest, GenerationResult, SpecParams
+from engine.decoding.decoder import Decoder
 from engine.decoding.prefix_cache import PrefixStateCache
+from engine.decoding.request import GenerationRequest, GenerationResult, SpecParams
 from engine.gguf.chat_template import ChatTemplate
 from engine.wire.control import LoadRequest
 
@@ -59,7 +60,7 @@ def test_switching_back_to_the_state_the_switch_itself_evicts(model: LlamaModel)
     cache = PrefixStateCache(1 << 40)
     decoder = Decoder(model, state_cache=cache)
     ask(decoder, x)
-    one_state = model.state_size() + 4 * len(x)
+    one_state = model.state_size(0) + 4 * len(x)
     cache.limit_bytes = one_state * 3 // 2  # room for one saved chat, not two
     ask(decoder, y)  # X is saved
     assert len(cache) == 1

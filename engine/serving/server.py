@@ -15,7 +15,7 @@ import socket
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from typing import Any, TypeVar
 
@@ -23,10 +23,21 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from engine.backend.llama import SamplingParams
-from engine.decoding.decoder import GenerationResult, SpecParams
+from engine.decoding.request import GenerationResult, SpecParams
 from engine.errors import PeregrineError
 from engine.gguf.chat_template import TemplateError
-from engine.serving.scheduler import Engine, Job, NotReady, PromptSpec, PromptTooLong, QueueFull
+from engine.serving.scheduler import (
+    Done,
+    Engine,
+    Job,
+    JobEvent,
+    NotReady,
+    PromptSpec,
+    PromptTooLong,
+    QueueFull,
+    Started,
+    TextDelta,
+)
 from engine.wire.control import LoadRequest
 from engine.wire.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
 
@@ -306,7 +317,7 @@ def _require_utf8(text: str | None, param: str) -> None:
         ) from exc
 
 
-def _check_common(req: SamplingFields, *, has_draft_model: bool = False) -> None:
+def _check_common(req: SamplingFields, *, drafters: Sequence[str] = ()) -> None:
     if req.n is not None and req.n != 1:
         raise ApiError(
             400, "'n' must be 1: one completion per request", code="unsupported_value", param="n"
@@ -332,7 +343,7 @@ def _check_common(req: SamplingFields, *, has_draft_model: bool = False) -> None
             code="unsupported_value",
             param="speculative.type",
         )
-    if spec is not None and spec.type == "draft" and not has_draft_model:
+    if spec is not None and spec.type == "draft" and "draft" not in drafters:
         raise ApiError(
             400,
             "speculative type 'draft' needs a draft model: start the engine with --draft-model",
@@ -346,15 +357,17 @@ class _Stream:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.queue: asyncio.Queue[JobEvent] = asyncio.Queue()
 
-    def put(self, kind: str, value: Any) -> None:
+    def put(self, event: JobEvent) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:
             # The event loop has closed (shutdown cut a slow request off): nobody
             # waits for this event, and raising would only break the decode thread's job.
-            log.debug("dropped a %r event for a request that outlived the server", kind)
+            log.debug(
+                "dropped a %s event for a request that outlived the server", type(event).__name__
+            )
 
 
 class _Api:
@@ -419,7 +432,7 @@ class _Api:
             req = model.model_validate(body)
         except ValidationError as exc:
             raise _validation_error(exc) from exc
-        _check_common(req, has_draft_model=self.engine.has_draft_model)
+        _check_common(req, drafters=self.engine.drafter_names)
         return req
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
@@ -483,9 +496,7 @@ class _Api:
             )
             if spec_opts
             else SpecParams(),
-            on_start=lambda n_prompt, granted: stream.put("start", (n_prompt, granted)),
-            on_text=lambda text: stream.put("text", text),
-            on_done=lambda result, error: stream.put("done", (result, error)),
+            emit=stream.put,
         )
         try:
             self.engine.submit(job)
@@ -509,7 +520,7 @@ class _Api:
             job.cancel.set()  # no-op when finished; stops work for a vanished client
             self.jobs.pop(id(job), None)
 
-    async def _next(self, request: web.Request, stream: _Stream, job: Job) -> tuple[str, Any]:
+    async def _next(self, request: web.Request, stream: _Stream, job: Job) -> JobEvent:
         """The next event, cancelling the job if the client has gone away meanwhile."""
         while True:
             # Checked before every event, not only in quiet spells: a busy
@@ -526,24 +537,22 @@ class _Api:
 
     async def _await_start(self, request: web.Request, stream: _Stream, job: Job) -> int:
         """Waits for the job to start; returns its prompt size or raises ApiError."""
-        kind, value = await self._next(request, stream, job)
-        if kind == "done":
-            _result, error = value
-            raise _api_error_for(error, _prompt_field(job))
-        n_prompt, _granted = value
-        return int(n_prompt)
+        event = await self._next(request, stream, job)
+        if isinstance(event, Done):
+            raise _api_error_for(event.error, _prompt_field(job))
+        assert isinstance(event, Started), event
+        return event.n_prompt
 
     async def _collect(
         self, request: web.Request, stream: _Stream, job: Job, meta: _ResponseMeta
     ) -> web.Response:
         n_prompt = await self._await_start(request, stream, job)
         while True:
-            kind, value = await self._next(request, stream, job)
-            if kind == "done":
-                result, error = value
-                if error is not None or result is None:
-                    raise _api_error_for(error, _prompt_field(job))
-                return web.json_response(meta.full(result, n_prompt))
+            event = await self._next(request, stream, job)
+            if isinstance(event, Done):
+                if event.error is not None or event.result is None:
+                    raise _api_error_for(event.error, _prompt_field(job))
+                return web.json_response(meta.full(event.result, n_prompt))
 
     async def _stream(
         self,
@@ -568,13 +577,14 @@ class _Api:
             if meta.chat:
                 await send.event(meta.chunk({"role": "assistant", "content": ""}, None))
             while True:
-                kind, value = await self._next(request, stream, job)
-                if kind == "text":
-                    await send.event(meta.chunk({"content": value} if meta.chat else value, None))
-                elif kind == "done":
-                    result, error = value
-                    if error is not None or result is None:
-                        await send.event(_api_error_for(error, _prompt_field(job)).body())
+                event = await self._next(request, stream, job)
+                if isinstance(event, TextDelta):
+                    text = event.text
+                    await send.event(meta.chunk({"content": text} if meta.chat else text, None))
+                elif isinstance(event, Done):
+                    result = event.result
+                    if event.error is not None or result is None:
+                        await send.event(_api_error_for(event.error, _prompt_field(job)).body())
                     else:
                         final = meta.chunk({} if meta.chat else "", result.finish_reason)
                         final["timings"] = result.timings.to_json()
