@@ -169,7 +169,9 @@ class Engine:
         # A trial load elsewhere (a child process) before a model in use is
         # given up: a llama.cpp abort must not take the working model with it.
         self._preflight = preflight
-        self._log_capture = log_capture or LlamaLogCapture()
+        # llama.cpp's log callback must outlive every model it loads: only
+        # llama.cpp's own factory needs one (an injected factory brings its own).
+        self._log_capture = log_capture or (LlamaLogCapture() if model_factory is None else None)
         self._model_factory = model_factory or self._load_llama
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._lock = threading.Lock()
