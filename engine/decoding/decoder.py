@@ -116,16 +116,15 @@ class Decoder:
 
     def generate(self, req: GenerationRequest, on_text: Callable[[str], None]) -> GenerationResult:
         slot = self.slots[0]
-        slot.start(req, on_text)
+        slot.start(req, on_text, self._drafters_for(req))
         try:
             # Inside the try: a failed restore may leave another chat in the cache
             # than the slot's tokens say, and the handler below starts clean.
             slot.set_prefix(self._reuse_prefix(slot, req.prompt_tokens))
-            drafters = self._drafters_for(req)
             while slot.state is SlotState.PREFILL:
-                slot.prefill(drafters)
-            if slot.state is SlotState.GENERATING and drafters:
-                self.last_drafter = "+".join(d.name for d in drafters)
+                slot.prefill()
+            if slot.state is SlotState.GENERATING and slot.drafters:
+                self.last_drafter = "+".join(d.name for d in slot.drafters)
             while slot.state is SlotState.GENERATING:
                 slot.step()
             return slot.result()

@@ -101,11 +101,20 @@ class Slot:
 
     # --- lifecycle ----------------------------------------------------------------
 
-    def start(self, req: GenerationRequest, on_text: Callable[[str], None]) -> None:
-        """Takes a request; the caller then brings `tokens` to a prefix of its prompt."""
+    def start(
+        self,
+        req: GenerationRequest,
+        on_text: Callable[[str], None],
+        drafters: Sequence[Drafter] = (),
+    ) -> None:
+        """Takes a request and the drafters it may use (in chain order).
+
+        The caller then brings `tokens` to a prefix of its prompt (`set_prefix`).
+        """
         self._reset_request()
         self.request = req
         self.on_text = on_text
+        self.drafters = list(drafters)
         self._t_start = self.clock()
         self.sampler = self.model.sampler(req.sampling)
         self.stopper = StopMatcher(req.stop)
@@ -134,11 +143,10 @@ class Slot:
 
     # --- prompt -------------------------------------------------------------------
 
-    def prefill(self, drafters: Sequence[Drafter]) -> None:
+    def prefill(self) -> None:
         """Evaluates the next batch of the prompt, with a cancellation check before it.
 
-        After the last batch it samples the first token and readies speculation
-        with the drafters this request may use (in chain order).
+        After the last batch it samples the first token and readies speculation.
         """
         req, model = self.request, self.model
         assert req is not None and self.sampler is not None
@@ -161,7 +169,6 @@ class Slot:
         ctl.n_max = max(0, min(spec.n_max, 16, model.n_batch - 1))
         ctl.n_min = max(0, min(spec.n_min, ctl.n_max))
         ctl.p_min = spec.p_min
-        self.drafters = list(drafters)
         for drafter in self.drafters:
             drafter.reset(req.prompt_tokens)
         self.max_tokens = min(req.max_tokens, model.n_ctx - len(req.prompt_tokens))
