@@ -7,7 +7,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.backend.llama import LlamaModel, SamplingParams
+from engine.backend.llama import DecodeError, LlamaModel, SamplingParams
 from engine.decoding.decoder import Decoder
 from engine.decoding.prefix_cache import PrefixStateCache
 from engine.decoding.request import GenerationRequest, GenerationResult, SpecParams
@@ -84,3 +84,15 @@ def test_no_state_is_copied_when_the_cache_cannot_keep_it(
     monkeypatch.setattr(model, "save_state", no_copy)
     ask(decoder, chat(model, "PINEAPPLE"))
     ask(decoder, chat(model, "TOMATO"))  # a switch: the old context would be stashed
+
+
+def test_a_sequence_id_beyond_n_seq_max_is_refused_before_llama_cpp_sees_it(
+    model: LlamaModel,
+) -> None:
+    assert model.n_seq_max == 1
+    with pytest.raises(DecodeError, match="sequence id 1"):
+        model.decode(1, [model.bos], 0)
+    with pytest.raises(DecodeError, match="sequence id -1"):
+        model.save_state(-1)
+    with pytest.raises(DecodeError, match="sequence id 1"):
+        model.seq_cp(0, 1)
