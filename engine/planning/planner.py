@@ -810,7 +810,7 @@ def _stage(search: _Search, c: _Config, full_offload: bool) -> int:
         given_up.append(2)
     if c.n_ctx < search.target:
         given_up.append(3)
-    if not full_offload:
+    if not full_offload and c.n_offloaded:
         given_up.append(5)
     if c.cand.file_name not in search.above_floor:
         given_up.append(6)
@@ -1218,13 +1218,20 @@ def fit_badge(hardware: Hardware, candidate: ModelCandidate, pins: Pins | None =
     if ngl == 0:
         level: FitLevel = "cpu"
         summary = f"CPU only, {p.load.n_ctx} tokens, {_gib(p.memory.total)}"
-    elif ngl == -1 and not p.load.expert_offload:
+    elif ngl == -1 and not p.load.expert_offload and not p.load.n_cpu_moe:
         level = "gpu"
         summary = f"fits on the GPU, {p.load.n_ctx} tokens, {_gib(p.memory.total)}"
     else:
         level = "partial"
-        how = "experts in RAM" if p.load.expert_offload else f"{ngl} layers on the GPU"
+        if ngl != -1:
+            how = f"{ngl} layers on the GPU"
+        elif p.load.expert_offload:
+            how = "experts in RAM"
+        else:
+            how = f"experts of {p.load.n_cpu_moe} layers in RAM"
         summary = f"partial offload ({how}), {p.load.n_ctx} tokens, {_gib(p.memory.total)}"
+    if p.paged_bytes:
+        summary += ", weights memory-mapped (slower)"
     return FitBadge(level, p.memory.total, summary)
 
 
