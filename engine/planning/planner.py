@@ -69,8 +69,9 @@ MAX_PAGED_SHARE = 0.25
 # How much faster system RAM reads than an NVMe SSD (about 60 vs 6 GB/s): the
 # factor behind a paged plan's "slower" estimate.
 RAM_OVER_DISK_SPEED = 10.0
-# Single-GPU options are tried for at most this many GPUs (then only all together).
-MAX_SINGLE_GPU_OPTIONS = 8
+# Every set of GPUs is tried for up to this many GPUs; more are tried each alone and
+# all together (the objective's "fewest GPUs" is then not searched exhaustively).
+MAX_GPU_SUBSETS = 4
 
 FULL_PRECISION_KV = ("f16", "bf16", "f32")
 
@@ -465,12 +466,17 @@ def _make_context(hardware: Hardware, pins: Pins, shapes: dict[str, ModelShape])
         flash_attn=(pins.flash_attn or "on") != "off",
         runtime=_pick_runtime(hardware, pins) if gpus else None,
     )
-    # Every GPU alone (no split cost), then all of them together. The set of options
-    # does not depend on free memory, so more memory only ever adds loads that fit.
-    if len(gpus) <= MAX_SINGLE_GPU_OPTIONS:
-        ctx.options.extend((i,) for i in range(len(gpus)))
-    if len(gpus) > 1 or not ctx.options:
-        ctx.options.append(tuple(range(len(gpus))))
+    # Every set of GPUs (fewer GPUs, less split cost), or with many GPUs each alone and
+    # all together. The options do not depend on free memory, so more memory only
+    # ever adds loads that fit.
+    n = len(gpus)
+    if n <= MAX_GPU_SUBSETS:
+        ctx.options.extend(
+            tuple(i for i in range(n) if mask >> i & 1) for mask in range(1, 1 << n)
+        )
+    else:
+        ctx.options.extend((i,) for i in range(n))
+        ctx.options.append(tuple(range(n)))
     return ctx
 
 
