@@ -471,9 +471,7 @@ def _make_context(hardware: Hardware, pins: Pins, shapes: dict[str, ModelShape])
     # ever adds loads that fit.
     n = len(gpus)
     if n <= MAX_GPU_SUBSETS:
-        ctx.options.extend(
-            tuple(i for i in range(n) if mask >> i & 1) for mask in range(1, 1 << n)
-        )
+        ctx.options.extend(tuple(i for i in range(n) if mask >> i & 1) for mask in range(1, 1 << n))
     else:
         ctx.options.extend((i,) for i in range(n))
         ctx.options.append(tuple(range(n)))
