@@ -1144,6 +1144,7 @@ def _checked_by_dry_run(
     """Measures the plan; when llama.cpp needs more than estimated, re-plans with less room."""
     current = result
     adjusted = hardware
+    plan_pins = pins
     for _ in range(3):
         measured = measure_fn(current.load)
         gpu_layers_used = current.load.n_gpu_layers != 0 and bool(hardware.gpus)
@@ -1158,7 +1159,7 @@ def _checked_by_dry_run(
         ctx = _make_context(
             hardware, pins, {candidate.file_name: shape_from_header(candidate.header)}
         )
-        over = ctx.overshoot(mem)
+        over = ctx.overshoot(mem, current.paged_bytes)
         if not over:
             current.memory = mem
             current.method = "measured"
@@ -1173,7 +1174,17 @@ def _checked_by_dry_run(
             error["total"] = max(0, mem.total - current.memory.total)
         log.info("dry run exceeds the budget by %s; re-planning", over)
         adjusted = _shrink(adjusted, error, ctx)
-        current = plan(adjusted, [candidate], pins)
+        if plan_pins.budget_bytes is not None:
+            # Budgets given per device shrink too (the check below keeps the user's).
+            names = [*device_names(hardware.gpus), ctx.host.name]
+            plan_pins = replace(
+                plan_pins,
+                budget_bytes=tuple(
+                    max(0, b - error.get(n, 0) - error.get("total", 0))
+                    for n, b in zip(names, plan_pins.budget_bytes, strict=True)
+                ),
+            )
+        current = plan(adjusted, [candidate], plan_pins)
         current.hardware = hardware
         current.reasons.insert(
             -1,

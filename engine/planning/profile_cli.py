@@ -306,6 +306,7 @@ def render_text(result: Plan) -> str:
         + (", MoE experts in RAM" if load.expert_offload else "")
         + (f", MoE experts of the first {load.n_cpu_moe} layers in RAM" if load.n_cpu_moe else "")
         + (f", split {load.tensor_split}" if load.tensor_split else "")
+        + (", weights memory-mapped (slower)" if result.paged_bytes else "")
     )
     lines.append(
         f"memory ({result.method}): {mem.total / GIB:.2f} GiB = weights {mem.weights / GIB:.2f}"
