@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from app.services.engine_client import (
+from app.services.engine.client import (
     CancelToken,
     Delta,
     Endpoint,
@@ -23,7 +23,7 @@ from app.services.engine_client import (
     EngineClientError,
     Finished,
 )
-from app.services.engine_launch import (
+from app.services.engine.launch import (
     LaunchSpec,
     LineSplitter,
     Loading,

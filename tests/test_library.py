@@ -13,7 +13,7 @@ from pathlib import Path
 import gguf
 import pytest
 
-from app.services.library import (
+from app.services.models.library import (
     Library,
     ScanFolder,
     ScanLimits,

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from app import cli
-from app.services import models_cli
-from app.services.downloads import Downloader
+from app.services.models import cli as models_cli
+from app.services.models.downloads import Downloader
 from engine.paths import Paths
 from tests.fake_hub import FakeHub, add_tiny_repo, running_hub
 

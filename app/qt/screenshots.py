@@ -49,11 +49,11 @@ def main(argv: list[str] | None = None) -> int:
         if steps:
             return
         shot("empty.png")
-        chat = window.new_chat()
-        window.preset_box.setCurrentText("Precise")
-        window.composer.input.setPlainText(PROMPT)
-        window.submit(PROMPT)
-        assert window.current_chat == chat
+        chat = window.chat.new_chat()
+        window.chat_view.header.preset_box.setCurrentText("Precise")
+        window.chat_view.composer.input.setPlainText(PROMPT)
+        window.chat.submit(PROMPT)
+        assert window.chat.current_chat == chat
 
     def on_answer(_gid: int) -> None:
         if "chat.png" not in steps:
@@ -64,14 +64,14 @@ def main(argv: list[str] | None = None) -> int:
     def after_chat() -> None:
         shot("chat.png")
         # An engine death mid-answer, as the user sees it.
-        window.service.max_tokens = 400
-        window.composer.input.setPlainText("Now write a long story about a falcon.")
-        window.submit(window.composer.input.toPlainText())
+        window.chat.service.max_tokens = 400
+        window.chat_view.composer.input.setPlainText("Now write a long story about a falcon.")
+        window.chat.submit(window.chat_view.composer.input.toPlainText())
         poll.start()
 
     def kill_engine_mid_answer() -> None:
         # Once part of the answer is on screen, the engine "crashes".
-        active = window.service.active
+        active = window.chat.service.active
         if active is None:
             poll.stop()
             return
@@ -94,7 +94,7 @@ def main(argv: list[str] | None = None) -> int:
         window.shut_down()
 
     window.supervisor.ready.connect(on_ready)
-    window.answer_finished.connect(on_answer)
+    window.chat.answer_finished.connect(on_answer)
     window.closed.connect(app.quit)
     QTimer.singleShot(300_000, window.shut_down)  # never hang a docs build
     window.start_engine()

@@ -14,7 +14,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.services.chat_store import Chat
+from app.services.chat.store import Chat
 
 
 class ChatList(QWidget):

@@ -1,0 +1,136 @@
+"""The chat's header: title, the model picker, preset, system prompt, and the server box."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from PySide6.QtCore import Qt, Signal
+from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QWidget
+
+from app.services.chat.service import PRESETS
+from app.services.models.library import ModelEntry
+
+LOCAL = "Local engine"
+ADD_SERVER = "Add server…"
+MANAGE_MODELS = "Manage models…"
+
+
+class ChatHeader(QWidget):
+    """Draws the chat's choices and emits what the user picked; it decides nothing."""
+
+    model_chosen = Signal(str)  # model path
+    manage_models = Signal()
+    preset_chosen = Signal(str)
+    system_prompt_requested = Signal()
+    server_chosen = Signal(object)  # a remote server's name, or None for the local engine
+    add_server_requested = Signal()
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("header")
+        self.setAttribute(Qt.WidgetAttribute.WA_StyledBackground, True)
+        lay = QHBoxLayout(self)
+        lay.setContentsMargins(28, 10, 20, 10)
+        lay.setSpacing(10)
+        self.title = QLabel("New chat")
+        self.title.setObjectName("chatTitle")
+        self.title.setMinimumWidth(80)
+        lay.addWidget(self.title, 1)
+        self.model_box = QComboBox()
+        self.model_box.setObjectName("modelPicker")
+        self.model_box.setToolTip("The model that answers (Ctrl+L); switching keeps this chat")
+        self.model_box.setMinimumContentsLength(22)
+        self.model_box.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+        )
+        self.model_box.activated.connect(self._on_model)
+        lay.addWidget(self.model_box)
+        self.preset_box = QComboBox()
+        self.preset_box.addItems(list(PRESETS))
+        self.preset_box.setToolTip("Sampling preset for this chat")
+        self.preset_box.currentTextChanged.connect(self._on_preset)
+        lay.addWidget(self.preset_box)
+        self.system_button = QPushButton("System prompt…")
+        self.system_button.clicked.connect(self.system_prompt_requested)
+        lay.addWidget(self.system_button)
+        self.server_box = QComboBox()
+        self.server_box.setToolTip("Where answers come from")
+        self.server_box.activated.connect(self._on_server)
+        lay.addWidget(self.server_box)
+        self._quiet = False
+
+    # drawing ----------------------------------------------------------------
+
+    def set_models(self, entries: list[ModelEntry], current: Path | None, loading: bool) -> None:
+        """The runnable models; `current` is selected. Disabled while a model loads."""
+        box = self.model_box
+        box.blockSignals(True)
+        box.clear()
+        paths = []
+        for entry in entries:
+            if not entry.valid:
+                continue
+            label = (
+                entry.path.stem if entry.source != "builtin" else f"{entry.path.stem} (built-in)"
+            )
+            box.addItem(label, str(entry.path))
+            box.setItemData(box.count() - 1, str(entry.path), Qt.ItemDataRole.ToolTipRole)
+            paths.append(entry.path)
+        if current is not None and current not in paths:
+            box.addItem(current.stem, str(current))
+        if current is None:
+            box.insertItem(0, "No model loaded", "")
+        box.insertSeparator(box.count())
+        box.addItem(MANAGE_MODELS, None)
+        index = box.findData(str(current) if current is not None else "")
+        box.setCurrentIndex(max(index, 0))
+        box.setEnabled(not loading)
+        box.blockSignals(False)
+
+    def set_loading(self, name: str | None) -> None:
+        if name is not None:
+            self.model_box.setEnabled(False)
+            self.model_box.setToolTip(f"Loading {name}…")
+        else:
+            self.model_box.setEnabled(True)
+            self.model_box.setToolTip("The model that answers (Ctrl+L); switching keeps this chat")
+
+    def set_servers(self, names: list[str], active: str | None) -> None:
+        box = self.server_box
+        box.blockSignals(True)
+        box.clear()
+        box.addItem(LOCAL)
+        for name in names:
+            box.addItem(name)
+        box.addItem(ADD_SERVER)
+        box.setCurrentText(active or LOCAL)
+        box.blockSignals(False)
+        # The local model picker means nothing while answers come from elsewhere.
+        self.model_box.setVisible(active is None)
+
+    def set_preset(self, preset: str) -> None:
+        self._quiet = True
+        self.preset_box.setCurrentText(preset)
+        self._quiet = False
+
+    # intents ----------------------------------------------------------------
+
+    def _on_model(self, index: int) -> None:
+        data = self.model_box.itemData(index)
+        if data is None and self.model_box.itemText(index) == MANAGE_MODELS:
+            self.manage_models.emit()
+        elif data:
+            self.model_chosen.emit(str(data))
+
+    def _on_preset(self, preset: str) -> None:
+        if preset and not self._quiet:
+            self.preset_chosen.emit(preset)
+
+    def _on_server(self, index: int) -> None:
+        text = self.server_box.itemText(index)
+        if text == LOCAL:
+            self.server_chosen.emit(None)
+        elif text == ADD_SERVER:
+            self.add_server_requested.emit()
+        else:
+            self.server_chosen.emit(text)
