@@ -5,9 +5,11 @@ A GUI-thread watchdog is active whenever an answer streams.
 
 from __future__ import annotations
 
+import http.server
 import itertools
 import os
 import sqlite3
+import threading
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -370,7 +372,7 @@ def test_chat_runs_against_a_remote_openai_compatible_server(
 def test_the_view_follows_the_stream_until_the_user_scrolls_up(
     qtbot: QtBot, window: MainWindow, watchdog: GuiWatchdog
 ) -> None:
-    window.resize(900, 360)  # a short window, so the answer outgrows it
+    window.resize(1000, 360)  # a short window, so the answer outgrows it
     window.chat.service.max_tokens = 120
     finished: list[int] = []
     window.chat.answer_finished.connect(finished.append)
@@ -456,3 +458,70 @@ def test_preset_and_system_prompt_belong_to_each_chat(qtbot: QtBot, default_mode
     w.chat.open_chat(a)
     assert w.chat_view.header.preset_box.currentText() == "Creative"
     close_window(qtbot, w)
+
+
+class NotPeregrine(http.server.BaseHTTPRequestHandler):
+    """An OpenAI-compatible server that has neither /v1/engine/status nor /props."""
+
+    def do_GET(self) -> None:
+        body = b'{"error": {"message": "not found"}}'
+        self.send_response(404)
+        self.send_header("Content-Type", "application/json")
+        self.send_header("Content-Length", str(len(body)))
+        self.end_headers()
+        self.wfile.write(body)
+
+    def log_message(self, *args: object) -> None:
+        pass
+
+
+def test_the_status_bar_describes_the_remote_server_in_use(
+    qtbot: QtBot, window: MainWindow, default_model: Path
+) -> None:
+    bar = window.status
+    qtbot.waitUntil(lambda: "4,096" in bar.context.text(), timeout=30_000)
+    qtbot.waitUntil(lambda: "MiB" in bar.memory.text(), timeout=30_000)
+    local_memory = bar.memory.text()
+    # "Add server…" opens a titled dialog wide enough for a whole URL.
+    window.chat_view.header.add_server_requested.emit()
+    dialog = window.chat.server_dialog
+    assert dialog.windowTitle() == "Add a server" and dialog.minimumWidth() >= 560
+    with running_engine("--model", str(default_model), "--ctx", "2048") as remote:
+        dialog.name.setText("lab")
+        dialog.url.setText("ftp://nowhere")
+        dialog._accept()
+        assert dialog.isVisible() and "http" in dialog.problem.text()
+        dialog.url.setText(remote.base_url + "/v1")
+        dialog.key.setText(remote.key)
+        dialog._accept()
+        assert not dialog.isVisible()
+        assert window.chat_view.header.server_box.currentText() == "lab"
+        # The remote's own figures, never the local engine's.
+        assert bar.state.text() == "Server: lab"
+        qtbot.waitUntil(lambda: "2,048" in bar.context.text(), timeout=30_000)
+        qtbot.waitUntil(lambda: "MiB" in bar.memory.text(), timeout=30_000)
+        assert bar.memory.text() != local_memory
+        assert not window.chat_view.header.model_box.isVisible()
+        # The local engine's events do not overwrite it.
+        window.supervisor.state_changed.emit(window.supervisor.state)
+        assert bar.state.text() == "Server: lab"
+    # A server without Peregrine's status or llama-server's /props: dashes.
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotPeregrine)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        window.chat.add_remote_endpoint(
+            RemoteEndpoint(name="other", base_url=f"http://127.0.0.1:{server.server_port}/v1")
+        )
+        window.chat.use_endpoint("other")
+        assert bar.state.text() == "Server: other"
+        assert bar.context.text() == "Context — / —"
+        assert bar.memory.text() == "Memory —" and bar.speculative.text() == "Spec —"
+        qtbot.wait(500)  # a late answer from the old server must not draw its figures
+        assert bar.context.text() == "Context — / —"
+    finally:
+        server.shutdown()
+    # Back to the local engine: its figures again.
+    window.chat.use_endpoint(None)
+    assert bar.state.text() == "● Engine ready"
+    qtbot.waitUntil(lambda: "4,096" in bar.context.text(), timeout=30_000)
+    assert window.chat_view.header.model_box.isVisibleTo(window)

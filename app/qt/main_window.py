@@ -39,6 +39,7 @@ from app.qt.status_bar import StatusBar
 from app.qt.status_controller import StatusController
 from app.qt.workers import BackgroundCalls
 from app.services.chat.store import ChatStore
+from app.services.models.fit import planner_wiring
 from app.services.models.library import LocalFitFn
 from app.services.settings import Settings, SettingsStore
 from engine.default_model import default_model_path
@@ -56,12 +57,15 @@ class MainWindow(QMainWindow):
     def on_profile(cls, max_tokens: int) -> MainWindow:
         """A window on PEREGRINE_HOME's profile with the built-in model (screenshots, benchmarks)."""
         paths = Paths.from_env().ensure()
+        fit, _pick, _reader = planner_wiring()
         return cls(
             ChatStore(paths.chats_db),
             SettingsStore(paths.settings_file),
             EngineSupervisor(),
             default_model_path,
             max_tokens=max_tokens,
+            paths=paths,
+            fit=fit,
         )
 
     def __init__(

@@ -29,7 +29,7 @@ class NavRail(QWidget):
         super().__init__(parent)
         self.setObjectName("navRail")
         self.setAttribute(Qt.WidgetAttribute.WA_StyledBackground, True)
-        self.setFixedWidth(76)
+        self.setFixedWidth(70)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(8, 14, 8, 12)
         lay.setSpacing(6)

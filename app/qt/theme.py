@@ -116,7 +116,7 @@ QWidget#sidebar {{ background: {p.panel}; border-right: 1px solid {p.border}; }}
 QWidget#navRail {{ background: {p.panel}; border-right: 1px solid {p.border}; }}
 QToolButton#navButton {{
     color: {p.muted}; background: transparent; border: none; border-radius: 8px;
-    padding: 8px 2px; font-size: 9pt; min-width: 60px;
+    padding: 8px 2px; font-size: 9pt; min-width: 50px;
 }}
 QToolButton#navButton:hover {{ background: {p.surface}; color: {p.text}; }}
 QToolButton#navButton:checked {{ background: {p.surface_hi}; color: {p.text}; font-weight: 600; }}

@@ -31,15 +31,15 @@ class ChatHeader(QWidget):
         self.setAttribute(Qt.WidgetAttribute.WA_StyledBackground, True)
         lay = QHBoxLayout(self)
         lay.setContentsMargins(28, 10, 20, 10)
-        lay.setSpacing(10)
+        lay.setSpacing(8)
         self.title = QLabel("New chat")
         self.title.setObjectName("chatTitle")
-        self.title.setMinimumWidth(80)
+        self.title.setMinimumWidth(60)
         lay.addWidget(self.title, 1)
         self.model_box = QComboBox()
         self.model_box.setObjectName("modelPicker")
         self.model_box.setToolTip("The model that answers (Ctrl+L); switching keeps this chat")
-        self.model_box.setMinimumContentsLength(22)
+        self.model_box.setMinimumContentsLength(10)
         self.model_box.setSizeAdjustPolicy(
             QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
         )
@@ -50,11 +50,16 @@ class ChatHeader(QWidget):
         self.preset_box.setToolTip("Sampling preset for this chat")
         self.preset_box.currentTextChanged.connect(self._on_preset)
         lay.addWidget(self.preset_box)
-        self.system_button = QPushButton("System prompt…")
+        self.system_button = QPushButton("System…")
+        self.system_button.setToolTip("The system prompt of this chat")
         self.system_button.clicked.connect(self.system_prompt_requested)
         lay.addWidget(self.system_button)
         self.server_box = QComboBox()
         self.server_box.setToolTip("Where answers come from")
+        self.server_box.setMinimumContentsLength(8)
+        self.server_box.setSizeAdjustPolicy(
+            QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
+        )
         self.server_box.activated.connect(self._on_server)
         lay.addWidget(self.server_box)
         self._quiet = False

@@ -110,6 +110,11 @@ class ModelsController(QObject):
 
         self._background.run(library.entries, done, failed, what="Listing models")
 
+    @property
+    def listing(self) -> bool:
+        """True while a listing runs or one more is due."""
+        return self._listing or self._again
+
     def _draw_marks(self) -> None:
         self.tab.set_marks(self.engine.current, self.engine.loading, self._progress)
 
