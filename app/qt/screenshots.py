@@ -56,6 +56,7 @@ def main(argv: list[str] | None = None) -> int:
     # Imported after PEREGRINE_HOME is set, so every path lands in the throwaway home.
     from app.qt.main_window import MainWindow
     from app.qt.navigation import Page
+    from app.services.engine.launch import SupervisorState
     from app.services.settings import Settings, SettingsStore
     from engine.default_model import default_model_path
     from engine.paths import Paths
@@ -128,8 +129,8 @@ def main(argv: list[str] | None = None) -> int:
     def error_shot() -> None:
         shot("error.png")
         window.error_panel.clear()
-        if window.engine.current is None:
-            window.supervisor.ready.connect(lambda _r: later(500, library_shots))
+        if window.supervisor.state is not SupervisorState.READY:
+            window.supervisor.ready.connect(lambda _r: later(800, library_shots))
         else:
             library_shots()
 

@@ -272,12 +272,15 @@ def ls_main(argv: list[str]) -> int:
     """Lists Peregrine's models and, read-only, other apps' GGUFs."""
     p = _Parser(prog="peregrine ls", description="List the models Peregrine can run.")
     p.add_argument("--json", action="store_true", help="one JSON array on stdout")
-    p.add_argument("--own", action="store_true", help="only Peregrine's own models")
+    p.add_argument("--own", action="store_true", help="only the models you downloaded or imported")
     args = p.parse_args(argv)
     paths = Paths.from_env()
-    library = _library(paths)
     if args.own:
+        # The models you downloaded or imported: what `rm` can delete.
+        library = library_for(paths, _settings(paths), builtin=None)
         library.scan_folders = []
+    else:
+        library = _library(paths)
     entries = library.entries()
     if args.json:
         sys.stdout.write(json.dumps([_entry_json(e) for e in entries], indent=1) + "\n")
