@@ -20,10 +20,10 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "gui": ("app.qt.main", "main", "open the desktop app (the default)"),
     "serve": ("engine.serving.serve_cli", "main", "run the engine: an OpenAI-compatible server"),
     "profile": ("engine.planning.profile_cli", "main", "detect hardware and plan a model's memory"),
-    "pull": ("app.services.models_cli", "pull_main", "download a model from Hugging Face"),
-    "ls": ("app.services.models_cli", "ls_main", "list the models Peregrine can run"),
-    "rm": ("app.services.models_cli", "rm_main", "delete a downloaded model"),
-    "search": ("app.services.models_cli", "search_main", "search Hugging Face for GGUF models"),
+    "pull": ("app.services.models.cli", "pull_main", "download a model from Hugging Face"),
+    "ls": ("app.services.models.cli", "ls_main", "list the models Peregrine can run"),
+    "rm": ("app.services.models.cli", "rm_main", "delete a downloaded model"),
+    "search": ("app.services.models.cli", "search_main", "search Hugging Face for GGUF models"),
 }
 
 USAGE = "usage: peregrine [--debug] [COMMAND] [ARGS...]\n\ncommands:\n" + "".join(

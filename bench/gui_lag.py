@@ -42,7 +42,7 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtWidgets import QApplication
 
     from app.qt.main_window import MainWindow
-    from app.services.chat_store import ChatStore
+    from app.services.chat.store import ChatStore
 
     load_before = os.getloadavg()
     app = QApplication([sys.argv[0]])
@@ -72,10 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
 
     def ask() -> None:
-        chat = window.new_chat()
+        chat = window.chat.new_chat()
         assert chat is not None
         prompt = prompts[done[0] % len(prompts)]
-        window.submit(prompt)
+        window.chat.submit(prompt)
 
     def started(_gid: int) -> None:
         last[0] = time.monotonic()
@@ -83,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def finished(_gid: int) -> None:
         streaming[0] = False
-        msg = store.messages(window.current_chat)[-1]  # type: ignore[arg-type]
+        msg = store.messages(window.chat.current_chat)[-1]  # type: ignore[arg-type]
         tokens[0] += int((msg.meta.get("usage") or {}).get("completion_tokens") or 0)
         done[0] += 1
         if done[0] < args.answers:
@@ -91,8 +91,8 @@ def main(argv: list[str] | None = None) -> int:
         else:
             window.shut_down()
 
-    window.answer_started.connect(started)
-    window.answer_finished.connect(finished)
+    window.chat.answer_started.connect(started)
+    window.chat.answer_finished.connect(finished)
     window.supervisor.ready.connect(lambda _r: ask() if done[0] == 0 else None)
     window.closed.connect(app.quit)
     window.start_engine()

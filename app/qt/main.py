@@ -15,7 +15,8 @@ from PySide6.QtWidgets import QApplication, QMessageBox
 
 from app.qt.engine_supervisor import EngineSupervisor
 from app.qt.main_window import MainWindow
-from app.services.chat_store import ChatStore
+from app.services.chat.store import ChatStore
+from app.services.models.fit import planner_wiring
 from app.services.settings import SettingsStore
 from engine.default_model import default_model_path
 from engine.errors import PeregrineError
@@ -74,8 +75,16 @@ def main(argv: list[str]) -> int:
         QMessageBox.critical(None, "Peregrine cannot open your chats", str(exc))
         raise
     supervisor = EngineSupervisor()
+    fit, _pick, _reader = planner_wiring()  # fit badges in the library (hardware probed once)
     window = MainWindow(
-        store, settings_store, supervisor, default_model_path, settings, max_tokens=args.max_tokens
+        store,
+        settings_store,
+        supervisor,
+        default_model_path,
+        settings,
+        max_tokens=args.max_tokens,
+        paths=paths,
+        fit=fit,
     )
     for notice in (warning, recovered):
         if notice:

@@ -14,7 +14,7 @@ from PySide6.QtWidgets import (
     QWidget,
 )
 
-from app.services.chat_store import Chat
+from app.services.chat.store import Chat
 
 
 class ChatList(QWidget):
@@ -30,7 +30,7 @@ class ChatList(QWidget):
         super().__init__(parent)
         self.setObjectName("sidebar")
         self.setAttribute(Qt.WidgetAttribute.WA_StyledBackground, True)
-        self.setFixedWidth(260)
+        self.setFixedWidth(224)
         lay = QVBoxLayout(self)
         lay.setContentsMargins(12, 14, 12, 12)
         lay.setSpacing(10)

@@ -24,21 +24,25 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Any, Literal
 
-from app.services.hub import split_info
+from app.services.models.hub import FitLike, split_info
 from engine.errors import PeregrineError
 from engine.paths import Paths
 
 log = logging.getLogger(__name__)
 
-Source = Literal["peregrine", "huggingface", "lmstudio", "gpt4all", "ollama"]
+Source = Literal["peregrine", "builtin", "huggingface", "lmstudio", "gpt4all", "ollama"]
 SOURCE_NAMES: dict[str, str] = {
     "peregrine": "Peregrine",
+    "builtin": "Peregrine's built-in model",
     "huggingface": "the Hugging Face cache",
     "lmstudio": "LM Studio",
     "gpt4all": "GPT4All",
     "ollama": "Ollama",
 }
 HeaderReader = Callable[[Path], Any]
+# (file name, header, size) -> how the model fits this machine (the planner's FitBadge)
+LocalFitFn = Callable[[str, Any, int], FitLike]
+BUILTIN_ID = "built-in"
 
 _OLLAMA_MODEL_MEDIA = "application/vnd.ollama.image.model"
 _MAX_MANIFEST_BYTES = 1 << 20
@@ -113,6 +117,7 @@ class ModelEntry:
     mtp_layers: int = 0
     parts: tuple[Path, ...] = ()  # every file of a split model, first part first
     error: str | None = None  # set when the header could not be read
+    fit: FitLike | None = None  # how it fits this machine, when a fit function was given
 
     @property
     def valid(self) -> bool:
@@ -226,8 +231,15 @@ class Library:
         validator: HeaderReader = _default_validator,
         limits: ScanLimits = ScanLimits(),
         clock: Callable[[], float] = time.monotonic,
+        models_dir: Path | None = None,
+        builtin: Callable[[], Path] | None = None,
+        fit: LocalFitFn | None = None,
     ) -> None:
         self.paths = paths
+        # The models folder from settings, else the data folder's models/.
+        self.models_dir = models_dir or paths.models
+        self._builtin = builtin
+        self._fit = fit
         self.scan_folders = list(scan_folders)
         self._read = header_reader
         self._validate = validator
@@ -246,6 +258,9 @@ class Library:
 
     def _entries(self) -> list[ModelEntry]:
         entries = list(self._peregrine())
+        builtin = self._builtin_entry()
+        if builtin is not None:
+            entries.insert(0, builtin)
         seen = {_real(e.path) for e in entries}
         scanned: set[tuple[str, str]] = set()
         for folder in self.scan_folders:
@@ -282,8 +297,18 @@ class Library:
             raise PeregrineError(f"{ref!r} matches several models: {ids}; use the full id")
         return exact[0]
 
+    def _builtin_entry(self) -> ModelEntry | None:
+        if self._builtin is None:
+            return None
+        try:
+            path = self._builtin()
+        except PeregrineError as exc:
+            log.warning("the built-in model is not listed: %s", exc)
+            return None
+        return self._entry(BUILTIN_ID, path, "builtin", read_only=True)
+
     def _peregrine(self) -> Iterator[ModelEntry]:
-        root = self.paths.models
+        root = self.models_dir
         if not root.is_dir():
             return
         # Symlinked folders are not followed here: what `rm` may delete stays inside models/.
@@ -459,8 +484,15 @@ class Library:
             log.warning("unexpected error reading %s", path, exc_info=True)
             return replace(base, error=f"{type(exc).__name__}: {exc}")
         license_ = header.get("general.license")
+        fit: FitLike | None = None
+        if self._fit is not None:
+            try:
+                fit = self._fit(path.name, header, size)
+            except Exception as exc:  # a badge is an extra: the entry is listed without it
+                log.warning("no fit badge for %s: %s", path, exc)
         return replace(
             base,
+            fit=fit,
             architecture=header.architecture,
             n_params=header.n_params,
             quant=header.quant_name,
@@ -473,7 +505,9 @@ class Library:
     # --- actions ------------------------------------------------------------------------------
     def delete(self, entry: ModelEntry) -> list[Path]:
         """Deletes one of Peregrine's own models (every part); other apps' files are refused."""
-        root = self.paths.models.resolve()
+        root = self.models_dir.resolve()
+        if entry.source == "builtin":
+            raise PeregrineError("the built-in model ships with Peregrine and cannot be deleted")
         if entry.read_only or entry.source != "peregrine":
             raise PeregrineError(
                 f"{entry.id} belongs to {SOURCE_NAMES[entry.source]}; Peregrine only lists it "
@@ -501,7 +535,7 @@ class Library:
                 ) from None
             removed.append(part)
         parent = entry.path.parent
-        if parent != self.paths.models and parent.resolve().is_relative_to(root):
+        if parent != self.models_dir and parent.resolve().is_relative_to(root):
             with contextlib.suppress(OSError):
                 parent.rmdir()  # only if now empty; a non-empty folder keeps its other models
         return removed
@@ -519,7 +553,7 @@ class Library:
             raise PeregrineError(
                 f"{source.name} is one part of a split model; import is for single-file GGUFs"
             )
-        dest_dir = self.paths.models / "imported"
+        dest_dir = self.models_dir / "imported"
         dest = dest_dir / source.name
         if dest.exists():
             raise PeregrineError(f"a model named {source.name} is already imported: {dest}")

@@ -13,19 +13,14 @@ import re
 import stat
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable
 from typing import Any, TextIO
 
-from app.services.downloads import Downloader, format_bytes
-from app.services.hub import FitLike, HubService, QuantOption, RepoListing
-from app.services.library import (
-    Library,
-    ModelEntry,
-    ScanFolder,
-    default_scan_folders,
-    scan_folders_from_strings,
-)
-from app.services.settings import SettingsError, SettingsStore
+from app.services.models.downloads import Downloader, format_bytes
+from app.services.models.fit import downloads_dir, library_for, models_dir, planner_wiring
+from app.services.models.hub import HubService, QuantOption, RepoListing
+from app.services.models.library import Library, ModelEntry
+from app.services.settings import Settings, SettingsError, SettingsStore
 from engine.errors import PeregrineError, UsageError
 from engine.paths import Paths
 
@@ -110,53 +105,18 @@ class TerminalProgress:
             self.stream.flush()
 
 
-# --- default wiring of the planner (engine/) ---------------------------------------------------
-
-
-def planner_wiring() -> tuple[Any, Any, Any]:
-    """(fit, pick, remote header reader) from engine/, or Nones when those modules are absent."""
-    try:
-        from engine.gguf.header import read_remote_gguf_header
-        from engine.planning import planner
-        from engine.planning.hardware import detect_hardware
-    except ImportError as exc:
-        log.info("fit badges unavailable: %s", exc)
-        return None, None, None
-    hardware: list[Any] = []
-
-    def hw() -> Any:
-        if not hardware:
-            hardware.append(detect_hardware())
-        return hardware[0]
-
-    def fit(name: str, header: Any, size: int) -> FitLike:
-        return planner.fit_badge(hw(), planner.ModelCandidate(name, header, size))
-
-    def pick(candidates: Sequence[tuple[str, Any, int]]) -> str | None:
-        try:
-            plan = planner.plan(hw(), [planner.ModelCandidate(n, h, s) for n, h, s in candidates])
-        except PeregrineError as exc:
-            # Nothing fits: no pick; every quant's badge already says why.
-            log.info("no quant picked: %s", exc)
-            return None
-        return plan.quant_file
-
-    def read_header(url: str, headers: dict[str, str]) -> Any:
-        return read_remote_gguf_header(url, headers=headers)
-
-    return fit, pick, read_header
-
-
 def _hub(with_fit: bool) -> HubService:
+    # A token saved in the app's settings; else huggingface-hub finds HF_TOKEN or the login.
+    token = _settings(Paths.from_env()).token
     if not with_fit:
-        return HubService()
+        return HubService(token=token)
     fit, pick, reader = planner_wiring()
-    return HubService(fit=fit, pick=pick, header_reader=reader)
+    return HubService(token=token, fit=fit, pick=pick, header_reader=reader)
 
 
-def _library(paths: Paths) -> Library:
-    folders: list[ScanFolder]
-    configured: list[str] | None = None
+def _settings(paths: Paths) -> Settings:
+    """The app's settings, or defaults (logged) when the file is missing or unusable."""
+    mode: int | None
     try:
         # read_bytes() on a FIFO or device would wait forever: only a regular file is read.
         mode = paths.settings_file.stat().st_mode
@@ -164,22 +124,23 @@ def _library(paths: Paths) -> Library:
         mode = None
     except OSError as exc:
         log.warning(
-            "cannot read settings %s (%s); scanning the default folders", paths.settings_file, exc
+            "cannot read settings %s (%s); using the default settings", paths.settings_file, exc
         )
         mode = None
     if mode is not None and not stat.S_ISREG(mode):
         log.warning(
-            "settings %s is not a regular file; scanning the default folders", paths.settings_file
+            "settings %s is not a regular file; using the default settings", paths.settings_file
         )
     elif mode is not None:
         try:
-            configured = SettingsStore(paths.settings_file).load().library_scan_folders
+            return SettingsStore(paths.settings_file).load()
         except SettingsError as exc:
-            log.warning("%s; scanning the default folders", exc)
-    folders = (
-        default_scan_folders() if configured is None else scan_folders_from_strings(configured)
-    )
-    return Library(paths, folders)
+            log.warning("%s; using the default settings", exc)
+    return Settings()
+
+
+def _library(paths: Paths) -> Library:
+    return library_for(paths, _settings(paths))
 
 
 # --- pull ----------------------------------------------------------------------------------
@@ -257,7 +218,14 @@ def pull_main(argv: list[str]) -> int:
     def notice(message: str) -> None:
         sys.stderr.write(f"peregrine pull: {message}\n")
 
-    downloader = Downloader(paths, endpoint=hub.endpoint, token=hub.token)
+    settings = _settings(paths)
+    downloader = Downloader(
+        paths,
+        endpoint=hub.endpoint,
+        token=hub.token,
+        models_dir=models_dir(paths, settings),
+        downloads_dir=downloads_dir(paths, settings),
+    )
     try:
         finals = downloader.download_model(
             args.repo,
@@ -304,12 +272,15 @@ def ls_main(argv: list[str]) -> int:
     """Lists Peregrine's models and, read-only, other apps' GGUFs."""
     p = _Parser(prog="peregrine ls", description="List the models Peregrine can run.")
     p.add_argument("--json", action="store_true", help="one JSON array on stdout")
-    p.add_argument("--own", action="store_true", help="only Peregrine's own models")
+    p.add_argument("--own", action="store_true", help="only the models you downloaded or imported")
     args = p.parse_args(argv)
     paths = Paths.from_env()
-    library = _library(paths)
     if args.own:
+        # The models you downloaded or imported: what `rm` can delete.
+        library = library_for(paths, _settings(paths), builtin=None)
         library.scan_folders = []
+    else:
+        library = _library(paths)
     entries = library.entries()
     if args.json:
         sys.stdout.write(json.dumps([_entry_json(e) for e in entries], indent=1) + "\n")

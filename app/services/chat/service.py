@@ -14,7 +14,7 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from app.services.chat_store import (
+from app.services.chat.store import (
     Chat,
     ChatStore,
     ChatStoreError,
@@ -22,7 +22,7 @@ from app.services.chat_store import (
     Message,
     Status,
 )
-from app.services.engine_client import Finished
+from app.services.engine.client import Finished
 from engine.errors import PeregrineError
 
 # Sampling presets a chat can pick; values are OpenAI request fields.

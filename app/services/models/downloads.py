@@ -47,7 +47,7 @@ from huggingface_hub import get_hf_file_metadata, hf_hub_url
 from huggingface_hub.errors import HfHubHTTPError
 from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 
-from app.services.hub import (
+from app.services.models.hub import (
     RETRY_STATUSES,
     Backoff,
     RetryPolicy,
@@ -79,7 +79,16 @@ _KEPT = "; the partial file is kept: pull again to resume"
 OpenWriter = Callable[[Path], BinaryIO]
 DiskFree = Callable[[Path], int]
 ProgressFn = Callable[[int, int], None]  # (bytes done, bytes total) for the whole model
-StopFn = Callable[[], "str | None"]  # "pause", "cancel" or None
+
+
+class StopKind(StrEnum):
+    """Why a transfer is asked to stop: its partial file is kept (pause) or removed (cancel)."""
+
+    PAUSE = "pause"
+    CANCEL = "cancel"
+
+
+StopFn = Callable[[], "StopKind | None"]
 NoticeFn = Callable[[str], None]
 ClientFactory = Callable[[RetryPolicy], httpx2.Client]
 
@@ -99,8 +108,8 @@ class DiskFullError(DownloadError):
 class DownloadInterrupted(Exception):
     """A pause or cancel request stopped the transfer (not an error)."""
 
-    def __init__(self, kind: str) -> None:
-        super().__init__(kind)
+    def __init__(self, kind: StopKind) -> None:
+        super().__init__(kind.value)
         self.kind = kind
 
 
@@ -237,8 +246,14 @@ class Downloader:
         retry: RetryPolicy | None = None,
         sleep: Callable[[float], None] = time.sleep,
         client_factory: ClientFactory = _default_client,
+        models_dir: Path | None = None,
+        downloads_dir: Path | None = None,
     ) -> None:
         self.paths = paths
+        # A models folder from settings keeps its partial files beside it (same disk,
+        # so the final rename stays atomic); by default both live in the data folder.
+        self.models_dir = models_dir or paths.models
+        self.downloads_dir = downloads_dir or paths.downloads
         self.endpoint = (endpoint or default_endpoint()).rstrip("/")
         self.token = token
         self.retry = retry or default_retry_policy()
@@ -254,7 +269,7 @@ class Downloader:
         """Where a verified file lives: models/<owner--name>/<file>, never anywhere else."""
         check_repo_id(repo_id)
         check_file_name(repo_id, path)
-        root = self.paths.models
+        root = self.models_dir
         final = root / repo_folder(repo_id) / path
         # Belt and braces after the name checks: a symlinked folder must not lead out either.
         if not final.resolve().is_relative_to(root.resolve()):
@@ -266,7 +281,7 @@ class Downloader:
 
     def partial_path(self, target: RemoteTarget) -> Path:
         """Peregrine's partial file for a target; a restart finds it by name."""
-        return self.paths.downloads / (
+        return self.downloads_dir / (
             self._stem(target.repo_id, target.commit, target.path) + ".part"
         )
 
@@ -282,7 +297,7 @@ class Downloader:
             + "*"
             + glob.escape(f"--{path.replace('/', '__')}{suffix}")
         )
-        return sorted(self.paths.downloads.glob(pattern))
+        return sorted(self.downloads_dir.glob(pattern))
 
     # --- metadata -------------------------------------------------------------------
     def resolve(
@@ -418,7 +433,7 @@ class Downloader:
     def pending(self) -> list[PendingDownload]:
         """Partial downloads on disk, so the app can offer to resume them after a restart."""
         found = []
-        for sidecar in sorted(self.paths.downloads.glob("*.json")):
+        for sidecar in sorted(self.downloads_dir.glob("*.json")):
             data = self._read_sidecar(sidecar)
             if not data or not {"repo_id", "path", "commit", "size"} <= data.keys():
                 continue
@@ -460,7 +475,7 @@ class Downloader:
         check_repo_id(repo_id)
         for path in files:
             check_file_name(repo_id, path)
-        self.paths.downloads.mkdir(parents=True, exist_ok=True)
+        self.downloads_dir.mkdir(parents=True, exist_ok=True)
         progress = on_progress or (lambda done, total: None)
         stop = should_stop or (lambda: None)
         notice = on_notice or (lambda msg: log.info("%s", msg))
@@ -498,7 +513,7 @@ class Downloader:
                         )
                     done_before += target.size
         except DownloadInterrupted as exc:
-            if exc.kind == "cancel":
+            if exc.kind is StopKind.CANCEL:
                 self.discard(repo_id, [t.path for t in targets])
             raise
         progress(total, total)
@@ -510,11 +525,11 @@ class Downloader:
         return finals
 
     def _check_disk(self, repo_id: str, needed: int) -> None:
-        free = self._disk_free(self.paths.downloads)
+        free = self._disk_free(self.downloads_dir)
         if free < needed + self._margin:
             raise DiskFullError(
                 f"not enough free disk space for {repo_id}: it needs {format_bytes(needed)} "
-                f"plus a {format_bytes(self._margin)} margin, and {self.paths.downloads} has "
+                f"plus a {format_bytes(self._margin)} margin, and {self.downloads_dir} has "
                 f"{format_bytes(free)} free"
             )
 
@@ -860,7 +875,7 @@ class _Job:
     revision: str | None
     seq: int
     meter: SpeedMeter
-    stop: str | None = None
+    stop: StopKind | None = None
     last_emit: float = field(default=-1e9)
 
 
@@ -912,11 +927,11 @@ class DownloadQueue:
 
     def pause(self, job_id: str) -> None:
         """Stops a job and keeps its partial files; `resume` continues from them."""
-        self._request(job_id, "pause")
+        self._request(job_id, StopKind.PAUSE)
 
     def cancel(self, job_id: str) -> None:
         """Stops a job and deletes its partial files."""
-        self._request(job_id, "cancel")
+        self._request(job_id, StopKind.CANCEL)
 
     def resume(self, job_id: str) -> None:
         """Puts a paused or failed job back in the queue."""
@@ -959,26 +974,26 @@ class DownloadQueue:
             self._closing = True
             for job in self._jobs.values():
                 if job.status.state is JobState.RUNNING:
-                    job.stop = "pause"
+                    job.stop = StopKind.PAUSE
             self._cond.notify_all()
         for t in self._threads:
             t.join(timeout)
 
     # --- internals ----------------------------------------------------------------------
-    def _request(self, job_id: str, kind: str) -> None:
+    def _request(self, job_id: str, kind: StopKind) -> None:
         discard = False
         with self._cond:
             job = self._jobs[job_id]
             state = job.status.state
-            if state in FINAL_STATES and not (kind == "cancel" and state is JobState.FAILED):
+            if state in FINAL_STATES and not (kind is StopKind.CANCEL and state is JobState.FAILED):
                 return
             if state is JobState.RUNNING:
                 job.stop = kind  # the worker stops at the next chunk
                 return
-            new_state = JobState.PAUSED if kind == "pause" else JobState.CANCELLED
-            if kind == "pause" and state is JobState.FAILED:
+            new_state = JobState.PAUSED if kind is StopKind.PAUSE else JobState.CANCELLED
+            if kind is StopKind.PAUSE and state is JobState.FAILED:
                 return
-            discard = kind == "cancel"
+            discard = kind is StopKind.CANCEL
             status = job.status = replace(job.status, state=new_state, speed=0.0, eta=None)
             self._cond.notify_all()
         if discard:
@@ -1022,7 +1037,7 @@ class DownloadQueue:
             if due:
                 self._emit(status)
 
-        def should_stop() -> str | None:
+        def should_stop() -> StopKind | None:
             return job.stop
 
         try:
@@ -1031,7 +1046,7 @@ class DownloadQueue:
             )
             self._finish(job, JobState.DONE, paths=tuple(paths))
         except DownloadInterrupted as exc:
-            self._finish(job, JobState.PAUSED if exc.kind == "pause" else JobState.CANCELLED)
+            self._finish(job, JobState.PAUSED if exc.kind is StopKind.PAUSE else JobState.CANCELLED)
         except PeregrineError as exc:
             self._finish(job, JobState.FAILED, error=str(exc))
         except Exception as exc:

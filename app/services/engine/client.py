@@ -16,21 +16,37 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from enum import StrEnum
 from typing import Any
 
 import httpx2 as httpx
+from pydantic import ValidationError
 
 from engine.errors import PeregrineError
+from engine.wire.control import EngineStatus, LoadRequest
 
 log = logging.getLogger(__name__)
+
+
+class ErrorKind(StrEnum):
+    """What went wrong with a request, so callers can react without parsing words."""
+
+    CONNECT = "connect"  # the server cannot be reached
+    AUTH = "auth"  # the key was refused
+    REQUEST = "request"  # the server refused this request (4xx)
+    SERVER = "server"  # the server failed (5xx, an error event)
+    LOST = "lost"  # the connection broke or timed out mid-answer
+    PROTOCOL = "protocol"  # the server's answer is not what the API promises
+    INTERNAL = "internal"  # a bug on our side
 
 
 class EngineClientError(PeregrineError):
     """A request that failed, in words a user can act on."""
 
-    def __init__(self, message: str, kind: str = "request", status: int | None = None) -> None:
+    def __init__(
+        self, message: str, kind: ErrorKind = ErrorKind.REQUEST, status: int | None = None
+    ) -> None:
         super().__init__(message)
-        # connect | auth | request | server | lost | protocol
         self.kind = kind
         self.status = status
 
@@ -68,6 +84,17 @@ class Finished:
 
 
 StreamEvent = Delta | Finished
+
+
+@dataclass(frozen=True)
+class ServerFigures:
+    """What the status bar shows about a server; None where the server does not say."""
+
+    n_ctx: int | None = None
+    memory_total: int | None = None
+    memory_parts: dict[str, int] = field(default_factory=dict)
+    drafter: str | None = None
+    acceptance: float | None = None
 
 
 class CancelToken:
@@ -188,7 +215,7 @@ class EngineClient:
                     raise EngineClientError(
                         f"{self.endpoint.api_root} answered with a web page, "
                         "not an OpenAI-compatible stream",
-                        kind="protocol",
+                        kind=ErrorKind.PROTOCOL,
                     )
                 events = _SseEvents()
                 for line in lines:
@@ -202,7 +229,7 @@ class EngineClient:
                         yield answer.finished()
                         return
                     if name == "error":
-                        raise EngineClientError(_event_error(payload), kind="server")
+                        raise EngineClientError(_event_error(payload), kind=ErrorKind.SERVER)
                     for delta in answer.take_payload(payload):
                         yield delta
                         if cancel.cancelled:
@@ -216,19 +243,19 @@ class EngineClient:
             if not cancel.cancelled:
                 raise EngineClientError(
                     f"cannot reach the server at {self.endpoint.api_root} ({_reason(exc)})",
-                    kind="connect",
+                    kind=ErrorKind.CONNECT,
                 ) from exc
         except httpx.TimeoutException as exc:
             if not cancel.cancelled:
                 raise EngineClientError(
                     f"the server at {self.endpoint.api_root} stopped answering (timed out)",
-                    kind="lost",
+                    kind=ErrorKind.LOST,
                 ) from exc
         except (httpx.TransportError, OSError) as exc:
             if not cancel.cancelled:
                 raise EngineClientError(
                     "the connection to the server was lost in the middle of the answer",
-                    kind="lost",
+                    kind=ErrorKind.LOST,
                 ) from exc
         finally:
             cancel._attach(None)
@@ -236,24 +263,96 @@ class EngineClient:
             yield answer.finished("cancelled")
             return
         raise EngineClientError(
-            "the connection to the server was lost in the middle of the answer", kind="lost"
+            "the connection to the server was lost in the middle of the answer", kind=ErrorKind.LOST
         )
 
-    def status(self) -> dict[str, Any] | None:
-        """Peregrine's /v1/engine/status, or None for servers that do not have it."""
+    def _request(
+        self, method: str, path: str, *, json_body: Any = None, timeout: float = 10.0
+    ) -> httpx.Response:
         try:
-            response = self._http.get("/engine/status", timeout=5.0)
+            return self._http.request(method, path, json=json_body, timeout=timeout)
         except httpx.HTTPError as exc:
             raise EngineClientError(
                 f"cannot reach the server at {self.endpoint.api_root} ({_reason(exc)})",
-                kind="connect",
+                kind=ErrorKind.CONNECT,
             ) from exc
+
+    def status(self) -> dict[str, Any] | None:
+        """Peregrine's /v1/engine/status, or None for servers that do not have it."""
+        response = self._request("GET", "/engine/status", timeout=5.0)
         if response.status_code in (404, 405):
             return None
         if response.status_code != 200:
             raise _http_error(response, self.endpoint)
         data = _json_body(response.content, "status")
         return data if isinstance(data, dict) else None
+
+    def engine_status(self) -> EngineStatus | None:
+        """The status as the engine's wire type; None for servers that are not Peregrine."""
+        data = self.status()
+        if data is None:
+            return None
+        try:
+            return EngineStatus.model_validate(data)
+        except ValidationError as exc:
+            raise EngineClientError(
+                f"the server's engine status is not Peregrine's: {exc.errors()[0]['msg']}",
+                ErrorKind.PROTOCOL,
+            ) from exc
+
+    def load(self, request: LoadRequest) -> None:
+        """Asks the engine to load a model (202 at once; follow it with engine_status)."""
+        response = self._request("POST", "/engine/load", json_body=request.model_dump(mode="json"))
+        if response.status_code not in (200, 202):
+            raise _http_error(response, self.endpoint)
+
+    def unload(self) -> None:
+        """Asks the engine to unload its model (done, or done once running answers end)."""
+        response = self._request("POST", "/engine/unload", timeout=60.0)
+        if response.status_code not in (200, 202):
+            raise _http_error(response, self.endpoint)
+
+    def figures(self) -> ServerFigures | None:
+        """Context, memory and speculation of the server, from whichever route it has.
+
+        Peregrine's /v1/engine/status first, then llama-server's /props; None when
+        the server offers neither (the status bar then shows dashes).
+        """
+        status = self.engine_status()
+        if status is not None:
+            settings = status.settings
+            return ServerFigures(
+                n_ctx=settings.n_ctx if settings else None,
+                memory_total=status.memory.total or None,
+                memory_parts={
+                    "weights": status.memory.weights,
+                    "KV cache": status.memory.kv,
+                    "compute": status.memory.compute,
+                },
+                drafter=status.speculative.drafter,
+                acceptance=status.speculative.acceptance,
+            )
+        root = self.endpoint.api_root.removesuffix("/v1")
+        try:
+            response = self._http.get(root + "/props", timeout=5.0)
+        except httpx.HTTPError as exc:
+            raise EngineClientError(
+                f"cannot reach the server at {self.endpoint.api_root} ({_reason(exc)})",
+                kind=ErrorKind.CONNECT,
+            ) from exc
+        if response.status_code != 200 or "json" not in _media_type(response):
+            return None
+        try:
+            props = json.loads(response.content)
+        except (ValueError, RecursionError):
+            return None
+        gen = props.get("default_generation_settings") if isinstance(props, dict) else None
+        n_ctx = (gen or {}).get("n_ctx") if isinstance(gen, dict) else None
+        if n_ctx is None and isinstance(props, dict):
+            n_ctx = props.get("n_ctx")
+        if isinstance(n_ctx, int) and not isinstance(n_ctx, bool) and n_ctx > 0:
+            return ServerFigures(n_ctx=n_ctx)
+        return None
 
     def models(self) -> list[str]:
         """The model ids the server offers."""
@@ -262,14 +361,14 @@ class EngineClient:
         except httpx.HTTPError as exc:
             raise EngineClientError(
                 f"cannot reach the server at {self.endpoint.api_root} ({_reason(exc)})",
-                kind="connect",
+                kind=ErrorKind.CONNECT,
             ) from exc
         if response.status_code != 200:
             raise _http_error(response, self.endpoint)
         data = _json_body(response.content, "model list")
         models = data.get("data") if isinstance(data, dict) else None
         if not isinstance(models, list):
-            raise EngineClientError("the server's model list has no data array", "protocol")
+            raise EngineClientError("the server's model list has no data array", ErrorKind.PROTOCOL)
         return [str(m["id"]) for m in models if isinstance(m, dict) and m.get("id") is not None]
 
 
@@ -365,10 +464,13 @@ class _Answer:
     def whole(self, body: Any) -> Iterator[Delta]:
         """The text of a whole (non-streamed) chat.completion."""
         if not isinstance(body, dict):
-            raise EngineClientError("the server's answer is JSON but not an object", "protocol")
+            raise EngineClientError(
+                "the server's answer is JSON but not an object", ErrorKind.PROTOCOL
+            )
         if not body.get("error") and not isinstance(body.get("choices"), list):
             raise EngineClientError(
-                "the server's answer is JSON but not a chat completion (no choices)", "protocol"
+                "the server's answer is JSON but not a chat completion (no choices)",
+                ErrorKind.PROTOCOL,
             )
         yield from self.take(body, "message")
 
@@ -377,7 +479,7 @@ class _Answer:
         if chunk.get("error"):
             raise EngineClientError(
                 _error_message(chunk) or f"the server reported an error: {_short(chunk['error'])}",
-                kind="server",
+                kind=ErrorKind.SERVER,
             )
         model = chunk.get("model")
         if isinstance(model, str) and model:
@@ -400,12 +502,13 @@ class _Answer:
             return
         if not isinstance(choices, list):
             raise EngineClientError(
-                f"the server sent choices that are {_kind(choices)}, not a list", "protocol"
+                f"the server sent choices that are {_kind(choices)}, not a list", ErrorKind.PROTOCOL
             )
         for choice in choices:
             if not isinstance(choice, dict):
                 raise EngineClientError(
-                    f"the server sent a choice that is {_kind(choice)}, not an object", "protocol"
+                    f"the server sent a choice that is {_kind(choice)}, not an object",
+                    ErrorKind.PROTOCOL,
                 )
             text = _content_text(choice.get(part), part)
             if text:
@@ -438,7 +541,8 @@ def _content_text(container: Any, part: str) -> str:
         return ""
     if not isinstance(container, dict):
         raise EngineClientError(
-            f"the server sent a {part} that is {_kind(container)}, not an object", "protocol"
+            f"the server sent a {part} that is {_kind(container)}, not an object",
+            ErrorKind.PROTOCOL,
         )
     content = container.get("content")
     if content is None or isinstance(content, str):
@@ -455,7 +559,7 @@ def _content_text(container: Any, part: str) -> str:
                     texts.append(text)
         return "".join(texts)
     raise EngineClientError(
-        f"the server sent {part}.content that is {_kind(content)}, not text", "protocol"
+        f"the server sent {part}.content that is {_kind(content)}, not text", ErrorKind.PROTOCOL
     )
 
 
@@ -484,13 +588,16 @@ def _json_chunks(payload: str) -> list[dict[str, Any]]:
             except (ValueError, RecursionError):
                 pass  # the error below names the payload as a whole
         raise EngineClientError(
-            f"the server sent a stream chunk that is not JSON: {payload[:80]!r}", kind="protocol"
+            f"the server sent a stream chunk that is not JSON: {payload[:80]!r}",
+            kind=ErrorKind.PROTOCOL,
         ) from exc
 
 
 def _json_object(value: Any) -> dict[str, Any]:
     if not isinstance(value, dict):
-        raise EngineClientError("the server sent a stream chunk that is not an object", "protocol")
+        raise EngineClientError(
+            "the server sent a stream chunk that is not an object", ErrorKind.PROTOCOL
+        )
     return value
 
 
@@ -500,7 +607,7 @@ def _json_body(content: bytes, what: str) -> Any:
         return json.loads(content)
     except (ValueError, RecursionError) as exc:
         raise EngineClientError(
-            f"the server's {what} is not JSON: {content[:80]!r}", kind="protocol"
+            f"the server's {what} is not JSON: {content[:80]!r}", kind=ErrorKind.PROTOCOL
         ) from exc
 
 
@@ -546,19 +653,23 @@ def _http_error(response: httpx.Response, endpoint: Endpoint) -> EngineClientErr
         said = f": {message}" if message else ""
         return EngineClientError(
             f"the server at {endpoint.api_root} refused the API key ({status}{said})",
-            "auth",
+            ErrorKind.AUTH,
             status,
         )
     if status == 404:
         if message and message.strip(" .").lower() not in _GENERIC_NOT_FOUND:
             # An OpenAI-compatible server naming what is missing, e.g. an unknown model.
             return EngineClientError(
-                f"{message} (the server at {endpoint.api_root} answered 404)", "request", status
+                f"{message} (the server at {endpoint.api_root} answered 404)",
+                ErrorKind.REQUEST,
+                status,
             )
         return EngineClientError(
-            f"{endpoint.api_root} has no OpenAI-compatible API here (404)", "request", status
+            f"{endpoint.api_root} has no OpenAI-compatible API here (404)",
+            ErrorKind.REQUEST,
+            status,
         )
-    kind = "server" if status >= 500 else "request"
+    kind = ErrorKind.SERVER if status >= 500 else ErrorKind.REQUEST
     return EngineClientError(message or f"the server answered HTTP {status}", kind, status)
 
 

@@ -13,20 +13,76 @@ import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
+from enum import StrEnum
 from pathlib import Path
+
+from app.services.settings import EngineSettings, LoadSettings, LocalApi
 
 log = logging.getLogger(__name__)
 
 
+class SupervisorState(StrEnum):
+    """Where the local engine process stands."""
+
+    STOPPED = "stopped"
+    STARTING = "starting"
+    READY = "ready"
+    RESTARTING = "restarting"
+    FAILED = "failed"
+    STOPPING = "stopping"
+
+
 @dataclass(frozen=True)
 class LaunchSpec:
-    """What the engine is started with; a restart reuses it unchanged."""
+    """What the engine is started with; a crash restart reuses it.
+
+    `api_key` reaches the engine through PEREGRINE_API_KEY, never its command
+    line (which every local user can read); empty: the engine makes a random one.
+    """
 
     model: Path
     n_ctx: int | None = None
     threads: int | None = None
     draft_model: Path | None = None
+    n_gpu_layers: int | None = None
+    type_k: str | None = None
+    type_v: str | None = None
+    flash_attn: str | None = None
+    port: int = 0
+    api_key: str = field(default="", repr=False)
     extra_args: tuple[str, ...] = ()
+
+    def with_model(self, model: Path, load: LoadSettings, engine: EngineSettings) -> LaunchSpec:
+        """The same engine (port, key) with another model and its settings."""
+        return launch_spec(model, load, engine, None, port=self.port, api_key=self.api_key)
+
+
+def launch_spec(
+    model: Path,
+    load: LoadSettings,
+    engine: EngineSettings,
+    api: LocalApi | None,
+    *,
+    port: int = 0,
+    api_key: str = "",
+) -> LaunchSpec:
+    """A model's remembered load settings over the engine defaults, on the local API's port."""
+    if api is not None:
+        shared = api.shared and bool(api.api_key.get_secret_value())
+        port = api.port if shared else 0
+        api_key = api.api_key.get_secret_value() if shared else ""
+    return LaunchSpec(
+        model=model,
+        n_ctx=load.n_ctx or engine.n_ctx,
+        threads=load.threads or engine.threads,
+        draft_model=Path(load.draft_model) if load.draft_model else None,
+        n_gpu_layers=load.n_gpu_layers,
+        type_k=load.type_k,
+        type_v=load.type_v,
+        flash_attn=load.flash_attn,
+        port=port,
+        api_key=api_key,
+    )
 
 
 @dataclass(frozen=True)
@@ -62,14 +118,19 @@ StartupEvent = Loading | Ready | StartFailed
 
 def serve_command(spec: LaunchSpec, parent_pid: int, python: str = sys.executable) -> list[str]:
     """The argv that runs `peregrine serve` for this spec, tied to the parent's life."""
-    argv = [python, "-m", "app.cli", "serve", "--model", str(spec.model), "--port", "0"]
-    argv += ["--parent-pid", str(parent_pid)]
-    if spec.n_ctx is not None:
-        argv += ["--ctx", str(spec.n_ctx)]
-    if spec.threads is not None:
-        argv += ["--threads", str(spec.threads)]
-    if spec.draft_model is not None:
-        argv += ["--draft-model", str(spec.draft_model)]
+    argv = [python, "-m", "app.cli", "serve", "--model", str(spec.model)]
+    argv += ["--port", str(spec.port), "--parent-pid", str(parent_pid)]
+    for flag, value in (
+        ("--ctx", spec.n_ctx),
+        ("--threads", spec.threads),
+        ("--draft-model", spec.draft_model),
+        ("--gpu-layers", spec.n_gpu_layers),
+        ("--cache-type-k", spec.type_k),
+        ("--cache-type-v", spec.type_v),
+        ("--flash-attn", spec.flash_attn),
+    ):
+        if value is not None:
+            argv += [flag, str(value)]
     argv += list(spec.extra_args)
     return argv
 

@@ -26,7 +26,7 @@ from PySide6.QtWidgets import (
 
 from app.qt import theme
 from app.qt.markdown_render import MarkdownRenderer, Rendered
-from app.services.chat_store import Message
+from app.services.chat.store import Message
 
 STATUS_TAGS = {
     "stopped": "stopped",
@@ -139,11 +139,12 @@ class MessageWidget(QFrame):
         self.text = text
         self.status = status
         self.tag.setText(STATUS_TAGS.get(status, ""))
+        muted = self._renderer.palette.muted
         if not text and status == "streaming":
-            self.body.setHtml(f"<p style='color:{theme.MUTED}'>…</p>")
+            self.body.setHtml(f"<p style='color:{muted}'>…</p>")
             return
         if not text and status in ("error", "interrupted", "stopped"):
-            self.body.setHtml(f"<p style='color:{theme.MUTED}'><i>No answer was received.</i></p>")
+            self.body.setHtml(f"<p style='color:{muted}'><i>No answer was received.</i></p>")
             return
         self._rendered = self._renderer.render(text)
         self.body.setHtml(self._rendered.html)
@@ -193,7 +194,7 @@ class ConversationView(QScrollArea):
         title.setAlignment(Qt.AlignmentFlag.AlignCenter)
         hint = QLabel(
             "Type below and press Enter to send · Shift+Enter for a new line\n"
-            "Everything runs on this computer; pick a preset or a system prompt above."
+            "Everything runs on this computer; pick a model, a preset or a system prompt above."
         )
         hint.setObjectName("emptyHint")
         hint.setAlignment(Qt.AlignmentFlag.AlignCenter)
@@ -265,6 +266,11 @@ class ConversationView(QScrollArea):
         self.widgets[message.id] = widget
         widget.set_actions_enabled(not self._busy)
         return widget
+
+    def set_palette(self, palette: theme.Palette) -> None:
+        """Draws messages in another theme from now on (rebuild them with set_messages)."""
+        self._renderer = MarkdownRenderer(palette)
+        self._renderer.render("```python\npass\n```")
 
     def set_busy(self, busy: bool) -> None:
         """While an answer streams, Edit and Regenerate are disabled."""

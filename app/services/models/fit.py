@@ -1,0 +1,85 @@
+"""The planner's fit badges for the model manager, and the library as settings configure it.
+
+The planner lives in the engine (`engine.planning`); the hardware is detected
+once, on first use, since probing the GPUs costs a child process.
+"""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Callable, Sequence
+from pathlib import Path
+from typing import Any
+
+from app.services.models.hub import FitLike
+from app.services.models.library import (
+    Library,
+    LocalFitFn,
+    default_scan_folders,
+    scan_folders_from_strings,
+)
+from app.services.settings import Settings
+from engine.default_model import default_model_path
+from engine.errors import PeregrineError
+from engine.paths import Paths
+
+log = logging.getLogger(__name__)
+
+
+def planner_wiring() -> tuple[Any, Any, Any]:
+    """(fit, pick, remote header reader) from engine/, or Nones when those modules are absent."""
+    try:
+        from engine.gguf.header import read_remote_gguf_header
+        from engine.planning import planner
+        from engine.planning.hardware import detect_hardware
+    except ImportError as exc:
+        log.info("fit badges unavailable: %s", exc)
+        return None, None, None
+    hardware: list[Any] = []
+
+    def hw() -> Any:
+        if not hardware:
+            hardware.append(detect_hardware())
+        return hardware[0]
+
+    def fit(name: str, header: Any, size: int) -> FitLike:
+        return planner.fit_badge(hw(), planner.ModelCandidate(name, header, size))
+
+    def pick(candidates: Sequence[tuple[str, Any, int]]) -> str | None:
+        try:
+            plan = planner.plan(hw(), [planner.ModelCandidate(n, h, s) for n, h, s in candidates])
+        except PeregrineError as exc:
+            # Nothing fits: no pick; every quant's badge already says why.
+            log.info("no quant picked: %s", exc)
+            return None
+        return plan.quant_file
+
+    def read_header(url: str, headers: dict[str, str]) -> Any:
+        return read_remote_gguf_header(url, headers=headers)
+
+    return fit, pick, read_header
+
+
+def models_dir(paths: Paths, settings: Settings) -> Path:
+    """Where Peregrine keeps its own models: the folder from settings, else models/."""
+    return Path(settings.models_folder).expanduser() if settings.models_folder else paths.models
+
+
+def library_for(
+    paths: Paths,
+    settings: Settings,
+    *,
+    fit: LocalFitFn | None = None,
+    builtin: Callable[[], Path] | None = default_model_path,
+) -> Library:
+    """The library as the settings configure it: models folder, scan folders, built-in model."""
+    configured = settings.library_scan_folders
+    folders = (
+        default_scan_folders() if configured is None else scan_folders_from_strings(configured)
+    )
+    return Library(paths, folders, models_dir=models_dir(paths, settings), builtin=builtin, fit=fit)
+
+
+def downloads_dir(paths: Paths, settings: Settings) -> Path:
+    """Partial downloads: beside a models folder from settings (one disk, atomic rename)."""
+    return models_dir(paths, settings) / ".downloads" if settings.models_folder else paths.downloads
