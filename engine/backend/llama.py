@@ -127,6 +127,20 @@ def default_threads() -> int:
     return max(1, cores or os.cpu_count() or 1)
 
 
+def _apply_expert_offload(mparams: Any, request: LoadRequest) -> Any:
+    """Keeps MoE expert tensors in system RAM: all of them (`expert_offload`,
+    llama-server's --cpu-moe) or those of the first `n_cpu_moe` layers (--n-cpu-moe),
+    through llama.cpp's tensor buffer overrides. Returns the override array, which
+    must outlive the load; None when nothing is overridden.
+    """
+    from engine.planning.probe import expert_overrides
+
+    overrides = expert_overrides(request)
+    if overrides is not None:
+        mparams.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+    return overrides
+
+
 class LlamaModel:
     """One loaded model with one context (sequence 0), driven from one thread."""
 
@@ -149,14 +163,7 @@ class LlamaModel:
             arr = (ctypes.c_float * len(request.tensor_split))(*request.tensor_split)
             self._tensor_split = arr
             mparams.tensor_split = arr
-        self._overrides: Any = None
-        if request.expert_offload:
-            from engine.planning.probe import cpu_expert_overrides
-
-            # MoE expert tensors stay in system RAM (llama-server's --cpu-moe);
-            # the array must outlive the load.
-            self._overrides = cpu_expert_overrides()
-            mparams.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
+        self._overrides = _apply_expert_offload(mparams, request)
         # Keep the callback referenced for the whole load.
         self._progress_cb = llama_cpp.llama_progress_callback(
             lambda value, _user: (progress(float(value)) if progress else None) or True
