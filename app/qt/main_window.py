@@ -160,8 +160,9 @@ class MainWindow(QMainWindow):
         column = QVBoxLayout()
         column.setContentsMargins(0, 0, 0, 0)
         column.setSpacing(0)
-        # Hidden, the banner takes no room (its margins live in the stylesheet).
-        column.addWidget(self.error_panel)
+        # The banner moves to the page shown (under the chat's header, under a page's title);
+        # hidden, it takes no room (its margins live in the stylesheet).
+        self.chat_view.banner.addWidget(self.error_panel)
         self.pages = QStackedWidget()
         for page in (self.chat_view, self.models_view, self.settings_view):
             self.pages.addWidget(page)
@@ -186,6 +187,10 @@ class MainWindow(QMainWindow):
         self.supervisor.stopped.connect(self._on_engine_stopped)
 
     def show_page(self, page: Page) -> None:
+        view = (self.chat_view, self.models_view, self.settings_view)[page.value]
+        shown = self.error_panel.isVisibleTo(self)
+        view.banner.addWidget(self.error_panel)  # reparenting hides it: restore
+        self.error_panel.setVisible(shown)
         self.pages.setCurrentIndex(page.value)
         self.nav.show_page(page)
         if page is Page.CHAT:

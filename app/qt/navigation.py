@@ -5,7 +5,7 @@ from __future__ import annotations
 from enum import IntEnum
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import QButtonGroup, QLabel, QToolButton, QVBoxLayout, QWidget
+from PySide6.QtWidgets import QButtonGroup, QToolButton, QVBoxLayout, QWidget
 
 
 class Page(IntEnum):
@@ -17,7 +17,6 @@ class Page(IntEnum):
 
 
 LABELS = {Page.CHAT: "Chat", Page.MODELS: "Models", Page.SETTINGS: "Settings"}
-GLYPHS = {Page.CHAT: "❝", Page.MODELS: "▦", Page.SETTINGS: "⚙"}
 
 
 class NavRail(QWidget):
@@ -29,23 +28,17 @@ class NavRail(QWidget):
         super().__init__(parent)
         self.setObjectName("navRail")
         self.setAttribute(Qt.WidgetAttribute.WA_StyledBackground, True)
-        self.setFixedWidth(70)
+        self.setFixedWidth(84)
         lay = QVBoxLayout(self)
-        lay.setContentsMargins(8, 14, 8, 12)
+        lay.setContentsMargins(8, 12, 8, 12)
         lay.setSpacing(6)
-        logo = QLabel("P")
-        logo.setObjectName("brand")
-        logo.setAlignment(Qt.AlignmentFlag.AlignCenter)
-        logo.setToolTip("Peregrine")
-        lay.addWidget(logo)
-        lay.addSpacing(8)
         self.group = QButtonGroup(self)
         self.group.setExclusive(True)
         self.buttons: dict[Page, QToolButton] = {}
         for page in Page:
             button = QToolButton()
             button.setObjectName("navButton")
-            button.setText(f"{GLYPHS[page]}\n{LABELS[page]}")
+            button.setText(LABELS[page])
             button.setToolTip(f"{LABELS[page]} (Ctrl+{page.value + 1})")
             button.setCheckable(True)
             button.setCursor(Qt.CursorShape.PointingHandCursor)

@@ -83,6 +83,10 @@ def main(argv: list[str] | None = None) -> int:
         QTimer.singleShot(ms, fn)  # type: ignore[call-overload]
 
     def on_ready(_ready: object) -> None:
+        if not steps:
+            later(1000, first_chat)  # the status bar's figures arrive first
+
+    def first_chat() -> None:
         if steps:
             return
         shot("empty.png")

@@ -116,7 +116,7 @@ QWidget#sidebar {{ background: {p.panel}; border-right: 1px solid {p.border}; }}
 QWidget#navRail {{ background: {p.panel}; border-right: 1px solid {p.border}; }}
 QToolButton#navButton {{
     color: {p.muted}; background: transparent; border: none; border-radius: 8px;
-    padding: 8px 2px; font-size: 9pt; min-width: 50px;
+    padding: 9px 4px; font-size: 10pt; min-width: 60px;
 }}
 QToolButton#navButton:hover {{ background: {p.surface}; color: {p.text}; }}
 QToolButton#navButton:checked {{ background: {p.surface_hi}; color: {p.text}; font-weight: 600; }}
@@ -204,7 +204,7 @@ QLabel#tag {{ color: {p.muted}; font-size: 9pt; }}
 QTextBrowser {{ background: transparent; border: none; }}
 QFrame#errorPanel {{
     background: {p.error_bg}; border: 1px solid {p.error_border}; border-radius: 8px;
-    margin: 10px 20px 4px 20px;
+    margin: 10px 0 4px 0;
 }}
 QFrame#errorPanel QLabel {{ color: {p.error_text}; }}
 QPlainTextEdit#engineLog {{

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
-from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QWidget
+from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QSizePolicy, QWidget
 
 from app.services.chat.service import PRESETS
 from app.services.models.library import ModelEntry
@@ -43,6 +43,9 @@ class ChatHeader(QWidget):
         self.model_box.setSizeAdjustPolicy(
             QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
         )
+        # Grows into spare room (a whole model name), shrinks to 10 characters.
+        self.model_box.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.model_box.setMaximumWidth(360)
         self.model_box.activated.connect(self._on_model)
         lay.addWidget(self.model_box)
         self.preset_box = QComboBox()

@@ -26,6 +26,9 @@ class ChatView(QWidget):
         col.setSpacing(0)
         self.header = ChatHeader()
         col.addWidget(self.header)
+        self.banner = QVBoxLayout()  # where the window puts the error banner on this page
+        self.banner.setContentsMargins(28, 0, 28, 0)
+        col.addLayout(self.banner)
         self.conversation = ConversationView()
         col.addWidget(self.conversation, 1)
         self.composer = Composer()

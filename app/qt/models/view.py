@@ -20,8 +20,12 @@ class ModelsView(QWidget):
         title = QLabel("Models")
         title.setObjectName("pageTitle")
         lay.addWidget(title)
+        self.banner = QVBoxLayout()  # where the window puts the error banner on this page
+        self.banner.setContentsMargins(0, 0, 0, 0)
+        lay.addLayout(self.banner)
         self.tabs = QTabWidget()
         self.tabs.setDocumentMode(True)
+        self.tabs.tabBar().setDrawBase(False)
         self.library = LibraryTab(palette)
         self.tabs.addTab(self.library, "Library")
         lay.addWidget(self.tabs, 1)

@@ -37,6 +37,8 @@ def _hint(text: str) -> QLabel:
     label = QLabel(text)
     label.setObjectName("hint")
     label.setWordWrap(True)
+    # A wrapped label in a form row otherwise gets its narrowest width (three short lines).
+    label.setMinimumWidth(440)
     return label
 
 
@@ -76,6 +78,9 @@ class SettingsView(QScrollArea):
         title = QLabel("Settings")
         title.setObjectName("pageTitle")
         column.addWidget(title)
+        self.banner = QVBoxLayout()  # where the window puts the error banner on this page
+        self.banner.setContentsMargins(0, 0, 0, 0)
+        column.addLayout(self.banner)
         self.appearance = self._appearance()
         self.models = self._models()
         self.engine = self._engine()
@@ -90,6 +95,7 @@ class SettingsView(QScrollArea):
         outer.addStretch(0)
         self.setWidget(body)
         controller.local_api_changed.connect(self._draw_api)
+        controller.theme_changed.connect(lambda _t: self.draw())
         self.draw()
 
     # sections ---------------------------------------------------------------------
@@ -175,6 +181,7 @@ class SettingsView(QScrollArea):
         self.threads.setSpecialValueText("Automatic")
         self.threads.setToolTip("CPU threads for generation; Automatic uses the physical cores")
         self.threads.setFixedWidth(140)
+        self.threads.setButtonSymbols(QSpinBox.ButtonSymbols.NoButtons)
         self.threads.valueChanged.connect(self._apply_engine)
         section.form.addRow("Threads", self.threads)
         self.speculation = QCheckBox("Speculative decoding (faster answers, same text)")
@@ -194,6 +201,7 @@ class SettingsView(QScrollArea):
         self.api_port.setRange(1, 65535)
         self.api_port.setValue(DEFAULT_API_PORT)
         self.api_port.setFixedWidth(140)
+        self.api_port.setButtonSymbols(QSpinBox.ButtonSymbols.NoButtons)
         section.form.addRow("Port", self.api_port)
         apply_row = QHBoxLayout()
         self.api_apply = QPushButton("Apply and restart the engine")
