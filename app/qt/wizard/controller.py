@@ -34,6 +34,9 @@ from engine.wire.control import LoadRequest
 log = logging.getLogger(__name__)
 
 DRY_RUN_DELAY_MS = 500
+# While a budget slider moves, the recommendation (a full search, ~10-20 ms for a 30B MoE)
+# waits until it rests this long; the bars follow every step.
+RECOMMEND_DELAY_MS = 150
 MeasureFn = Callable[[LoadRequest], MeasuredMemory]
 ApplyFn = Callable[[Path, LoadRequest], bool]  # False: refused (the reason was shown)
 
@@ -83,6 +86,10 @@ class WizardController(QObject):
         self._dry_run.setSingleShot(True)
         self._dry_run.setInterval(DRY_RUN_DELAY_MS)
         self._dry_run.timeout.connect(self._start_dry_run)
+        self._recommend = QTimer(self)
+        self._recommend.setSingleShot(True)
+        self._recommend.setInterval(RECOMMEND_DELAY_MS)
+        self._recommend.timeout.connect(self._draw_recommendation)
         engine.load_progress.connect(self._on_progress)
         engine.load_finished.connect(self._on_finished)
         engine.load_failed.connect(self._on_failed)
@@ -150,13 +157,21 @@ class WizardController(QObject):
 
     # changes --------------------------------------------------------------------
 
-    def redraw(self) -> None:
-        """Draws the service's state now; a dry run follows on this machine."""
+    def redraw(self, *, recommendation: bool = True) -> None:
+        """Draws the service's state now; a dry run follows on this machine.
+
+        recommendation=False leaves the planner's recommendation for a moment later.
+        """
         if self.wizard is None or self.dialog is None:
             return
         start = self._clock()
         view = self.wizard.view()
-        self.dialog.draw(view, self.wizard.recommendation(), self.wizard.budgets)
+        self.dialog.draw(view, self.wizard.budgets)
+        if recommendation:
+            self._recommend.stop()
+            self.dialog.draw_recommendation(self.wizard.recommendation())
+        else:
+            self._recommend.start()
         self.dialog.runtime.setText("Runtime: " + runtime_text(self.wizard.hardware, view.request))
         self.dialog.apply_button.setEnabled(self.applying is None)
         self.redraw_seconds.append(self._clock() - start)
@@ -167,16 +182,21 @@ class WizardController(QObject):
     def _on_budget(self, index: int, value: int) -> None:
         if self.wizard is not None:
             self.wizard.set_budget(index, value)
-            self.redraw()
+            self.redraw(recommendation=False)
 
     def _on_choice(self, change: dict[str, Any]) -> None:
         if self.wizard is not None:
             self.wizard.set_choices(**change)
             self.redraw()
 
+    def _draw_recommendation(self) -> None:
+        if self.wizard is not None and self.dialog is not None:
+            self.dialog.draw_recommendation(self.wizard.recommendation())
+
     def _on_recommended(self) -> None:
-        if self.wizard is not None:
-            self.wizard.use_recommended()
+        if self.wizard is not None and self.dialog is not None:
+            if not self.wizard.use_recommended():
+                self.dialog.set_progress(None, "Nothing fits these budgets; raise a budget.")
             self.redraw()
 
     def _on_reset_budgets(self) -> None:
@@ -208,7 +228,7 @@ class WizardController(QObject):
             wizard.set_measure_failed(message)
             self.measured.emit()
             if wizard is self.wizard and self.dialog is not None:
-                self.dialog.draw(wizard.view(), wizard.recommendation(), wizard.budgets)
+                self.dialog.draw(wizard.view(), wizard.budgets)
 
         self._background.run(lambda: self._measure(load), done, failed, what="The dry run")
 

@@ -90,7 +90,7 @@ class _BudgetRow(QWidget):
 class WizardDialog(QDialog):
     """Draws the wizard's state; every user change goes out as a signal."""
 
-    budget_changed = Signal(int, int)  # device index (GPUs, then RAM), bytes
+    budget_changed = Signal(int, object)  # device index (GPUs, then RAM), bytes (past 2**31)
     choice_changed = Signal(dict)  # Choices field -> value
     recommended_requested = Signal()
     apply_requested = Signal()
@@ -355,9 +355,9 @@ class WizardDialog(QDialog):
         self._show_row(self._form, self.experts, wizard.has_gpus and wizard.is_moe)
         self._show_row(self._form, self.split, len(wizard.hardware.gpus) > 1)
 
-    def draw(self, view: WizardView, rec: Recommendation, budgets: Sequence[int]) -> None:
+    def draw(self, view: WizardView, budgets: Sequence[int]) -> None:
         """Shows one state of the wizard; no signal goes out while widgets take its values."""
-        self.view, self.recommendation = view, rec
+        self.view = view
         c = view.choices
         self._block(True)
         self.ctx.setValue(c.n_ctx)
@@ -386,11 +386,15 @@ class WizardDialog(QDialog):
         self.problems.setVisible(bool(view.problems))
         self.notes.setText("\n".join(view.notes))
         self.notes.setVisible(bool(view.notes))
+        self.apply_button.setText("Load anyway…" if view.problems else "Apply and load")
+
+    def draw_recommendation(self, rec: Recommendation) -> None:
+        """The planner's choice for the budgets, with its reasons."""
+        self.recommendation = rec
         self.rec_summary.setText(rec.summary())
         reasons = "".join(f"<li>{_escape(r)}</li>" for r in rec.reasons)
         self.rec_reasons.setText(f"<ul style='margin-left:-20px'>{reasons}</ul>" if reasons else "")
         self.use_recommended.setEnabled(rec.plan is not None)
-        self.apply_button.setText("Load anyway…" if view.problems else "Apply and load")
 
     def set_progress(self, progress: float | None, text: str = "") -> None:
         """A load's progress (None: no load running) and a line about it."""
