@@ -126,9 +126,7 @@ def profile(capsys: pytest.CaptureFixture[str], *args: str) -> dict[str, Any]:
 
 
 @pytest.fixture
-def wizard_on(
-    qtbot: QtBot, tmp_path: Path
-) -> Iterator[Any]:
+def wizard_on(qtbot: QtBot, tmp_path: Path) -> Iterator[Any]:
     """Opens the wizard for (machine, model) with a recording engine and a confirm stand-in."""
     made: list[WizardController] = []
 
