@@ -101,7 +101,7 @@ class WizardDialog(QDialog):
         super().__init__(parent)
         self.setObjectName("wizard")
         self.setWindowTitle("Memory and load settings")
-        self.resize(1180, 800)
+        self.resize(1240, 840)
         self.palette_ = palette
         self.budget_rows: list[_BudgetRow] = []
         self._devices: list[QWidget] = []
@@ -176,7 +176,7 @@ class WizardDialog(QDialog):
         right.addWidget(rec_card)
         right.addStretch(1)
 
-        for column, stretch in ((left, 5), (right, 6)):
+        for column, stretch in ((left, 1), (right, 1)):
             holder = QWidget()
             holder.setObjectName("settingsBody")  # the page background
             holder.setLayout(column)
@@ -216,7 +216,7 @@ class WizardDialog(QDialog):
         self.model_box.setSizeAdjustPolicy(
             QComboBox.SizeAdjustPolicy.AdjustToMinimumContentsLengthWithIcon
         )
-        self.model_box.setMinimumContentsLength(24)
+        self.model_box.setMinimumContentsLength(18)
         self.model_box.activated.connect(
             lambda i: self.model_chosen.emit(str(self.model_box.itemData(i)))
         )
@@ -224,7 +224,7 @@ class WizardDialog(QDialog):
         self.model_info = _label()
         form.addRow("", self.model_info)
         self.ctx = QSpinBox()
-        self.ctx.setButtonSymbols(QSpinBox.ButtonSymbols.NoButtons)
+        self.ctx.setFixedWidth(170)
         self.ctx.setSingleStep(1024)
         self.ctx.setSuffix(" tokens")
         self.ctx.setGroupSeparatorShown(True)
@@ -247,16 +247,19 @@ class WizardDialog(QDialog):
         self.flash_attn.addItems(list(FLASH_ATTN))
         self.flash_attn.currentTextChanged.connect(lambda t: self._choose(flash_attn=t))
         form.addRow("Flash attention", self.flash_attn)
-        self.auto_placement = QCheckBox("The planner places layers for these settings")
+        self.auto_placement = QCheckBox("Automatic (the planner's)")
+        self.auto_placement.setToolTip(
+            "The planner places layers, MoE experts and the split for these settings and budgets"
+        )
         self.auto_placement.toggled.connect(lambda on: self._choose(auto_placement=on))
         form.addRow("Placement", self.auto_placement)
         self.gpu_layers = QSpinBox()
-        self.gpu_layers.setButtonSymbols(QSpinBox.ButtonSymbols.NoButtons)
+        self.gpu_layers.setFixedWidth(140)
         self.gpu_layers.setKeyboardTracking(False)
         self.gpu_layers.valueChanged.connect(self._gpu_layers_changed)
         form.addRow("GPU layers", self.gpu_layers)
         self.experts = QSpinBox()
-        self.experts.setButtonSymbols(QSpinBox.ButtonSymbols.NoButtons)
+        self.experts.setFixedWidth(140)
         self.experts.setKeyboardTracking(False)
         self.experts.setSuffix(" layers")
         self.experts.valueChanged.connect(lambda v: self._choose(n_cpu_moe=v))
@@ -266,7 +269,7 @@ class WizardDialog(QDialog):
         )
         form.addRow("MoE experts in RAM", self.experts)
         self.parallel = QSpinBox()
-        self.parallel.setButtonSymbols(QSpinBox.ButtonSymbols.NoButtons)
+        self.parallel.setFixedWidth(140)
         self.parallel.setRange(1, 64)
         self.parallel.valueChanged.connect(lambda v: self._choose(n_parallel=v))
         form.addRow("Parallel slots", self.parallel)
@@ -290,6 +293,8 @@ class WizardDialog(QDialog):
             theme.stylesheet(palette)
             + f"QDialog#wizard {{ background: {palette.bg}; }}"
             + f"QLabel#problem {{ color: {palette.bad}; font-weight: 600; }}"
+            # No step buttons (the keyboard and the wheel step); Qt's NoButtons hides the text.
+            + "QSpinBox::up-button, QSpinBox::down-button { width: 0px; border: none; }"
         )
         for bar in self.bars:
             bar.set_palette(palette)

@@ -413,7 +413,7 @@ class LoadWizard:
         elif measured is not None:
             mem = measured_breakdown(mem, measured)
             method = "measured"
-            note = "measured by a llama.cpp dry run on this machine"
+            note = "by a llama.cpp dry run on this machine"
         elif self._measure_error:
             note = f"the dry run failed: {self._measure_error}"
         else:
