@@ -209,8 +209,8 @@ class WizardController(QObject):
 
     def _start_dry_run(self) -> None:
         wizard = self.wizard
-        if wizard is None or self._measuring:
-            return
+        if wizard is None or self._measuring or self.dialog is None or not self.dialog.isVisible():
+            return  # a closed wizard measures nothing; reopening redraws and asks again
         load = wizard.wants_dry_run()
         if load is None:
             return
