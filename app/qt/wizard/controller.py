@@ -142,8 +142,16 @@ class WizardController(QObject):
             dialog.reset_budgets_requested.connect(self._on_reset_budgets)
             dialog.apply_requested.connect(self.apply)
             dialog.model_chosen.connect(lambda path: self.open(Path(path)))
+            dialog.destroyed.connect(self._forget_dialog)
             self.dialog = dialog
         return self.dialog
+
+    def _forget_dialog(self) -> None:
+        # Deleted with its window: nothing may draw into it any more.
+        self._recommend.stop()
+        self._dry_run.stop()
+        self.dialog = None
+        self.wizard = None
 
     def _draw_models(self, current: Path) -> None:
         assert self.dialog is not None
