@@ -26,10 +26,12 @@ from app.services.engine.control import (
     LoadUnderway,
     follow_load,
     load_request,
+    load_settings_of,
 )
 from app.services.engine.launch import LaunchSpec, Ready, SupervisorState, launch_spec
 from app.services.settings import LoadSettings
 from engine.errors import PeregrineError
+from engine.wire.control import LoadRequest
 
 log = logging.getLogger(__name__)
 
@@ -68,6 +70,7 @@ class EngineController(QObject):
         self._poll.setInterval(POLL_MS)
         self._poll.timeout.connect(self._check_load)
         self._polling = False
+        self._pending: tuple[Path, LoadRequest] | None = None  # a load waiting for the start
         s = supervisor
         s.ready.connect(self._on_ready)
         s.failed.connect(self._on_failed)
@@ -112,7 +115,39 @@ class EngineController(QObject):
             self._start_with(model)
             return
         load = self._settings.settings.load_settings(str(model))
-        request = load_request(model, load, self._settings.settings.engine)
+        self._send_load(model, load_request(model, load, self._settings.settings.engine), load)
+
+    def load_with(self, model: Path, request: LoadRequest) -> bool:
+        """Loads `model` with exactly `request` (the wizard's Apply), the model in use too.
+
+        While the engine starts, the load waits for it; with no engine, one starts
+        with these settings. False when refused (another load runs; the user is told).
+        """
+        state = self.supervisor.state
+        if state in (SupervisorState.STARTING, SupervisorState.RESTARTING):
+            self._pending = (model, request)
+            return True
+        if self.loading is not None:
+            self._errors.show(f"{self.loading.name} is still loading; try again when it is done.")
+            return False
+        load = load_settings_of(request)
+        if (
+            model == self.current
+            and state is SupervisorState.READY
+            and load == self._settings.settings.load_settings(str(model))
+        ):
+            self.load_finished.emit(str(model))  # already serving with these settings
+            return True
+        if self.endpoint() is None or state is not SupervisorState.READY:
+            self._start_with(model, load)
+            return True
+        self._send_load(model, request, load)
+        return True
+
+    def _send_load(self, model: Path, request: LoadRequest, load: LoadSettings) -> None:
+        endpoint = self.endpoint()
+        if endpoint is None:
+            return
         self.loading, self._load = model, load
         self.load_started.emit(str(model))
         self.load_progress.emit(0.0)
@@ -153,9 +188,9 @@ class EngineController(QObject):
 
     # engine events ----------------------------------------------------------
 
-    def _start_with(self, model: Path) -> None:
+    def _start_with(self, model: Path, load: LoadSettings | None = None) -> None:
         settings = self._settings.settings
-        load = settings.load_settings(str(model))
+        load = load or settings.load_settings(str(model))
         spec = launch_spec(model, load, settings.engine, settings.local_api)
         self._stop_polling()
         self.loading, self._load = model, load
@@ -177,6 +212,10 @@ class EngineController(QObject):
         if was_loading is not None:
             self.load_finished.emit(str(spec.model))
         self.model_changed.emit()
+        if self._pending is not None:
+            model, request = self._pending
+            self._pending = None
+            self.load_with(model, request)
 
     def _on_failed(self, message: str) -> None:
         self.failure = f"The engine could not run: {message}"

@@ -18,6 +18,7 @@ from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence
 from PySide6.QtWidgets import (
     QHBoxLayout,
     QMainWindow,
+    QPushButton,
     QStackedWidget,
     QVBoxLayout,
     QWidget,
@@ -37,13 +38,16 @@ from app.qt.settings.controller import SettingsController
 from app.qt.settings.view import SettingsView
 from app.qt.status_bar import StatusBar
 from app.qt.status_controller import StatusController
+from app.qt.wizard.controller import MeasureFn, WizardController
 from app.qt.workers import BackgroundCalls
 from app.services.chat.store import ChatStore
-from app.services.models.fit import planner_wiring
+from app.services.models.fit import HardwareSource, planner_wiring
 from app.services.models.library import LocalFitFn
 from app.services.settings import Settings, SettingsStore
 from engine.default_model import default_model_path
+from engine.errors import PeregrineError
 from engine.paths import Paths
+from engine.planning.probe import measure as probe_measure
 
 log = logging.getLogger(__name__)
 
@@ -54,10 +58,11 @@ class MainWindow(QMainWindow):
     closed = Signal()  # after the engine has stopped: the app may quit now
 
     @classmethod
-    def on_profile(cls, max_tokens: int) -> MainWindow:
+    def on_profile(cls, max_tokens: int, hardware: HardwareSource | None = None) -> MainWindow:
         """A window on PEREGRINE_HOME's profile with the built-in model (screenshots, benchmarks)."""
         paths = Paths.from_env().ensure()
-        fit, _pick, _reader = planner_wiring()
+        hardware = hardware or HardwareSource()
+        fit, _pick, _reader = planner_wiring(hardware)
         return cls(
             ChatStore(paths.chats_db),
             SettingsStore(paths.settings_file),
@@ -66,6 +71,7 @@ class MainWindow(QMainWindow):
             max_tokens=max_tokens,
             paths=paths,
             fit=fit,
+            hardware=hardware,
         )
 
     def __init__(
@@ -82,6 +88,8 @@ class MainWindow(QMainWindow):
         fit: LocalFitFn | None = None,
         confirm: ConfirmFn | None = None,
         open_url: Callable[[QUrl], object] | None = None,
+        hardware: HardwareSource | None = None,
+        measure: MeasureFn | None = None,
     ) -> None:
         super().__init__()
         self.setWindowTitle("Peregrine")
@@ -133,6 +141,20 @@ class MainWindow(QMainWindow):
             parent=self,
         )
         self.settings_view = SettingsView(self.settings)
+        self._default_model = default_model
+        self.hardware = hardware or HardwareSource()
+        self.wizard = WizardController(
+            self,
+            self.palette_,
+            self.hardware,
+            self.engine,
+            self.settings,
+            self.background,
+            confirm,
+            lambda: self.models.entries,
+            measure_fn=measure or probe_measure,
+            parent=self,
+        )
         self.status = StatusBar()
         self.status_control = StatusController(
             self.status,
@@ -185,6 +207,16 @@ class MainWindow(QMainWindow):
         self.settings.theme_changed.connect(lambda _t: self.apply_theme())
         self.settings.local_api_changed.connect(self.engine.restart)
         self.supervisor.stopped.connect(self._on_engine_stopped)
+        # The wizard's doors: Settings → Engine, and a model's "Load with settings…".
+        plan_button = QPushButton("Memory and load settings…")
+        plan_button.setToolTip(
+            "Budgets per device, context, KV cache and offload, with the planner"
+        )
+        plan_button.clicked.connect(lambda: self.open_wizard())
+        self.settings_view.engine.form.addRow("Memory", plan_button)
+        self.models_view.library.add_action(
+            "Load with settings…", lambda entry: self.open_wizard(entry.path)
+        )
 
     def show_page(self, page: Page) -> None:
         view = (self.chat_view, self.models_view, self.settings_view)[page.value]
@@ -212,12 +244,28 @@ class MainWindow(QMainWindow):
         self.setStyleSheet(theme.stylesheet(self.palette_))
         self.chat.set_palette(self.palette_)
         self.models_view.library.set_palette(self.palette_)
+        self.wizard.set_palette(self.palette_)
 
     # engine ----------------------------------------------------------------------------
 
     def start_engine(self) -> None:
         """Starts the local engine with the last model and its settings, or the built-in one."""
         self.engine.start()
+
+    def open_wizard(self, model: Path | None = None, *, first_run: bool = False) -> None:
+        """The VRAM-budget wizard for `model` (default: the model in use, else the last one)."""
+        if model is None:
+            last = self.settings.settings.last_model_path
+            model = self.engine.current or self.engine.loading or (Path(last) if last else None)
+        if model is None:
+            try:
+                model = self._default_model()
+            except PeregrineError as exc:
+                self.errors.show(f"No model to plan for: {exc}")
+                return
+        self.wizard.open(model, first_run=first_run)
+        if first_run:
+            self.settings.mark_wizard_shown()
 
     def show_error(self, message: str, log_text: str | None = None) -> None:
         """The one place errors reach the user."""

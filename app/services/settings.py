@@ -89,6 +89,11 @@ class LoadSettings(BaseModel):
     type_v: KVType | None = None
     flash_attn: FlashAttn | None = None
     draft_model: str | None = None
+    # Placement the VRAM-budget wizard chose (docs/app.md); None: the engine's default.
+    runtime: str | None = None
+    tensor_split: list[float] | None = None
+    n_cpu_moe: int | None = Field(default=None, ge=0, le=1 << 16)
+    expert_offload: bool | None = None
 
 
 def masked(secret: str) -> str:
@@ -145,6 +150,8 @@ class Settings(BaseModel):
     local_api: LocalApi = Field(default_factory=LocalApi)
     # Per model file: the settings it was last loaded with.
     model_settings: dict[str, LoadSettings] = Field(default_factory=dict)
+    # The memory wizard opens once, on the first run.
+    wizard_shown: bool = False
 
     @field_serializer("hf_token", when_used="json")
     def _dump_token(self, value: SecretStr | None) -> str | None:

@@ -112,6 +112,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-type-v", "-ctv", choices=KV_CHOICES, default=None)
     g.add_argument("--flash-attn", "-fa", choices=["on", "off", "auto"], default=None)
     g.add_argument("--threads", "-t", type=int, default=None)
+    g.add_argument(
+        "--tensor-split", "-ts", default=None, help="share of each GPU, comma-separated: 3,1"
+    )
+    g.add_argument(
+        "--n-cpu-moe",
+        "-ncmoe",
+        type=int,
+        default=None,
+        help="MoE experts of the first N layers in RAM",
+    )
+    g.add_argument("--cpu-moe", "-cmoe", action="store_true", help="every MoE expert in RAM")
     g.add_argument("--batch-size", "-b", type=int, default=None, help="n_batch")
     g.add_argument("--ubatch-size", "-ub", type=int, default=None, help="n_ubatch")
     g.add_argument(
@@ -169,6 +180,9 @@ def _load_request(args: argparse.Namespace, model_path: str) -> LoadRequest:
         "threads": args.threads,
         "n_batch": args.batch_size,
         "n_ubatch": args.ubatch_size,
+        "tensor_split": _split(args.tensor_split),
+        "n_cpu_moe": args.n_cpu_moe,
+        "expert_offload": args.cpu_moe or None,
     }
     base.update({k: v for k, v in explicit.items() if v is not None})
     try:
@@ -178,6 +192,19 @@ def _load_request(args: argparse.Namespace, model_path: str) -> LoadRequest:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "settings"
         raise UsageError(f"invalid settings: {where}: {err['msg']}") from exc
+
+
+def _split(text: str | None) -> list[float] | None:
+    """`--tensor-split 3,1` (llama-server's form); None when not given."""
+    if text is None:
+        return None
+    try:
+        split = [float(part) for part in text.split(",")]
+    except ValueError:
+        split = []
+    if not split or not all(math.isfinite(s) and s >= 0 for s in split):
+        raise UsageError(f"--tensor-split takes numbers, 0 or more, separated by commas: {text!r}")
+    return split
 
 
 def _check_args(args: argparse.Namespace) -> None:

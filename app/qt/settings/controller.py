@@ -113,6 +113,12 @@ class SettingsController(QObject):
             self.settings.model_settings = {**self.settings.model_settings, key: load}
             self.save()
 
+    def mark_wizard_shown(self) -> None:
+        """The first run's wizard has been shown: it does not open by itself again."""
+        if not self.settings.wizard_shown:
+            self.settings.wizard_shown = True
+            self.save()
+
     # engine -----------------------------------------------------------------
 
     def set_engine_defaults(self, threads: int | None, speculation: bool) -> None:

@@ -17,6 +17,29 @@ from engine.wire.control import EngineStatus, LoadRequest
 ENGINE_DEFAULT_CTX = 4096
 
 
+# LoadSettings fields that go to the LoadRequest as they are, when set.
+LOAD_FIELDS = (
+    "n_gpu_layers",
+    "type_k",
+    "type_v",
+    "flash_attn",
+    "runtime",
+    "tensor_split",
+    "n_cpu_moe",
+    "expert_offload",
+)
+
+
+def load_settings_of(request: LoadRequest) -> LoadSettings:
+    """The settings to remember for a model loaded with `request` (the wizard's Apply)."""
+    return LoadSettings(
+        n_ctx=request.n_ctx,
+        threads=request.threads or None,
+        draft_model=request.draft_model,
+        **{name: getattr(request, name) for name in LOAD_FIELDS},
+    )
+
+
 def load_request(model: Path, load: LoadSettings, engine: EngineSettings) -> LoadRequest:
     """The body of `/v1/engine/load`: the model's own settings over the engine defaults."""
     fields: dict[str, object] = {
@@ -25,7 +48,7 @@ def load_request(model: Path, load: LoadSettings, engine: EngineSettings) -> Loa
         "n_ctx": load.n_ctx or engine.n_ctx or ENGINE_DEFAULT_CTX,
         "threads": load.threads or engine.threads or 0,
     }
-    for name in ("n_gpu_layers", "type_k", "type_v", "flash_attn"):
+    for name in LOAD_FIELDS:
         value = getattr(load, name)
         if value is not None:
             fields[name] = value

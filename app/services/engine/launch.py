@@ -48,6 +48,10 @@ class LaunchSpec:
     type_k: str | None = None
     type_v: str | None = None
     flash_attn: str | None = None
+    runtime: str | None = None
+    tensor_split: tuple[float, ...] | None = None
+    n_cpu_moe: int | None = None
+    expert_offload: bool = False
     port: int = 0
     api_key: str = field(default="", repr=False)
     extra_args: tuple[str, ...] = ()
@@ -80,6 +84,10 @@ def launch_spec(
         type_k=load.type_k,
         type_v=load.type_v,
         flash_attn=load.flash_attn,
+        runtime=load.runtime,
+        tensor_split=tuple(load.tensor_split) if load.tensor_split else None,
+        n_cpu_moe=load.n_cpu_moe or None,
+        expert_offload=bool(load.expert_offload),
         port=port,
         api_key=api_key,
     )
@@ -128,9 +136,14 @@ def serve_command(spec: LaunchSpec, parent_pid: int, python: str = sys.executabl
         ("--cache-type-k", spec.type_k),
         ("--cache-type-v", spec.type_v),
         ("--flash-attn", spec.flash_attn),
+        ("--runtime", spec.runtime),
+        ("--tensor-split", ",".join(f"{s:g}" for s in spec.tensor_split or ()) or None),
+        ("--n-cpu-moe", spec.n_cpu_moe),
     ):
         if value is not None:
             argv += [flag, str(value)]
+    if spec.expert_offload:
+        argv.append("--cpu-moe")
     argv += list(spec.extra_args)
     return argv
 

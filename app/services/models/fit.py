@@ -7,6 +7,7 @@ once, on first use, since probing the GPUs costs a child process.
 from __future__ import annotations
 
 import logging
+import threading
 from collections.abc import Callable, Sequence
 from pathlib import Path
 from typing import Any
@@ -22,25 +23,54 @@ from app.services.settings import Settings
 from engine.default_model import default_model_path
 from engine.errors import PeregrineError
 from engine.paths import Paths
+from engine.planning.hardware import Hardware, detect_hardware
 
 log = logging.getLogger(__name__)
 
 
-def planner_wiring() -> tuple[Any, Any, Any]:
-    """(fit, pick, remote header reader) from engine/, or Nones when those modules are absent."""
+class HardwareSource:
+    """The machine the app plans for: described by a hardware file, or this one.
+
+    This machine is detected once, on first use (probing GPUs costs a child
+    process), from whichever thread asks first; call `get` off the GUI thread.
+    """
+
+    def __init__(
+        self,
+        described: Hardware | None = None,
+        *,
+        file: str | None = None,
+        detect: Callable[[], Hardware] = detect_hardware,
+    ) -> None:
+        self._hardware = described
+        self.file = file  # the hardware file's name, for the wizard's label
+        self._detect = detect
+        self._lock = threading.Lock()
+
+    @property
+    def described(self) -> bool:
+        """True when the machine comes from a hardware file (`peregrine gui --hardware`)."""
+        return self.file is not None
+
+    def get(self) -> Hardware:
+        with self._lock:
+            if self._hardware is None:
+                self._hardware = self._detect()
+            return self._hardware
+
+
+def planner_wiring(source: HardwareSource | None = None) -> tuple[Any, Any, Any]:
+    """(fit, pick, remote header reader) from engine/, or Nones when those modules are absent.
+
+    Fits are planned for `source` (default: this machine).
+    """
     try:
         from engine.gguf.header import read_remote_gguf_header
         from engine.planning import planner
-        from engine.planning.hardware import detect_hardware
     except ImportError as exc:
         log.info("fit badges unavailable: %s", exc)
         return None, None, None
-    hardware: list[Any] = []
-
-    def hw() -> Any:
-        if not hardware:
-            hardware.append(detect_hardware())
-        return hardware[0]
+    hw = (source or HardwareSource()).get
 
     def fit(name: str, header: Any, size: int) -> FitLike:
         return planner.fit_badge(hw(), planner.ModelCandidate(name, header, size))
