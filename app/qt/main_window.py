@@ -14,7 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from PySide6.QtCore import QUrl, Signal
-from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence, QShortcut
+from PySide6.QtGui import (
+    QCloseEvent,
+    QDesktopServices,
+    QDragEnterEvent,
+    QDropEvent,
+    QKeySequence,
+    QShortcut,
+)
 from PySide6.QtWidgets import (
     QHBoxLayout,
     QMainWindow,
@@ -31,6 +38,12 @@ from app.qt.engine_controller import EngineController
 from app.qt.engine_supervisor import EngineSupervisor
 from app.qt.error_panel import ErrorPanel, ErrorReporter
 from app.qt.models.controller import ModelsController
+from app.qt.models.discover_controller import DiscoverController, HubWiring
+from app.qt.models.downloads_controller import (
+    DownloaderFactory,
+    DownloadsController,
+    default_downloader,
+)
 from app.qt.models.view import ModelsView
 from app.qt.navigation import NavRail, Page
 from app.qt.settings.controller import SettingsController
@@ -57,7 +70,7 @@ class MainWindow(QMainWindow):
     def on_profile(cls, max_tokens: int) -> MainWindow:
         """A window on PEREGRINE_HOME's profile with the built-in model (screenshots, benchmarks)."""
         paths = Paths.from_env().ensure()
-        fit, _pick, _reader = planner_wiring()
+        fit, pick, reader = planner_wiring()
         return cls(
             ChatStore(paths.chats_db),
             SettingsStore(paths.settings_file),
@@ -66,6 +79,7 @@ class MainWindow(QMainWindow):
             max_tokens=max_tokens,
             paths=paths,
             fit=fit,
+            hub_wiring=HubWiring(fit, pick, reader),
         )
 
     def __init__(
@@ -82,6 +96,8 @@ class MainWindow(QMainWindow):
         fit: LocalFitFn | None = None,
         confirm: ConfirmFn | None = None,
         open_url: Callable[[QUrl], object] | None = None,
+        hub_wiring: HubWiring | None = None,
+        make_downloader: DownloaderFactory = default_downloader,
     ) -> None:
         super().__init__()
         self.setWindowTitle("Peregrine")
@@ -130,6 +146,23 @@ class MainWindow(QMainWindow):
             fit=fit,
             builtin=default_model,
             **({"open_url": open_url} if open_url is not None else {}),
+            parent=self,
+        )
+        self.discover = DiscoverController(
+            self.models_view.discover,
+            self.settings,
+            self.errors,
+            hub_wiring or HubWiring(),
+            open_url=open_url or QDesktopServices.openUrl,
+            parent=self,
+        )
+        self.downloads = DownloadsController(
+            self.models_view.downloads,
+            paths or Paths.from_env(),
+            self.settings,
+            self.engine,
+            self.errors,
+            make_downloader=make_downloader,
             parent=self,
         )
         self.settings_view = SettingsView(self.settings)
@@ -185,6 +218,20 @@ class MainWindow(QMainWindow):
         self.settings.theme_changed.connect(lambda _t: self.apply_theme())
         self.settings.local_api_changed.connect(self.engine.restart)
         self.supervisor.stopped.connect(self._on_engine_stopped)
+        self.discover.download_requested.connect(self._download)
+        self.discover.settings_requested.connect(lambda: self.show_page(Page.SETTINGS))
+        self.downloads.finished.connect(lambda _st: self.models.refresh())
+        self.downloads.status_changed.connect(
+            lambda _st: self.models_view.set_downloads_count(self.downloads.active)
+        )
+        self.models_view.downloads.discover_requested.connect(
+            lambda: self.models_view.show_tab(self.models_view.discover)
+        )
+
+    def _download(self, repo_id: str, files: list[str], revision: str | None) -> None:
+        """Queues a download and shows it in the Downloads tab."""
+        self.downloads.add(repo_id, files, revision)
+        self.models_view.show_tab(self.models_view.downloads)
 
     def show_page(self, page: Page) -> None:
         view = (self.chat_view, self.models_view, self.settings_view)[page.value]
@@ -212,6 +259,7 @@ class MainWindow(QMainWindow):
         self.setStyleSheet(theme.stylesheet(self.palette_))
         self.chat.set_palette(self.palette_)
         self.models_view.library.set_palette(self.palette_)
+        self.models_view.discover.set_palette(self.palette_)
 
     # engine ----------------------------------------------------------------------------
 
@@ -262,6 +310,8 @@ class MainWindow(QMainWindow):
         self.status_control.closing = True
         self.hide()
         self.chat.shutdown()
+        self.downloads.shutdown()
+        self.discover.shutdown()
         self.background.shutdown()
         self.supervisor.stop()
 

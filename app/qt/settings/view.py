@@ -172,6 +172,14 @@ class SettingsView(QScrollArea):
             "For gated repos. Kept in the settings file, readable only by you; never shown whole."
         )
         section.form.addRow("", self.token_problem)
+
+        self.downloads_at_once = QSpinBox()
+        self.downloads_at_once.setRange(1, 8)
+        self.downloads_at_once.setFixedWidth(140)
+        self.downloads_at_once.setButtonSymbols(QSpinBox.ButtonSymbols.NoButtons)
+        self.downloads_at_once.setToolTip("The rest wait in the queue and start as others finish")
+        self.downloads_at_once.valueChanged.connect(self.controller.set_downloads_at_once)
+        section.form.addRow("Downloads at once", self.downloads_at_once)
         return section
 
     def _engine(self) -> _Section:
@@ -262,6 +270,9 @@ class SettingsView(QScrollArea):
         self.models_folder.setText(s.models_folder or "")
         self._draw_scan()
         self._draw_token()
+        self.downloads_at_once.blockSignals(True)
+        self.downloads_at_once.setValue(s.downloads_at_once)
+        self.downloads_at_once.blockSignals(False)
         for widget in (self.threads, self.speculation):
             widget.blockSignals(True)
         self.threads.setValue(s.engine.threads or 0)

@@ -1123,7 +1123,9 @@ class DownloadQueue:
             for job in self._jobs.values():
                 if job.status.state is JobState.RUNNING:
                     job.stop = StopKind.PAUSE
-            records = self._records()
+            records = [
+                replace(r, state="queued") if r.state == "running" else r for r in self._records()
+            ]
             self._cond.notify_all()
         self._write_journal(records, final=True)
         for t in self._threads:

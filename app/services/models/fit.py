@@ -26,8 +26,12 @@ from engine.paths import Paths
 log = logging.getLogger(__name__)
 
 
-def planner_wiring() -> tuple[Any, Any, Any]:
-    """(fit, pick, remote header reader) from engine/, or Nones when those modules are absent."""
+def planner_wiring(hardware: Any | None = None) -> tuple[Any, Any, Any]:
+    """(fit, pick, remote header reader) from engine/, or Nones when those modules are absent.
+
+    `hardware` (an engine.planning.hardware.Hardware) plans for a described machine
+    instead of this one.
+    """
     try:
         from engine.gguf.header import read_remote_gguf_header
         from engine.planning import planner
@@ -35,12 +39,12 @@ def planner_wiring() -> tuple[Any, Any, Any]:
     except ImportError as exc:
         log.info("fit badges unavailable: %s", exc)
         return None, None, None
-    hardware: list[Any] = []
+    detected: list[Any] = [hardware] if hardware is not None else []
 
     def hw() -> Any:
-        if not hardware:
-            hardware.append(detect_hardware())
-        return hardware[0]
+        if not detected:
+            detected.append(detect_hardware())
+        return detected[0]
 
     def fit(name: str, header: Any, size: int) -> FitLike:
         return planner.fit_badge(hw(), planner.ModelCandidate(name, header, size))
