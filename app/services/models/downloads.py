@@ -1248,6 +1248,7 @@ class DownloadQueue:
                     job.stop = None
                     job.status = replace(job.status, state=JobState.RUNNING)
                     status = job.status
+                    self._cond.notify_all()  # for wait(..., {RUNNING})
                     break
                 self._cond.wait()
         self._emit(status)
