@@ -26,7 +26,7 @@ from app.services.models.downloads import (
 from app.services.models.hub import HubService, QuantOption, RemoteFile, RetryPolicy
 from app.services.models.queue_file import QueuedDownload, QueueFile
 from engine.paths import Paths
-from tests.fake_hub import Fault, FakeHub, hub_with_blob
+from tests.fake_hub import FakeHub, Fault, hub_with_blob
 
 REPO = "acme/Blob-GGUF"
 FILE = "blob-Q4_0.gguf"
