@@ -187,11 +187,12 @@ def main(argv: list[str] | None = None) -> int:
         if window.downloads.active > 2:
             return
         hub.bytes_per_second = 11e6
-        for quant in ("Q4_K_M", "QAT-Q4_K_M", "Q8_0"):
-            window.downloads.add(LLAMA, [f"Meta-Llama-3.1-8B-Instruct-{quant}.gguf"])
+        # The gated one first: it fails at once (no token), as it would for a user.
         window.downloads.add(
             "meta-llama/Llama-3.1-8B-Instruct-GGUF", ["Llama-3.1-8B-Instruct-Q4_K_M.gguf"]
         )
+        for quant in ("Q4_K_M", "QAT-Q4_K_M", "Q8_0"):
+            window.downloads.add(LLAMA, [f"Meta-Llama-3.1-8B-Instruct-{quant}.gguf"])
         window.models_view.show_tab(window.models_view.downloads)
         later(6000, downloads_shot)
 

@@ -120,7 +120,7 @@ def test_nothing_reaches_the_hub_before_the_first_search(
     assert len(searches) == 1
     assert tab.results_model.rowCount() == 1
     cells = [tab.results_model.data(tab.results_model.index(0, c)) for c in range(4)]
-    assert cells[0] == "acme/Tiny-GGUF" and cells[1] == "100" and cells[2] == "10"
+    assert cells[0] == "Tiny-GGUF · acme" and cells[1] == "100" and cells[2] == "10"
     assert cells[3].endswith("ago")
     # Clearing the box sends nothing.
     before = len(hub.requests)
@@ -355,6 +355,7 @@ def test_a_gated_repo_says_so_and_what_to_do(
     [opt] = tab.quants_model.options
     assert opt.fit is None and opt.header_error and "gated or private" in opt.header_error
     assert tab.quants_model.data(tab.quants_model.index(0, 2)) == "unknown"
+    assert "(gated)" in tab.results_model.data(tab.results_model.index(0, 0))
     tab.gated_open.click()
     assert [u.toString() for u in opened] == [f"https://huggingface.co/{GATED}"]
     tab.gated_settings.click()

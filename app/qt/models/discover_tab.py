@@ -121,7 +121,9 @@ class ResultsModel(QAbstractTableModel):
         column = RESULT_COLUMNS[index.column()]
         if role == Qt.ItemDataRole.DisplayRole:
             if column == "Model":
-                return r.repo_id + ("  🔒" if r.gated else "")
+                # The model's name first: narrow columns cut the end, and the owner matters less.
+                owner, _, name = r.repo_id.partition("/")
+                return f"{name} · {owner}" + ("  (gated)" if r.gated else "")
             if column == "Downloads":
                 return count_text(r.downloads)
             if column == "Likes":
@@ -199,7 +201,7 @@ class QuantsModel(QAbstractTableModel):
         p = self.palette
         if role == Qt.ItemDataRole.DisplayRole:
             if column == "Quant":
-                return opt.quant or opt.name
+                return opt.quant or "—"
             if column == "Size":
                 return format_bytes(opt.size)
             if column == "Fits this machine":
@@ -244,7 +246,9 @@ class _Sorter(QSortFilterProxyModel):
             return str(a) < str(b)
 
 
-def _table(model: QAbstractTableModel, sortable: bool) -> tuple[QTableView, _Sorter]:
+def _table(
+    model: QAbstractTableModel, sortable: bool, stretch: int = 0
+) -> tuple[QTableView, _Sorter]:
     proxy = _Sorter(model)
     proxy.setSourceModel(model)
     table = QTableView()
@@ -259,10 +263,11 @@ def _table(model: QAbstractTableModel, sortable: bool) -> tuple[QTableView, _Sor
     table.verticalHeader().hide()
     table.verticalHeader().setDefaultSectionSize(32)
     table.setEditTriggers(QAbstractItemView.EditTrigger.NoEditTriggers)
-    table.setTextElideMode(Qt.TextElideMode.ElideMiddle)
+    table.setTextElideMode(Qt.TextElideMode.ElideRight)
     header = table.horizontalHeader()
     header.setSectionResizeMode(QHeaderView.ResizeMode.ResizeToContents)
-    header.setSectionResizeMode(0, QHeaderView.ResizeMode.Stretch)
+    header.setSectionResizeMode(stretch, QHeaderView.ResizeMode.Stretch)
+    header.setDefaultAlignment(Qt.AlignmentFlag.AlignLeft | Qt.AlignmentFlag.AlignVCenter)
     header.setHighlightSections(False)
     return table, proxy
 
@@ -303,13 +308,16 @@ class DiscoverTab(QWidget):
 
         self.results_model = ResultsModel(self)
         self.results, self.results_proxy = _table(self.results_model, sortable=True)
+        # "name · owner": cut in the middle, both ends (which model, whose) stay readable.
+        self.results.setTextElideMode(Qt.TextElideMode.ElideMiddle)
         self.results.selectionModel().selectionChanged.connect(lambda *_a: self._emit_open())
 
         self.splitter = QSplitter(Qt.Orientation.Horizontal)
         self.splitter.addWidget(self.results)
         self.splitter.addWidget(self._repo_panel(palette))
-        self.splitter.setStretchFactor(0, 5)
-        self.splitter.setStretchFactor(1, 6)
+        self.splitter.setStretchFactor(0, 1)
+        self.splitter.setStretchFactor(1, 1)
+        self.splitter.setSizes([570, 630])
         self.splitter.setChildrenCollapsible(False)
         lay.addWidget(self.splitter, 1)
 
@@ -348,7 +356,7 @@ class DiscoverTab(QWidget):
         col.addWidget(self.gated)
 
         self.quants_model = QuantsModel(palette, self)
-        self.quants, self.quants_proxy = _table(self.quants_model, sortable=True)
+        self.quants, self.quants_proxy = _table(self.quants_model, sortable=True, stretch=3)
         self.quants.selectionModel().selectionChanged.connect(lambda *_a: self._draw_selected())
         self.quants.doubleClicked.connect(lambda _i: self._emit_download())
         col.addWidget(self.quants, 1)

@@ -63,6 +63,8 @@ def progress_text(st: DownloadStatus) -> str:
     else:
         amount = format_bytes(st.done) if st.done else ""
     bits = [amount] if amount else []
+    if st.state is JobState.QUEUED:
+        bits.append("waiting for a free slot (how many run at once: Settings → Models)")
     if st.state is JobState.RUNNING:
         if st.speed > 0:
             bits.append(f"{format_bytes(st.speed)}/s")
@@ -98,7 +100,7 @@ class DownloadRow(QFrame):
         names = QVBoxLayout()
         names.setSpacing(1)
         self.name = QLabel(status.name)
-        self.name.setObjectName("sectionTitle")
+        self.name.setObjectName("rowTitle")
         self.repo = QLabel(status.repo_id)
         self.repo.setObjectName("hint")
         names.addWidget(self.name)
@@ -145,19 +147,26 @@ class DownloadRow(QFrame):
         self.status = st
         self.state.setText(STATE_TEXT[st.state])
         self.bar.setValue(int(st.done / st.total * 1000) if st.total else 0)
-        self.bar.setVisible(st.state not in (JobState.DONE, JobState.CANCELLED))
+        self.bar.setVisible(
+            st.state not in (JobState.DONE, JobState.CANCELLED)
+            and not (st.state is JobState.FAILED and not st.done)
+        )
         self.figures.setText(
             progress_text(st)
             if st.state is not JobState.DONE
             else f"{format_bytes(st.total)} · in the library"
         )
-        self.figures.setVisible(st.state is not JobState.CANCELLED)
+        self.figures.setVisible(st.state is not JobState.CANCELLED and bool(self.figures.text()))
         if st.state is JobState.FAILED:
             kind = st.kind or FailureKind.OTHER
             kept = " What was downloaded so far is kept." if st.done else ""
             if kind is FailureKind.CHECKSUM:
                 kept = ""
-            self.problem.setText(f"{FAILURE_TEXT[kind]}{kept}\n{st.error or ''}".strip())
+            # The service's own line adds the detail (which server, which status), except
+            # where it speaks of the command line's remedies that the plain text replaces.
+            detail = "" if kind in (FailureKind.ACCESS, FailureKind.DISK_FULL) else st.error
+            self.problem.setText(f"{FAILURE_TEXT[kind]}{kept}\n{detail or ''}".strip())
+            self.problem.setToolTip(st.error or "")
             self.problem.show()
         else:
             self.problem.hide()
@@ -243,12 +252,15 @@ class DownloadsTab(QWidget):
         running = [s for s in statuses if s.state is JobState.RUNNING]
         waiting = sum(s.state is JobState.QUEUED for s in statuses)
         failed = sum(s.state is JobState.FAILED for s in statuses)
+        paused = sum(s.state is JobState.PAUSED for s in statuses)
         bits = []
         if running:
             speed = sum(s.speed for s in running)
             bits.append(f"{len(running)} downloading at {format_bytes(speed)}/s")
         if waiting:
             bits.append(f"{waiting} waiting")
+        if paused:
+            bits.append(f"{paused} paused")
         if failed:
             bits.append(f"{failed} failed")
         self.summary.setText(
