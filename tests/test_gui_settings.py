@@ -83,7 +83,7 @@ def test_the_api_key_from_settings_reaches_the_engine_and_survives_restarts(
     # Not shared yet: nothing to copy.
     assert not view.copy_key.isEnabled()
     view.api_shared.setChecked(True)
-    view.api_port.setValue(port)
+    view.api_port.setText(str(port))
     assert view.api_apply.isEnabled()
     with qtbot.waitSignal(w.supervisor.ready, timeout=ENGINE_START_MS) as ready:
         view.api_apply.click()  # applying (re)starts the engine with the new port and key
@@ -143,7 +143,8 @@ def test_theme_engine_defaults_and_folders_are_saved(
     assert "#f6f7f9" in w.styleSheet()
     view.theme_box.setCurrentText("Dark")
     assert "#16181d" in w.styleSheet()
-    view.threads.setValue(3)
+    view.threads.setText("3")
+    view.threads.editingFinished.emit()
     view.speculation.setChecked(False)
     view.models_folder.setText("relative/path")
     view.models_folder.editingFinished.emit()

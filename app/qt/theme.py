@@ -156,6 +156,7 @@ QLineEdit, QPlainTextEdit, QComboBox, QSpinBox {{
     selection-background-color: {p.accent}; selection-color: {p.on_accent};
 }}
 QLineEdit:focus, QPlainTextEdit:focus, QSpinBox:focus {{ border: 1px solid {p.accent}; }}
+QSpinBox QLineEdit, QComboBox QLineEdit {{ padding: 0; border: none; background: transparent; }}
 QLineEdit:disabled, QSpinBox:disabled, QComboBox:disabled {{ color: {p.muted}; }}
 QComboBox::drop-down {{ border: none; width: 22px; }}
 QComboBox::down-arrow {{ image: url({p.chevron}); width: 12px; height: 12px; margin-right: 8px; }}

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from PySide6.QtCore import Qt, Signal
+from PySide6.QtGui import QResizeEvent
 from PySide6.QtWidgets import QComboBox, QHBoxLayout, QLabel, QPushButton, QSizePolicy, QWidget
 
 from app.services.chat.service import PRESETS
@@ -13,6 +14,33 @@ from app.services.models.library import ModelEntry
 LOCAL = "Local engine"
 ADD_SERVER = "Add server…"
 MANAGE_MODELS = "Manage models…"
+
+
+class ElidedLabel(QLabel):
+    """A one-line label that ends in "…" when it is too narrow; the whole text is its tooltip."""
+
+    def __init__(self, text: str = "") -> None:
+        super().__init__()
+        self.setMinimumWidth(60)
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Preferred)
+        self._full = ""
+        self.setText(text)
+
+    def setText(self, text: str) -> None:
+        self._full = text
+        self.setToolTip(text)
+        self._elide()
+
+    def text(self) -> str:
+        return self._full
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        super().resizeEvent(event)
+        self._elide()
+
+    def _elide(self) -> None:
+        shown = self.fontMetrics().elidedText(self._full, Qt.TextElideMode.ElideRight, self.width())
+        super().setText(shown)
 
 
 class ChatHeader(QWidget):
@@ -32,9 +60,8 @@ class ChatHeader(QWidget):
         lay = QHBoxLayout(self)
         lay.setContentsMargins(28, 10, 20, 10)
         lay.setSpacing(8)
-        self.title = QLabel("New chat")
+        self.title = ElidedLabel("New chat")
         self.title.setObjectName("chatTitle")
-        self.title.setMinimumWidth(60)
         lay.addWidget(self.title, 1)
         self.model_box = QComboBox()
         self.model_box.setObjectName("modelPicker")
@@ -45,9 +72,9 @@ class ChatHeader(QWidget):
         )
         # Grows into spare room (a whole model name), shrinks to 10 characters.
         self.model_box.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        self.model_box.setMaximumWidth(360)
+        self.model_box.setMaximumWidth(320)
         self.model_box.activated.connect(self._on_model)
-        lay.addWidget(self.model_box)
+        lay.addWidget(self.model_box, 1)
         self.preset_box = QComboBox()
         self.preset_box.addItems(list(PRESETS))
         self.preset_box.setToolTip("Sampling preset for this chat")

@@ -8,7 +8,7 @@ a widget whole: the token and the key are shown masked and copied on demand.
 from __future__ import annotations
 
 from PySide6.QtCore import Qt
-from PySide6.QtGui import QGuiApplication
+from PySide6.QtGui import QGuiApplication, QIntValidator
 from PySide6.QtWidgets import (
     QCheckBox,
     QComboBox,
@@ -21,7 +21,6 @@ from PySide6.QtWidgets import (
     QListWidget,
     QPushButton,
     QScrollArea,
-    QSpinBox,
     QVBoxLayout,
     QWidget,
 )
@@ -40,6 +39,15 @@ def _hint(text: str) -> QLabel:
     # A wrapped label in a form row otherwise gets its narrowest width (three short lines).
     label.setMinimumWidth(440)
     return label
+
+
+def _number_field(low: int, high: int, placeholder: str) -> QLineEdit:
+    """A short field for a whole number in [low, high]; empty means the placeholder's value."""
+    field = QLineEdit()
+    field.setValidator(QIntValidator(low, high, field))
+    field.setPlaceholderText(placeholder)
+    field.setFixedWidth(140)
+    return field
 
 
 class _Section(QFrame):
@@ -184,13 +192,9 @@ class SettingsView(QScrollArea):
 
     def _engine(self) -> _Section:
         section = _Section("Engine", "Defaults for every model; they apply to the next load.")
-        self.threads = QSpinBox()
-        self.threads.setRange(0, 1024)
-        self.threads.setSpecialValueText("Automatic")
+        self.threads = _number_field(1, 1024, "Automatic")
         self.threads.setToolTip("CPU threads for generation; Automatic uses the physical cores")
-        self.threads.setFixedWidth(140)
-        self.threads.setButtonSymbols(QSpinBox.ButtonSymbols.NoButtons)
-        self.threads.valueChanged.connect(self._apply_engine)
+        self.threads.editingFinished.connect(self._apply_engine)
         section.form.addRow("Threads", self.threads)
         self.speculation = QCheckBox("Speculative decoding (faster answers, same text)")
         self.speculation.toggled.connect(self._apply_engine)
@@ -205,11 +209,7 @@ class SettingsView(QScrollArea):
         )
         self.api_shared = QCheckBox("Allow other tools to use the local API")
         section.form.addRow("Access", self.api_shared)
-        self.api_port = QSpinBox()
-        self.api_port.setRange(1, 65535)
-        self.api_port.setValue(DEFAULT_API_PORT)
-        self.api_port.setFixedWidth(140)
-        self.api_port.setButtonSymbols(QSpinBox.ButtonSymbols.NoButtons)
+        self.api_port = _number_field(1, 65535, str(DEFAULT_API_PORT))
         section.form.addRow("Port", self.api_port)
         apply_row = QHBoxLayout()
         self.api_apply = QPushButton("Apply and restart the engine")
@@ -220,7 +220,7 @@ class SettingsView(QScrollArea):
         self.api_problem = _hint("")
         section.form.addRow("", self.api_problem)
         self.api_shared.toggled.connect(self._draw_api_dirty)
-        self.api_port.valueChanged.connect(self._draw_api_dirty)
+        self.api_port.textChanged.connect(self._draw_api_dirty)
 
         url_row = QHBoxLayout()
         self.api_url = QLabel()
@@ -275,7 +275,7 @@ class SettingsView(QScrollArea):
         self.downloads_at_once.blockSignals(False)
         for widget in (self.threads, self.speculation):
             widget.blockSignals(True)
-        self.threads.setValue(s.engine.threads or 0)
+        self.threads.setText(str(s.engine.threads) if s.engine.threads else "")
         self.speculation.setChecked(s.engine.speculation)
         for widget in (self.threads, self.speculation):
             widget.blockSignals(False)
@@ -309,7 +309,7 @@ class SettingsView(QScrollArea):
         for widget in (self.api_shared, self.api_port):
             widget.blockSignals(True)
         self.api_shared.setChecked(api.shared)
-        self.api_port.setValue(api.port)
+        self.api_port.setText(str(api.port))
         for widget in (self.api_shared, self.api_port):
             widget.blockSignals(False)
         key = self._key()
@@ -322,7 +322,7 @@ class SettingsView(QScrollArea):
 
     def _draw_api_dirty(self) -> None:
         api = self.controller.settings.local_api
-        dirty = (self.api_shared.isChecked(), self.api_port.value()) != (api.shared, api.port)
+        dirty = (self.api_shared.isChecked(), self._port()) != (api.shared, api.port)
         self.api_apply.setEnabled(dirty)
         self.api_port.setEnabled(self.api_shared.isChecked())
         if api.shared:
@@ -333,6 +333,10 @@ class SettingsView(QScrollArea):
             )
 
     # intents ----------------------------------------------------------------------
+
+    def _port(self) -> int:
+        text = self.api_port.text()
+        return int(text) if text else DEFAULT_API_PORT
 
     def _key(self) -> str:
         return self.controller.settings.local_api.api_key.get_secret_value()
@@ -402,11 +406,11 @@ class SettingsView(QScrollArea):
         self._draw_token()
 
     def _apply_engine(self) -> None:
-        threads = self.threads.value() or None
+        threads = int(self.threads.text()) if self.threads.text() else None
         self.controller.set_engine_defaults(threads, self.speculation.isChecked())
 
     def _apply_api(self) -> None:
-        problem = self.controller.set_local_api(self.api_shared.isChecked(), self.api_port.value())
+        problem = self.controller.set_local_api(self.api_shared.isChecked(), self._port())
         if problem:
             self.api_problem.setText(problem)
         self._draw_api()
