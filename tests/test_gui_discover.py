@@ -375,7 +375,7 @@ def test_the_download_limit_from_settings_holds(
     assert status(w, second).state is JobState.QUEUED
     assert w.downloads.add(BLOB, [BLOB_FILE]) == first  # no second job for the same file
     # Raised in Settings: the waiting one starts at once.
-    w.settings_view.downloads_at_once.setValue(2)
+    w.settings_view.downloads_at_once.setCurrentText("2")
     wait_state(qtbot, w, second, JobState.RUNNING)
     assert w.settings.settings.downloads_at_once == 2
     close_window(qtbot, w)

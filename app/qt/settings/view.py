@@ -181,12 +181,13 @@ class SettingsView(QScrollArea):
         )
         section.form.addRow("", self.token_problem)
 
-        self.downloads_at_once = QSpinBox()
-        self.downloads_at_once.setRange(1, 8)
+        self.downloads_at_once = QComboBox()
+        self.downloads_at_once.addItems([str(n) for n in range(1, 9)])
         self.downloads_at_once.setFixedWidth(140)
-        self.downloads_at_once.setButtonSymbols(QSpinBox.ButtonSymbols.NoButtons)
         self.downloads_at_once.setToolTip("The rest wait in the queue and start as others finish")
-        self.downloads_at_once.valueChanged.connect(self.controller.set_downloads_at_once)
+        self.downloads_at_once.currentTextChanged.connect(
+            lambda text: self.controller.set_downloads_at_once(int(text))
+        )
         section.form.addRow("Downloads at once", self.downloads_at_once)
         return section
 
@@ -271,7 +272,7 @@ class SettingsView(QScrollArea):
         self._draw_scan()
         self._draw_token()
         self.downloads_at_once.blockSignals(True)
-        self.downloads_at_once.setValue(s.downloads_at_once)
+        self.downloads_at_once.setCurrentText(str(s.downloads_at_once))
         self.downloads_at_once.blockSignals(False)
         for widget in (self.threads, self.speculation):
             widget.blockSignals(True)
