@@ -50,6 +50,7 @@ bench: $(STAMP)
 screenshots: $(STAMP)
 	xvfb-run -a -s "-screen 0 1400x900x24" $(BIN)/python -m app.qt.screenshots docs/screenshots
 	xvfb-run -a -s "-screen 0 1400x900x24" $(BIN)/python -m bench.wizard docs/screenshots
+	xvfb-run -a -s "-screen 0 1400x900x24" $(BIN)/python -m tests.shots_discover docs/screenshots
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info

@@ -14,7 +14,14 @@ from collections.abc import Callable
 from pathlib import Path
 
 from PySide6.QtCore import QUrl, Signal
-from PySide6.QtGui import QCloseEvent, QDragEnterEvent, QDropEvent, QKeySequence, QShortcut
+from PySide6.QtGui import (
+    QCloseEvent,
+    QDesktopServices,
+    QDragEnterEvent,
+    QDropEvent,
+    QKeySequence,
+    QShortcut,
+)
 from PySide6.QtWidgets import (
     QHBoxLayout,
     QMainWindow,
@@ -32,6 +39,12 @@ from app.qt.engine_controller import EngineController
 from app.qt.engine_supervisor import EngineSupervisor
 from app.qt.error_panel import ErrorPanel, ErrorReporter
 from app.qt.models.controller import ModelsController
+from app.qt.models.discover_controller import DiscoverController, HubWiring
+from app.qt.models.downloads_controller import (
+    DownloaderFactory,
+    DownloadsController,
+    default_downloader,
+)
 from app.qt.models.view import ModelsView
 from app.qt.navigation import NavRail, Page
 from app.qt.settings.controller import SettingsController
@@ -62,7 +75,7 @@ class MainWindow(QMainWindow):
         """A window on PEREGRINE_HOME's profile with the built-in model (screenshots, benchmarks)."""
         paths = Paths.from_env().ensure()
         hardware = hardware or HardwareSource()
-        fit, _pick, _reader = planner_wiring(hardware)
+        fit, pick, reader = planner_wiring(hardware)
         return cls(
             ChatStore(paths.chats_db),
             SettingsStore(paths.settings_file),
@@ -72,6 +85,7 @@ class MainWindow(QMainWindow):
             paths=paths,
             fit=fit,
             hardware=hardware,
+            hub_wiring=HubWiring(fit, pick, reader),
         )
 
     def __init__(
@@ -90,6 +104,8 @@ class MainWindow(QMainWindow):
         open_url: Callable[[QUrl], object] | None = None,
         hardware: HardwareSource | None = None,
         measure: MeasureFn | None = None,
+        hub_wiring: HubWiring | None = None,
+        make_downloader: DownloaderFactory = default_downloader,
     ) -> None:
         super().__init__()
         self.setWindowTitle("Peregrine")
@@ -138,6 +154,23 @@ class MainWindow(QMainWindow):
             fit=fit,
             builtin=default_model,
             **({"open_url": open_url} if open_url is not None else {}),
+            parent=self,
+        )
+        self.discover = DiscoverController(
+            self.models_view.discover,
+            self.settings,
+            self.errors,
+            hub_wiring or HubWiring(),
+            open_url=open_url or QDesktopServices.openUrl,
+            parent=self,
+        )
+        self.downloads = DownloadsController(
+            self.models_view.downloads,
+            paths or Paths.from_env(),
+            self.settings,
+            self.engine,
+            self.errors,
+            make_downloader=make_downloader,
             parent=self,
         )
         self.settings_view = SettingsView(self.settings)
@@ -217,6 +250,20 @@ class MainWindow(QMainWindow):
         self.models_view.library.add_action(
             "Load with settings…", lambda entry: self.open_wizard(entry.path)
         )
+        self.discover.download_requested.connect(self._download)
+        self.discover.settings_requested.connect(lambda: self.show_page(Page.SETTINGS))
+        self.downloads.finished.connect(lambda _st: self.models.refresh())
+        self.downloads.status_changed.connect(
+            lambda _st: self.models_view.set_downloads_count(self.downloads.active)
+        )
+        self.models_view.downloads.discover_requested.connect(
+            lambda: self.models_view.show_tab(self.models_view.discover)
+        )
+
+    def _download(self, repo_id: str, files: list[str], revision: str | None) -> None:
+        """Queues a download and shows it in the Downloads tab."""
+        self.downloads.add(repo_id, files, revision)
+        self.models_view.show_tab(self.models_view.downloads)
 
     def show_page(self, page: Page) -> None:
         view = (self.chat_view, self.models_view, self.settings_view)[page.value]
@@ -245,6 +292,7 @@ class MainWindow(QMainWindow):
         self.chat.set_palette(self.palette_)
         self.models_view.library.set_palette(self.palette_)
         self.wizard.set_palette(self.palette_)
+        self.models_view.discover.set_palette(self.palette_)
 
     # engine ----------------------------------------------------------------------------
 
@@ -310,6 +358,8 @@ class MainWindow(QMainWindow):
         self.status_control.closing = True
         self.hide()
         self.chat.shutdown()
+        self.downloads.shutdown()
+        self.discover.shutdown()
         self.background.shutdown()
         self.supervisor.stop()
 

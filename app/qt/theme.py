@@ -200,6 +200,10 @@ QFrame#bubble_assistant {{
 }}
 QFrame#card {{ background: {p.panel}; border: 1px solid {p.border}; border-radius: 10px; }}
 QFrame#card QLabel {{ background: transparent; }}
+QFrame#notice {{ background: {p.panel}; border: 1px solid {p.warn}; border-radius: 8px; }}
+QFrame#notice QLabel {{ background: transparent; }}
+QLabel#problem {{ color: {p.bad}; }}
+QLabel#rowTitle {{ font-size: 11pt; font-weight: 600; }}
 QLabel#role {{ font-weight: 600; }}
 QLabel#tag {{ color: {p.muted}; font-size: 9pt; }}
 QTextBrowser {{ background: transparent; border: none; }}

@@ -169,14 +169,19 @@ class BackgroundCalls(QObject):
     """
 
     def __init__(
-        self, report: Callable[[str], None] = _log_only, parent: QObject | None = None
+        self,
+        report: Callable[[str], None] = _log_only,
+        parent: QObject | None = None,
+        *,
+        threads: int = 4,
     ) -> None:
         super().__init__(parent)
         self._report = report
         self._pool = QThreadPool(self)
         # Library listings (header reads) may take seconds; status polls must not wait behind them.
-        self._pool.setMaxThreadCount(4)
+        self._pool.setMaxThreadCount(threads)
         self._pending: set[_CallSignals] = set()
+        self._closed = False
 
     def run(
         self,
@@ -186,13 +191,18 @@ class BackgroundCalls(QObject):
         *,
         what: str = "A background task",
     ) -> None:
+        if self._closed:
+            return
         signals = _CallSignals()  # created here, so it lives on the GUI thread
         self._pending.add(signals)
-        signals.ok.connect(on_ok)
+        # After shutdown the widgets these callbacks draw on may be gone: answers are dropped.
+        signals.ok.connect(lambda result: None if self._closed else on_ok(result))
         if on_error is not None:
-            signals.error.connect(on_error)
+            signals.error.connect(lambda message: None if self._closed else on_error(message))
         else:
-            signals.error.connect(lambda message: self._report(f"{what} failed: {message}"))
+            signals.error.connect(
+                lambda message: None if self._closed else self._report(f"{what} failed: {message}")
+            )
         # Dropped only after the signal's delivery: deleting a QObject inside its
         # own emission crashes.
         signals.ok.connect(lambda _r: QTimer.singleShot(0, lambda: self._pending.discard(signals)))
@@ -202,4 +212,6 @@ class BackgroundCalls(QObject):
         self._pool.start(_Call(fn, signals, what))
 
     def shutdown(self, wait_ms: int = 3000) -> None:
+        """Waits for calls in flight; their answers (and later calls) are dropped."""
+        self._closed = True
         self._pool.waitForDone(wait_ms)

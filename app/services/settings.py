@@ -147,6 +147,8 @@ class Settings(BaseModel):
     models_folder: str | None = None
     # For gated Hugging Face repos; never logged, never shown in full.
     hf_token: SecretStr | None = None
+    # How many downloads run at once (the rest wait in the queue).
+    downloads_at_once: int = Field(default=2, ge=1, le=8)
     local_api: LocalApi = Field(default_factory=LocalApi)
     # Per model file: the settings it was last loaded with.
     model_settings: dict[str, LoadSettings] = Field(default_factory=dict)

@@ -1,10 +1,12 @@
-"""The Models view: a page title and one tab per part (Library first)."""
+"""The Models view: a page title and one tab per part: Library, Discover, Downloads."""
 
 from __future__ import annotations
 
 from PySide6.QtWidgets import QLabel, QTabWidget, QVBoxLayout, QWidget
 
 from app.qt import theme
+from app.qt.models.discover_tab import DiscoverTab
+from app.qt.models.downloads_tab import DownloadsTab
 from app.qt.models.library_tab import LibraryTab
 
 
@@ -28,7 +30,19 @@ class ModelsView(QWidget):
         self.tabs.tabBar().setDrawBase(False)
         self.library = LibraryTab(palette)
         self.tabs.addTab(self.library, "Library")
+        self.discover = DiscoverTab(palette)
+        self.tabs.addTab(self.discover, "Discover")
+        self.downloads = DownloadsTab()
+        self.tabs.addTab(self.downloads, "Downloads")
         lay.addWidget(self.tabs, 1)
 
     def add_tab(self, widget: QWidget, title: str) -> int:
         return self.tabs.addTab(widget, title)
+
+    def show_tab(self, widget: QWidget) -> None:
+        self.tabs.setCurrentWidget(widget)
+
+    def set_downloads_count(self, active: int) -> None:
+        """The Downloads tab's title carries how many are not finished."""
+        index = self.tabs.indexOf(self.downloads)
+        self.tabs.setTabText(index, f"Downloads ({active})" if active else "Downloads")

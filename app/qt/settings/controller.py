@@ -37,6 +37,7 @@ class SettingsController(QObject):
     library_changed = Signal()  # models folder or scan folders
     local_api_changed = Signal()  # the engine must restart to use it
     engine_defaults_changed = Signal()
+    downloads_at_once_changed = Signal(int)
 
     def __init__(
         self,
@@ -103,6 +104,14 @@ class SettingsController(QObject):
         self.settings.hf_token = SecretStr(value) if value else None
         self.save()
         return None
+
+    def set_downloads_at_once(self, n: int) -> None:
+        """How many downloads may run at once (1 to 8); the queue follows at once."""
+        n = max(1, min(8, n))
+        if n != self.settings.downloads_at_once:
+            self.settings.downloads_at_once = n
+            self.save()
+            self.downloads_at_once_changed.emit(n)
 
     def remember_load(self, model: Path, load: LoadSettings) -> None:
         """The model the next start loads, with the settings it was loaded with."""

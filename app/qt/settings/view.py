@@ -180,6 +180,15 @@ class SettingsView(QScrollArea):
             "For gated repos. Kept in the settings file, readable only by you; never shown whole."
         )
         section.form.addRow("", self.token_problem)
+
+        self.downloads_at_once = QComboBox()
+        self.downloads_at_once.addItems([str(n) for n in range(1, 9)])
+        self.downloads_at_once.setFixedWidth(140)
+        self.downloads_at_once.setToolTip("The rest wait in the queue and start as others finish")
+        self.downloads_at_once.currentTextChanged.connect(
+            lambda text: self.controller.set_downloads_at_once(int(text))
+        )
+        section.form.addRow("Downloads at once", self.downloads_at_once)
         return section
 
     def _engine(self) -> _Section:
@@ -262,6 +271,9 @@ class SettingsView(QScrollArea):
         self.models_folder.setText(s.models_folder or "")
         self._draw_scan()
         self._draw_token()
+        self.downloads_at_once.blockSignals(True)
+        self.downloads_at_once.setCurrentText(str(s.downloads_at_once))
+        self.downloads_at_once.blockSignals(False)
         for widget in (self.threads, self.speculation):
             widget.blockSignals(True)
         self.threads.setText(str(s.engine.threads) if s.engine.threads else "")

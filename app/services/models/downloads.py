@@ -50,6 +50,8 @@ from huggingface_hub.utils import build_hf_headers  # type: ignore[attr-defined]
 from app.services.models.hub import (
     RETRY_STATUSES,
     Backoff,
+    HubAccessError,
+    RetriesExhausted,
     RetryPolicy,
     Transient,
     access_error,
@@ -64,6 +66,10 @@ from app.services.models.hub import (
     valid_sha256,
     valid_size,
 )
+from app.services.models.hub import (
+    SPLIT_RE as SPLIT_SUFFIX,
+)
+from app.services.models.queue_file import QueuedDownload, QueueFile
 from engine.errors import PeregrineError
 from engine.paths import Paths
 
@@ -93,16 +99,55 @@ NoticeFn = Callable[[str], None]
 ClientFactory = Callable[[RetryPolicy], httpx2.Client]
 
 
+class FailureKind(StrEnum):
+    """What a failed download ran into, so the app can say it plainly and offer the way out."""
+
+    NETWORK = "network"  # no connection, or no answer in time
+    ACCESS = "access"  # a gated or private repo: a licence to accept, a token to set
+    NOT_FOUND = "not_found"  # the repo, revision or file is not on the hub
+    DISK_FULL = "disk_full"
+    CHECKSUM = "checksum"  # the bytes did not hash to the hub's SHA-256
+    SERVER = "server"  # server errors after retries, or answers that make no sense
+    OTHER = "other"
+
+
 class DownloadError(PeregrineError):
     """A download failed; the message says why and what is kept."""
+
+    kind = FailureKind.OTHER
+
+    def __init__(self, message: str, kind: FailureKind | None = None) -> None:
+        super().__init__(message)
+        if kind is not None:
+            self.kind = kind
 
 
 class ChecksumError(DownloadError):
     """The bytes did not hash to the hub's LFS SHA-256; they were deleted."""
 
+    kind = FailureKind.CHECKSUM
+
 
 class DiskFullError(DownloadError):
     """Not enough disk space, before or during a transfer."""
+
+    kind = FailureKind.DISK_FULL
+
+
+def failure_kind(exc: BaseException) -> FailureKind:
+    """Sorts a download's failure into what the user can do about it."""
+    if isinstance(exc, DownloadError):
+        return exc.kind
+    if isinstance(exc, RetriesExhausted):
+        failure = exc.failure
+        return (
+            FailureKind.NETWORK if failure is not None and failure.network else FailureKind.SERVER
+        )
+    if isinstance(exc, HubAccessError):
+        if exc.gated or exc.status in (401, 403):
+            return FailureKind.ACCESS
+        return FailureKind.NOT_FOUND
+    return FailureKind.OTHER
 
 
 class DownloadInterrupted(Exception):
@@ -322,31 +367,36 @@ class Downloader:
             )
         except HfHubHTTPError as exc:
             if exc.response is not None and exc.response.status_code == 404:
-                raise DownloadError(f"{repo_id} has no file {path}") from exc
+                raise DownloadError(f"{repo_id} has no file {path}", FailureKind.NOT_FOUND) from exc
             raise access_error(repo_id, exc, bool(self.token)) from exc
         except httpx2.TooManyRedirects as exc:
             raise DownloadError(
-                f"Hugging Face sent {repo_id}/{path} round a redirect loop; try again later"
+                f"Hugging Face sent {repo_id}/{path} round a redirect loop; try again later",
+                FailureKind.SERVER,
             ) from exc
         except (httpx2.HTTPError, OSError) as exc:
             raise DownloadError(
-                f"could not reach Hugging Face for {repo_id}/{path}: {one_line(exc)}"
+                f"could not reach Hugging Face for {repo_id}/{path}: {one_line(exc)}",
+                FailureKind.NETWORK,
             ) from exc
         sha = (meta.etag or "").lower()
         if not valid_sha256(sha):
             raise DownloadError(
-                f"{repo_id}/{path} has no LFS SHA-256 on the hub, so it cannot be verified"
+                f"{repo_id}/{path} has no LFS SHA-256 on the hub, so it cannot be verified",
+                FailureKind.SERVER,
             )
         if not meta.commit_hash or meta.size is None:
             raise DownloadError(f"the hub gave no commit or size for {repo_id}/{path}")
         if not valid_commit(meta.commit_hash):
             raise DownloadError(
                 f"the hub gave an unreadable commit id for {repo_id}/{path}: "
-                f"{one_line(str(meta.commit_hash), 60)!r}"
+                f"{one_line(str(meta.commit_hash), 60)!r}",
+                FailureKind.SERVER,
             )
         if not valid_size(meta.size) or meta.size == 0:
             raise DownloadError(
-                f"the hub reports an impossible size for {repo_id}/{path}: {meta.size}"
+                f"the hub reports an impossible size for {repo_id}/{path}: {meta.size}",
+                FailureKind.SERVER,
             )
         location = urljoin(url, meta.location or url)
         _check_scheme(location, f"the hub's download address for {repo_id}/{path}")
@@ -636,7 +686,8 @@ class Downloader:
                 if found is None:
                     raise DownloadError(
                         f"downloading {target.path} failed ({type(exc).__name__}: "
-                        f"{one_line(exc)}){_KEPT}"
+                        f"{one_line(exc)}){_KEPT}",
+                        FailureKind.NETWORK,
                     ) from exc
                 failure = found
             else:
@@ -679,7 +730,8 @@ class Downloader:
                     if nxt in seen:
                         raise DownloadError(
                             f"the download server sent {target.path} round a redirect loop "
-                            f"({one_line(nxt, 120)}){_KEPT}"
+                            f"({one_line(nxt, 120)}){_KEPT}",
+                            FailureKind.SERVER,
                         )
                     seen.add(nxt)
                     url = nxt
@@ -687,7 +739,8 @@ class Downloader:
                 self._read_body(response, target, sink, notice)
                 return
         raise DownloadError(
-            f"the download server redirected {target.path} more than {MAX_REDIRECTS} times{_KEPT}"
+            f"the download server redirected {target.path} more than {MAX_REDIRECTS} times{_KEPT}",
+            FailureKind.SERVER,
         )
 
     def _stop_using_range(
@@ -721,17 +774,20 @@ class Downloader:
                 raise DownloadError(
                     f"the download server cannot resume {target.path} at byte {offset} "
                     f"(HTTP 416: it has {unsatisfied[1]} bytes, the hub says {target.size}); "
-                    f"the hub and its download server disagree, try again later{_KEPT}"
+                    f"the hub and its download server disagree, try again later{_KEPT}",
+                    FailureKind.SERVER,
                 )
             self._stop_using_range(target, sink, notice, "refused a valid resume (HTTP 416)")
         if status in (401, 403):
             raise DownloadError(
                 f"the download server refused {target.path} (HTTP {status}); if the repo is "
-                "gated or private, log in with `hf auth login` or set HF_TOKEN"
+                "gated or private, log in with `hf auth login` or set HF_TOKEN",
+                FailureKind.ACCESS,
             )
         if status not in (200, 206):
             raise DownloadError(
-                f"the download server answered HTTP {status} for {target.path}{_KEPT}"
+                f"the download server answered HTTP {status} for {target.path}{_KEPT}",
+                FailureKind.SERVER,
             )
         length = _int_header(response, "Content-Length")
         if response.headers.get("Content-Encoding", "identity").lower() not in ("identity", ""):
@@ -750,7 +806,8 @@ class Downloader:
             if length is not None and length != target.size:
                 raise DownloadError(
                     f"the download server sent {length} bytes for {target.path}, but the hub "
-                    f"says it has {target.size}; try again later{_KEPT}"
+                    f"says it has {target.size}; try again later{_KEPT}",
+                    FailureKind.SERVER,
                 )
         else:
             content_range = response.headers.get("Content-Range", "").strip()
@@ -763,7 +820,8 @@ class Downloader:
             if last >= target.size or (whole != "*" and int(whole) != target.size):
                 raise DownloadError(
                     f"the download server sent bytes {first}-{last}/{whole} of {target.path}, "
-                    f"but the hub says it has {target.size}; try again later{_KEPT}"
+                    f"but the hub says it has {target.size}; try again later{_KEPT}",
+                    FailureKind.SERVER,
                 )
             if (
                 first > offset
@@ -847,6 +905,13 @@ class DownloadStatus:
     eta: float | None = None  # seconds left at that speed
     error: str | None = None
     paths: tuple[Path, ...] = ()
+    kind: FailureKind | None = None  # what a failed job ran into
+
+    @property
+    def name(self) -> str:
+        """The model's file name (a split model's first part without its -0000N-of suffix)."""
+        first = self.files[0].rsplit("/", 1)[-1] if self.files else self.repo_id
+        return SPLIT_SUFFIX.sub(".gguf", first)
 
 
 class SpeedMeter:
@@ -879,24 +944,40 @@ class _Job:
     last_emit: float = field(default=-1e9)
 
 
+# The downloader for the next transfer: built at each start, so a token or folder set in
+# the meantime (after a "gated" failure, say) is the one a resume uses.
+DownloaderSource = Downloader | Callable[[], Downloader]
+_SAVED_STATES = {
+    JobState.QUEUED: "queued",
+    JobState.RUNNING: "running",
+    JobState.PAUSED: "paused",
+    JobState.FAILED: "failed",
+}
+
+
 class DownloadQueue:
     """Several downloads on worker threads: pause, resume, cancel, priority, throttled progress.
 
     The listener is called from worker threads with a DownloadStatus at most
     about every `interval` seconds per job, and always on a state change; the
-    Qt layer re-emits it as a signal on the GUI thread.
+    Qt layer re-emits it as a signal on the GUI thread. At most `workers`
+    downloads run at once (`set_limit` changes it). With a `journal`, every
+    unfinished download is kept on disk at each state change and restored by
+    the next queue: queued and running ones start again from the bytes on disk,
+    paused and failed ones wait for the user.
     """
 
     def __init__(
         self,
-        downloader: Downloader,
+        downloader: DownloaderSource,
         *,
         workers: int = 2,
         listener: Callable[[DownloadStatus], None] | None = None,
         clock: Callable[[], float] = time.monotonic,
         interval: float = 0.1,
+        journal: QueueFile | None = None,
     ) -> None:
-        self._downloader = downloader
+        self._downloader_source = downloader
         self._listener = listener
         self._clock = clock
         self._interval = interval
@@ -904,21 +985,61 @@ class DownloadQueue:
         self._cond = threading.Condition()
         self._seq = itertools.count()
         self._closing = False
-        self._threads = [
-            threading.Thread(target=self._work, name=f"peregrine-download-{i}", daemon=True)
-            for i in range(workers)
-        ]
-        for t in self._threads:
-            t.start()
+        self._limit = max(1, workers)
+        self._threads: list[threading.Thread] = []
+        self._journal = journal
+        self._journal_lock = threading.Lock()
+        self._saved: dict[str, JobState] = {}
+        if journal is not None:
+            self._restore(journal)
+        self._spawn()
+
+    def _downloader(self) -> Downloader:
+        source = self._downloader_source
+        return source if isinstance(source, Downloader) else source()
+
+    def _spawn(self) -> None:
+        with self._cond:
+            while len(self._threads) < self._limit:
+                t = threading.Thread(
+                    target=self._work, name=f"peregrine-download-{len(self._threads)}", daemon=True
+                )
+                self._threads.append(t)
+                t.start()
 
     # --- intents ------------------------------------------------------------------------
     def add(
         self, repo_id: str, files: Sequence[str], revision: str | None = None, priority: int = 0
     ) -> str:
-        """Queues a model (all its files) and returns the job id."""
+        """Queues a model (all its files) and returns the job id.
+
+        The same model already in the queue and not finished is not queued twice
+        (two transfers would write one partial file): its job id is returned.
+        """
+        wanted = tuple(files)
+        with self._cond:
+            for job in self._jobs.values():
+                st = job.status
+                if (
+                    st.repo_id == repo_id
+                    and st.files == wanted
+                    and st.state not in (JobState.DONE, JobState.CANCELLED)
+                ):
+                    return st.job_id
+        return self._add(repo_id, wanted, revision, priority, JobState.QUEUED)
+
+    def _add(
+        self,
+        repo_id: str,
+        files: tuple[str, ...],
+        revision: str | None,
+        priority: int,
+        state: JobState,
+        **extra: Any,
+    ) -> str:
         seq = next(self._seq)
         job_id = f"dl-{seq}"
-        status = DownloadStatus(job_id, repo_id, tuple(files), JobState.QUEUED, priority)
+        status = DownloadStatus(job_id, repo_id, files, state, priority, **extra)
         with self._cond:
             self._jobs[job_id] = _Job(status, revision, seq, SpeedMeter(self._clock))
             self._cond.notify_all()
@@ -941,9 +1062,20 @@ class DownloadQueue:
                 return
             job.stop = None
             job.meter.reset()
-            status = job.status = replace(job.status, state=JobState.QUEUED, error=None, speed=0.0)
+            status = job.status = replace(
+                job.status, state=JobState.QUEUED, error=None, kind=None, speed=0.0
+            )
             self._cond.notify_all()
         self._emit(status)
+
+    def remove(self, job_id: str) -> None:
+        """Drops a finished or cancelled job from the list (its files are not touched)."""
+        with self._cond:
+            job = self._jobs.get(job_id)
+            if job is None or job.status.state not in (JobState.DONE, JobState.CANCELLED):
+                return
+            del self._jobs[job_id]
+        self._save_journal()
 
     def set_priority(self, job_id: str, priority: int) -> None:
         """Higher priority jobs start first (running ones are not preempted)."""
@@ -951,6 +1083,18 @@ class DownloadQueue:
             job = self._jobs[job_id]
             status = job.status = replace(job.status, priority=priority)
         self._emit(status)
+        self._save_journal()
+
+    @property
+    def limit(self) -> int:
+        return self._limit
+
+    def set_limit(self, workers: int) -> None:
+        """How many downloads may run at once; running ones beyond a lower limit finish first."""
+        with self._cond:
+            self._limit = max(1, workers)
+            self._cond.notify_all()
+        self._spawn()
 
     def status(self, job_id: str) -> DownloadStatus:
         with self._cond:
@@ -969,15 +1113,105 @@ class DownloadQueue:
             return self._jobs[job_id].status
 
     def close(self, timeout: float = 10.0) -> None:
-        """Pauses running jobs (keeping partials) and stops the workers."""
+        """Pauses running jobs (keeping partials) and stops the workers.
+
+        The journal keeps running and queued jobs as queued, so the next start
+        resumes them; the pauses that closing causes are not recorded.
+        """
         with self._cond:
             self._closing = True
             for job in self._jobs.values():
                 if job.status.state is JobState.RUNNING:
                     job.stop = StopKind.PAUSE
+            records = [
+                replace(r, state="queued") if r.state == "running" else r for r in self._records()
+            ]
             self._cond.notify_all()
+        self._write_journal(records, final=True)
         for t in self._threads:
             t.join(timeout)
+
+    # --- the journal --------------------------------------------------------------------
+    def _restore(self, journal: QueueFile) -> None:
+        saved = journal.load()
+        if not saved:
+            return
+        try:
+            on_disk = {(p.repo_id, p.path): p for p in self._downloader().pending()}
+        except OSError as exc:
+            log.warning("could not list partial downloads: %s", exc)
+            on_disk = {}
+        for rec in saved:
+            parts = [on_disk.get((rec.repo_id, f)) for f in rec.files]
+            done, total = rec.done, rec.total
+            if all(p is not None for p in parts):
+                # The bytes on disk, not the figure saved at the last state change.
+                done = sum(p.done for p in parts if p is not None)
+                total = sum(p.size for p in parts if p is not None)
+            state = {"paused": JobState.PAUSED, "failed": JobState.FAILED}.get(
+                rec.state, JobState.QUEUED
+            )
+            kind = None
+            if state is JobState.FAILED:
+                kind = FailureKind(rec.kind) if rec.kind in set(FailureKind) else FailureKind.OTHER
+            self._add(
+                rec.repo_id,
+                rec.files,
+                rec.revision,
+                rec.priority,
+                state,
+                done=min(done, total) if total else done,
+                total=total,
+                error=rec.error if state is JobState.FAILED else None,
+                kind=kind,
+            )
+
+    def _records(self) -> list[QueuedDownload]:
+        """Every unfinished job as the journal keeps it (called holding the lock)."""
+        out = []
+        for job in sorted(self._jobs.values(), key=lambda j: j.seq):
+            st = job.status
+            saved = _SAVED_STATES.get(st.state)
+            if saved is None:
+                continue
+            out.append(
+                QueuedDownload(
+                    st.repo_id,
+                    st.files,
+                    job.revision,
+                    saved,
+                    st.priority,
+                    st.done,
+                    st.total,
+                    st.error,
+                    st.kind.value if st.kind is not None else None,
+                )
+            )
+        return out
+
+    def _save_journal(self) -> None:
+        if self._journal is None:
+            return
+        with self._cond:
+            records = self._records()
+            self._saved = {j.status.job_id: j.status.state for j in self._jobs.values()}
+        self._write_journal(records)
+
+    def _write_journal(self, records: list[QueuedDownload], *, final: bool = False) -> None:
+        if self._journal is None:
+            return
+        with self._journal_lock:
+            if self._journal_closed:
+                return
+            if final:
+                self._journal_closed = True
+            try:
+                self._journal.save(records)
+            except OSError as exc:
+                # A full disk must not stop the downloads; the queue is saved at the next change.
+                log.warning("could not save the download queue: %s", exc)
+
+    _journal_closed = False
 
     # --- internals ----------------------------------------------------------------------
     def _request(self, job_id: str, kind: StopKind) -> None:
@@ -997,8 +1231,11 @@ class DownloadQueue:
             status = job.status = replace(job.status, state=new_state, speed=0.0, eta=None)
             self._cond.notify_all()
         if discard:
-            self._downloader.discard(status.repo_id, status.files)
+            self._downloader().discard(status.repo_id, status.files)
         self._emit(status)
+
+    def _running(self) -> int:
+        return sum(j.status.state is JobState.RUNNING for j in self._jobs.values())
 
     def _next_job(self) -> _Job | None:
         with self._cond:
@@ -1006,11 +1243,12 @@ class DownloadQueue:
                 if self._closing:
                     return None
                 queued = [j for j in self._jobs.values() if j.status.state is JobState.QUEUED]
-                if queued:
+                if queued and self._running() < self._limit:
                     job = max(queued, key=lambda j: (j.status.priority, -j.seq))
                     job.stop = None
                     job.status = replace(job.status, state=JobState.RUNNING)
                     status = job.status
+                    self._cond.notify_all()  # for wait(..., {RUNNING})
                     break
                 self._cond.wait()
         self._emit(status)
@@ -1041,30 +1279,40 @@ class DownloadQueue:
             return job.stop
 
         try:
-            paths = self._downloader.download_model(
+            paths = self._downloader().download_model(
                 st.repo_id, st.files, job.revision, on_progress=on_progress, should_stop=should_stop
             )
             self._finish(job, JobState.DONE, paths=tuple(paths))
         except DownloadInterrupted as exc:
             self._finish(job, JobState.PAUSED if exc.kind is StopKind.PAUSE else JobState.CANCELLED)
         except PeregrineError as exc:
-            self._finish(job, JobState.FAILED, error=str(exc))
+            self._finish(job, JobState.FAILED, error=str(exc), kind=failure_kind(exc))
         except Exception as exc:
             # A bug, not a user error: keep the traceback in the log and show the job failed.
             log.exception("download %s of %s crashed", job.status.job_id, st.repo_id)
-            self._finish(job, JobState.FAILED, error=f"{type(exc).__name__}: {exc}")
+            self._finish(
+                job, JobState.FAILED, error=f"{type(exc).__name__}: {exc}", kind=FailureKind.OTHER
+            )
 
     def _finish(
-        self, job: _Job, state: JobState, *, error: str | None = None, paths: tuple[Path, ...] = ()
+        self,
+        job: _Job,
+        state: JobState,
+        *,
+        error: str | None = None,
+        kind: FailureKind | None = None,
+        paths: tuple[Path, ...] = (),
     ) -> None:
         with self._cond:
             status = job.status = replace(
-                job.status, state=state, error=error, paths=paths, speed=0.0, eta=None
+                job.status, state=state, error=error, kind=kind, paths=paths, speed=0.0, eta=None
             )
             self._cond.notify_all()
         self._emit(status)
 
     def _emit(self, status: DownloadStatus) -> None:
+        if self._journal is not None and self._saved.get(status.job_id) != status.state:
+            self._save_journal()
         if self._listener is None:
             return
         try:

@@ -59,10 +59,13 @@ class HardwareSource:
             return self._hardware
 
 
-def planner_wiring(source: HardwareSource | None = None) -> tuple[Any, Any, Any]:
+def planner_wiring(
+    source: HardwareSource | Hardware | None = None,
+) -> tuple[Any, Any, Any]:
     """(fit, pick, remote header reader) from engine/, or Nones when those modules are absent.
 
-    Fits are planned for `source` (default: this machine).
+    Fits are planned for `source` (default: this machine); a `Hardware` is a
+    described machine.
     """
     try:
         from engine.gguf.header import read_remote_gguf_header
@@ -70,6 +73,8 @@ def planner_wiring(source: HardwareSource | None = None) -> tuple[Any, Any, Any]
     except ImportError as exc:
         log.info("fit badges unavailable: %s", exc)
         return None, None, None
+    if isinstance(source, Hardware):
+        source = HardwareSource(source, file="described")
     hw = (source or HardwareSource()).get
 
     def fit(name: str, header: Any, size: int) -> FitLike:

@@ -15,7 +15,7 @@ import os
 import re
 import time
 from collections.abc import Callable, Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from datetime import UTC, datetime
 from typing import Any, Protocol, TypeVar
 
@@ -48,6 +48,9 @@ _QUANT_RE = re.compile(
     re.IGNORECASE,
 )
 SPLIT_RE = re.compile(r"-(\d{5})-of-(\d{5})\.gguf$", re.IGNORECASE)
+# Quantization-aware training and multi-token prediction, as repos spell them in file names.
+_QAT_RE = re.compile(r"(?<![A-Za-z])qat(?![A-Za-z])", re.IGNORECASE)
+_MTP_RE = re.compile(r"(?<![A-Za-z])(?:mtp|nextn)(?![A-Za-z])", re.IGNORECASE)
 
 
 def default_endpoint(environ: dict[str, str] | None = None) -> str:
@@ -99,6 +102,7 @@ class SearchResult:
     license: str | None
     gated: bool
     private: bool
+    last_modified: datetime | None = None  # the repo's last commit, as the hub says
 
 
 @dataclass(frozen=True)
@@ -135,6 +139,34 @@ class QuantOption:
         """False for a split model whose parts are not all in the repo."""
         info = split_info(self.files[0].path)
         return info is None or len(self.files) == info[2]
+
+    @property
+    def qat(self) -> bool:
+        """Quantization-aware trained: the file name or the header's name/finetune/tags say QAT."""
+        if _QAT_RE.search(self.name):
+            return True
+        meta = getattr(self.header, "metadata", None)
+        if not isinstance(meta, Mapping):
+            return False
+        for key in ("general.name", "general.finetune", "general.tags"):
+            value = meta.get(key)
+            texts = value if isinstance(value, list) else [value]
+            if any(isinstance(t, str) and _QAT_RE.search(t) for t in texts):
+                return True
+        return False
+
+    @property
+    def mtp_layers(self) -> int | None:
+        """MTP heads in the header; None while the header is unread (the name may still say MTP)."""
+        if self.header is None:
+            return None
+        n = getattr(self.header, "nextn_layers", 0)
+        return n if isinstance(n, int) and n > 0 else 0
+
+    @property
+    def mtp(self) -> bool:
+        """Carries multi-token-prediction heads: the header says so, or the file name does."""
+        return bool(self.mtp_layers) or bool(_MTP_RE.search(self.name))
 
 
 @dataclass(frozen=True)
@@ -201,30 +233,48 @@ def group_gguf_files(files: Sequence[RemoteFile]) -> list[QuantOption]:
     return options
 
 
-def access_error(repo_id: str, exc: HfHubHTTPError, token_given: bool) -> PeregrineError:
+class HubAccessError(PeregrineError):
+    """The hub refused or lacks a repo; `gated` when a licence must be accepted first."""
+
+    def __init__(self, message: str, *, gated: bool = False, status: int | None = None) -> None:
+        super().__init__(message)
+        self.gated = gated
+        self.status = status
+
+
+def access_error(repo_id: str, exc: HfHubHTTPError, token_given: bool) -> HubAccessError:
     """Turns the hub's refusal into one line that says what the user can do."""
     status = exc.response.status_code if exc.response is not None else None
     page = f"https://huggingface.co/{repo_id}"
     if isinstance(exc, GatedRepoError):
         if status == 403 or token_given:
-            return PeregrineError(
+            return HubAccessError(
                 f"{repo_id} is gated and your Hugging Face token has no access to it: "
-                f"request access at {page}, then try again"
+                f"request access at {page}, then try again",
+                gated=True,
+                status=status,
             )
-        return PeregrineError(
+        return HubAccessError(
             f"{repo_id} is gated: accept its terms at {page}, then log in with "
-            "`hf auth login` or set HF_TOKEN, and try again"
+            "`hf auth login` or set HF_TOKEN, and try again",
+            gated=True,
+            status=status,
         )
     if isinstance(exc, RevisionNotFoundError):
-        return PeregrineError(f"{repo_id} has no such revision")
+        return HubAccessError(f"{repo_id} has no such revision", status=status)
     if isinstance(exc, RepositoryNotFoundError):
-        return PeregrineError(
+        return HubAccessError(
             f"{repo_id} was not found on Hugging Face (or it is private: log in with "
-            "`hf auth login` or set HF_TOKEN)"
+            "`hf auth login` or set HF_TOKEN)",
+            status=status,
         )
     if status in (401, 403):
-        return PeregrineError(f"Hugging Face refused access to {repo_id} (HTTP {status})")
-    return PeregrineError(f"Hugging Face request for {repo_id} failed: {_first_line(str(exc))}")
+        return HubAccessError(
+            f"Hugging Face refused access to {repo_id} (HTTP {status})", status=status
+        )
+    return HubAccessError(
+        f"Hugging Face request for {repo_id} failed: {_first_line(str(exc))}", status=status
+    )
 
 
 def _first_line(text: str) -> str:
@@ -288,6 +338,10 @@ def default_retry_policy(environ: Mapping[str, str] | None = None) -> RetryPolic
 class RetriesExhausted(PeregrineError):
     """A request kept failing with transient errors (5xx, 429, timeouts, cut connections)."""
 
+    def __init__(self, message: str, failure: Transient | None = None) -> None:
+        super().__init__(message)
+        self.failure = failure  # the last one: was it the network or the server?
+
 
 def parse_retry_after(value: str | None, now: Callable[[], datetime] | None = None) -> float | None:
     """Seconds from a Retry-After header (delay-seconds or an HTTP date); None when absent or unreadable."""
@@ -314,6 +368,8 @@ class Transient:
     reason: str
     retry_after: float | None = None
     timed_out: bool = False  # the server stayed silent for a whole timeout
+    # No answer at all (refused, cut, silent) rather than an error status from a server.
+    network: bool = False
 
 
 def transient_failure(exc: BaseException) -> Transient | None:
@@ -327,9 +383,9 @@ def transient_failure(exc: BaseException) -> Transient | None:
             )
         return None
     if isinstance(exc, httpx2.TimeoutException):
-        return Transient(f"no answer in time ({type(exc).__name__})", timed_out=True)
+        return Transient(f"no answer in time ({type(exc).__name__})", timed_out=True, network=True)
     if isinstance(exc, httpx2.NetworkError | httpx2.RemoteProtocolError):
-        return Transient(f"connection failed ({type(exc).__name__}: {one_line(exc)})")
+        return Transient(f"connection failed ({type(exc).__name__}: {one_line(exc)})", network=True)
     return None
 
 
@@ -375,18 +431,21 @@ class Backoff:
             if self.timeouts > self.policy.timeout_retries:
                 raise RetriesExhausted(
                     f"{self.what} failed: {failure.reason}, the server sent nothing for "
-                    f"{self.policy.timeout:g} s, {self.timeouts} times in a row{self._kept_text()}"
+                    f"{self.policy.timeout:g} s, {self.timeouts} times in a row{self._kept_text()}",
+                    failure,
                 )
         else:
             self.timeouts = 0
         if failure.retry_after is not None and failure.retry_after > self.policy.max_retry_after:
             raise RetriesExhausted(
                 f"{self.what} failed: the server is busy ({failure.reason}) and asks to retry "
-                f"in {failure.retry_after:.0f} s; try again later{self._kept_text()}"
+                f"in {failure.retry_after:.0f} s; try again later{self._kept_text()}",
+                failure,
             )
         if self.failures > self.policy.retries:
             raise RetriesExhausted(
-                f"{self.what} failed after {self.failures} tries: {failure.reason}{self._kept_text()}"
+                f"{self.what} failed after {self.failures} tries: {failure.reason}{self._kept_text()}",
+                failure,
             )
         delay = self.policy.delay(self.failures - 1, failure.retry_after)
         self._notice(
@@ -452,6 +511,17 @@ def valid_commit(value: object) -> bool:
 
 def valid_size(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and 0 <= value <= MAX_FILE_SIZE
+
+
+def _hub_time(value: object) -> datetime | None:
+    """The hub's ISO 8601 time ("2024-05-01T12:00:00.000Z"); None when absent or unreadable."""
+    if not isinstance(value, str) or len(value) > 64:
+        return None
+    try:
+        when = datetime.fromisoformat(value.replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    return when if when.tzinfo is not None else when.replace(tzinfo=UTC)
 
 
 def _count(value: object) -> int:
@@ -527,7 +597,10 @@ class HubService:
             ("limit", limit),
         ]
         # The hub's list answer omits "gated" unless these fields are asked for by name.
-        params += [("expand", f) for f in ("downloads", "likes", "gated", "private", "tags")]
+        params += [
+            ("expand", f)
+            for f in ("downloads", "likes", "gated", "private", "tags", "lastModified")
+        ]
 
         def fetch() -> Any:
             with httpx2.Client(timeout=self.retry.httpx_timeout()) as client:
@@ -575,6 +648,7 @@ class HubService:
                     license=license_,
                     gated=bool(m.get("gated")),
                     private=bool(m.get("private")),
+                    last_modified=_hub_time(m.get("lastModified")),
                 )
             )
         return out
@@ -626,39 +700,65 @@ class HubService:
             self._add_fit(listing, revision=info.sha or revision)
         return listing
 
+    @property
+    def reads_headers(self) -> bool:
+        """True when fit badges can be made (a header reader and the planner are wired)."""
+        return self._header_reader is not None and (self._fit is not None or self._pick is not None)
+
     def _add_fit(self, listing: RepoListing, revision: str | None) -> None:
-        if self._header_reader is None or (self._fit is None and self._pick is None):
+        if not self.reads_headers:
             return
-        headers = self.auth_headers()
-        for opt in listing.options:
-            # The first part carries the metadata the planner needs for split models too.
-            url = hf_hub_url(
-                listing.repo_id, opt.files[0].path, revision=revision, endpoint=self.endpoint
-            )
+        listing.options = [self.read_fit(listing, opt, revision) for opt in listing.options]
+        self.mark_pick(listing)
+
+    def read_fit(
+        self, listing: RepoListing, opt: QuantOption, revision: str | None = None
+    ) -> QuantOption:
+        """A copy of `opt` with its remote header and fit badge, or the reason it has none.
+
+        Safe to call from a worker thread: `opt` itself is not changed.
+        """
+        if self._header_reader is None:
+            return opt
+        # The first part carries the metadata the planner needs for split models too.
+        url = hf_hub_url(
+            listing.repo_id,
+            opt.files[0].path,
+            revision=revision or listing.commit,
+            endpoint=self.endpoint,
+        )
+        header: Any = None
+        error: str | None = None
+        fit: FitLike | None = None
+        try:
+            header = self._header_reader(url, self.auth_headers())
+        except PeregrineError as exc:
+            # One unreadable file must not hide the others; the reason is shown per quant.
+            log.warning("could not read the header of %s: %s", opt.name, exc)
+            status = getattr(exc, "status", None)
+            if status in (401, 403):
+                error = (
+                    f"access refused (HTTP {status}): {listing.repo_id} is gated or private; "
+                    "log in with `hf auth login` or set HF_TOKEN"
+                )
+            else:
+                error = str(exc)
+        except Exception as exc:
+            # A reader bug or an error it did not wrap must not hide the other quants.
+            log.exception("reading the header of %s failed", opt.name)
+            error = f"header not readable: {type(exc).__name__}: {one_line(exc)}"
+        if self._fit is not None and header is not None:
             try:
-                opt.header = self._header_reader(url, headers)
-            except PeregrineError as exc:
-                # One unreadable file must not hide the others; the reason is shown per quant.
-                log.warning("could not read the header of %s: %s", opt.name, exc)
-                status = getattr(exc, "status", None)
-                if status in (401, 403):
-                    opt.header_error = (
-                        f"access refused (HTTP {status}): {listing.repo_id} is gated or private; "
-                        "log in with `hf auth login` or set HF_TOKEN"
-                    )
-                else:
-                    opt.header_error = str(exc)
+                fit = self._fit(opt.name, header, opt.size)
             except Exception as exc:
-                # A reader bug or an error it did not wrap must not hide the other quants.
-                log.exception("reading the header of %s failed", opt.name)
-                opt.header_error = f"header not readable: {type(exc).__name__}: {one_line(exc)}"
-            if self._fit is not None and opt.header is not None:
-                try:
-                    opt.fit = self._fit(opt.name, opt.header, opt.size)
-                except Exception as exc:
-                    # A planner bug must not hide the quant list; the traceback goes to the log.
-                    log.exception("fit check failed for %s", opt.name)
-                    opt.header_error = f"fit check failed: {type(exc).__name__}: {exc}"
+                # A planner bug must not hide the quant list; the traceback goes to the log.
+                log.exception("fit check failed for %s", opt.name)
+                error = f"fit check failed: {type(exc).__name__}: {exc}"
+        return replace(opt, header=header, header_error=error, fit=fit)
+
+    def mark_pick(self, listing: RepoListing) -> str | None:
+        """Marks the planner's pick among the options whose header was read; returns its name."""
+        picked = None
         if self._pick is not None:
             candidates = [
                 (o.name, o.header, o.size) for o in listing.options if o.header is not None
@@ -668,8 +768,9 @@ class HubService:
             except Exception:
                 log.exception("the planner could not pick a quant for %s", listing.repo_id)
                 picked = None
-            for opt in listing.options:
-                opt.picked = opt.name == picked
+        for opt in listing.options:
+            opt.picked = opt.name == picked
+        return picked
 
     def file_url(self, repo_id: str, path: str, revision: str | None = None) -> str:
         """The resolve URL of a file on this endpoint."""
