@@ -14,12 +14,17 @@ import threading
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Literal, Protocol
+from typing import Any, Literal, Protocol
 
-from engine.backend.llama import SamplerChain, SamplingParams
+import numpy as np
+from numpy.typing import NDArray
+
+from engine.backend.llama import SamplingParams
 from engine.decoding.prefix_cache import PrefixStateCache, common_prefix
+from engine.decoding.sampling import TokenLogprob, TokenSampler
 from engine.speculative.controller import DRAFT_MODEL_SIGNAL, SpeculationController
 from engine.speculative.drafters import DraftModelDrafter, NgramDrafter
+from engine.structured.constraint import Constraint
 
 log = logging.getLogger("peregrine.decoder")
 
@@ -45,8 +50,13 @@ class Model(Protocol):
     def save_state(self) -> bytearray: ...
     def restore_state(self, data: bytes | bytearray) -> bool: ...
     def sample(self, sampler: object, row: int) -> int: ...
+    def logits(self, row: int) -> NDArray[np.float32]: ...
     def piece(self, token: int) -> bytes: ...
     def is_eog(self, token: int) -> bool: ...
+    def grammar_tokenizer(self) -> Any: ...
+
+    @property
+    def eos(self) -> int: ...
 
 
 @dataclass(frozen=True)
@@ -65,6 +75,12 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     speculative: SpecParams = field(default_factory=SpecParams)
     cancel: threading.Event = field(default_factory=threading.Event)
+    # A compiled llguidance grammar (engine/structured/schema.py) the answer must follow.
+    grammar: str | None = None
+    # None: no logprobs; 0..20: each token's logprob and that many alternatives.
+    top_logprobs: int | None = None
+    # Called with the logprobs of the tokens behind the text of the next on_text call.
+    on_logprobs: Callable[[list[TokenLogprob]], None] | None = None
 
 
 @dataclass
@@ -103,6 +119,7 @@ class GenerationResult:
     finish_reason: FinishReason
     completion_tokens: int
     timings: Timings
+    logprobs: list[TokenLogprob] | None = None
 
 
 class StopMatcher:
@@ -213,20 +230,47 @@ class Decoder:
         timings = Timings()
         t_start = self.clock()
         prompt = req.prompt_tokens
-        chain = SamplerChain(req.sampling, model.n_vocab, model.n_ctx)
+        constraint = (
+            Constraint(model.grammar_tokenizer(), req.grammar, model.n_vocab)
+            if req.grammar is not None
+            else None
+        )
+        sampler = TokenSampler(
+            model, req.sampling, constraint=constraint, top_logprobs=req.top_logprobs
+        )
         utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         stopper = StopMatcher(req.stop)
         pieces: list[str] = []
         finish: FinishReason = "length"
         generated = 0
+        logprobs: list[TokenLogprob] | None = [] if req.top_logprobs is not None else None
+        held: list[TokenLogprob] = []  # logprobs of tokens whose text is not out yet
+
+        def put_text(text: str) -> None:
+            pieces.append(text)
+            if held and logprobs is not None:
+                logprobs.extend(held)
+                if req.on_logprobs is not None:
+                    req.on_logprobs(list(held))
+                held.clear()
+            on_text(text)
+
+        def ended(token: int) -> bool:
+            """An end-of-generation token: it takes its logprob record along, unsent."""
+            if not model.is_eog(token):
+                return False
+            sampler.take_logprob()
+            return True
 
         def emit(token: int) -> bool:
             """Streams one generated token; True when generation must end."""
             nonlocal finish
+            record = sampler.take_logprob()
+            if record is not None:
+                held.append(record)
             text = stopper.feed(utf8.decode(model.piece(token)))
             if text:
-                pieces.append(text)
-                on_text(text)
+                put_text(text)
             if stopper.stopped:
                 finish = "stop"
                 return True
@@ -247,7 +291,7 @@ class Decoder:
                 part = todo[offset : offset + chunk]
                 model.decode(part, len(self.tokens))
                 self.tokens.extend(part)
-            last = model.sample(chain.handle, -1)
+            last = sampler.sample(-1)
             t_first = self.clock()
             timings.prompt_ms = (t_first - t_start) * 1000.0
 
@@ -277,10 +321,14 @@ class Decoder:
             while True:
                 # `last` has been sampled but is not in the KV cache yet.
                 generated += 1
-                if model.is_eog(last):
+                if ended(last):
                     finish = "stop"
                     break
                 if emit(last):
+                    break
+                if sampler.finished:
+                    # `last` completed the grammar (it is always the latest token sampled).
+                    finish = "stop"
                     break
                 for drafter in drafters:
                     drafter.extend((last,))
@@ -296,6 +344,7 @@ class Decoder:
                 match_len = 0
                 if use_ngram and room > 0 and ctl.n_max > 0:
                     draft, match_len = self.drafter.draft(min(ctl.n_max, room))
+                    draft = sampler.valid_draft(draft)
                     draft = draft[: ctl.choose(match_len, len(draft))]
                 if not draft and draft_model is not None and room > 0 and ctl.n_max > 0:
                     # A draft model costs a decode per drafted token: the
@@ -304,6 +353,8 @@ class Decoder:
                     if k:
                         draft, ms_per_token = draft_model.draft(k)
                         ctl.record_draft_cost(ms_per_token)
+                        # A draft token the grammar forbids could never be accepted.
+                        draft = sampler.valid_draft(draft)
                         match_len = DRAFT_MODEL_SIGNAL
 
                 pos = len(self.tokens)
@@ -311,7 +362,7 @@ class Decoder:
                     ms = model.decode((last,), pos)
                     ctl.record_cost(1, ms)
                     self.tokens.append(last)
-                    last = model.sample(chain.handle, -1)
+                    last = sampler.sample(-1)
                     continue
 
                 # Verify: one batch [last, d1..dk], every row sampled in order by
@@ -321,11 +372,11 @@ class Decoder:
                 ctl.record_cost(len(batch), ms)
                 self.tokens.append(last)
                 accepted = 0
-                nxt = model.sample(chain.handle, 0)
+                nxt = sampler.sample(0)
                 while accepted < len(draft) and nxt == draft[accepted]:
                     self.tokens.append(draft[accepted])
                     accepted += 1
-                    nxt = model.sample(chain.handle, accepted)
+                    nxt = sampler.sample(accepted)
                 timings.draft_n += len(draft)
                 timings.draft_n_accepted += accepted
                 ctl.record(match_len, len(draft), accepted)
@@ -335,7 +386,7 @@ class Decoder:
                 stop_now = False
                 for token in draft[:accepted]:
                     generated += 1
-                    if model.is_eog(token):
+                    if ended(token):
                         finish, stop_now = "stop", True
                         break
                     if emit(token):
@@ -353,20 +404,23 @@ class Decoder:
             tail = stopper.flush() if not stopper.stopped else ""
             tail += utf8.decode(b"", final=True) if not stopper.stopped else ""
             if tail:
-                pieces.append(tail)
-                on_text(tail)
+                put_text(tail)
             timings.predicted_n = generated
             timings.predicted_ms = (self.clock() - t_first) * 1000.0
-            return self._result(pieces, finish, generated, timings)
+            return self._result(pieces, finish, generated, timings, logprobs)
         except Exception:
             # The cache may hold half-evaluated tokens: start clean next time.
             self.drop_context()
             raise
         finally:
-            chain.close()
+            sampler.close()
 
     @staticmethod
     def _result(
-        pieces: list[str], finish: FinishReason, generated: int, timings: Timings
+        pieces: list[str],
+        finish: FinishReason,
+        generated: int,
+        timings: Timings,
+        logprobs: list[TokenLogprob] | None = None,
     ) -> GenerationResult:
-        return GenerationResult("".join(pieces), finish, generated, timings)
+        return GenerationResult("".join(pieces), finish, generated, timings, logprobs)
