@@ -18,6 +18,7 @@ from typing import Any
 from engine.backend.llama import LlamaLogCapture, LlamaModel, MemoryReport, SamplingParams
 from engine.decoding.decoder import Decoder, GenerationRequest, GenerationResult, SpecParams
 from engine.decoding.prefix_cache import PrefixStateCache
+from engine.decoding.sampling import TokenLogprob
 from engine.errors import PeregrineError
 from engine.gguf.chat_template import ChatTemplate
 from engine.speculative.drafters import DraftModelDrafter
@@ -41,6 +42,14 @@ class QueueFull(PeregrineError):
 
 class NotReady(PeregrineError):
     """No model is loaded (or it is still loading)."""
+
+
+class BadRequest(PeregrineError):
+    """A request that only the loaded model can tell is wrong; `param` names the field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class PromptTooLong(PeregrineError):
@@ -78,6 +87,9 @@ class Job:
     on_text: Callable[[str], None]
     on_done: Callable[[GenerationResult | None, BaseException | None], None]
     cancel: threading.Event = field(default_factory=threading.Event)
+    grammar: str | None = None  # compiled by engine/structured/schema.py
+    top_logprobs: int | None = None  # None: no logprobs
+    on_logprobs: Callable[[list[TokenLogprob]], None] | None = None
 
 
 def model_id_for(path: str) -> str:
@@ -344,6 +356,13 @@ class Engine:
                 return
             if self.model is None or self.decoder is None:
                 raise NotReady("no model is loaded")
+            for token, _bias in job.sampling.logit_bias:
+                if token >= self.model.n_vocab:
+                    raise BadRequest(
+                        f"'logit_bias' token id {token} is outside the vocabulary "
+                        f"(0..{self.model.n_vocab - 1})",
+                        "logit_bias",
+                    )
             tokens = self._tokenize(job.prompt)
             if not tokens:
                 raise PeregrineError("the prompt is empty")
@@ -361,6 +380,9 @@ class Engine:
                     stop=job.stop,
                     speculative=job.speculative,
                     cancel=job.cancel,
+                    grammar=job.grammar,
+                    top_logprobs=job.top_logprobs,
+                    on_logprobs=job.on_logprobs,
                 ),
                 job.on_text,
             )
@@ -400,6 +422,14 @@ class Engine:
         """
         assert self.model is not None and self.template is not None
         controls = self.model.control_texts
+        for i, m in enumerate(messages):
+            name = m.get("name")
+            if isinstance(name, str) and any(c in name for c in controls):
+                # A template writes the name as markup: it could open a turn of its own.
+                raise BadRequest(
+                    "a message 'name' must not contain the model's control-token text",
+                    f"messages.{i}.name",
+                )
         suspicious = any(
             isinstance(m.get("content"), str) and any(c in m["content"] for c in controls)
             for m in messages

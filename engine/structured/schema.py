@@ -107,7 +107,7 @@ _SCHEMA_ONE = frozenset({"additionalProperties", "additionalItems"})
 
 # Separators as models usually write them; whitespace between tokens bounded as
 # llama.cpp's JSON grammar does, so a small model cannot pad an answer forever.
-COMPILE_OPTIONS: dict[str, Any] = {
+COMPILE_OPTIONS: Any = {  # llguidance's JsonCompileOptions (a TypedDict in its stubs only)
     "whitespace_flexible": True,
     "whitespace_pattern": r"(?: |\n[ \t]{0,20})?",
     "item_separator": ",",
