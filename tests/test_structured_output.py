@@ -36,7 +36,8 @@ def ask(text: str) -> list[Any]:
     return [{"role": "user", "content": text}]
 
 
-NAME = {"type": "string", "minLength": 1, "maxLength": 12}
+# Plain words: a 135M model otherwise fills strings with emoji, several tokens each.
+NAME = {"type": "string", "minLength": 1, "maxLength": 12, "pattern": "^[A-Za-z ]+$"}
 
 # One schema per supported keyword (several keywords in some), with a prompt that fits.
 SCHEMAS: list[tuple[str, dict[str, Any], str]] = [
