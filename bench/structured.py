@@ -33,6 +33,7 @@ from typing import Any
 from bench.engine_decode import wait_for_quiet
 from engine.backend.llama import LlamaModel, SamplingParams
 from engine.decoding import decoder as decoder_module
+from engine.decoding import sampling as sampling_module
 from engine.decoding.decoder import Decoder, GenerationRequest, SpecParams
 from engine.decoding.prefix_cache import PrefixStateCache
 from engine.default_model import default_model_path
@@ -72,6 +73,21 @@ class Counted(constraint_module.Constraint):
         type(self).last = self
 
 
+class TimedSampler(sampling_module.TokenSampler):
+    """The engine's sampler, adding up the time its picks take (grammar work included)."""
+
+    seconds = 0.0
+    calls = 0
+
+    def sample(self, row: int) -> int:
+        t0 = time.perf_counter()
+        try:
+            return super().sample(row)
+        finally:
+            TimedSampler.seconds += time.perf_counter() - t0
+            TimedSampler.calls += 1
+
+
 class MaskEveryToken(Counted):
     """The grammar over the whole vocabulary before every pick (no single-token check)."""
 
@@ -107,6 +123,21 @@ def run_once(
     }
 
 
+def measure(
+    decoder: Decoder, prompt: list[int], tokens: int, grammar: str | None
+) -> dict[str, Any]:
+    """One run, with the time its token picks took (sampler chain, grammar, masks)."""
+    TimedSampler.seconds, TimedSampler.calls = 0.0, 0
+    out = run_once(decoder, prompt, tokens, grammar)
+    out["sample_ms_per_token"] = round(
+        TimedSampler.seconds * 1000.0 / max(TimedSampler.calls, 1), 4
+    )
+    out["decode_ms_per_token"] = round(
+        out["ms"] / max(out["tokens"], 1) - out["sample_ms_per_token"], 4
+    )
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rounds", type=int, default=5)
@@ -129,6 +160,7 @@ def main() -> None:
 
     contenders = ["free", "schema", "schema, mask every token"]
     rounds: list[dict[str, Any]] = []
+    decoder_module.TokenSampler = TimedSampler  # type: ignore[misc]
     for r in range(args.rounds):
         order = contenders[r % 3 :] + contenders[: r % 3]
         row: dict[str, Any] = {}
@@ -138,9 +170,9 @@ def main() -> None:
             decoder.drop_context()  # every run reads its prompt afresh
             idle = wait_for_quiet(args.min_idle, args.max_wait)
             if name == "free":
-                row[name] = run_once(decoder, free_prompt, args.tokens, None)
+                row[name] = measure(decoder, free_prompt, args.tokens, None)
             else:
-                row[name] = run_once(decoder, schema_prompt, args.tokens, grammar)
+                row[name] = measure(decoder, schema_prompt, args.tokens, grammar)
                 made = Counted.last
                 assert made is not None
                 row[name]["checks"], row[name]["masks"] = made.checks, made.masks
@@ -151,12 +183,26 @@ def main() -> None:
         print(f"round {r + 1}: " + ", ".join(f"{n} {row[n]['tok_per_s']} tok/s" for n in order))
 
     medians = {n: statistics.median(r["ratio"][n] for r in rounds) for n in contenders[1:]}
+    pick_ms = {
+        n: statistics.median(r[n]["sample_ms_per_token"] for r in rounds) for n in contenders
+    }
+    decode_ms = statistics.median(r[n]["decode_ms_per_token"] for r in rounds for n in contenders)
+    # The same decode cost for all: what the picks alone make of the ratio (contention-proof).
+    by_pick = {
+        n: round((decode_ms + pick_ms["free"]) / (decode_ms + pick_ms[n]), 3)
+        for n in contenders[1:]
+    }
     rates = {n: statistics.median(r[n]["tok_per_s"] for r in rounds) for n in contenders}
     print(f"\ngrammar tokenizer built in {tokenizer_s:.2f} s (once per model)")
-    print(f"{'contender':<28}{'median tok/s':>14}{'ratio to free':>15}")
+    print(
+        f"{'contender':<28}{'median tok/s':>14}{'ratio to free':>15}"
+        f"{'pick ms/token':>15}{'ratio by pick cost':>20}"
+    )
     for n in contenders:
         ratio = "1.000" if n == "free" else f"{medians[n]:.3f}"
-        print(f"{n:<28}{rates[n]:>14.1f}{ratio:>15}")
+        ratio_pick = "1.000" if n == "free" else f"{by_pick[n]:.3f}"
+        print(f"{n:<28}{rates[n]:>14.1f}{ratio:>15}{pick_ms[n]:>15.3f}{ratio_pick:>20}")
+    print(f"decode (without picks): {decode_ms:.2f} ms/token, median over all runs")
     last = rounds[-1]["schema"]
     print(
         f"schema: {last['masks']} full masks for {last['tokens']} tokens "
@@ -171,6 +217,9 @@ def main() -> None:
         "rounds": rounds,
         "median_ratio": medians,
         "median_tok_per_s": rates,
+        "median_pick_ms_per_token": pick_ms,
+        "median_decode_ms_per_token": decode_ms,
+        "ratio_by_pick_cost": by_pick,
         "target": TARGET,
     }
     (RESULTS / "structured.json").write_text(json.dumps(record, indent=2) + "\n")
