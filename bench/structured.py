@@ -32,10 +32,10 @@ from typing import Any
 
 from bench.engine_decode import wait_for_quiet
 from engine.backend.llama import LlamaModel, SamplingParams
-from engine.decoding import decoder as decoder_module
 from engine.decoding import sampling as sampling_module
-from engine.decoding.decoder import Decoder, GenerationRequest, SpecParams
+from engine.decoding.decoder import Decoder
 from engine.decoding.prefix_cache import PrefixStateCache
+from engine.decoding.request import GenerationRequest, SpecParams
 from engine.default_model import default_model_path
 from engine.structured import constraint as constraint_module
 from engine.structured.schema import grammar_for
@@ -160,13 +160,13 @@ def main() -> None:
 
     contenders = ["free", "schema", "schema, mask every token"]
     rounds: list[dict[str, Any]] = []
-    decoder_module.TokenSampler = TimedSampler  # type: ignore[misc]
+    sampling_module.TokenSampler = TimedSampler  # type: ignore[misc]
     for r in range(args.rounds):
         order = contenders[r % 3 :] + contenders[: r % 3]
         row: dict[str, Any] = {}
         for name in order:
-            # The decoder builds each request's constraint from this name.
-            decoder_module.Constraint = MaskEveryToken if name.endswith("token") else Counted  # type: ignore[misc]
+            # Each request's sampler and constraint are built from these names.
+            sampling_module.Constraint = MaskEveryToken if name.endswith("token") else Counted  # type: ignore[misc]
             decoder.drop_context()  # every run reads its prompt afresh
             idle = wait_for_quiet(args.min_idle, args.max_wait)
             if name == "free":

@@ -18,45 +18,13 @@ from __future__ import annotations
 
 from collections import deque
 from collections.abc import Sequence
-from dataclasses import dataclass
-from typing import Any, Protocol
 
 import numpy as np
 from numpy.typing import NDArray
 
-from engine.backend.llama import SamplerChain, SamplingParams
+from engine.decoding.model import Model, Sampler
+from engine.decoding.request import GenerationRequest, TokenLogprob, TopLogprob
 from engine.structured.constraint import Constraint
-
-MAX_TOP_LOGPROBS = 20
-
-
-class SamplingModel(Protocol):
-    n_vocab: int
-    n_ctx: int
-
-    @property
-    def eos(self) -> int: ...
-
-    def sample(self, sampler: object, row: int) -> int: ...
-    def logits(self, row: int) -> NDArray[np.float32]: ...
-    def piece(self, token: int) -> bytes: ...
-
-
-@dataclass(frozen=True)
-class TopLogprob:
-    token: int
-    piece: bytes
-    logprob: float
-
-
-@dataclass(frozen=True)
-class TokenLogprob:
-    """One generated token with its log-probability and the most likely alternatives."""
-
-    token: int
-    piece: bytes
-    logprob: float
-    top: tuple[TopLogprob, ...]
 
 
 class TokenSampler:
@@ -64,14 +32,14 @@ class TokenSampler:
 
     def __init__(
         self,
-        model: SamplingModel,
-        params: SamplingParams,
+        model: Model,
+        chain: Sampler,
         *,
         constraint: Constraint | None = None,
         top_logprobs: int | None = None,
     ) -> None:
         self.model = model
-        self.chain = SamplerChain(params, model.n_vocab, model.n_ctx)
+        self.chain = chain  # the request's Sampler (engine/decoding/model.py)
         self.constraint = constraint
         # None: no logprobs; 0..20: the sampled token's, plus that many alternatives.
         self.top_logprobs = top_logprobs
@@ -89,7 +57,7 @@ class TokenSampler:
             # The grammar may set forbidden logits to -inf below: keep the sampled one raw.
             raw = logits.copy() if self.constraint is not None else logits
         if self.constraint is None:
-            token = self.model.sample(self.chain.handle, row)
+            token = self.chain.sample(row)
         elif self.constraint.finished:
             # The answer is complete: only its end may follow.
             token = self.model.eos
@@ -138,8 +106,14 @@ class TokenSampler:
     def close(self) -> None:
         self.chain.close()
 
-    def __enter__(self) -> TokenSampler:
-        return self
 
-    def __exit__(self, *_exc: Any) -> None:
-        self.close()
+def sampler_for(model: Model, req: GenerationRequest) -> TokenSampler:
+    """The sampler a request asks for: its chain, its grammar, its logprobs."""
+    constraint = (
+        Constraint(model.grammar_tokenizer(), req.grammar, model.n_vocab)
+        if req.grammar is not None
+        else None
+    )
+    return TokenSampler(
+        model, model.sampler(req.sampling), constraint=constraint, top_logprobs=req.top_logprobs
+    )

@@ -25,18 +25,21 @@ from aiohttp import web
 from pydantic import ValidationError
 
 from engine.backend.llama import DecodeError, SamplingParams
-from engine.decoding.decoder import GenerationResult, SpecParams
-from engine.decoding.sampling import TokenLogprob
+from engine.decoding.request import GenerationResult, SpecParams, TokenLogprob
 from engine.errors import PeregrineError
 from engine.gguf.chat_template import TemplateError
 from engine.serving.scheduler import (
     BadRequest,
+    Done,
     Engine,
     Job,
+    JobEvent,
     NotReady,
     PromptSpec,
     PromptTooLong,
     QueueFull,
+    Started,
+    TextDelta,
 )
 from engine.structured.constraint import GrammarError
 from engine.structured.schema import SchemaError, grammar_for
@@ -359,7 +362,7 @@ def _require_utf8(text: str | None, param: str) -> None:
         ) from exc
 
 
-def _check_common(req: SamplingFields, *, has_draft_model: bool = False) -> None:
+def _check_common(req: SamplingFields, *, drafters: Sequence[str] = ()) -> None:
     if (
         isinstance(req, ChatCompletionRequest)
         and req.top_logprobs is not None
@@ -393,7 +396,7 @@ def _check_common(req: SamplingFields, *, has_draft_model: bool = False) -> None
             code="unsupported_value",
             param="speculative.type",
         )
-    if spec is not None and spec.type == "draft" and not has_draft_model:
+    if spec is not None and spec.type == "draft" and "draft" not in drafters:
         raise ApiError(
             400,
             "speculative type 'draft' needs a draft model: start the engine with --draft-model",
@@ -407,15 +410,17 @@ class _Stream:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.queue: asyncio.Queue[JobEvent] = asyncio.Queue()
 
-    def put(self, kind: str, value: Any) -> None:
+    def put(self, event: JobEvent) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:
             # The event loop has closed (shutdown cut a slow request off): nobody
             # waits for this event, and raising would only break the decode thread's job.
-            log.debug("dropped a %r event for a request that outlived the server", kind)
+            log.debug(
+                "dropped a %s event for a request that outlived the server", type(event).__name__
+            )
 
 
 class _Api:
@@ -525,7 +530,7 @@ class _Api:
             req = model.model_validate(body)
         except ValidationError as exc:
             raise _validation_error(exc) from exc
-        _check_common(req, has_draft_model=self.engine.has_draft_model)
+        _check_common(req, drafters=self.engine.drafter_names)
         grammar = None
         if req.response_format is not None:
             fmt = req.response_format.as_dict()
@@ -611,14 +616,9 @@ class _Api:
             )
             if spec_opts
             else SpecParams(),
-            on_start=lambda n_prompt, granted: stream.put("start", (n_prompt, granted)),
-            on_text=lambda text: stream.put("text", text),
-            on_done=lambda result, error: stream.put("done", (result, error)),
+            emit=stream.put,
             grammar=grammar,
             top_logprobs=logprobs,
-            on_logprobs=(lambda records: stream.put("logprobs", records))
-            if logprobs is not None
-            else None,
         )
         try:
             self.engine.submit(job)
@@ -642,7 +642,7 @@ class _Api:
             job.cancel.set()  # no-op when finished; stops work for a vanished client
             self.jobs.pop(id(job), None)
 
-    async def _next(self, request: web.Request, stream: _Stream, job: Job) -> tuple[str, Any]:
+    async def _next(self, request: web.Request, stream: _Stream, job: Job) -> JobEvent:
         """The next event, cancelling the job if the client has gone away meanwhile."""
         while True:
             # Checked before every event, not only in quiet spells: a busy
@@ -659,24 +659,22 @@ class _Api:
 
     async def _await_start(self, request: web.Request, stream: _Stream, job: Job) -> int:
         """Waits for the job to start; returns its prompt size or raises ApiError."""
-        kind, value = await self._next(request, stream, job)
-        if kind == "done":
-            _result, error = value
-            raise _api_error_for(error, _prompt_field(job))
-        n_prompt, _granted = value
-        return int(n_prompt)
+        event = await self._next(request, stream, job)
+        if isinstance(event, Done):
+            raise _api_error_for(event.error, _prompt_field(job))
+        assert isinstance(event, Started), event
+        return event.n_prompt
 
     async def _collect(
         self, request: web.Request, stream: _Stream, job: Job, meta: _ResponseMeta
     ) -> web.Response:
         n_prompt = await self._await_start(request, stream, job)
         while True:
-            kind, value = await self._next(request, stream, job)
-            if kind == "done":
-                result, error = value
-                if error is not None or result is None:
-                    raise _api_error_for(error, _prompt_field(job))
-                return web.json_response(meta.full(result, n_prompt))
+            event = await self._next(request, stream, job)
+            if isinstance(event, Done):
+                if event.error is not None or event.result is None:
+                    raise _api_error_for(event.error, _prompt_field(job))
+                return web.json_response(meta.full(event.result, n_prompt))
 
     async def _stream(
         self,
@@ -700,23 +698,22 @@ class _Api:
         try:
             if meta.chat:
                 await send.event(meta.chunk({"role": "assistant", "content": ""}, None))
-            records: list[TokenLogprob] = []
             offset = 0  # text_offset of the next chunk (completions' logprobs)
             while True:
-                kind, value = await self._next(request, stream, job)
-                if kind == "logprobs":
-                    records.extend(value)
-                elif kind == "text":
-                    lp = meta.logprobs(records, offset) if job.top_logprobs is not None else None
-                    await send.event(
-                        meta.chunk({"content": value} if meta.chat else value, None, lp)
+                event = await self._next(request, stream, job)
+                if isinstance(event, TextDelta):
+                    text = event.text
+                    lp = (
+                        meta.logprobs(event.logprobs, offset)
+                        if job.top_logprobs is not None
+                        else None
                     )
-                    offset += len(value)
-                    records = []
-                elif kind == "done":
-                    result, error = value
-                    if error is not None or result is None:
-                        await send.event(_api_error_for(error, _prompt_field(job)).body())
+                    await send.event(meta.chunk({"content": text} if meta.chat else text, None, lp))
+                    offset += len(text)
+                elif isinstance(event, Done):
+                    result = event.result
+                    if event.error is not None or result is None:
+                        await send.event(_api_error_for(event.error, _prompt_field(job)).body())
                     else:
                         final = meta.chunk({} if meta.chat else "", result.finish_reason)
                         final["timings"] = result.timings.to_json()
