@@ -22,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
+import numpy as np
+from numpy.typing import NDArray
 
 from engine.errors import PeregrineError
 from engine.wire.base import KV_TYPE_IDS
@@ -219,6 +221,7 @@ class LlamaModel:
         self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, n_seq_max)
         self._batch_capacity = self.n_batch
         self._pieces: dict[int, bytes] = {}
+        self._grammar_tokenizer: Any = None
         self._piece_buf = ctypes.create_string_buffer(256)
         self.memory_report = log_capture.memory_since(mark) if log_capture else MemoryReport()
         self.has_recurrent_state = bool(
@@ -266,6 +269,19 @@ class LlamaModel:
             ),
             default=1,
         )
+
+    @functools.cached_property
+    def end_tokens(self) -> tuple[int, ...]:
+        """Every end-of-generation token (eos, eot, ...)."""
+        return tuple(t for t in range(self.n_vocab) if self.is_eog(t))
+
+    def grammar_tokenizer(self) -> Any:
+        """llguidance's tokenizer for this vocabulary, built on first use (about 0.5 s)."""
+        if self._grammar_tokenizer is None:
+            from engine.structured.constraint import grammar_tokenizer
+
+            self._grammar_tokenizer = grammar_tokenizer(self.vocab, self.end_tokens)
+        return self._grammar_tokenizer
 
     @functools.cached_property
     def control_texts(self) -> frozenset[str]:
@@ -436,6 +452,17 @@ class LlamaModel:
         else:
             self.seq_rm(seq, -1, -1)
 
+    def logits(self, row: int) -> NDArray[np.float32]:
+        """Output row `row`'s raw logits (-1: the last), a view into llama.cpp's buffer.
+
+        Valid until the next decode; writing to it changes what the next
+        sample of that row sees (how a grammar masks tokens).
+        """
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, row)
+        if not ptr:
+            raise DecodeError(f"no logits for output row {row}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
     def close(self) -> None:
         if getattr(self, "_batch", None) is not None:
             llama_cpp.llama_batch_free(self._batch)
@@ -461,6 +488,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None
+    # (token, bias) pairs added to the logits first in the chain (OpenAI's logit_bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -470,9 +499,10 @@ class SamplingParams:
 class SamplerChain:
     """A llama.cpp sampler chain built from SamplingParams, freed on close.
 
-    This is the one place where a request's sampling becomes a llama.cpp chain:
-    grammar constraints, logit biases and logprobs belong here too. `sample`
-    reads an output row of the context it was made for (`LlamaModel.sampler`).
+    This is the one place where a request's sampling becomes a llama.cpp chain
+    (logit bias first); the grammar and logprobs wrap it in
+    engine/decoding/sampling.py. `sample` reads an output row of the context it
+    was made for (`LlamaModel.sampler`); `pick` runs the chain over given logits.
     """
 
     def __init__(
@@ -484,6 +514,15 @@ class SamplerChain:
         # clamp it to 0, turning the penalty off); larger windows are the context.
         last_n = n_ctx if params.repeat_last_n < 0 else min(params.repeat_last_n, n_ctx)
         self.handle = chain
+        self.n_vocab = n_vocab
+        self._candidates: Any = None
+        if params.logit_bias:
+            biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))(
+                *(llama_cpp.llama_logit_bias(t, b) for t, b in params.logit_bias)
+            )
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), biases)
+            )
         penalize = (
             params.repeat_penalty != 1.0
             or params.frequency_penalty != 0.0
@@ -533,6 +572,28 @@ class SamplerChain:
 
     def accept(self, token: int) -> None:
         llama_cpp.llama_sampler_accept(self.handle, token)
+
+    def pick(self, logits: NDArray[np.float32]) -> int:
+        """Runs the chain over `logits` and returns its choice, without accepting it.
+
+        What `llama_sampler_sample` does, minus the accept: the caller decides
+        (a grammar may reject the token and ask again over masked logits).
+        """
+        if self._candidates is None:
+            data = (llama_cpp.llama_token_data * self.n_vocab)()
+            view = np.ctypeslib.as_array(data).view(
+                np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+            )
+            self._candidates = (data, view, np.arange(self.n_vocab, dtype=np.int32))
+        data, view, ids = self._candidates
+        view["id"] = ids  # samplers reorder the array in place
+        view["logit"] = logits
+        view["p"] = 0.0
+        cur = llama_cpp.llama_token_data_array(data, self.n_vocab, -1, False)
+        llama_cpp.llama_sampler_apply(self.handle, ctypes.byref(cur))
+        if not 0 <= cur.selected < cur.size:
+            raise DecodeError("the sampler chain selected no token")
+        return int(cur.data[cur.selected].id)
 
     def close(self) -> None:
         if self.handle is not None:

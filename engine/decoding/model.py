@@ -8,7 +8,10 @@ and state operation names a sequence id: one per slot.
 from __future__ import annotations
 
 from collections.abc import Sequence
-from typing import Protocol
+from typing import Any, Protocol
+
+import numpy as np
+from numpy.typing import NDArray
 
 from engine.backend.llama import SamplingParams
 
@@ -21,6 +24,11 @@ class Sampler(Protocol):
         row) and accepts it into the chain's state (penalties, RNG)."""
         ...
 
+    def pick(self, logits: NDArray[np.float32]) -> int:
+        """Runs the chain over `logits` and returns its choice, without accepting it."""
+        ...
+
+    def accept(self, token: int) -> None: ...
     def close(self) -> None: ...
 
 
@@ -47,3 +55,14 @@ class Model(Protocol):
     def sampler(self, params: SamplingParams) -> Sampler: ...
     def piece(self, token: int) -> bytes: ...
     def is_eog(self, token: int) -> bool: ...
+
+    # Structured output and logprobs only (engine/decoding/sampling.py).
+    @property
+    def eos(self) -> int: ...
+    def logits(self, row: int) -> NDArray[np.float32]:
+        """Output row `row`'s raw logits, writable in place (-1: the last row)."""
+        ...
+
+    def grammar_tokenizer(self) -> Any:
+        """llguidance's tokenizer for this vocabulary (engine/structured/constraint.py)."""
+        ...

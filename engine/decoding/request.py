@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import threading
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Literal
 
@@ -28,6 +29,29 @@ class GenerationRequest:
     stop: list[str] = field(default_factory=list)
     speculative: SpecParams = field(default_factory=SpecParams)
     cancel: threading.Event = field(default_factory=threading.Event)
+    # A compiled llguidance grammar (engine/structured/schema.py) the answer must follow.
+    grammar: str | None = None
+    # None: no logprobs; 0..20: each token's logprob and that many alternatives.
+    top_logprobs: int | None = None
+    # Called with the logprobs of the tokens behind the text of the next on_text call.
+    on_logprobs: Callable[[list[TokenLogprob]], None] | None = None
+
+
+@dataclass(frozen=True)
+class TopLogprob:
+    token: int
+    piece: bytes
+    logprob: float
+
+
+@dataclass(frozen=True)
+class TokenLogprob:
+    """One generated token with its log-probability and the most likely alternatives."""
+
+    token: int
+    piece: bytes
+    logprob: float
+    top: tuple[TopLogprob, ...]
 
 
 @dataclass
@@ -66,3 +90,4 @@ class GenerationResult:
     finish_reason: FinishReason
     completion_tokens: int
     timings: Timings
+    logprobs: list[TokenLogprob] | None = None  # when the request asked for them

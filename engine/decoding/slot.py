@@ -8,7 +8,8 @@ slots can later share one batch per step (one sequence id each).
 
 Speculation is lossless: every emitted token is sampled by the request's own
 chain from the target's logits for exactly the accepted prefix; drafts only
-decide which rows get computed in one batch (docs/architecture.md).
+decide which rows get computed in one batch (docs/architecture.md). Under a
+grammar, drafts are also cut where the grammar would refuse them.
 """
 
 from __future__ import annotations
@@ -17,8 +18,15 @@ import codecs
 import enum
 from collections.abc import Callable, Sequence
 
-from engine.decoding.model import Model, Sampler
-from engine.decoding.request import FinishReason, GenerationRequest, GenerationResult, Timings
+from engine.decoding.model import Model
+from engine.decoding.request import (
+    FinishReason,
+    GenerationRequest,
+    GenerationResult,
+    Timings,
+    TokenLogprob,
+)
+from engine.decoding.sampling import TokenSampler, sampler_for
 from engine.speculative.controller import SpeculationController
 from engine.speculative.drafters import Drafter
 
@@ -84,12 +92,16 @@ class Slot:
     def _reset_request(self) -> None:
         self.request: GenerationRequest | None = None
         self.on_text: Callable[[str], None] = _ignore
-        self.sampler: Sampler | None = None
+        self.sampler: TokenSampler | None = None
         self.stopper = StopMatcher(())
         self.utf8 = codecs.getincrementaldecoder("utf-8")(errors="replace")
         self.drafters: list[Drafter] = []
         self.timings = Timings()
         self.pieces: list[str] = []
+        # Logprobs of the answer's tokens (when asked for), and of those whose
+        # text a stop string or an unfinished UTF-8 sequence still holds back.
+        self.logprobs: list[TokenLogprob] | None = None
+        self.held: list[TokenLogprob] = []
         self.finish: FinishReason = "length"
         self.generated = 0
         self.max_tokens = 0
@@ -116,7 +128,8 @@ class Slot:
         self.on_text = on_text
         self.drafters = list(drafters)
         self._t_start = self.clock()
-        self.sampler = self.model.sampler(req.sampling)
+        self.sampler = sampler_for(self.model, req)
+        self.logprobs = [] if req.top_logprobs is not None else None
         self.stopper = StopMatcher(req.stop)
         self.state = SlotState.PREFILL
 
@@ -139,7 +152,9 @@ class Slot:
         self.tokens = []
 
     def result(self) -> GenerationResult:
-        return GenerationResult("".join(self.pieces), self.finish, self.generated, self.timings)
+        return GenerationResult(
+            "".join(self.pieces), self.finish, self.generated, self.timings, self.logprobs
+        )
 
     # --- prompt -------------------------------------------------------------------
 
@@ -189,14 +204,17 @@ class Slot:
 
     def _emit(self, token: int) -> bool:
         """Streams one generated token; True when generation must end."""
+        assert self.sampler is not None
         self.generated += 1
+        record = self.sampler.take_logprob()  # tokens come out in the order sampled
         if self.model.is_eog(token):
             self.finish = "stop"
             return True
+        if record is not None:
+            self.held.append(record)
         text = self.stopper.feed(self.utf8.decode(self.model.piece(token)))
         if text:
-            self.pieces.append(text)
-            self.on_text(text)
+            self._put(text)
         if self.stopper.stopped:
             self.finish = "stop"
             return True
@@ -204,10 +222,25 @@ class Slot:
             drafter.extend((token,))
         return False
 
+    def _put(self, text: str) -> None:
+        """Hands out a piece of the answer, with the logprobs of the tokens behind it."""
+        assert self.request is not None
+        self.pieces.append(text)
+        if self.held and self.logprobs is not None:
+            self.logprobs.extend(self.held)
+            if self.request.on_logprobs is not None:
+                self.request.on_logprobs(list(self.held))
+            self.held.clear()
+        self.on_text(text)
+
     def _take_pending(self) -> bool:
         """Emits the sampled token (not in the KV cache yet); True when generation ends."""
-        assert self.request is not None
+        assert self.request is not None and self.sampler is not None
         if self._emit(self.pending):
+            return True
+        if self.sampler.finished:
+            # The pending token (always the latest sampled) completed the grammar.
+            self.finish = "stop"
             return True
         if self.generated >= self.max_tokens or len(self.tokens) + 1 >= self.model.n_ctx:
             self.finish = "length"
@@ -218,16 +251,22 @@ class Slot:
         return False
 
     def _propose(self) -> tuple[list[int], Drafter | None, int]:
-        """The first non-empty draft in chain order that the controller wants verified."""
-        ctl = self.controller
+        """The first non-empty draft in chain order that the controller wants verified.
+
+        Under a grammar a draft is cut before its first token the grammar
+        refuses: that token could never be accepted.
+        """
+        ctl, sampler = self.controller, self.sampler
+        assert sampler is not None
         room = min(self.max_tokens - self.generated, self.model.n_ctx - len(self.tokens) - 2)
         if room <= 0 or ctl.n_max <= 0:
             return [], None, 0
         for drafter in self.drafters:
             if drafter.cheap:
                 proposal = drafter.propose(min(ctl.n_max, room))
-                k = ctl.choose(proposal.strength, len(proposal.tokens), drafter=drafter)
-                tokens = proposal.tokens[:k]
+                allowed = sampler.valid_draft(proposal.tokens)
+                k = ctl.choose(proposal.strength, len(allowed), drafter=drafter)
+                tokens = allowed[:k]
             else:
                 # A costly drafter is asked only for what pays, its own cost weighed in.
                 per_draft = ctl.draft_cost(drafter=drafter)
@@ -237,7 +276,7 @@ class Slot:
                 proposal = drafter.propose(k)
                 ms_per_token = proposal.cost_ms / max(len(proposal.tokens), 1)
                 ctl.record_draft_cost(ms_per_token, drafter=drafter)
-                tokens = proposal.tokens
+                tokens = sampler.valid_draft(proposal.tokens)
             if tokens:
                 return tokens, drafter, proposal.strength
         return [], None, 0
@@ -283,8 +322,7 @@ class Slot:
         if not self.stopper.stopped:
             tail = self.stopper.flush() + self.utf8.decode(b"", final=True)
             if tail:
-                self.pieces.append(tail)
-                self.on_text(tail)
+                self._put(tail)
         self.timings.predicted_n = self.generated
         self.timings.predicted_ms = (self.clock() - self._t_first) * 1000.0
         self.state = SlotState.DONE

@@ -21,7 +21,7 @@ from engine.backend.llama import LlamaLogCapture, LlamaModel, MemoryReport, Samp
 from engine.decoding.decoder import Decoder
 from engine.decoding.model import Model, Sampler
 from engine.decoding.prefix_cache import PrefixStateCache
-from engine.decoding.request import GenerationRequest, GenerationResult, SpecParams
+from engine.decoding.request import GenerationRequest, GenerationResult, SpecParams, TokenLogprob
 from engine.errors import PeregrineError
 from engine.gguf.chat_template import ChatTemplate
 from engine.speculative.drafters import build_chain
@@ -45,6 +45,14 @@ class QueueFull(PeregrineError):
 
 class NotReady(PeregrineError):
     """No model is loaded (or it is still loading)."""
+
+
+class BadRequest(PeregrineError):
+    """A request that only the loaded model can tell is wrong; `param` names the field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
 
 
 class PromptTooLong(PeregrineError):
@@ -106,9 +114,10 @@ class Started:
 
 @dataclass(frozen=True)
 class TextDelta:
-    """A piece of the answer, in order."""
+    """A piece of the answer, in order, with the logprobs of its tokens when asked for."""
 
     text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -142,6 +151,14 @@ class Job:
     speculative: SpecParams
     emit: Callable[[JobEvent], None]  # runs on the decode thread
     cancel: threading.Event = field(default_factory=threading.Event)
+    grammar: str | None = None  # compiled by engine/structured/schema.py
+    top_logprobs: int | None = None  # None: no logprobs
+
+
+def _take(items: list[TokenLogprob]) -> tuple[TokenLogprob, ...]:
+    taken = tuple(items)
+    items.clear()
+    return taken
 
 
 def model_id_for(path: str) -> str:
@@ -419,6 +436,13 @@ class Engine:
                 return
             if self.model is None or self.decoder is None:
                 raise NotReady("no model is loaded")
+            for token, _bias in job.sampling.logit_bias:
+                if token >= self.model.n_vocab:
+                    raise BadRequest(
+                        f"'logit_bias' token id {token} is outside the vocabulary "
+                        f"(0..{self.model.n_vocab - 1})",
+                        "logit_bias",
+                    )
             tokens = self._tokenize(job.prompt)
             if not tokens:
                 raise PeregrineError("the prompt is empty")
@@ -428,6 +452,8 @@ class Engine:
             room = n_ctx - len(tokens)
             granted = room if job.max_tokens is None else min(job.max_tokens, room)
             job.emit(Started(len(tokens), granted))
+            # The decoder hands over a text's logprobs just before the text itself.
+            held: list[TokenLogprob] = []
             result = self.decoder.generate(
                 GenerationRequest(
                     prompt_tokens=tokens,
@@ -436,8 +462,11 @@ class Engine:
                     stop=job.stop,
                     speculative=job.speculative,
                     cancel=job.cancel,
+                    grammar=job.grammar,
+                    top_logprobs=job.top_logprobs,
+                    on_logprobs=held.extend,
                 ),
-                lambda text: job.emit(TextDelta(text)),
+                lambda text: job.emit(TextDelta(text, _take(held))),
             )
         except BaseException as exc:
             error = exc
@@ -475,6 +504,14 @@ class Engine:
         """
         assert self.model is not None and self.template is not None
         controls = self.model.control_texts
+        for i, m in enumerate(messages):
+            name = m.get("name")
+            if isinstance(name, str) and any(c in name for c in controls):
+                # A template writes the name as markup: it could open a turn of its own.
+                raise BadRequest(
+                    "a message 'name' must not contain the model's control-token text",
+                    f"messages.{i}.name",
+                )
         suspicious = any(
             isinstance(m.get("content"), str) and any(c in m["content"] for c in controls)
             for m in messages
