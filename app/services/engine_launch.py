@@ -9,11 +9,12 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from engine.child import ENTRY_MODULE, module_argv
 
 log = logging.getLogger(__name__)
 
@@ -60,9 +61,12 @@ class StartFailed:
 StartupEvent = Loading | Ready | StartFailed
 
 
-def serve_command(spec: LaunchSpec, parent_pid: int, python: str = sys.executable) -> list[str]:
-    """The argv that runs `peregrine serve` for this spec, tied to the parent's life."""
-    argv = [python, "-m", "app.cli", "serve", "--model", str(spec.model), "--port", "0"]
+def serve_command(spec: LaunchSpec, parent_pid: int, python: str | None = None) -> list[str]:
+    """The argv that runs `peregrine serve` for this spec, tied to the parent's life.
+
+    `python` None: this program's own interpreter, or the bundle's executable when frozen.
+    """
+    argv = [*module_argv(ENTRY_MODULE, python), "serve", "--model", str(spec.model), "--port", "0"]
     argv += ["--parent-pid", str(parent_pid)]
     if spec.n_ctx is not None:
         argv += ["--ctx", str(spec.n_ctx)]
