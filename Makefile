@@ -74,6 +74,7 @@ LLAMA_WHEEL_CMD = bash packaging/llama-wheel.sh "$(LLAMA_CACHE)" "$(LLAMA_CMAKE_
 BUNDLE_SOURCES := $(shell git ls-files app engine assets packaging 2>/dev/null)
 
 $(PKG_STAMP): pyproject.toml packaging/llama-wheel.sh
+	@bash packaging/linux/ensure-package-tools.sh
 	rm -rf $(PKG_VENV)
 	$(PYTHON) -m venv $(PKG_VENV)
 	wheel=$$($(LLAMA_WHEEL_CMD)) && $(PKG_VENV)/bin/pip install -q "$$wheel" -e . $(PYINSTALLER)
