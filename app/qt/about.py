@@ -8,6 +8,7 @@ from PySide6.QtWidgets import (
     QDialog,
     QDialogButtonBox,
     QFormLayout,
+    QHBoxLayout,
     QLabel,
     QMainWindow,
     QVBoxLayout,
@@ -49,6 +50,11 @@ class AboutDialog(QDialog):
             "Your data": str(paths.data),
         }
         title = QLabel(f"<b>Peregrine {info.version}</b><br>Run large language models locally.")
+        header = QHBoxLayout()
+        icon = QLabel()
+        icon.setPixmap(app_icon().pixmap(64, 64))
+        header.addWidget(icon)
+        header.addWidget(title, 1)
         form = QFormLayout()
         for name, value in self.rows.items():
             label = QLabel(value)
@@ -60,7 +66,7 @@ class AboutDialog(QDialog):
         copy.clicked.connect(self.copy_details)
         buttons.rejected.connect(self.reject)
         layout = QVBoxLayout(self)
-        layout.addWidget(title)
+        layout.addLayout(header)
         layout.addLayout(form)
         layout.addWidget(buttons)
 

@@ -12,11 +12,12 @@ mkdir -p "$out"
 stage=build/pkg
 rm -rf "$stage" && mkdir -p "$stage"
 
-# Portable archive: one top folder, owned by nobody in particular.
+# Portable archive: one top folder, owned by nobody in particular. It compresses on one
+# core while the .deb is made on the other.
 tarball="$out/peregrine-$version-linux-x86_64.tar.gz"
 tar -C "$(dirname "$bundle")" --sort=name --owner=0 --group=0 --numeric-owner \
-  -cf - "$(basename "$bundle")" | gzip -6 >"$tarball.tmp"
-mv "$tarball.tmp" "$tarball"
+  -cf - "$(basename "$bundle")" | gzip -6 >"$tarball.tmp" &
+tar_pid=$!
 
 # Debian package.
 deb="$stage/deb"
@@ -71,5 +72,7 @@ CONTROL
 debfile="$out/peregrine_${version}_amd64.deb"
 dpkg-deb --root-owner-group -Zgzip -z6 --build "$deb" "$debfile.tmp" >/dev/null
 mv "$debfile.tmp" "$debfile"
+wait "$tar_pid"
+mv "$tarball.tmp" "$tarball"
 echo "built $tarball ($(du -h "$tarball" | cut -f1)) and $debfile ($(du -h "$debfile" | cut -f1))"
 echo "Depends: $depends"

@@ -60,6 +60,19 @@ def run(cmd: Sequence[str], timeout: float = 600, **kw: object) -> subprocess.Co
     return proc
 
 
+def retried(cmd: Sequence[str], timeout: float, attempts: int = 3) -> None:
+    """A network step (debootstrap, apt): a mirror's hiccup is retried, not a failure."""
+    for attempt in range(1, attempts + 1):
+        try:
+            run(cmd, timeout=timeout)
+            return
+        except (CheckFailed, subprocess.TimeoutExpired) as exc:
+            if attempt == attempts:
+                raise
+            say(f"attempt {attempt} failed, retrying: {str(exc).splitlines()[0][:200]}")
+            time.sleep(10 * attempt)
+
+
 def in_root(cmd: Sequence[str], user: bool = True, **env: str) -> list[str]:
     """`cmd` inside the chroot with a bare environment (C locale, no Python anywhere)."""
     base = {"HOME": HOME if user else "/root", "PATH": "/usr/bin:/bin:/usr/sbin:/sbin"}
@@ -117,7 +130,7 @@ def make_root() -> None:
     debs = CACHE / "debootstrap"
     debs.mkdir(parents=True, exist_ok=True)
     say(f"debootstrap --variant=minbase {codename} from {mirror}")
-    run(
+    retried(
         ["debootstrap", "--variant=minbase", f"--cache-dir={debs}", codename, str(ROOT), mirror],
         timeout=900,
     )
@@ -403,8 +416,8 @@ def main(deb: Path, tarball: Path) -> int:
         ).stdout.strip():
             raise CheckFailed("the clean system has a Python; it proves nothing")
         shutil.copy(deb, ROOT / "tmp/peregrine.deb")
-        run(in_root(["apt-get", "update", "-qq"], user=False), timeout=600)
-        run(
+        retried(in_root(["apt-get", "update", "-qq"], user=False), timeout=600)
+        retried(
             in_root(
                 [
                     "apt-get",
