@@ -125,3 +125,17 @@ def test_a_bad_build_record_is_ignored(frozen: Path, content: str) -> None:
     info = build_info()
     assert info.bundled and info.llama_cpp_commit == "0c1e57098"  # the pin, not a crash
     assert info.runtime == "the bundle's llama.cpp"
+
+
+def test_windowed_windows_executable_starts_children_through_its_console_twin(
+    frozen: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # The shortcuts start peregrinew.exe; a child's output is read through pipes,
+    # which the console program peregrine.exe beside it serves reliably.
+    windowed = frozen / "peregrinew.exe"
+    console = frozen / "peregrine.exe"
+    windowed.write_bytes(b"")
+    console.write_bytes(b"")
+    monkeypatch.setattr(sys, "executable", str(windowed))
+    assert module_argv("app.cli") == [str(console)]
+    assert module_argv("engine.planning.probe")[:2] == [str(console), CHILD_COMMAND]

@@ -24,7 +24,7 @@ from typing import Any
 
 import psutil
 
-from engine.child import module_argv
+from engine.child import NO_WINDOW, module_argv
 from engine.errors import PeregrineError
 from engine.paths import Paths
 
@@ -520,7 +520,13 @@ def probe_ggml_devices_in_child(lib_dir: Path | None, timeout_s: float = 30.0) -
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+            check=False,
+            creationflags=NO_WINDOW,
         )
     except subprocess.TimeoutExpired as exc:
         raise ProbeError(f"listing devices took over {timeout_s:.0f} s") from exc

@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engine.child import module_argv
+from engine.child import NO_WINDOW, module_argv
 from engine.errors import PeregrineError
 from engine.paths import Paths
 from engine.wire.base import KV_TYPE_IDS
@@ -144,7 +144,13 @@ def measure(
     cmd += ["--json", "--load", load.model_dump_json()]
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+            check=False,
+            creationflags=NO_WINDOW,
         )
     except subprocess.TimeoutExpired as exc:
         raise PeregrineError(f"the memory dry run did not finish within {timeout_s:.0f} s") from exc
