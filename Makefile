@@ -52,7 +52,7 @@ screenshots: $(STAMP)
 	xvfb-run -a -s "-screen 0 1400x900x24" $(BIN)/python -m app.qt.screenshots docs/screenshots
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info build dist
 
 # --- Packages (docs/install.md, "Building the packages yourself") ---------------
 # The bundle is built in its own venv with a redistributable llama.cpp, so the
