@@ -99,6 +99,7 @@ package: $(TARBALL) $(DEB)
 # The smoke test of both packages (docs/install.md): a clean Debian chroot, ldd,
 # a path with a space and non-ASCII letters, an older CPU under qemu; prints the figures.
 package-check: $(TARBALL) $(DEB)
+	@bash packaging/linux/ensure-package-tools.sh
 	python3 packaging/linux/smoke_test.py $(DEB) $(TARBALL)
 
 # The Windows installer script, compiled by Debian's makensis against a placeholder bundle.
