@@ -13,6 +13,7 @@ from PySide6.QtCore import QSocketNotifier, QTimer
 from PySide6.QtGui import QFont
 from PySide6.QtWidgets import QApplication, QMessageBox
 
+from app.qt.about import add_about_action, app_icon
 from app.qt.engine_supervisor import EngineSupervisor
 from app.qt.main_window import MainWindow
 from app.services.chat.store import ChatStore
@@ -76,6 +77,8 @@ def main(argv: list[str]) -> int:
     assert isinstance(app, QApplication)
     app.setApplicationName("Peregrine")
     app.setFont(QFont("DejaVu Sans", 10))
+    app.setWindowIcon(app_icon())
+    app.setDesktopFileName("peregrine")  # matches the installed peregrine.desktop
     paths = Paths.from_env().ensure()
     settings_store = SettingsStore(paths.settings_file)
     settings, warning = settings_store.load_or_reset()
@@ -100,6 +103,7 @@ def main(argv: list[str]) -> int:
         fit=fit,
         hardware=hardware,
     )
+    add_about_action(window, paths)
     for notice in (warning, recovered):
         if notice:
             window.show_error(notice)

@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from engine.child import NO_WINDOW, module_argv
 from engine.errors import PeregrineError
 from engine.paths import Paths
 from engine.wire.base import KV_TYPE_IDS
@@ -126,7 +126,7 @@ class DryRunCrashed(PeregrineError):
 def measure(
     load: LoadRequest,
     timeout_s: float = DEFAULT_TIMEOUT_S,
-    python: str = sys.executable,
+    python: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> MeasuredMemory:
     """Measures `load` by a dry run in a child process; raises PeregrineError on failure."""
@@ -141,10 +141,17 @@ def measure(
         if not lib.is_dir():
             raise PeregrineError(f"runtime {load.runtime!r} is not installed ({lib} is missing)")
         env["LLAMA_CPP_LIB_PATH"] = str(lib)
-    cmd = [python, "-m", "engine.planning.probe", "--json", "--load", load.model_dump_json()]
+    cmd = module_argv("engine.planning.probe", python)
+    cmd += ["--json", "--load", load.model_dump_json()]
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+            check=False,
+            creationflags=NO_WINDOW,
         )
     except subprocess.TimeoutExpired as exc:
         raise PeregrineError(f"the memory dry run did not finish within {timeout_s:.0f} s") from exc

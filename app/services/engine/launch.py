@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import json
 import logging
-import sys
 from collections import deque
 from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field
@@ -17,6 +16,7 @@ from enum import StrEnum
 from pathlib import Path
 
 from app.services.settings import EngineSettings, LoadSettings, LocalApi
+from engine.child import ENTRY_MODULE, module_argv
 
 log = logging.getLogger(__name__)
 
@@ -124,9 +124,12 @@ class StartFailed:
 StartupEvent = Loading | Ready | StartFailed
 
 
-def serve_command(spec: LaunchSpec, parent_pid: int, python: str = sys.executable) -> list[str]:
-    """The argv that runs `peregrine serve` for this spec, tied to the parent's life."""
-    argv = [python, "-m", "app.cli", "serve", "--model", str(spec.model)]
+def serve_command(spec: LaunchSpec, parent_pid: int, python: str | None = None) -> list[str]:
+    """The argv that runs `peregrine serve` for this spec, tied to the parent's life.
+
+    `python` None: this program's own interpreter, or the bundle's executable when frozen.
+    """
+    argv = [*module_argv(ENTRY_MODULE, python), "serve", "--model", str(spec.model)]
     argv += ["--port", str(spec.port), "--parent-pid", str(parent_pid)]
     for flag, value in (
         ("--ctx", spec.n_ctx),
