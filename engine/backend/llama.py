@@ -53,18 +53,35 @@ class MemoryReport:
         return self.weights + self.kv + self.compute
 
 
+# The capture that llama.cpp's log goes to (the newest one made in this process).
+_active_capture: LlamaLogCapture | None = None
+
+
+def _route_log(level: int, text: bytes, user: Any) -> None:
+    capture = _active_capture
+    if capture is not None:
+        capture._on_log(level, text, user)
+
+
+# One C callback for the life of the process: llama.cpp keeps the pointer it is
+# given, so a callback owned by a capture that was garbage-collected would crash
+# the next call that logs (a quantize or a load after an in-process engine went).
+_LOG_CALLBACK = llama_cpp.llama_log_callback(_route_log)
+
+
 class LlamaLogCapture:
     """Routes llama.cpp's log to Python logging and keeps the buffer sizes it reports.
 
-    The ctypes callback object must outlive every call llama.cpp makes, so the
-    capture is created once per process and kept alive by its owner.
+    The newest capture receives the log; llama.cpp only ever sees the
+    process-wide `_LOG_CALLBACK`, so a capture may be dropped at any time.
     """
 
     def __init__(self) -> None:
+        global _active_capture
         self.lines: list[str] = []
         self._partial = ""
-        self._callback = llama_cpp.llama_log_callback(self._on_log)
-        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+        _active_capture = self
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
     def _on_log(self, level: int, text: bytes, _user: Any) -> None:
         message = self._partial + text.decode("utf-8", errors="replace")
