@@ -177,6 +177,7 @@ class BackgroundCalls(QObject):
         # Library listings (header reads) may take seconds; status polls must not wait behind them.
         self._pool.setMaxThreadCount(4)
         self._pending: set[_CallSignals] = set()
+        self._closed = False
 
     def run(
         self,
@@ -188,11 +189,10 @@ class BackgroundCalls(QObject):
     ) -> None:
         signals = _CallSignals()  # created here, so it lives on the GUI thread
         self._pending.add(signals)
-        signals.ok.connect(on_ok)
-        if on_error is not None:
-            signals.error.connect(on_error)
-        else:
-            signals.error.connect(lambda message: self._report(f"{what} failed: {message}"))
+        report = on_error or (lambda message: self._report(f"{what} failed: {message}"))
+        # After shutdown the widgets these callbacks draw on may be gone: results are dropped.
+        signals.ok.connect(lambda result: None if self._closed else on_ok(result))
+        signals.error.connect(lambda message: None if self._closed else report(message))
         # Dropped only after the signal's delivery: deleting a QObject inside its
         # own emission crashes.
         signals.ok.connect(lambda _r: QTimer.singleShot(0, lambda: self._pending.discard(signals)))
@@ -202,4 +202,6 @@ class BackgroundCalls(QObject):
         self._pool.start(_Call(fn, signals, what))
 
     def shutdown(self, wait_ms: int = 3000) -> None:
+        """Waits a while for calls in flight; any that end later are ignored."""
+        self._closed = True
         self._pool.waitForDone(wait_ms)
