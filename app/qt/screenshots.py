@@ -151,24 +151,31 @@ def main(argv: list[str] | None = None) -> int:
         window.models_view.library.select(window.engine.current or home)
         later(200, dark_shots)
 
+    def tall_settings() -> None:
+        # Every section at once: the page is taller than the usual window.
+        window.show_page(Page.SETTINGS)
+        window.resize(1280, 1300)
+
     def dark_shots() -> None:
         shot("models-library.png")
-        window.show_page(Page.SETTINGS)
-        later(200, settings_dark)
+        tall_settings()
+        later(300, settings_dark)
 
     def settings_dark() -> None:
         shot("settings.png")
+        window.resize(1280, 820)
         window.settings.set_theme("light")
         window.show_page(Page.MODELS)
         later(300, light_shots)
 
     def light_shots() -> None:
         shot("models-library-light.png")
-        window.show_page(Page.SETTINGS)
-        later(200, settings_light)
+        tall_settings()
+        later(300, settings_light)
 
     def settings_light() -> None:
         shot("settings-light.png")
+        window.resize(1280, 820)
         window.show_page(Page.CHAT)
         later(300, chat_light)
 

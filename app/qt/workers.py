@@ -195,14 +195,10 @@ class BackgroundCalls(QObject):
             return
         signals = _CallSignals()  # created here, so it lives on the GUI thread
         self._pending.add(signals)
-        # After shutdown the widgets these callbacks draw on may be gone: answers are dropped.
+        report = on_error or (lambda message: self._report(f"{what} failed: {message}"))
+        # After shutdown the widgets these callbacks draw on may be gone: results are dropped.
         signals.ok.connect(lambda result: None if self._closed else on_ok(result))
-        if on_error is not None:
-            signals.error.connect(lambda message: None if self._closed else on_error(message))
-        else:
-            signals.error.connect(
-                lambda message: None if self._closed else self._report(f"{what} failed: {message}")
-            )
+        signals.error.connect(lambda message: None if self._closed else report(message))
         # Dropped only after the signal's delivery: deleting a QObject inside its
         # own emission crashes.
         signals.ok.connect(lambda _r: QTimer.singleShot(0, lambda: self._pending.discard(signals)))
@@ -212,6 +208,6 @@ class BackgroundCalls(QObject):
         self._pool.start(_Call(fn, signals, what))
 
     def shutdown(self, wait_ms: int = 3000) -> None:
-        """Waits for calls in flight; their answers (and later calls) are dropped."""
+        """Waits a while for calls in flight; any that end later are ignored."""
         self._closed = True
         self._pool.waitForDone(wait_ms)
