@@ -105,11 +105,9 @@ class ChatHeader(QWidget):
         for entry in entries:
             if not entry.valid:
                 continue
-            label = (
-                entry.path.stem if entry.source != "builtin" else f"{entry.path.stem} (built-in)"
-            )
-            box.addItem(label, str(entry.path))
-            box.setItemData(box.count() - 1, str(entry.path), Qt.ItemDataRole.ToolTipRole)
+            box.addItem(entry.path.stem, str(entry.path))
+            where = "Peregrine's built-in model" if entry.source == "builtin" else str(entry.path)
+            box.setItemData(box.count() - 1, where, Qt.ItemDataRole.ToolTipRole)
             paths.append(entry.path)
         if current is not None and current not in paths:
             box.addItem(current.stem, str(current))
