@@ -278,3 +278,18 @@ def test_the_engine_runs_an_injected_model_and_sends_typed_events() -> None:
     finally:
         engine.shutdown()
     assert models[0].closed
+
+
+def test_a_length_cut_inside_a_character_drops_its_bytes_instead_of_sending_u_fffd() -> None:
+    prompt = [1, 2, 3]
+    model = FakeModel(answer_after(prompt, [1, 40, 41, 2]))
+    # Token 40 is the first two bytes of "🦜" (four bytes), token 41 the other two.
+    parrot = "🦜".encode()
+    model.pieces = {40: parrot[:2], 41: parrot[2:]}
+    decoder = Decoder(model, state_cache=PrefixStateCache(0))
+    whole, _ = generate(decoder, prompt, PLAIN, max_tokens=3)
+    assert whole.text == "a🦜" and whole.finish_reason == "length"
+    decoder.drop_context()
+    cut, pieces = generate(decoder, prompt, PLAIN, max_tokens=2)
+    assert cut.text == "a" == "".join(pieces)
+    assert cut.finish_reason == "length"

@@ -320,7 +320,10 @@ class Slot:
 
     def _finish(self) -> None:
         if not self.stopper.stopped:
-            tail = self.stopper.flush() + self.utf8.decode(b"", final=True)
+            # Bytes of a character the answer stopped inside (a length cut in
+            # the middle of an emoji) are dropped: sent, they would be U+FFFD.
+            self.utf8.reset()
+            tail = self.stopper.flush()
             if tail:
                 self._put(tail)
         self.timings.predicted_n = self.generated
