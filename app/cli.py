@@ -13,6 +13,7 @@ import sys
 import unicodedata
 from collections.abc import Callable, Sequence
 
+from engine.child import CHILD_COMMAND, CHILD_MODULES
 from engine.errors import PeregrineError
 
 # subcommand -> (module, function, one-line help)
@@ -20,13 +21,13 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "gui": ("app.qt.main", "main", "open the desktop app (the default)"),
     "serve": ("engine.serving.serve_cli", "main", "run the engine: an OpenAI-compatible server"),
     "profile": ("engine.planning.profile_cli", "main", "detect hardware and plan a model's memory"),
-    "pull": ("app.services.models_cli", "pull_main", "download a model from Hugging Face"),
-    "ls": ("app.services.models_cli", "ls_main", "list the models Peregrine can run"),
-    "rm": ("app.services.models_cli", "rm_main", "delete a downloaded model"),
-    "search": ("app.services.models_cli", "search_main", "search Hugging Face for GGUF models"),
+    "pull": ("app.services.models.cli", "pull_main", "download a model from Hugging Face"),
+    "ls": ("app.services.models.cli", "ls_main", "list the models Peregrine can run"),
+    "rm": ("app.services.models.cli", "rm_main", "delete a downloaded model"),
+    "search": ("app.services.models.cli", "search_main", "search Hugging Face for GGUF models"),
 }
 
-USAGE = "usage: peregrine [--debug] [COMMAND] [ARGS...]\n\ncommands:\n" + "".join(
+USAGE = "usage: peregrine [--debug] [--version] [COMMAND] [ARGS...]\n\ncommands:\n" + "".join(
     f"  {name:<8} {help_}\n" for name, (_, _, help_) in COMMANDS.items()
 )
 
@@ -45,8 +46,20 @@ def _load(name: str) -> Callable[[list[str]], int] | None:
     return func if callable(func) else None
 
 
+def _run_child(args: list[str]) -> int:
+    """`peregrine _child MODULE ARGS`: a frozen bundle's `python -m MODULE ARGS` (engine.child)."""
+    if not args or args[0] not in CHILD_MODULES:
+        sys.stderr.write(f"peregrine {CHILD_COMMAND}: expected one of {', '.join(CHILD_MODULES)}\n")
+        return 2
+    module = importlib.import_module(args[0])
+    return int(module.main(args[1:]) or 0)
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = list(sys.argv[1:] if argv is None else argv)
+    if args and args[0] == CHILD_COMMAND:
+        # Before any option handling: the arguments are the child module's own.
+        return _run_child(args[1:])
     debug = "--debug" in args
     if debug:
         args.remove("--debug")
@@ -57,6 +70,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     )
     if args and args[0] in ("-h", "--help", "help"):
         sys.stdout.write(USAGE)
+        return 0
+    if args and args[0] in ("-V", "--version"):
+        from app.services.build_info import build_info
+
+        sys.stdout.write(build_info().version_line() + "\n")
         return 0
     name = args.pop(0) if args and not args[0].startswith("-") else "gui"
     if name not in COMMANDS:

@@ -2,6 +2,13 @@
 
     QT_QPA_PLATFORM=offscreen .venv/bin/python -m bench.gui_lag            # 3 answers of 128 tokens
     QT_QPA_PLATFORM=offscreen .venv/bin/python -m bench.gui_lag --answers 5 --tokens 256
+    QT_QPA_PLATFORM=offscreen .venv/bin/python -m bench.gui_lag --download   # + a download
+
+With --download, the window also downloads from a loopback hub (tests/fake_hub.py,
+HF_ENDPOINT pointed at it) while the answers stream: copies of the built-in model,
+two at once, throttled so the transfers last through every answer; lag is then
+also reported for the beats when an answer streamed and a download ran together
+(target: 100 ms). Its record goes to bench/results/gui_lag_download.json.
 
 The real window streams real answers from the real engine (offscreen, throwaway
 PEREGRINE_HOME). A 10 ms QTimer on the GUI thread measures the gap between beats;
@@ -33,8 +40,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--answers", type=int, default=3)
     parser.add_argument("--tokens", type=int, default=128)
-    parser.add_argument("--out", type=Path, default=Path("bench/results/gui_lag.json"))
+    parser.add_argument("--out", type=Path, default=None)
+    parser.add_argument(
+        "--download", action="store_true", help="download from a loopback hub at the same time"
+    )
+    parser.add_argument("--rate-mb", type=float, default=12.0, help="hub bytes/s per transfer (MB)")
     args = parser.parse_args(argv)
+    if args.out is None:
+        name = "gui_lag_download.json" if args.download else "gui_lag.json"
+        args.out = Path("bench/results") / name
     os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
     os.environ["PEREGRINE_HOME"] = tempfile.mkdtemp(prefix="peregrine-bench-")
 
@@ -42,7 +56,19 @@ def main(argv: list[str] | None = None) -> int:
     from PySide6.QtWidgets import QApplication
 
     from app.qt.main_window import MainWindow
-    from app.services.chat_store import ChatStore
+    from app.services.chat.store import ChatStore
+
+    hub = None
+    if args.download:
+        from engine.default_model import default_model_path
+        from tests.fake_hub import FakeHub
+
+        hub = FakeHub().start()
+        hub.bytes_per_second = args.rate_mb * 1e6
+        repo = hub.add_repo("bench/SmolLM2-copies-GGUF")
+        for i in range(args.answers * 2):
+            repo.add(f"SmolLM2-copy{i}-Q4_1.gguf", default_model_path())
+        os.environ["HF_ENDPOINT"] = hub.endpoint
 
     load_before = os.getloadavg()
     app = QApplication([sys.argv[0]])
@@ -50,15 +76,33 @@ def main(argv: list[str] | None = None) -> int:
     store = window.store
     window.show()
     lags: list[float] = []
+    both: list[float] = []  # beats while an answer streamed and a download ran
     streaming = [False]
+    downloading = [False]
     last = [time.monotonic()]
     tokens = [0]
+    statuses = [0]
 
     def beat() -> None:
         now = time.monotonic()
         if streaming[0]:
-            lags.append(max(0.0, now - last[0] - 0.010))
+            lag = max(0.0, now - last[0] - 0.010)
+            lags.append(lag)
+            if downloading[0]:
+                both.append(lag)
         last[0] = now
+
+    def download_status(_st: object) -> None:
+        statuses[0] += 1
+        downloading[0] = any(s.state.value == "running" for s in window.downloads.statuses.values())
+
+    window.downloads.status_changed.connect(download_status)
+
+    def start_downloads() -> None:
+        if hub is None:
+            return
+        for name in hub.repos["bench/SmolLM2-copies-GGUF"].files:
+            window.downloads.add("bench/SmolLM2-copies-GGUF", [name])
 
     timer = QTimer()
     timer.setInterval(10)
@@ -72,10 +116,10 @@ def main(argv: list[str] | None = None) -> int:
     ]
 
     def ask() -> None:
-        chat = window.new_chat()
+        chat = window.chat.new_chat()
         assert chat is not None
         prompt = prompts[done[0] % len(prompts)]
-        window.submit(prompt)
+        window.chat.submit(prompt)
 
     def started(_gid: int) -> None:
         last[0] = time.monotonic()
@@ -83,7 +127,7 @@ def main(argv: list[str] | None = None) -> int:
 
     def finished(_gid: int) -> None:
         streaming[0] = False
-        msg = store.messages(window.current_chat)[-1]  # type: ignore[arg-type]
+        msg = store.messages(window.chat.current_chat)[-1]  # type: ignore[arg-type]
         tokens[0] += int((msg.meta.get("usage") or {}).get("completion_tokens") or 0)
         done[0] += 1
         if done[0] < args.answers:
@@ -91,9 +135,16 @@ def main(argv: list[str] | None = None) -> int:
         else:
             window.shut_down()
 
-    window.answer_started.connect(started)
-    window.answer_finished.connect(finished)
-    window.supervisor.ready.connect(lambda _r: ask() if done[0] == 0 else None)
+    window.chat.answer_started.connect(started)
+    window.chat.answer_finished.connect(finished)
+
+    def on_ready(_r: object) -> None:
+        if done[0] == 0:
+            start_downloads()
+            # Asked once the first transfer runs, so the answer streams beside it.
+            QTimer.singleShot(1500 if hub is not None else 0, ask)
+
+    window.supervisor.ready.connect(on_ready)
     window.closed.connect(app.quit)
     window.start_engine()
     app.exec()
@@ -109,6 +160,8 @@ def main(argv: list[str] | None = None) -> int:
     append_us = (time.perf_counter() - t0) / n * 1e6
     bench_store.close()
     store.close()
+    if hub is not None:
+        hub.stop()
 
     record: dict[str, Any] = {
         "answers": done[0],
@@ -120,6 +173,15 @@ def main(argv: list[str] | None = None) -> int:
             "median": (statistics.median(lags) if lags else 0.0) * 1000,
         },
         "append_delta_us": append_us,
+        "download": None
+        if hub is None
+        else {
+            "beats_with_download": len(both),
+            "rate_bytes_per_s_per_transfer": args.rate_mb * 1e6,
+            "statuses_drawn": statuses[0],
+            "worst_lag_ms": max(both, default=0.0) * 1000,
+            "p99_lag_ms": _pct(both, 0.99) * 1000,
+        },
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
     }
@@ -132,6 +194,13 @@ def main(argv: list[str] | None = None) -> int:
         f"| {done[0]} | {tokens[0]} | {lag['worst']:.1f} ms | {lag['p99']:.1f} ms"
         f" | {lag['median']:.2f} ms | {append_us:.0f} µs |"
     )
+    if hub is not None:
+        d = record["download"]
+        print(
+            f"\nwith a download running: {d['beats_with_download']} beats, worst lag "
+            f"{d['worst_lag_ms']:.1f} ms, p99 {d['p99_lag_ms']:.1f} ms "
+            f"({d['statuses_drawn']} download statuses drawn)"
+        )
     return 0 if done[0] == args.answers and lag["worst"] < 1000 else 1
 
 

@@ -17,8 +17,9 @@ import time
 from pathlib import Path
 
 from engine.backend.llama import LlamaModel, SamplingParams
-from engine.decoding.decoder import Decoder, GenerationRequest, SpecParams
+from engine.decoding.decoder import Decoder
 from engine.decoding.prefix_cache import PrefixStateCache
+from engine.decoding.request import GenerationRequest, SpecParams
 from engine.default_model import default_model_path
 from engine.gguf.chat_template import ChatTemplate
 from engine.wire.control import LoadRequest

@@ -94,6 +94,7 @@ class FakeRepo:
     license: str = "apache-2.0"
     downloads: int = 100
     likes: int = 10
+    last_modified: str = "2025-01-15T10:00:00.000Z"
 
     def __post_init__(self) -> None:
         if not self.commit:
@@ -387,6 +388,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                         "gated": "manual" if repo.gated else False,
                         "private": False,
                         "tags": ["gguf", f"license:{repo.license}"],
+                        "lastModified": repo.last_modified,
                     }
                 )
             expand = query.get("expand")
@@ -422,6 +424,7 @@ def _make_handler(hub: FakeHub) -> type[BaseHTTPRequestHandler]:
                     "gated": "manual" if repo.gated else False,
                     "downloads": repo.downloads,
                     "likes": repo.likes,
+                    "lastModified": repo.last_modified,
                     "tags": ["gguf", f"license:{repo.license}"],
                     "cardData": {"license": repo.license},
                     "siblings": siblings,

@@ -3,19 +3,25 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from pytestqt.qtbot import QtBot
 
 from app.qt.engine_supervisor import EngineSupervisor
 from app.qt.main_window import MainWindow
-from app.services.chat_store import ChatStore
+from app.services.chat.store import ChatStore
 from app.services.settings import Settings, SettingsStore
 from engine.paths import Paths
 
 
 def make_window(
-    qtbot: QtBot, model: Path, settings: Settings | None = None, max_tokens: int = 24
+    qtbot: QtBot,
+    model: Path,
+    settings: Settings | None = None,
+    max_tokens: int = 24,
+    **extra: Any,
 ) -> MainWindow:
+    """The window; `extra` passes MainWindow's keyword-only dependencies (fit, confirm, open_url)."""
     paths = Paths.from_env().ensure()
     window = MainWindow(
         ChatStore(paths.chats_db),
@@ -24,6 +30,8 @@ def make_window(
         lambda: model,
         settings=settings,
         max_tokens=max_tokens,
+        paths=paths,
+        **extra,
     )
     # pytest-qt closes and deletes registered widgets before fixture teardown, so the
     # asynchronous shutdown (engine stopped, then `closed`) runs in before_close_func.

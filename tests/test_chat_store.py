@@ -7,9 +7,9 @@ from pathlib import Path
 
 import pytest
 
-from app.services.chat_service import ChatService, ChatServiceError
-from app.services.chat_store import ChatStore, ChatStoreError, ChatStoreUnavailable
-from app.services.engine_client import Finished
+from app.services.chat.service import ChatService, ChatServiceError
+from app.services.chat.store import ChatStore, ChatStoreError, ChatStoreUnavailable
+from app.services.engine.client import Finished
 from engine.paths import Paths
 
 

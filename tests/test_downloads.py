@@ -13,7 +13,7 @@ from typing import Any, BinaryIO
 
 import pytest
 
-from app.services.downloads import (
+from app.services.models.downloads import (
     ChecksumError,
     DiskFullError,
     Downloader,
@@ -21,6 +21,7 @@ from app.services.downloads import (
     DownloadQueue,
     DownloadStatus,
     JobState,
+    StopKind,
 )
 from engine.errors import PeregrineError
 from engine.paths import Paths
@@ -299,9 +300,9 @@ def test_progress_is_throttled_and_carries_speed(hub: FakeHub, paths: Paths) -> 
 def test_interrupt_kinds(hub: FakeHub, paths: Paths) -> None:
     downloader = Downloader(paths)
     with pytest.raises(DownloadInterrupted) as info:
-        downloader.download_model(REPO, [FILE], should_stop=lambda: "pause")
+        downloader.download_model(REPO, [FILE], should_stop=lambda: StopKind.PAUSE)
     assert info.value.kind == "pause"
     assert len(list(paths.downloads.glob("*.part"))) == 1
     with pytest.raises(DownloadInterrupted):
-        downloader.download_model(REPO, [FILE], should_stop=lambda: "cancel")
+        downloader.download_model(REPO, [FILE], should_stop=lambda: StopKind.CANCEL)
     assert list(paths.downloads.iterdir()) == []

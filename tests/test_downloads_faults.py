@@ -17,15 +17,16 @@ from pathlib import Path
 import pytest
 
 from app import cli
-from app.services.downloads import (
+from app.services.models.downloads import (
     DiskFullError,
     Downloader,
     DownloadError,
     DownloadInterrupted,
     DownloadQueue,
     JobState,
+    StopKind,
 )
-from app.services.hub import HubService, RetriesExhausted, RetryPolicy, parse_retry_after
+from app.services.models.hub import HubService, RetriesExhausted, RetryPolicy, parse_retry_after
 from engine.errors import PeregrineError
 from engine.paths import Paths
 from tests.fake_hub import VALID_TOKEN, FakeHub, Fault, hub_with_blob
@@ -576,7 +577,9 @@ def test_interrupted_stays_an_interrupt_during_a_retry(hub: FakeHub, paths: Path
     hub.inject("cdn", KEY, Fault(status=503, times=None))
     with pytest.raises(DownloadInterrupted):
         downloader(paths, Sleeps()).download_model(
-            REPO, [FILE], should_stop=lambda: "cancel" if hub.file_requests(REPO, FILE) else None
+            REPO,
+            [FILE],
+            should_stop=lambda: StopKind.CANCEL if hub.file_requests(REPO, FILE) else None,
         )
     assert list(paths.downloads.iterdir()) == []
 

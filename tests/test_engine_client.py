@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from app.services.engine_client import (
+from app.services.engine.client import (
     CancelToken,
     Delta,
     Endpoint,
@@ -23,7 +23,14 @@ from app.services.engine_client import (
     EngineClientError,
     Finished,
 )
-from app.services.engine_launch import (
+from app.services.engine.control import (
+    LoadDone,
+    LoadFailed,
+    LoadUnderway,
+    follow_load,
+    load_request,
+)
+from app.services.engine.launch import (
     LaunchSpec,
     LineSplitter,
     Loading,
@@ -33,9 +40,12 @@ from app.services.engine_launch import (
     StartFailed,
     StartupWatch,
     describe_exit,
+    launch_spec,
     parse_event,
     serve_command,
 )
+from app.services.settings import EngineSettings, LoadSettings, LocalApi
+from engine.wire.control import EngineStatus
 from tests.engine_proc import EngineProc, running_engine
 
 CHAT = [{"role": "user", "content": "Count from one to ten."}]
@@ -614,6 +624,77 @@ def test_serve_command_carries_the_spec_and_the_parent_pid(tmp_path: Path) -> No
     assert "--port 0" in joined and "--parent-pid 4242" in joined
     assert "--ctx 2048" in joined and "--threads 2" in joined
     assert "--draft-model" not in joined
+
+
+def test_a_launch_spec_takes_the_models_settings_and_keeps_the_key_off_the_command_line(
+    tmp_path: Path,
+) -> None:
+    model = tmp_path / "m.gguf"
+    load = LoadSettings(n_ctx=1024, type_k="q8_0", n_gpu_layers=0, draft_model="/d.gguf")
+    engine = EngineSettings(n_ctx=8192, threads=3)
+    api = LocalApi(shared=True, port=8123, api_key="pk-secret-key-0123456789")
+    spec = launch_spec(model, load, engine, api)
+    assert (spec.n_ctx, spec.threads, spec.port) == (1024, 3, 8123)
+    assert spec.api_key == "pk-secret-key-0123456789"
+    assert "pk-secret" not in repr(spec)
+    argv = serve_command(spec, parent_pid=1)
+    joined = " ".join(argv)
+    assert "pk-secret" not in joined and "--api-key" not in joined
+    assert "--port 8123" in joined and "--ctx 1024" in joined and "--threads 3" in joined
+    assert "--cache-type-k q8_0" in joined and "--gpu-layers 0" in joined
+    assert "--draft-model /d.gguf" in joined
+    # Not shared: a free port and the engine's own random key.
+    private = launch_spec(model, LoadSettings(), engine, LocalApi(shared=False, api_key="k"))
+    assert (private.port, private.api_key, private.n_ctx) == (0, "", 8192)
+    # Switching models keeps the engine's port and key.
+    other = spec.with_model(tmp_path / "o.gguf", LoadSettings(), engine)
+    assert (other.model, other.port, other.api_key, other.n_ctx) == (
+        tmp_path / "o.gguf",
+        8123,
+        spec.api_key,
+        8192,
+    )
+
+
+def _status(**fields: object) -> EngineStatus:
+    base: dict[str, object] = {
+        "state": "ready",
+        "load_progress": 1.0,
+        "error": None,
+        "model": {"id": "a", "path": "/m/a.gguf"},
+        "settings": None,
+        "memory": {},
+        "speculative": {},
+        "runtime": {"name": "default", "backend": "cpu"},
+        "queue": {"waiting": 0, "limit": 16},
+    }
+    return EngineStatus.model_validate({**base, **fields})
+
+
+def test_following_a_load_through_the_engine_status() -> None:
+    assert follow_load(_status(state="loading", load_progress=0.4), "/m/b.gguf") == LoadUnderway(
+        0.4
+    )
+    done = _status(model={"id": "b", "path": "/m/b.gguf"})
+    assert follow_load(done, "/m/b.gguf") == LoadDone("/m/b.gguf")
+    # Refused: the previous model serves on, and the reason is the engine's.
+    kept = _status(error="model file not found: /m/b.gguf")
+    assert follow_load(kept, "/m/b.gguf") == LoadFailed(
+        "model file not found: /m/b.gguf", "/m/a.gguf"
+    )
+    gone = _status(state="error", error="llama.cpp refused it", model=None)
+    assert follow_load(gone, "/m/b.gguf") == LoadFailed("llama.cpp refused it", None)
+    other = follow_load(_status(), "/m/b.gguf")
+    assert isinstance(other, LoadFailed) and other.serving == "/m/a.gguf"
+    request = load_request(
+        Path("/m/b.gguf"), LoadSettings(type_v="q4_0"), EngineSettings(threads=2)
+    )
+    assert (request.model, request.n_ctx, request.threads, request.type_v) == (
+        "/m/b.gguf",
+        4096,
+        2,
+        "q4_0",
+    )
 
 
 def test_start_up_events_are_parsed_and_junk_is_ignored() -> None:

@@ -40,19 +40,19 @@ def test_engine_killed_mid_answer_is_restarted_and_the_chat_survives(
     qtbot: QtBot, default_model: Path, watchdog: GuiWatchdog
 ) -> None:
     w = make_window(qtbot, default_model, max_tokens=400)
-    watchdog.watch_streams(w.answer_started, w.answer_finished)
+    watchdog.watch_streams(w.chat.answer_started, w.chat.answer_finished)
     with qtbot.waitSignal(w.supervisor.ready, timeout=ENGINE_START_MS):
         w.start_engine()
     first_pid = w.supervisor.pid()
     assert first_pid is not None
-    qtbot.keyClicks(w.composer.input, "Write a long poem about the sea.")
-    qtbot.keyClick(w.composer.input, Qt.Key.Key_Return)
-    chat_id = w.current_chat
+    qtbot.keyClicks(w.chat_view.composer.input, "Write a long poem about the sea.")
+    qtbot.keyClick(w.chat_view.composer.input, Qt.Key.Key_Return)
+    chat_id = w.chat.current_chat
     assert chat_id is not None
     answer_id = w.store.messages(chat_id)[-1].id
     qtbot.waitUntil(lambda: len(w.store.message(answer_id).content) > 0, timeout=ANSWER_MS)
     with (
-        qtbot.waitSignal(w.answer_finished, timeout=60_000),
+        qtbot.waitSignal(w.chat.answer_finished, timeout=60_000),
         qtbot.waitSignal(w.supervisor.died, timeout=60_000),
     ):
         os.kill(first_pid, signal.SIGKILL)
@@ -66,8 +66,8 @@ def test_engine_killed_mid_answer_is_restarted_and_the_chat_survives(
     # The partial answer is kept, marked, and shown.
     partial = w.store.message(answer_id)
     assert partial.status == "interrupted" and partial.content
-    assert w.conversation.widgets[answer_id].text == partial.content
-    assert w.composer.send_button.text() == "Send"
+    assert w.chat_view.conversation.widgets[answer_id].text == partial.content
+    assert w.chat_view.composer.send_button.text() == "Send"
     # The engine comes back by itself, with the same model.
     if w.supervisor.state != "ready":
         with qtbot.waitSignal(w.supervisor.ready, timeout=ENGINE_START_MS):
@@ -76,10 +76,10 @@ def test_engine_killed_mid_answer_is_restarted_and_the_chat_survives(
     assert w.supervisor.spec is not None and w.supervisor.spec.model == default_model
     assert "running again" in w.error_panel.message.text()
     # And the next message works, with the interrupted answer still in the chat.
-    w.service.max_tokens = 16
-    with qtbot.waitSignal(w.answer_finished, timeout=ANSWER_MS):
-        qtbot.keyClicks(w.composer.input, "Thanks. Now say hi.")
-        qtbot.keyClick(w.composer.input, Qt.Key.Key_Return)
+    w.chat.service.max_tokens = 16
+    with qtbot.waitSignal(w.chat.answer_finished, timeout=ANSWER_MS):
+        qtbot.keyClicks(w.chat_view.composer.input, "Thanks. Now say hi.")
+        qtbot.keyClick(w.chat_view.composer.input, Qt.Key.Key_Return)
     messages = w.store.messages(chat_id)
     assert [m.status for m in messages] == ["complete", "interrupted", "complete", "complete"]
     assert messages[1].content == partial.content
@@ -104,9 +104,9 @@ def test_an_engine_that_cannot_start_is_explained_with_its_log(
     # A failed start never becomes the remembered model.
     assert SettingsStore(Paths.from_env().settings_file).load().last_model_path is None
     # Enter now keeps saying what is wrong, not "still starting"; the text stays.
-    qtbot.keyClicks(w.composer.input, "hello")
-    qtbot.keyClick(w.composer.input, Qt.Key.Key_Return)
-    assert w.composer.input.toPlainText() == "hello"
+    qtbot.keyClicks(w.chat_view.composer.input, "hello")
+    qtbot.keyClick(w.chat_view.composer.input, Qt.Key.Key_Return)
+    assert w.chat_view.composer.input.toPlainText() == "hello"
     assert w.error_panel.message.text().startswith("The engine could not run:")
     assert "not sent" in w.error_panel.message.text()
     assert w.error_panel.log_button.isVisible()
@@ -181,7 +181,7 @@ def test_stopping_while_the_ready_line_is_unread_is_not_taken_for_a_crash(
     qtbot: QtBot, tmp_path: Path
 ) -> None:
     from app.qt.engine_supervisor import EngineSupervisor
-    from app.services.engine_launch import LaunchSpec
+    from app.services.engine.launch import LaunchSpec
 
     pids = tmp_path / "pids"
     fake = tmp_path / "fake-engine"

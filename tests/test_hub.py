@@ -10,7 +10,7 @@ from typing import Any
 
 import pytest
 
-from app.services.hub import HubService, default_endpoint, quant_of, split_info
+from app.services.models.hub import HubService, default_endpoint, quant_of, split_info
 from engine.errors import PeregrineError
 from engine.gguf.header import parse_gguf_header
 from tests.fake_hub import FakeHub, add_tiny_repo, running_hub
@@ -156,7 +156,7 @@ def test_real_planner_badges(hub: FakeHub) -> None:
     gguf_header = pytest.importorskip("engine.gguf.header")
     if not hasattr(gguf_header, "read_remote_gguf_header"):
         pytest.skip("engine.gguf.header.read_remote_gguf_header is not there yet")
-    from app.services.models_cli import planner_wiring
+    from app.services.models.fit import planner_wiring
 
     fit, pick, reader = planner_wiring()
     assert fit is not None and planner is not None

@@ -13,7 +13,7 @@ from pathlib import Path
 import gguf
 import pytest
 
-from app.services.library import (
+from app.services.models.library import (
     Library,
     ScanFolder,
     ScanLimits,
@@ -473,3 +473,50 @@ def test_a_models_folder_moved_behind_a_symlink_still_lists_and_deletes(tmp_path
     entry = library.find("acme/Tiny/Tiny-Q8_0.gguf")
     assert library.delete(entry) == [paths.models / "acme--Tiny" / "Tiny-Q8_0.gguf"]
     assert not (big / "acme--Tiny").exists() and big.is_dir()
+
+
+def test_the_built_in_model_is_listed_first_and_never_deleted(
+    paths: Paths, default_model: Path
+) -> None:
+    own = paths.models / "imported"
+    own.mkdir(parents=True)
+    make_gguf(own / "Tiny-Q8_0.gguf", file_type=gguf.LlamaFileType.MOSTLY_Q8_0, n_floats=2048)
+    library = Library(paths, builtin=lambda: default_model)
+    builtin, mine = library.entries()
+    assert (builtin.id, builtin.source, builtin.read_only) == ("built-in", "builtin", True)
+    assert builtin.path == default_model and builtin.architecture == "llama"
+    assert mine.id == "imported/Tiny-Q8_0.gguf"
+    with pytest.raises(PeregrineError, match="ships with Peregrine"):
+        library.delete(builtin)
+    assert default_model.exists()
+
+
+def test_a_models_folder_from_settings_and_fit_badges(paths: Paths, tmp_path: Path) -> None:
+    elsewhere = tmp_path / "big-disk" / "models"
+    elsewhere.mkdir(parents=True)
+    make_gguf(elsewhere / "Tiny-Q8_0.gguf", file_type=gguf.LlamaFileType.MOSTLY_Q8_0, n_floats=64)
+    make_gguf(paths.models / "Old-Q8_0.gguf", file_type=gguf.LlamaFileType.MOSTLY_Q8_0)
+    seen: list[tuple[str, int]] = []
+
+    class Badge:
+        level = "cpu"
+        summary = "CPU only, 4096 tokens"
+
+    def fit(name: str, header: object, size: int) -> Badge:
+        seen.append((name, size))
+        if name.startswith("Broken"):
+            raise RuntimeError("planner failed")
+        return Badge()
+
+    make_gguf(elsewhere / "Broken-Q8_0.gguf", file_type=gguf.LlamaFileType.MOSTLY_Q8_0)
+    library = Library(paths, models_dir=elsewhere, fit=fit)
+    entries = {e.name: e for e in library.entries()}
+    assert set(entries) == {"Tiny-Q8_0.gguf", "Broken-Q8_0.gguf"}  # not the default folder's
+    assert entries["Tiny-Q8_0.gguf"].fit is not None
+    assert entries["Tiny-Q8_0.gguf"].fit.level == "cpu"
+    assert entries["Broken-Q8_0.gguf"].fit is None and entries["Broken-Q8_0.gguf"].valid
+    source = tmp_path / "New-Q8_0.gguf"
+    make_gguf(source, file_type=gguf.LlamaFileType.MOSTLY_Q8_0)
+    imported = library.import_file(source)
+    assert imported.path == elsewhere / "imported" / "New-Q8_0.gguf"
+    assert library.delete(imported) == [imported.path]

@@ -17,8 +17,8 @@ from typing import Any
 import pytest
 
 from app import cli
-from app.services import models_cli
-from app.services.downloads import Downloader
+from app.services.models import cli as models_cli
+from app.services.models.downloads import Downloader
 from engine.paths import Paths
 from tests.fake_hub import FakeHub, add_tiny_repo, running_hub
 
@@ -233,6 +233,7 @@ def test_ls_lists_a_non_utf8_file_name_on_a_strict_utf8_terminal(
     as_json = run("ls", "--json")
     assert as_json.returncode == 0, as_json.stderr
     assert {e["id"] for e in json.loads(as_json.stdout)} == {
+        "built-in",  # the built-in model is always listed first
         "lmstudio:caf\udce9.gguf",  # lossless: the bytes round-trip through os.fsencode
         "lmstudio:ok.gguf",
     }
@@ -289,9 +290,9 @@ def test_control_characters_in_names_never_reach_the_terminal(tmp_path: Path) ->
     listing = run("ls")
     assert listing.returncode == 0, listing.stderr
     assert "\x1b" not in listing.stdout
-    assert listing.stdout.splitlines() == [
-        line for line in listing.stdout.splitlines() if line.startswith("lmstudio:evil?[2J?fake")
-    ]
+    lines = listing.stdout.splitlines()
+    assert lines[0].startswith("built-in ") and "[builtin (read-only)]" in lines[0]
+    assert lines[1:] == [line for line in lines if line.startswith("lmstudio:evil?[2J?fake")]
 
 
 @pytest.mark.parametrize(

@@ -7,9 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from engine.backend.llama import LlamaModel, SamplingParams
-from engine.decoding.decoder import Decoder, GenerationRequest, GenerationResult, SpecParams
+from engine.backend.llama import DecodeError, LlamaModel, SamplingParams
+from engine.decoding.decoder import Decoder
 from engine.decoding.prefix_cache import PrefixStateCache
+from engine.decoding.request import GenerationRequest, GenerationResult, SpecParams
 from engine.gguf.chat_template import ChatTemplate
 from engine.wire.control import LoadRequest
 
@@ -59,7 +60,7 @@ def test_switching_back_to_the_state_the_switch_itself_evicts(model: LlamaModel)
     cache = PrefixStateCache(1 << 40)
     decoder = Decoder(model, state_cache=cache)
     ask(decoder, x)
-    one_state = model.state_size() + 4 * len(x)
+    one_state = model.state_size(0) + 4 * len(x)
     cache.limit_bytes = one_state * 3 // 2  # room for one saved chat, not two
     ask(decoder, y)  # X is saved
     assert len(cache) == 1
@@ -83,3 +84,15 @@ def test_no_state_is_copied_when_the_cache_cannot_keep_it(
     monkeypatch.setattr(model, "save_state", no_copy)
     ask(decoder, chat(model, "PINEAPPLE"))
     ask(decoder, chat(model, "TOMATO"))  # a switch: the old context would be stashed
+
+
+def test_a_sequence_id_beyond_n_seq_max_is_refused_before_llama_cpp_sees_it(
+    model: LlamaModel,
+) -> None:
+    assert model.n_seq_max == 1
+    with pytest.raises(DecodeError, match="sequence id 1"):
+        model.decode(1, [model.bos], 0)
+    with pytest.raises(DecodeError, match="sequence id -1"):
+        model.save_state(-1)
+    with pytest.raises(DecodeError, match="sequence id 1"):
+        model.seq_cp(0, 1)

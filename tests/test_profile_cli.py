@@ -52,6 +52,7 @@ def test_profile_json_on_this_machine(capsys: pytest.CaptureFixture[str]) -> Non
         "n_gpu_layers",
         "tensor_split",
         "expert_offload",
+        "n_cpu_moe",
         "type_k",
         "type_v",
         "flash_attn",
@@ -133,6 +134,33 @@ def test_budget_gib_caps_the_plan(capsys: pytest.CaptureFixture[str], tmp_path: 
     assert "does not fit" in err
 
 
+def test_budget_gib_per_device(capsys: pytest.CaptureFixture[str], tmp_path: Path) -> None:
+    """`--budget-gib 6,14`: one figure per device, the GPUs in order and then RAM."""
+    hw = Hardware(
+        gpus=[GPU("NVIDIA GeForce RTX 3090", "cuda", 24 * GiB, 23 * GiB, "8.6")],
+        cpu=CPU("x", 8, 16, []),
+        ram=RAM(64 * GiB, 50 * GiB),
+        disk_free=GiB,
+    )
+    hw_file = str(write_hardware(tmp_path / "hw.json", hw))
+    model = str(qwen3moe_like(tmp_path, "Q4_K_M"))
+    common = ("--estimate-only", "--model", model, "--hardware", hw_file)
+    data = profile_json(capsys, *common, "--budget-gib", "6,14")
+    devices = {d["name"]: d["total"] for d in data["memory"]["devices"]}
+    assert devices["CUDA0"] <= 6 * GiB and devices["CPU"] <= 14 * GiB
+    assert data["plan"]["reasons"][0].startswith("budget: CUDA0 6.0 GiB, RAM 14.0 GiB")
+    load = data["plan"]["load"]
+    # 6 GiB hold every layer with some experts; the rest of the experts go to RAM.
+    assert load["n_gpu_layers"] == -1 and (load["n_cpu_moe"] or load["expert_offload"])
+    # One figure is the total over all devices.
+    total = profile_json(capsys, *common, "--budget-gib", "21")
+    assert total["memory"]["total"] <= 21 * GiB
+    # A list must name every device: one line, exit 1.
+    code, out, err = run(capsys, *common, "--budget-gib", "6,10,4")
+    assert code == 1 and out == "" and err.count("\n") == 1
+    assert "one budget per device: 1 GPU(s) and then RAM (2 figures), not 3" in err
+
+
 def test_text_output_explains_the_plan(capsys: pytest.CaptureFixture[str]) -> None:
     code, out, _ = run(capsys, "--estimate-only")
     assert code == 0
@@ -178,6 +206,10 @@ def test_bad_hardware_files_are_one_line(
         ["--cache-type-k", "q3_weird"],
         ["--file", "x.gguf"],
         ["--budget-gib", "-1"],
+        ["--budget-gib", "6,x"],
+        ["--budget-gib", "6,-1"],
+        ["--budget-gib", "6,0"],
+        ["--budget-gib", ""],
         ["--bogus"],
     ],
 )

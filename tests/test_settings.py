@@ -3,16 +3,20 @@
 from __future__ import annotations
 
 import json
+import stat
 
 import pytest
 
 from app.services.settings import (
     MIGRATIONS,
     SCHEMA_VERSION,
+    LoadSettings,
+    LocalApi,
     RemoteEndpoint,
     Settings,
     SettingsError,
     SettingsStore,
+    masked,
 )
 from engine.paths import Paths
 
@@ -182,3 +186,46 @@ def test_a_fifo_in_place_of_the_settings_file_is_reset_not_a_hang() -> None:
         store.load()
     settings, warning = store.load_or_reset()
     assert settings == Settings() and warning is not None
+
+
+def test_version_2_draft_model_moves_to_the_model_it_served() -> None:
+    store = _store()
+    store.path.parent.mkdir(parents=True)
+    store.path.write_text(
+        json.dumps(
+            {
+                "schema_version": 2,
+                "last_model_path": "/m/big.gguf",
+                "engine": {"n_ctx": 8192, "draft_model": "/m/small.gguf"},
+            }
+        )
+    )
+    loaded = store.load()
+    assert loaded.schema_version == SCHEMA_VERSION == 3
+    assert loaded.engine.n_ctx == 8192
+    assert loaded.load_settings("/m/big.gguf").draft_model == "/m/small.gguf"
+    assert loaded.load_settings("/m/other.gguf") == LoadSettings()
+
+
+def test_secrets_are_saved_0600_and_never_in_a_repr() -> None:
+    store = _store()
+    store.path.parent.mkdir(parents=True)
+    store.path.write_text("{}")
+    store.path.chmod(0o644)  # an older file, readable by others
+    token = "hf_" + "a1B2" * 10
+    key = "pk-" + "z9" * 20
+    settings = Settings(hf_token=token, local_api=LocalApi(shared=True, api_key=key))
+    store.save(settings)
+    assert stat.S_IMODE(store.path.stat().st_mode) == 0o600
+    raw = json.loads(store.path.read_text())
+    assert raw["hf_token"] == token and raw["local_api"]["api_key"] == key
+    loaded = store.load()
+    assert loaded.token == token
+    assert loaded.local_api.api_key.get_secret_value() == key
+    for text in (repr(loaded), str(loaded), repr(loaded.local_api), f"{loaded!r}"):
+        assert token not in text and key not in text
+    assert masked(token) == "hf_…a1B2" and token not in masked(token)
+    assert masked("short") == "••••••••"
+    assert loaded.local_api.client_example("K") == (
+        'client = OpenAI(base_url="http://127.0.0.1:8788/v1", api_key="K")'
+    )

@@ -10,8 +10,9 @@ from pathlib import Path
 import pytest
 
 from engine.backend.llama import LlamaModel, SamplingParams
-from engine.decoding.decoder import Decoder, GenerationRequest, GenerationResult, SpecParams
+from engine.decoding.decoder import Decoder
 from engine.decoding.prefix_cache import PrefixStateCache
+from engine.decoding.request import GenerationRequest, GenerationResult, SpecParams
 from engine.gguf.chat_template import ChatTemplate
 from engine.speculative.controller import SpeculationController
 from engine.speculative.drafters import NgramDrafter
@@ -189,21 +190,21 @@ def test_ngram_index_work_per_token_does_not_grow_with_context() -> None:
 def test_controller_turns_speculation_off_when_drafts_fail_and_probes_rarely() -> None:
     ctl = SpeculationController(n_max=8)
     for _ in range(10):
-        ctl.record(match_len=3, drafted=4, accepted=0)
-    decisions = [ctl.choose(match_len=3, available=8) for _ in range(400)]
+        ctl.record(strength=3, drafted=4, accepted=0)
+    decisions = [ctl.choose(strength=3, available=8) for _ in range(400)]
     probes = [k for k in decisions if k]
     assert 0 < len(probes) <= 400 / 16
     for k in probes:
-        ctl.record(match_len=3, drafted=k, accepted=0)
-    later = [ctl.choose(match_len=3, available=8) for _ in range(400)]
+        ctl.record(strength=3, drafted=k, accepted=0)
+    later = [ctl.choose(strength=3, available=8) for _ in range(400)]
     assert sum(1 for k in later if k) < len(probes)
 
 
 def test_controller_drafts_long_when_acceptance_is_high_on_a_cpu() -> None:
     ctl = SpeculationController(n_max=8)
     for _ in range(20):
-        ctl.record(match_len=6, drafted=8, accepted=8)
-    assert ctl.choose(match_len=6, available=8) == 8
+        ctl.record(strength=6, drafted=8, accepted=8)
+    assert ctl.choose(strength=6, available=8) == 8
 
 
 def test_controller_uses_measured_costs_gpu_like_flat_verify_drafts_more() -> None:
@@ -214,9 +215,9 @@ def test_controller_uses_measured_costs_gpu_like_flat_verify_drafts_more() -> No
         gpu.record_cost(n, 10.0 * (1 + 0.05 * (n - 1)))
     for ctl in (cpu, gpu):
         for i in range(40):  # half the drafts fail at once, the others copy 4 tokens
-            ctl.record(match_len=2, drafted=4, accepted=0 if i % 2 else 4)
-    k_cpu = cpu.choose(match_len=2, available=8)
-    k_gpu = gpu.choose(match_len=2, available=8)
+            ctl.record(strength=2, drafted=4, accepted=0 if i % 2 else 4)
+    k_cpu = cpu.choose(strength=2, available=8)
+    k_gpu = gpu.choose(strength=2, available=8)
     # Verifying k tokens costs ~k times one on the CPU: a coin flip does not pay.
     # Where verification is nearly free it does, and the full copied span is drafted.
     assert k_cpu == 0
@@ -226,11 +227,11 @@ def test_controller_uses_measured_costs_gpu_like_flat_verify_drafts_more() -> No
 def test_controller_learns_that_drafts_are_all_or_nothing() -> None:
     ctl = SpeculationController(n_max=8)
     for i in range(60):  # 80% of drafts copy 8 tokens, 20% fail on the first
-        ctl.record(match_len=4, drafted=8, accepted=8 if i % 5 else 0)
+        ctl.record(strength=4, drafted=8, accepted=8 if i % 5 else 0)
     table = ctl.position_acceptance(4)
     assert 0.6 < table[0] < 0.95
     assert min(table[1:8]) > 0.95
-    assert ctl.choose(match_len=4, available=8) == 8
+    assert ctl.choose(strength=4, available=8) == 8
 
 
 @pytest.mark.slow
@@ -246,7 +247,9 @@ def test_draft_model_drafting_is_lossless_and_accepted(
     assert draft_model.vocab_fingerprint() == model.vocab_fingerprint()
     drafter = DraftModelDrafter(draft_model)
     try:
-        decoder = Decoder(model, state_cache=PrefixStateCache(0), draft=drafter)
+        decoder = Decoder(
+            model, state_cache=PrefixStateCache(0), drafters=[NgramDrafter(), drafter]
+        )
         prompt = tokens_for(model, FREE_PROMPTS[1])
         plain, _ = run(decoder, prompt, SpecParams(type="none"), GREEDY_PENALTY, max_tokens=64)
         drafted, _ = run(

@@ -2,7 +2,7 @@
 
 Everything is asynchronous (QProcess signals and timers): the GUI thread never
 waits on the engine. The decisions (events, stall timeout, restart budget, the
-words of an error) come from app.services.engine_launch.
+words of an error) come from app.services.engine.launch.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from collections.abc import Callable
 
 from PySide6.QtCore import QObject, QProcess, QProcessEnvironment, QTimer, Signal, Slot
 
-from app.services.engine_launch import (
+from app.services.engine.launch import (
     LaunchSpec,
     LineSplitter,
     Loading,
@@ -24,6 +24,7 @@ from app.services.engine_launch import (
     RestartPolicy,
     StartFailed,
     StartupWatch,
+    SupervisorState,
     describe_exit,
     parse_event,
     serve_command,
@@ -35,8 +36,7 @@ log = logging.getLogger(__name__)
 class EngineSupervisor(QObject):
     """Keeps one `peregrine serve` process running for the app."""
 
-    # stopped | starting | ready | restarting | failed | stopping
-    state_changed = Signal(str)
+    state_changed = Signal(object)  # SupervisorState
     loading = Signal(float)
     ready = Signal(object)  # Ready
     failed = Signal(str)  # could not start or keeps crashing; the log tail has details
@@ -63,7 +63,7 @@ class EngineSupervisor(QObject):
         self.log_tail = LogTail()
         self.spec: LaunchSpec | None = None
         self.endpoint_info: Ready | None = None
-        self.state = "stopped"
+        self.state = SupervisorState.STOPPED
         self._process: QProcess | None = None
         self._stdout = LineSplitter()
         self._start_error: str | None = None
@@ -84,10 +84,14 @@ class EngineSupervisor(QObject):
             return
         self._launch()
 
+    def remember(self, spec: LaunchSpec) -> None:
+        """The spec a crash restart uses from now on (the model loaded since the start)."""
+        self.spec = spec
+
     def stop(self) -> None:
         """Asks the engine to exit (SIGTERM), then kills it if it lingers; emits stopped."""
         if self._process is None:
-            self._set_state("stopped")
+            self._set_state(SupervisorState.STOPPED)
             self.stopped.emit()
             return
         self._after_stop = None
@@ -113,6 +117,11 @@ class EngineSupervisor(QObject):
         process = QProcess(self)
         env = QProcessEnvironment.systemEnvironment()
         env.insert("PYTHONUNBUFFERED", "1")
+        # The key goes through the environment: a command line is readable by every user.
+        if self.spec.api_key:
+            env.insert("PEREGRINE_API_KEY", self.spec.api_key)
+        else:
+            env.remove("PEREGRINE_API_KEY")
         process.setProcessEnvironment(env)
         process.setProgram(argv[0])
         process.setArguments(argv[1:])
@@ -125,7 +134,7 @@ class EngineSupervisor(QObject):
         self._start_error = None
         self.endpoint_info = None
         self._watch = StartupWatch(self._stall_timeout_s, self._clock)
-        self._set_state("starting")
+        self._set_state(SupervisorState.STARTING)
         log.info("starting engine: %s", " ".join(argv))
         self.log_tail.feed(f"[peregrine] starting engine with {self.spec.model}\n")
         process.start()
@@ -136,7 +145,7 @@ class EngineSupervisor(QObject):
         process = self._process
         if process is None:
             return
-        self._set_state("stopping")
+        self._set_state(SupervisorState.STOPPING)
         self._stall_timer.stop()
         process.terminate()
         QTimer.singleShot(self._kill_after_ms, lambda p=process: self._kill_if_running(p))
@@ -153,7 +162,7 @@ class EngineSupervisor(QObject):
         chunk = bytes(self._process.readAllStandardOutput().data()).decode("utf-8", "replace")
         for line in self._stdout.feed(chunk):
             event = parse_event(line)
-            if self.state == "stopping":
+            if self.state is SupervisorState.STOPPING:
                 # Read late (the GUI thread was busy): a process being stopped is
                 # neither loading nor ready, or its exit would pass for a crash.
                 continue
@@ -165,7 +174,7 @@ class EngineSupervisor(QObject):
                 self.endpoint_info = event
                 self._stall_timer.stop()
                 log.info("engine ready on %s (model %s)", event.base_url, event.model)
-                self._set_state("ready")
+                self._set_state(SupervisorState.READY)
                 self.ready.emit(event)
             elif isinstance(event, StartFailed):
                 self._start_error = event.message
@@ -179,7 +188,11 @@ class EngineSupervisor(QObject):
 
     @Slot()
     def _check_stall(self) -> None:
-        if self.state == "starting" and self._watch is not None and self._watch.stalled():
+        if (
+            self.state is SupervisorState.STARTING
+            and self._watch is not None
+            and self._watch.stalled()
+        ):
             self._start_error = (
                 f"the engine did not finish starting within {self._stall_timeout_s:.0f} s"
             )
@@ -193,7 +206,7 @@ class EngineSupervisor(QObject):
             self._process.deleteLater()
             self._process = None
             self._stall_timer.stop()
-            self._set_state("failed")
+            self._set_state(SupervisorState.FAILED)
             self.failed.emit(message)
 
     @Slot(int, QProcess.ExitStatus)
@@ -212,34 +225,34 @@ class EngineSupervisor(QObject):
         # The message is taken from the engine's own lines, before our marker.
         last_lines = self.log_tail.lines(5)
         self.log_tail.feed(f"\n[peregrine] engine exited (code {exit_code}, crashed={crashed})\n")
-        if previous == "stopping":
+        if previous is SupervisorState.STOPPING:
             after, self._after_stop = self._after_stop, None
             if after is not None:
                 after()
                 return
-            self._set_state("stopped")
+            self._set_state(SupervisorState.STOPPED)
             self.stopped.emit()
             return
-        if previous == "starting":
-            self._set_state("failed")
+        if previous is SupervisorState.STARTING:
+            self._set_state(SupervisorState.FAILED)
             self.failed.emit(self._start_error or describe_exit(exit_code, crashed, last_lines))
             return
         # A ready engine died under us: say so and bring it back with the same spec.
         message = describe_exit(exit_code, crashed, last_lines)
         self.endpoint_info = None
         if self._restarts.allow():
-            self._set_state("restarting")
+            self._set_state(SupervisorState.RESTARTING)
             self.died.emit(message)
             QTimer.singleShot(int(self._restarts.delay_s() * 1000), self._restart)
         else:
-            self._set_state("failed")
+            self._set_state(SupervisorState.FAILED)
             self.failed.emit(message + " It keeps stopping, so it was not restarted again.")
 
     def _restart(self) -> None:
-        if self.state == "restarting" and self._process is None:
+        if self.state is SupervisorState.RESTARTING and self._process is None:
             self._launch()
 
-    def _set_state(self, state: str) -> None:
+    def _set_state(self, state: SupervisorState) -> None:
         if state != self.state:
             self.state = state
             self.state_changed.emit(state)

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import logging
+
 from PySide6.QtCore import Qt
 from PySide6.QtWidgets import (
     QFrame,
@@ -12,6 +14,8 @@ from PySide6.QtWidgets import (
     QVBoxLayout,
     QWidget,
 )
+
+log = logging.getLogger(__name__)
 
 # Longer messages (a server's whole error page) are cut; the log has the rest.
 MAX_MESSAGE = 600
@@ -73,3 +77,29 @@ class ErrorPanel(QFrame):
     def _toggle_log(self, shown: bool) -> None:
         self.log.setVisible(shown)
         self.log_button.setText("Hide engine log" if shown else "Show engine log")
+
+
+class ErrorReporter:
+    """The one place errors reach the user: logs them, shows them on the panel.
+
+    `engine_error_shown` is True while the panel shows an engine failure, so a
+    later, lesser message does not hide it and "running again" can be appended.
+    """
+
+    def __init__(self, panel: ErrorPanel) -> None:
+        self.panel = panel
+        self.engine_error_shown = False
+
+    def show(self, message: str, log_text: str | None = None, *, engine: bool = False) -> None:
+        log.warning("shown to user: %s", message)
+        self.engine_error_shown = engine
+        self.panel.show_error(message, log_text)
+
+    def note(self, note: str) -> None:
+        """Appends to an engine failure still on screen (e.g. "running again")."""
+        if self.panel.isVisible() and self.engine_error_shown:
+            self.panel.append_note(note)
+
+    def clear_unless_engine(self) -> None:
+        if not self.engine_error_shown:
+            self.panel.clear()

@@ -13,13 +13,16 @@ from PySide6.QtCore import QSocketNotifier, QTimer
 from PySide6.QtGui import QFont
 from PySide6.QtWidgets import QApplication, QMessageBox
 
+from app.qt.about import add_about_action, app_icon
 from app.qt.engine_supervisor import EngineSupervisor
 from app.qt.main_window import MainWindow
-from app.services.chat_store import ChatStore
+from app.services.chat.store import ChatStore
+from app.services.models.fit import HardwareSource, planner_wiring
 from app.services.settings import SettingsStore
 from engine.default_model import default_model_path
 from engine.errors import PeregrineError
 from engine.paths import Paths
+from engine.planning.profile_cli import load_hardware_file
 
 log = logging.getLogger(__name__)
 
@@ -56,12 +59,26 @@ class SignalBridge:
 def main(argv: list[str]) -> int:
     parser = argparse.ArgumentParser(prog="peregrine gui", description="open the desktop app")
     parser.add_argument("--max-tokens", type=int, default=1024, help="longest answer (tokens)")
+    parser.add_argument(
+        "--hardware",
+        metavar="FILE",
+        help="plan for a described machine: the `hardware` object `peregrine profile --json` "
+        "prints (the wizard and the fit badges use it instead of this computer)",
+    )
     args = parser.parse_args(argv)
+    # Checked before any window opens: a bad file is one error line (docs/planner.md).
+    hardware = (
+        HardwareSource(load_hardware_file(args.hardware), file=args.hardware)
+        if args.hardware
+        else HardwareSource()
+    )
 
     app = QApplication.instance() or QApplication([sys.argv[0]])
     assert isinstance(app, QApplication)
     app.setApplicationName("Peregrine")
     app.setFont(QFont("DejaVu Sans", 10))
+    app.setWindowIcon(app_icon())
+    app.setDesktopFileName("peregrine")  # matches the installed peregrine.desktop
     paths = Paths.from_env().ensure()
     settings_store = SettingsStore(paths.settings_file)
     settings, warning = settings_store.load_or_reset()
@@ -74,9 +91,19 @@ def main(argv: list[str]) -> int:
         QMessageBox.critical(None, "Peregrine cannot open your chats", str(exc))
         raise
     supervisor = EngineSupervisor()
+    fit, _pick, _reader = planner_wiring(hardware)  # the library's fit badges
     window = MainWindow(
-        store, settings_store, supervisor, default_model_path, settings, max_tokens=args.max_tokens
+        store,
+        settings_store,
+        supervisor,
+        default_model_path,
+        settings,
+        max_tokens=args.max_tokens,
+        paths=paths,
+        fit=fit,
+        hardware=hardware,
     )
+    add_about_action(window, paths)
     for notice in (warning, recovered):
         if notice:
             window.show_error(notice)
@@ -92,7 +119,9 @@ def main(argv: list[str]) -> int:
 
     previous = {s: signal.signal(s, on_signal) for s in (signal.SIGTERM, signal.SIGINT)}
     window.show()
-    window.start_engine()  # at once: the first run needs no wizard
+    window.start_engine()  # at once: the wizard on the first run does not hold it up
+    if not settings.wizard_shown and settings.last_model_path is None:
+        window.open_wizard(first_run=True)
     try:
         return int(app.exec())
     finally:

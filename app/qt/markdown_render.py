@@ -21,6 +21,8 @@ from app.qt import theme
 
 # Rendered messages kept for reuse (a chat reopened, a view rebuilt).
 CACHE_SIZE = 256
+# Code blocks are dark in both themes; their Copy link keeps the dark theme's accent.
+DARK_LINK = theme.DARK.accent
 
 
 @dataclass
@@ -34,7 +36,9 @@ class Rendered:
 class MarkdownRenderer:
     """Renders message text; raw HTML in the text is shown as text, never interpreted."""
 
-    def __init__(self, style: str = theme.PYGMENTS_STYLE) -> None:
+    def __init__(self, palette: theme.Palette = theme.DARK) -> None:
+        self.palette = self._p = palette
+        style = palette.pygments_style
         self._md = MarkdownIt("commonmark", {"html": False, "breaks": True}).enable(
             ["table", "strikethrough"]
         )
@@ -74,7 +78,7 @@ class MarkdownRenderer:
         body = self._md.render(text)
         css = (
             f"<style>p {{ margin: 0 0 8px 0; line-height: 140%; }}"
-            f" a {{ color: {theme.ACCENT}; }}"
+            f" a {{ color: {self._p.accent}; }}"
             f" h1, h2, h3 {{ margin: 10px 0 6px 0; }}"
             f" li {{ margin-bottom: 3px; }}"
             f" table.md {{ border-collapse: collapse; }}"
@@ -95,17 +99,18 @@ class MarkdownRenderer:
             lexer = get_lexer_by_name("text")
         body = highlight(code, lexer, self._formatter) if code else ""
         label = html.escape(lang or "code")
+        p = self._p
         # Tables are the one way QTextDocument draws a filled box around a block.
         return (
             f'<table width="100%" border="0" cellspacing="0" cellpadding="8"'
-            f' bgcolor="{theme.CODE_BG}" style="margin: 4px 0 10px 0;">'
-            f'<tr><td bgcolor="{theme.CODE_HEAD}" style="padding: 4px 10px;">'
-            f'<span style="color: {theme.MUTED}; font-size: 9pt;">{label}</span></td>'
-            f'<td bgcolor="{theme.CODE_HEAD}" align="right" style="padding: 4px 10px;">'
-            f'<a href="copy:{index}" style="color: {theme.ACCENT}; text-decoration: none;'
+            f' bgcolor="{p.code_bg}" style="margin: 4px 0 10px 0;">'
+            f'<tr><td bgcolor="{p.code_head}" style="padding: 4px 10px;">'
+            f'<span style="color: {p.code_muted}; font-size: 9pt;">{label}</span></td>'
+            f'<td bgcolor="{p.code_head}" align="right" style="padding: 4px 10px;">'
+            f'<a href="copy:{index}" style="color: {DARK_LINK}; text-decoration: none;'
             f' font-size: 9pt;">Copy</a></td></tr>'
             f'<tr><td colspan="2"><pre style="font-family: {theme.MONO_FAMILY};'
-            f' font-size: 9.5pt; margin: 0;">{body}</pre></td></tr></table>'
+            f' font-size: 9.5pt; margin: 0; color: {p.code_text};">{body}</pre></td></tr></table>'
         )
 
     def _image(self, token: Any) -> str:
@@ -121,6 +126,6 @@ class MarkdownRenderer:
 
     def _code_inline(self, token: Any) -> str:
         return (
-            f'<code style="font-family: {theme.MONO_FAMILY}; background: {theme.SURFACE_HI};">'
+            f'<code style="font-family: {theme.MONO_FAMILY}; background: {self._p.surface_hi};">'
             f"&nbsp;{html.escape(token.content)}&nbsp;</code>"
         )

@@ -6,17 +6,25 @@ from typing import Any
 
 from PySide6.QtWidgets import QLabel, QProgressBar, QStatusBar, QWidget
 
+from app.services.engine.client import ServerFigures
+
+DASH = "—"
+
 
 def _mib(n: Any) -> str:
     try:
         value = float(n)
     except (TypeError, ValueError):
-        return "—"
+        return DASH
     return f"{value / 2**30:.2f} GiB" if value >= 2**30 else f"{value / 2**20:.0f} MiB"
 
 
 class StatusBar(QStatusBar):
-    """Draws figures it is handed; it computes nothing but their formatting."""
+    """Draws figures it is handed; it computes nothing but their formatting.
+
+    The figures belong to the server answers come from: `reset()` puts dashes
+    everywhere when that server changes, until its own figures arrive.
+    """
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
@@ -26,12 +34,12 @@ class StatusBar(QStatusBar):
         self.progress.setRange(0, 100)
         self.progress.setTextVisible(False)
         self.progress.hide()
-        self.model = QLabel("Model: —")
-        self.context = QLabel("Context: —")
-        self.speed = QLabel("— tok/s")
-        self.ttft = QLabel("TTFT —")
-        self.speculative = QLabel("Spec —")
-        self.memory = QLabel("Memory —")
+        self.model = QLabel(f"Model: {DASH}")
+        self.context = QLabel()
+        self.speed = QLabel()
+        self.ttft = QLabel()
+        self.speculative = QLabel()
+        self.memory = QLabel()
         self.addWidget(self.state)
         self.addWidget(self.progress)
         for label in (
@@ -45,6 +53,18 @@ class StatusBar(QStatusBar):
             self.addPermanentWidget(label)
         self.n_ctx: int | None = None
         self.context_used: int | None = None
+        self.reset()
+
+    def reset(self) -> None:
+        """Dashes for every figure: nothing is known about the new server yet."""
+        self.n_ctx = None
+        self.context_used = None
+        self.speed.setText(f"{DASH} tok/s")
+        self.ttft.setText(f"TTFT {DASH}")
+        self.speculative.setText(f"Spec {DASH}")
+        self.memory.setText(f"Memory {DASH}")
+        self.memory.setToolTip("")
+        self._draw_context()
 
     def set_engine_state(self, text: str, progress: float | None = None) -> None:
         self.state.setText(text)
@@ -55,24 +75,22 @@ class StatusBar(QStatusBar):
             self.progress.show()
 
     def set_model(self, name: str) -> None:
-        self.model.setText(f"Model: {name or '—'}")
+        self.model.setText(f"Model: {name or DASH}")
         self.model.setToolTip(name)
 
-    def set_engine_status(self, status: dict[str, Any]) -> None:
-        settings = status.get("settings") or {}
-        if isinstance(settings.get("n_ctx"), int):
-            self.n_ctx = settings["n_ctx"]
-        memory = status.get("memory") or {}
-        if memory.get("total") is not None:
-            self.memory.setText(f"Memory {_mib(memory['total'])}")
+    def set_figures(self, figures: ServerFigures | None) -> None:
+        """The server's own figures; None (a server that says nothing) leaves dashes."""
+        if figures is None:
+            return
+        if figures.n_ctx is not None:
+            self.n_ctx = figures.n_ctx
+        if figures.memory_total is not None:
+            self.memory.setText(f"Memory {_mib(figures.memory_total)}")
             self.memory.setToolTip(
-                "weights {} · KV cache {} · compute {}".format(
-                    _mib(memory.get("weights")), _mib(memory.get("kv")), _mib(memory.get("compute"))
-                )
+                " · ".join(f"{name} {_mib(size)}" for name, size in figures.memory_parts.items())
             )
-        spec = status.get("speculative") or {}
-        if spec.get("drafter") and spec.get("acceptance") is not None:
-            self.speculative.setText(f"Spec {float(spec['acceptance']) * 100:.0f}%")
+        if figures.drafter and figures.acceptance is not None:
+            self.speculative.setText(f"Spec {figures.acceptance * 100:.0f}%")
         self._draw_context()
 
     def set_answer_figures(self, timings: dict[str, Any], ttft_ms: float | None) -> None:
@@ -91,6 +109,6 @@ class StatusBar(QStatusBar):
         self._draw_context()
 
     def _draw_context(self) -> None:
-        used = "—" if self.context_used is None else f"{self.context_used:,}"
-        total = "—" if self.n_ctx is None else f"{self.n_ctx:,}"
+        used = DASH if self.context_used is None else f"{self.context_used:,}"
+        total = DASH if self.n_ctx is None else f"{self.n_ctx:,}"
         self.context.setText(f"Context {used} / {total}")

@@ -1,7 +1,9 @@
 """Background work for the GUI: a streaming worker on its own QThread, and one-shot calls.
 
 Workers emit plain data through signals and always emit `finished` in a
-`finally`, so no button stays disabled after a failure.
+`finally`, so no button stays disabled after a failure. A background call
+whose caller gave no error handler reports its failure to the user (through
+the `report` function the window passes in), never silently.
 """
 
 from __future__ import annotations
@@ -12,14 +14,16 @@ from typing import Any
 
 from PySide6.QtCore import QObject, QRunnable, QThread, QThreadPool, QTimer, Signal, Slot
 
-from app.services.engine_client import (
+from app.services.engine.client import (
     CancelToken,
     Delta,
     Endpoint,
     EngineClient,
     EngineClientError,
+    ErrorKind,
     Finished,
 )
+from engine.errors import PeregrineError
 
 log = logging.getLogger(__name__)
 
@@ -29,7 +33,7 @@ class StreamWorker(QObject):
 
     delta = Signal(int, str)  # generation id, text
     done = Signal(int, object)  # generation id, Finished
-    failed = Signal(int, str, str)  # generation id, message, kind
+    failed = Signal(int, str, object)  # generation id, message, ErrorKind
     finished = Signal(int)
 
     def __init__(
@@ -64,7 +68,7 @@ class StreamWorker(QObject):
             self.failed.emit(gid, str(exc), exc.kind)
         except Exception as exc:
             log.exception("streaming failed")
-            self.failed.emit(gid, f"unexpected error while streaming: {exc}", "internal")
+            self.failed.emit(gid, f"unexpected error while streaming: {exc}", ErrorKind.INTERNAL)
         finally:
             self.finished.emit(gid)
 
@@ -134,48 +138,76 @@ class _CallSignals(QObject):
 
 
 class _Call(QRunnable):
-    def __init__(self, fn: Callable[[], Any], signals: _CallSignals) -> None:
+    def __init__(self, fn: Callable[[], Any], signals: _CallSignals, what: str) -> None:
         super().__init__()
         self._fn = fn
         self._signals = signals
+        self._what = what
 
     def run(self) -> None:
         try:
             result = self._fn()
-        except Exception as exc:
-            log.debug("background call failed: %s", exc)
+        except PeregrineError as exc:
+            log.info("%s failed: %s", self._what, exc)
             self._signals.error.emit(str(exc))
+        except Exception as exc:
+            log.warning("%s failed", self._what, exc_info=True)
+            self._signals.error.emit(f"{type(exc).__name__}: {exc}")
         else:
             self._signals.ok.emit(result)
 
 
-class BackgroundCalls(QObject):
-    """Runs short blocking calls off the GUI thread; callbacks run on the GUI thread."""
+def _log_only(message: str) -> None:
+    log.warning("background failure (no window to show it): %s", message)
 
-    def __init__(self, parent: QObject | None = None) -> None:
+
+class BackgroundCalls(QObject):
+    """Runs short blocking calls off the GUI thread; callbacks run on the GUI thread.
+
+    A failure goes to `on_error` when the caller gives one, else to `report`
+    as "<what> failed: <reason>", which the window shows to the user.
+    """
+
+    def __init__(
+        self,
+        report: Callable[[str], None] = _log_only,
+        parent: QObject | None = None,
+        *,
+        threads: int = 4,
+    ) -> None:
         super().__init__(parent)
+        self._report = report
         self._pool = QThreadPool(self)
-        self._pool.setMaxThreadCount(2)
+        # Library listings (header reads) may take seconds; status polls must not wait behind them.
+        self._pool.setMaxThreadCount(threads)
         self._pending: set[_CallSignals] = set()
+        self._closed = False
 
     def run(
         self,
         fn: Callable[[], Any],
         on_ok: Callable[[Any], None],
         on_error: Callable[[str], None] | None = None,
+        *,
+        what: str = "A background task",
     ) -> None:
+        if self._closed:
+            return
         signals = _CallSignals()  # created here, so it lives on the GUI thread
         self._pending.add(signals)
-        signals.ok.connect(on_ok)
-        if on_error is not None:
-            signals.error.connect(on_error)
+        report = on_error or (lambda message: self._report(f"{what} failed: {message}"))
+        # After shutdown the widgets these callbacks draw on may be gone: results are dropped.
+        signals.ok.connect(lambda result: None if self._closed else on_ok(result))
+        signals.error.connect(lambda message: None if self._closed else report(message))
         # Dropped only after the signal's delivery: deleting a QObject inside its
         # own emission crashes.
         signals.ok.connect(lambda _r: QTimer.singleShot(0, lambda: self._pending.discard(signals)))
         signals.error.connect(
             lambda _e: QTimer.singleShot(0, lambda: self._pending.discard(signals))
         )
-        self._pool.start(_Call(fn, signals))
+        self._pool.start(_Call(fn, signals, what))
 
     def shutdown(self, wait_ms: int = 3000) -> None:
+        """Waits a while for calls in flight; any that end later are ignored."""
+        self._closed = True
         self._pool.waitForDone(wait_ms)

@@ -1,11 +1,14 @@
 """The app's settings: one typed model with a schema version, stored as JSON.
 
 Older files are migrated step by step on load. A file that cannot be read is
-never overwritten: it is moved aside so nothing the user wrote is lost.
+never overwritten: it is moved aside so nothing the user wrote is lost. The file
+holds secrets (a Hugging Face token, API keys), so it is written with mode 0600
+and secrets are `SecretStr`: a repr or a log line shows stars, never the value.
 """
 
 from __future__ import annotations
 
+import contextlib
 import errno
 import json
 import logging
@@ -14,16 +17,29 @@ import stat
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_serializer,
+    field_validator,
+)
 from pydantic_core import PydanticSerializationError
 
 from engine.errors import PeregrineError
+from engine.wire.base import FlashAttn, KVType
 
 log = logging.getLogger(__name__)
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
+Theme = Literal["system", "light", "dark"]
+# The local API's port when other tools may use it: fixed, so their configuration
+# survives restarts (llama-server's 8080 and LM Studio's 1234 are left to them).
+DEFAULT_API_PORT = 8788
 
 
 class SettingsError(PeregrineError):
@@ -50,13 +66,65 @@ class RemoteEndpoint(BaseModel):
 
 
 class EngineSettings(BaseModel):
-    """How the local engine is started; None lets the engine choose."""
+    """Engine defaults for every model; None lets the engine choose."""
 
     model_config = ConfigDict(extra="ignore")
 
     n_ctx: int | None = Field(default=None, ge=16)
-    threads: int | None = Field(default=None, ge=1)
+    threads: int | None = Field(default=None, ge=1, le=1024)
+    # Speculative decoding for the chat's answers (the engine turns it off by
+    # itself where drafts don't pay; this is the user's off switch).
+    speculation: bool = True
+
+
+class LoadSettings(BaseModel):
+    """How one model was loaded; None fields fall back to EngineSettings, then the engine."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    n_ctx: int | None = Field(default=None, ge=16)
+    threads: int | None = Field(default=None, ge=1, le=1024)
+    n_gpu_layers: int | None = Field(default=None, ge=-1)
+    type_k: KVType | None = None
+    type_v: KVType | None = None
+    flash_attn: FlashAttn | None = None
     draft_model: str | None = None
+    # Placement the VRAM-budget wizard chose (docs/app.md); None: the engine's default.
+    runtime: str | None = None
+    tensor_split: list[float] | None = None
+    n_cpu_moe: int | None = Field(default=None, ge=0, le=1 << 16)
+    expert_offload: bool | None = None
+
+
+def masked(secret: str) -> str:
+    """A secret as it may be shown: its first 3 and last 4 characters at most."""
+    if not secret:
+        return ""
+    if len(secret) < 16:
+        return "•" * 8
+    return f"{secret[:3]}…{secret[-4:]}"
+
+
+class LocalApi(BaseModel):
+    """Whether other tools may use the local engine, and on which fixed port with which key."""
+
+    model_config = ConfigDict(extra="ignore")
+
+    shared: bool = False
+    port: int = Field(default=DEFAULT_API_PORT, ge=1, le=65535)
+    api_key: SecretStr = SecretStr("")
+
+    @field_serializer("api_key", when_used="json")
+    def _dump_key(self, value: SecretStr) -> str:
+        return value.get_secret_value()
+
+    @property
+    def base_url(self) -> str:
+        return f"http://127.0.0.1:{self.port}/v1"
+
+    def client_example(self, key: str) -> str:
+        """One line of Python with the official `openai` client pointed at this API."""
+        return f'client = OpenAI(base_url="{self.base_url}", api_key="{key}")'
 
 
 class Settings(BaseModel):
@@ -74,6 +142,36 @@ class Settings(BaseModel):
     library_scan_folders: list[str] | None = None
     default_preset: str = "Balanced"
     default_system_prompt: str = ""
+    theme: Theme = "system"
+    # Where Peregrine keeps its own models; None: the data folder's models/.
+    models_folder: str | None = None
+    # For gated Hugging Face repos; never logged, never shown in full.
+    hf_token: SecretStr | None = None
+    # How many downloads run at once (the rest wait in the queue).
+    downloads_at_once: int = Field(default=2, ge=1, le=8)
+    local_api: LocalApi = Field(default_factory=LocalApi)
+    # Per model file: the settings it was last loaded with.
+    model_settings: dict[str, LoadSettings] = Field(default_factory=dict)
+    # The memory wizard opens once, on the first run.
+    wizard_shown: bool = False
+
+    @field_serializer("hf_token", when_used="json")
+    def _dump_token(self, value: SecretStr | None) -> str | None:
+        return value.get_secret_value() if value is not None else None
+
+    @field_validator("models_folder")
+    @classmethod
+    def _folder(cls, value: str | None) -> str | None:
+        return value.strip() or None if value is not None else None
+
+    def load_settings(self, model: str) -> LoadSettings:
+        """The settings `model` was last loaded with (empty when never)."""
+        return self.model_settings.get(model, LoadSettings())
+
+    @property
+    def token(self) -> str | None:
+        """The Hugging Face token's value, for the hub client only."""
+        return self.hf_token.get_secret_value() if self.hf_token else None
 
     def endpoint(self, name: str | None) -> RemoteEndpoint | None:
         """The remote endpoint with this name, or None for the local engine."""
@@ -103,8 +201,28 @@ def _v1_to_v2(data: dict[str, Any]) -> dict[str, Any]:
     return data
 
 
+def _v2_to_v3(data: dict[str, Any]) -> dict[str, Any]:
+    # Version 2 kept one draft model for whatever model ran; it belongs to that model.
+    data = dict(data)
+    engine = data.get("engine")
+    if isinstance(engine, dict) and engine.get("draft_model"):
+        engine = dict(engine)
+        draft = engine.pop("draft_model")
+        data["engine"] = engine
+        last = data.get("last_model_path")
+        if isinstance(last, str) and last:
+            data["model_settings"] = {last: {"draft_model": draft}}
+        else:
+            log.info("settings: dropping draft model %s (no model to attach it to)", draft)
+    data["schema_version"] = 3
+    return data
+
+
 # from-version -> function producing the next version's dict.
-MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {1: _v1_to_v2}
+MIGRATIONS: dict[int, Callable[[dict[str, Any]], dict[str, Any]]] = {
+    1: _v1_to_v2,
+    2: _v2_to_v3,
+}
 
 
 def migrate(data: dict[str, Any]) -> dict[str, Any]:
@@ -215,11 +333,21 @@ class SettingsStore:
         return aside
 
     def save(self, settings: Settings) -> None:
-        """Writes atomically: a crash mid-write leaves the previous file intact."""
+        """Writes atomically with mode 0600: a crash mid-write leaves the previous file intact."""
         self.path.parent.mkdir(parents=True, exist_ok=True)
         tmp = self.path.with_name(self.path.name + ".tmp")
-        tmp.write_text(settings.model_dump_json(indent=2) + "\n", encoding="utf-8")
-        os.replace(tmp, self.path)
+        data = (settings.model_dump_json(indent=2) + "\n").encode("utf-8")
+        with contextlib.suppress(FileNotFoundError):
+            tmp.unlink()  # a leftover could have looser permissions
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            with os.fdopen(fd, "wb") as fh:
+                fh.write(data)
+            os.chmod(tmp, 0o600)  # the umask cannot loosen it, but an odd fs might
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
 
 
 # Real settings are a few KiB; a bigger file is not ours.

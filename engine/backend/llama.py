@@ -1,8 +1,12 @@
 """A thin, typed wrapper over llama-cpp-python's low-level API.
 
-Everything that touches a llama.cpp handle lives here; the decoding loop in
-`decoder.py` talks only to `LlamaModel`. One instance is used from one thread
-(the engine's decode thread): llama.cpp contexts are not thread-safe.
+Everything that touches a llama.cpp handle lives here; the decoding loop
+(`engine/decoding/`) talks only to `LlamaModel` and the samplers it hands out.
+One instance is used from one thread (the engine's decode thread): llama.cpp
+contexts are not thread-safe.
+
+Every KV and state operation names its sequence id. A context holds
+`n_seq_max` sequences (a load setting); the engine uses one per slot.
 """
 
 from __future__ import annotations
@@ -18,6 +22,8 @@ from dataclasses import dataclass
 from typing import Any
 
 import llama_cpp
+import numpy as np
+from numpy.typing import NDArray
 
 from engine.errors import PeregrineError
 from engine.wire.base import KV_TYPE_IDS
@@ -47,18 +53,35 @@ class MemoryReport:
         return self.weights + self.kv + self.compute
 
 
+# The capture that llama.cpp's log goes to (the newest one made in this process).
+_active_capture: LlamaLogCapture | None = None
+
+
+def _route_log(level: int, text: bytes, user: Any) -> None:
+    capture = _active_capture
+    if capture is not None:
+        capture._on_log(level, text, user)
+
+
+# One C callback for the life of the process: llama.cpp keeps the pointer it is
+# given, so a callback owned by a capture that was garbage-collected would crash
+# the next call that logs (a quantize or a load after an in-process engine went).
+_LOG_CALLBACK = llama_cpp.llama_log_callback(_route_log)
+
+
 class LlamaLogCapture:
     """Routes llama.cpp's log to Python logging and keeps the buffer sizes it reports.
 
-    The ctypes callback object must outlive every call llama.cpp makes, so the
-    capture is created once per process and kept alive by its owner.
+    The newest capture receives the log; llama.cpp only ever sees the
+    process-wide `_LOG_CALLBACK`, so a capture may be dropped at any time.
     """
 
     def __init__(self) -> None:
+        global _active_capture
         self.lines: list[str] = []
         self._partial = ""
-        self._callback = llama_cpp.llama_log_callback(self._on_log)
-        llama_cpp.llama_log_set(self._callback, ctypes.c_void_p(0))
+        _active_capture = self
+        llama_cpp.llama_log_set(_LOG_CALLBACK, ctypes.c_void_p(0))
 
     def _on_log(self, level: int, text: bytes, _user: Any) -> None:
         message = self._partial + text.decode("utf-8", errors="replace")
@@ -127,17 +150,35 @@ def default_threads() -> int:
     return max(1, cores or os.cpu_count() or 1)
 
 
+def _apply_expert_offload(mparams: Any, request: LoadRequest) -> Any:
+    """Keeps MoE expert tensors in system RAM: all of them (`expert_offload`,
+    llama-server's --cpu-moe) or those of the first `n_cpu_moe` layers (--n-cpu-moe),
+    through llama.cpp's tensor buffer overrides. Returns the override array, which
+    must outlive the load; None when nothing is overridden.
+    """
+    from engine.planning.probe import expert_overrides
+
+    overrides = expert_overrides(request)
+    if overrides is not None:
+        mparams.tensor_buft_overrides = ctypes.cast(overrides, ctypes.c_void_p)
+    return overrides
+
+
 class LlamaModel:
-    """One loaded model with one context (sequence 0), driven from one thread."""
+    """One loaded model with one context of `n_seq_max` sequences, driven from one thread."""
 
     def __init__(
         self,
         request: LoadRequest,
         *,
+        n_seq_max: int = 1,
         progress: Callable[[float], None] | None = None,
         log_capture: LlamaLogCapture | None = None,
     ) -> None:
+        if n_seq_max < 1:
+            raise PeregrineError(f"n_seq_max must be at least 1, not {n_seq_max}")
         self.request = request
+        self.n_seq_max = n_seq_max
         self._log = log_capture
         mark = log_capture.mark() if log_capture else 0
         llama_cpp.llama_backend_init()
@@ -149,14 +190,7 @@ class LlamaModel:
             arr = (ctypes.c_float * len(request.tensor_split))(*request.tensor_split)
             self._tensor_split = arr
             mparams.tensor_split = arr
-        self._overrides: Any = None
-        if request.expert_offload:
-            from engine.planning.probe import cpu_expert_overrides
-
-            # MoE expert tensors stay in system RAM (llama-server's --cpu-moe);
-            # the array must outlive the load.
-            self._overrides = cpu_expert_overrides()
-            mparams.tensor_buft_overrides = ctypes.cast(self._overrides, ctypes.c_void_p)
+        self._overrides = _apply_expert_offload(mparams, request)
         # Keep the callback referenced for the whole load.
         self._progress_cb = llama_cpp.llama_progress_callback(
             lambda value, _user: (progress(float(value)) if progress else None) or True
@@ -177,7 +211,7 @@ class LlamaModel:
         cparams.n_ctx = request.n_ctx
         cparams.n_batch = request.n_batch
         cparams.n_ubatch = min(request.n_ubatch, request.n_batch)
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = n_seq_max
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.flash_attn_type = FLASH_ATTN_TYPES[request.flash_attn]
@@ -201,9 +235,10 @@ class LlamaModel:
         self.n_batch = max(1, int(llama_cpp.llama_n_batch(ctx)))
         self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self.vocab))
         self.threads = threads
-        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, 1)
+        self._batch = llama_cpp.llama_batch_init(self.n_batch, 0, n_seq_max)
         self._batch_capacity = self.n_batch
         self._pieces: dict[int, bytes] = {}
+        self._grammar_tokenizer: Any = None
         self._piece_buf = ctypes.create_string_buffer(256)
         self.memory_report = log_capture.memory_since(mark) if log_capture else MemoryReport()
         self.has_recurrent_state = bool(
@@ -253,6 +288,19 @@ class LlamaModel:
         )
 
     @functools.cached_property
+    def end_tokens(self) -> tuple[int, ...]:
+        """Every end-of-generation token (eos, eot, ...)."""
+        return tuple(t for t in range(self.n_vocab) if self.is_eog(t))
+
+    def grammar_tokenizer(self) -> Any:
+        """llguidance's tokenizer for this vocabulary, built on first use (about 0.5 s)."""
+        if self._grammar_tokenizer is None:
+            from engine.structured.constraint import grammar_tokenizer
+
+            self._grammar_tokenizer = grammar_tokenizer(self.vocab, self.end_tokens)
+        return self._grammar_tokenizer
+
+    @functools.cached_property
     def control_texts(self) -> frozenset[str]:
         """The texts of control tokens ("<|im_end|>"...), which user text must not become."""
         texts = set()
@@ -271,8 +319,15 @@ class LlamaModel:
             digest.update(len(text).to_bytes(4, "little") + text)
         return digest.hexdigest()
 
+    # --- sampling -----------------------------------------------------------------
+
+    def sampler(self, params: SamplingParams) -> SamplerChain:
+        """A sampler chain for one request, reading this model's output rows."""
+        return SamplerChain(params, self.n_vocab, self.n_ctx, ctx=self.ctx)
+
     def greedy_sampler(self) -> SamplerChain:
-        return SamplerChain(SamplingParams(temperature=0.0), self.n_vocab)
+        # No penalties, so the penalty window (n_ctx) plays no part.
+        return SamplerChain(SamplingParams(temperature=0.0), self.n_vocab, ctx=self.ctx)
 
     # --- text <-> tokens ----------------------------------------------------------
 
@@ -309,8 +364,14 @@ class LlamaModel:
 
     # --- evaluation ---------------------------------------------------------------
 
-    def decode(self, tokens: Sequence[int], pos0: int, *, logits_all: bool = False) -> float:
-        """Evaluates tokens at positions pos0.., returning the wall time in ms.
+    def _check_seq(self, seq: int) -> None:
+        if not 0 <= seq < self.n_seq_max:
+            raise DecodeError(f"sequence id {seq} outside 0..{self.n_seq_max - 1}")
+
+    def decode(
+        self, seq: int, tokens: Sequence[int], pos0: int, *, logits_all: bool = False
+    ) -> float:
+        """Evaluates tokens of sequence `seq` at positions pos0.., returning the wall time in ms.
 
         Logits are kept for the last token only, or for every row when
         `logits_all` (the verify step of speculative decoding). Inputs longer
@@ -318,6 +379,7 @@ class LlamaModel:
         """
         if logits_all and len(tokens) > self._batch_capacity:
             raise DecodeError("verify batch larger than n_batch")
+        self._check_seq(seq)
         start = time.perf_counter()
         batch = self._batch
         step = self._batch_capacity
@@ -329,7 +391,7 @@ class LlamaModel:
                 batch.token[i] = token
                 batch.pos[i] = pos0 + offset + i
                 batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = 0
+                batch.seq_id[i][0] = seq
                 batch.logits[i] = logits_all
             if last_chunk:
                 batch.logits[n - 1] = True
@@ -341,53 +403,82 @@ class LlamaModel:
                 )
         return (time.perf_counter() - start) * 1000.0
 
-    def truncate(self, n_keep: int) -> bool:
-        """Drops every KV cell at position >= n_keep. False if llama.cpp refused."""
-        return bool(llama_cpp.llama_memory_seq_rm(self.memory, 0, n_keep, -1))
+    def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
+        """Drops the KV cells of `seq` at positions [p0, p1) (p1 < 0: to the end).
+
+        False if llama.cpp refused (recurrent memory cannot always cut mid-sequence).
+        """
+        self._check_seq(seq)
+        return bool(llama_cpp.llama_memory_seq_rm(self.memory, seq, p0, p1))
+
+    def truncate(self, seq: int, n_keep: int) -> bool:
+        """Drops every KV cell of `seq` at position >= n_keep. False if llama.cpp refused."""
+        return self.seq_rm(seq, n_keep, -1)
+
+    def seq_cp(self, src: int, dst: int, p0: int = 0, p1: int = -1) -> None:
+        """Makes `dst` share the cells of `src` at positions [p0, p1) (no copy of the data)."""
+        self._check_seq(src)
+        self._check_seq(dst)
+        llama_cpp.llama_memory_seq_cp(self.memory, src, dst, p0, p1)
 
     def clear(self) -> None:
+        """Empties every sequence."""
         llama_cpp.llama_memory_clear(self.memory, True)
 
-    def pos_max(self) -> int:
-        return int(llama_cpp.llama_memory_seq_pos_max(self.memory, 0))
+    def pos_max(self, seq: int) -> int:
+        self._check_seq(seq)
+        return int(llama_cpp.llama_memory_seq_pos_max(self.memory, seq))
 
     # --- sequence state (per-chat KV snapshots) -----------------------------------
 
-    def state_size(self) -> int:
-        """Bytes save_state would take now (cheap: nothing is copied)."""
-        return int(llama_cpp.llama_state_seq_get_size(self.ctx, 0))
+    def state_size(self, seq: int) -> int:
+        """Bytes save_state(seq) would take now (cheap: nothing is copied)."""
+        self._check_seq(seq)
+        return int(llama_cpp.llama_state_seq_get_size(self.ctx, seq))
 
-    def save_state(self) -> bytearray:
-        size = self.state_size()
+    def save_state(self, seq: int) -> bytearray:
+        size = self.state_size(seq)
         # One copy only: llama.cpp writes straight into the bytearray's buffer.
         data = bytearray(size)
         buf = (ctypes.c_uint8 * size).from_buffer(data)
-        written = int(llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, 0))
+        written = int(llama_cpp.llama_state_seq_get_data(self.ctx, buf, size, seq))
         del buf  # release the export so the bytearray can be resized
         if written < size:
             del data[written:]
         return data
 
-    def restore_state(self, data: bytes | bytearray) -> bool:
-        """Replaces sequence 0 with a saved state. False if llama.cpp refused it."""
-        self.clear()
+    def restore_state(self, seq: int, data: bytes | bytearray) -> bool:
+        """Replaces sequence `seq` with a saved state. False if llama.cpp refused it."""
+        self._empty(seq)
         array = ctypes.c_uint8 * len(data)
         # A bytearray is lent as it is (llama.cpp only reads it): no second copy.
         buf = (
             array.from_buffer(data) if isinstance(data, bytearray) else array.from_buffer_copy(data)
         )
-        read = int(llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(data), 0))
+        read = int(llama_cpp.llama_state_seq_set_data(self.ctx, buf, len(data), seq))
         del buf
         if read == 0:
-            self.clear()
+            self._empty(seq)
             return False
         return True
 
-    # --- sampling -----------------------------------------------------------------
+    def _empty(self, seq: int) -> None:
+        # With one sequence, clearing the whole memory is the same and resets its buffers.
+        if self.n_seq_max == 1:
+            self.clear()
+        else:
+            self.seq_rm(seq, -1, -1)
 
-    def sample(self, sampler: Any, row: int) -> int:
-        """Samples (and accepts into the chain) a token from output row `row`."""
-        return int(llama_cpp.llama_sampler_sample(sampler, self.ctx, row))
+    def logits(self, row: int) -> NDArray[np.float32]:
+        """Output row `row`'s raw logits (-1: the last), a view into llama.cpp's buffer.
+
+        Valid until the next decode; writing to it changes what the next
+        sample of that row sees (how a grammar masks tokens).
+        """
+        ptr = llama_cpp.llama_get_logits_ith(self.ctx, row)
+        if not ptr:
+            raise DecodeError(f"no logits for output row {row}")
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def close(self) -> None:
         if getattr(self, "_batch", None) is not None:
@@ -414,6 +505,8 @@ class SamplingParams:
     frequency_penalty: float = 0.0
     presence_penalty: float = 0.0
     seed: int | None = None
+    # (token, bias) pairs added to the logits first in the chain (OpenAI's logit_bias).
+    logit_bias: tuple[tuple[int, float], ...] = ()
 
     @property
     def greedy(self) -> bool:
@@ -421,14 +514,32 @@ class SamplingParams:
 
 
 class SamplerChain:
-    """A llama.cpp sampler chain built from SamplingParams, freed on close."""
+    """A llama.cpp sampler chain built from SamplingParams, freed on close.
 
-    def __init__(self, params: SamplingParams, n_vocab: int, n_ctx: int = 1 << 20) -> None:
+    This is the one place where a request's sampling becomes a llama.cpp chain
+    (logit bias first); the grammar and logprobs wrap it in
+    engine/decoding/sampling.py. `sample` reads an output row of the context it
+    was made for (`LlamaModel.sampler`); `pick` runs the chain over given logits.
+    """
+
+    def __init__(
+        self, params: SamplingParams, n_vocab: int, n_ctx: int = 1 << 20, *, ctx: Any = None
+    ) -> None:
+        self._ctx = ctx
         chain = llama_cpp.llama_sampler_chain_init(llama_cpp.llama_sampler_chain_default_params())
         # -1 means the whole context, as in llama-server (llama.cpp itself would
         # clamp it to 0, turning the penalty off); larger windows are the context.
         last_n = n_ctx if params.repeat_last_n < 0 else min(params.repeat_last_n, n_ctx)
         self.handle = chain
+        self.n_vocab = n_vocab
+        self._candidates: Any = None
+        if params.logit_bias:
+            biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))(
+                *(llama_cpp.llama_logit_bias(t, b) for t, b in params.logit_bias)
+            )
+            llama_cpp.llama_sampler_chain_add(
+                chain, llama_cpp.llama_sampler_init_logit_bias(n_vocab, len(biases), biases)
+            )
         penalize = (
             params.repeat_penalty != 1.0
             or params.frequency_penalty != 0.0
@@ -468,8 +579,38 @@ class SamplerChain:
             chain, llama_cpp.llama_sampler_init_dist(seed & 0xFFFFFFFF)
         )
 
+    def sample(self, row: int) -> int:
+        """Samples (and accepts into the chain) a token from output row `row` (-1: the last).
+
+        The row is the index, in the last decoded batch, of a token that kept
+        its logits.
+        """
+        return int(llama_cpp.llama_sampler_sample(self.handle, self._ctx, row))
+
     def accept(self, token: int) -> None:
         llama_cpp.llama_sampler_accept(self.handle, token)
+
+    def pick(self, logits: NDArray[np.float32]) -> int:
+        """Runs the chain over `logits` and returns its choice, without accepting it.
+
+        What `llama_sampler_sample` does, minus the accept: the caller decides
+        (a grammar may reject the token and ask again over masked logits).
+        """
+        if self._candidates is None:
+            data = (llama_cpp.llama_token_data * self.n_vocab)()
+            view = np.ctypeslib.as_array(data).view(
+                np.dtype([("id", np.int32), ("logit", np.float32), ("p", np.float32)])
+            )
+            self._candidates = (data, view, np.arange(self.n_vocab, dtype=np.int32))
+        data, view, ids = self._candidates
+        view["id"] = ids  # samplers reorder the array in place
+        view["logit"] = logits
+        view["p"] = 0.0
+        cur = llama_cpp.llama_token_data_array(data, self.n_vocab, -1, False)
+        llama_cpp.llama_sampler_apply(self.handle, ctypes.byref(cur))
+        if not 0 <= cur.selected < cur.size:
+            raise DecodeError("the sampler chain selected no token")
+        return int(cur.data[cur.selected].id)
 
     def close(self) -> None:
         if self.handle is not None:

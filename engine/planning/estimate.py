@@ -453,8 +453,15 @@ def estimate(
     n_ubatch: int = 512,
     host: Device | None = None,
     swa_full: bool = True,
+    n_cpu_moe: int = 0,
 ) -> MemoryBreakdown:
-    """Estimates a load's memory per device (weights, KV, compute, overhead)."""
+    """Estimates a load's memory per device (weights, KV, compute, overhead).
+
+    `expert_offload` keeps every layer's MoE experts in system RAM; `n_cpu_moe`
+    only those of the first n layers (llama-server's --cpu-moe / --n-cpu-moe).
+    """
+    n_cpu_moe = shape.n_layer if expert_offload else max(0, n_cpu_moe)
+    experts_on_host = n_cpu_moe > 0 and shape.is_moe
     gpu_names = [g.name for g in gpus]
     layout = layer_layout(shape.n_layer, gpu_names, n_gpu_layers, tensor_split)
     host = host or Device("CPU", "cpu", 0)
@@ -470,7 +477,7 @@ def estimate(
     quantized = type_k not in ("f16", "f32", "bf16") or type_v not in ("f16", "f32", "bf16")
     for il in range(shape.n_layer):
         d = dev(layout.devices[il])
-        moved = shape.expert_bytes[il] if expert_offload and layout.devices[il] != "CPU" else 0
+        moved = shape.expert_bytes[il] if il < n_cpu_moe and layout.devices[il] != "CPU" else 0
         d.weights += shape.layer_bytes[il] - moved
         dev("CPU").weights += moved
         d.kv += kv_layer_bytes(shape, il, n_ctx, type_k, type_v, n_ubatch, swa_full)
@@ -494,7 +501,7 @@ def estimate(
                 flash_attn,
                 quantized,
                 has_output=has_output,
-                has_layers=has_layers or (key == "CPU" and expert_offload),
+                has_layers=has_layers or (key == "CPU" and experts_on_host),
             )
     # The host's output buffer holds one row of logits and embeddings (llama-context.cpp).
     overhead[host.name] += (shape.n_vocab + shape.n_embd) * 4

@@ -16,7 +16,6 @@ import math
 import os
 import shutil
 import subprocess
-import sys
 from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -25,6 +24,7 @@ from typing import Any
 
 import psutil
 
+from engine.child import NO_WINDOW, module_argv
 from engine.errors import PeregrineError
 from engine.paths import Paths
 
@@ -512,7 +512,7 @@ def probe_ggml_devices(lib_dir: Path | None) -> list[GPU]:
 
 def probe_ggml_devices_in_child(lib_dir: Path | None, timeout_s: float = 30.0) -> list[GPU]:
     """probe_ggml_devices, run by `python -m engine.planning.hardware --ggml-devices` in a child."""
-    cmd = [sys.executable, "-m", "engine.planning.hardware", "--ggml-devices"]
+    cmd = [*module_argv("engine.planning.hardware"), "--ggml-devices"]
     if lib_dir is not None:
         cmd += ["--lib-dir", str(lib_dir)]
     env = dict(os.environ)
@@ -520,7 +520,13 @@ def probe_ggml_devices_in_child(lib_dir: Path | None, timeout_s: float = 30.0) -
     env["PYTHONPATH"] = os.pathsep.join(p for p in (root, env.get("PYTHONPATH", "")) if p)
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+            check=False,
+            creationflags=NO_WINDOW,
         )
     except subprocess.TimeoutExpired as exc:
         raise ProbeError(f"listing devices took over {timeout_s:.0f} s") from exc

@@ -1,15 +1,22 @@
 """Memory planner: the quant, context, KV cache and offload that fit this machine, with reasons.
 
 `plan()` is pure: hardware + candidate files + pinned choices in, a `Plan` out.
-It gives things up in a fixed order as memory tightens (issue 5, docs/planner.md):
+Of every load that fits the budgets it picks the best by one stated objective
+(docs/planner.md), compared in this order:
 
-0. nothing: the best quant, f16 KV, the trained context, every layer on the GPU;
-1. KV f16 -> q8_0 (near-lossless with llama.cpp's Hadamard rotation);
-2. a smaller weight quant, keeping full offload, down to the ~4.5 bpw floor;
-3. context down to `min_ctx`;
-4. KV q8_0 -> q4_0;
-5. partial offload (MoE: expert tensors to system RAM first);
-6. quants below the floor.
+1. a quant at or above the ~4.5 bpw quality floor;
+2. a KV cache of at least q8_0 (q4_0 only to reach `min_ctx`, never beyond it);
+3. the offload tier: every layer on the GPUs (MoE experts may stay in system
+   RAM) > most of the per-token weight reads on the GPUs, at `min_ctx` > the rest
+   (CPU, with whatever layers a small GPU holds at no cost);
+4. within a tier: the context (up to the requested or trained context), the fewest
+   weight bytes read from system RAM per token, the best quant, the best KV type
+   and the fewest GPUs; in the CPU tier the GPU comes last, so it never costs
+   context, quant or KV type.
+
+Since more memory on any device only adds loads that fit, the chosen load never
+gets worse by this order. When nothing fits, a MoE load whose experts are a
+little short of RAM is offered memory-mapped ("weights paged, slower").
 
 `plan_for_file()` adds the dry run (engine/planning/probe.py) for local files.
 """
@@ -17,22 +24,27 @@ It gives things up in a fixed order as memory tightens (issue 5, docs/planner.md
 from __future__ import annotations
 
 import logging
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field, replace
+from itertools import accumulate
 from pathlib import Path
 from typing import Any, Literal
 
 from engine.errors import PeregrineError
 from engine.gguf.header import GGUFHeader, validate_gguf_file
 from engine.planning.estimate import (
+    BACKEND_OVERHEAD,
     CTX_PAD,
+    DEFAULT_BACKEND_OVERHEAD,
     DEVICE_PREFIX,
     GIB,
     Device,
     DeviceMemory,
     MemoryBreakdown,
     ModelShape,
+    compute_bytes,
     estimate,
+    kv_layer_bytes,
     shape_from_header,
 )
 from engine.planning.hardware import GPU, Hardware, Runtime, detect_hardware
@@ -47,10 +59,23 @@ DEFAULT_HEADROOM = 1 * GIB
 QUALITY_FLOOR_BPW = 4.5  # about Q4_K_M
 # Above this, more bits buy nothing visible: F16/BF16 rank with Q8_0, and the smaller file wins.
 QUALITY_CAP_BPW = 8.5
+# A partial offload is worth shortening the context to min_ctx only when the GPUs
+# serve at least this share of the weight bytes read per token (about 1.8x the
+# CPU's speed when VRAM reads are ~10x faster than RAM reads).
+PARTIAL_OFFLOAD_MIN_SHARE = 0.5
+# A memory-mapped (paged) plan may leave at most this share of the experts held
+# in RAM to be read from disk; more would make every token wait on the disk.
+MAX_PAGED_SHARE = 0.25
+# How much faster system RAM reads than an NVMe SSD (about 60 vs 6 GB/s): the
+# factor behind a paged plan's "slower" estimate.
+RAM_OVER_DISK_SPEED = 10.0
+# Every set of GPUs is tried for up to this many GPUs; more are tried each alone and
+# all together (the objective's "fewest GPUs" is then not searched exhaustively).
+MAX_GPU_SUBSETS = 4
 
 FULL_PRECISION_KV = ("f16", "bf16", "f32")
 
-# The give-up order, as `Plan.stage` indexes it.
+# What a plan gave up, as `Plan.stage` indexes it (the furthest item given up).
 STAGES = (
     "best settings",
     "KV cache q8_0",
@@ -59,10 +84,13 @@ STAGES = (
     "KV cache q4_0",
     "partial offload",
     "quant below the floor",
+    "weights paged from disk",
 )
 
 Method = Literal["measured", "estimated"]
 FitLevel = Literal["gpu", "partial", "cpu", "no"]
+Tier = Literal[0, 1, 2]
+TIER_CPU, TIER_PARTIAL, TIER_GPU = 0, 1, 2
 
 
 @dataclass
@@ -73,8 +101,11 @@ class Pins:
     min_ctx: int = DEFAULT_MIN_CTX
     type_k: KVType | None = None
     type_v: KVType | None = None
-    budget_bytes: int | None = None  # cap on the plan's total, all devices together
-    headroom_bytes: int = DEFAULT_HEADROOM  # left free on every device
+    # One budget per device: the GPUs in order, then RAM. Each replaces that device's
+    # free memory minus the headroom, and is capped at its free memory.
+    budget_bytes: tuple[int, ...] | None = None
+    total_budget_bytes: int | None = None  # cap on the plan's total, all devices together
+    headroom_bytes: int = DEFAULT_HEADROOM  # left free on every device without a budget
     flash_attn: FlashAttn | None = None
     n_gpu_layers: int | None = None
     n_batch: int = 512
@@ -111,8 +142,10 @@ class Plan:
     reasons: list[str]
     memory: MemoryBreakdown
     method: Method
-    stage: int = 0  # index into STAGES: how far down the give-up order this plan went
+    stage: int = 0  # index into STAGES: the furthest thing this plan gave up
     hardware: Hardware | None = None
+    paged_bytes: int = 0  # weights memory-mapped beyond the RAM budget (read from disk)
+    objective: tuple[Any, ...] = ()  # the objective's value: larger is better (docs/planner.md)
 
     def to_json(self, hardware: Hardware | None = None) -> dict[str, Any]:
         """docs/api.md's `peregrine profile --json` object."""
@@ -140,13 +173,30 @@ class FitBadge:
 
 @dataclass(frozen=True)
 class _Config:
+    """One load the search considers."""
+
     cand: ModelCandidate
     type_k: str
     type_v: str
     n_ctx: int
-    n_gpu_layers: int  # -1 all, 0 none
-    split: tuple[float, ...] | None  # over all GPUs; None when there are none
-    expert_offload: bool
+    counts: tuple[int, ...]  # layers per GPU (the output head counts as one), all GPUs
+    n_cpu_moe: int  # the first n layers keep their MoE experts in RAM
+    paged: int = 0  # bytes over the RAM budget left to memory mapping
+
+    @property
+    def n_offloaded(self) -> int:
+        return sum(self.counts)
+
+
+@dataclass(frozen=True)
+class _Scored:
+    """A load with what the objective compares."""
+
+    config: _Config
+    tier: int
+    ram_read: int  # weight bytes read from system RAM per token
+    total_read: int  # weight bytes read per token, wherever they are
+    key: tuple[Any, ...]
 
 
 @dataclass
@@ -163,38 +213,151 @@ class _Context:
     cap: int | None
     flash_attn: bool
     runtime: Runtime | None
-    device_options: list[tuple[float, ...]] = field(default_factory=list)
+    options: list[tuple[int, ...]] = field(default_factory=list)  # GPU index sets to try
+    _costs: dict[tuple[str, str, str, int], _Costs] = field(default_factory=dict)
 
     def evaluate(self, c: _Config) -> MemoryBreakdown:
+        shape = self.shapes[c.cand.file_name]
         return estimate(
-            self.shapes[c.cand.file_name],
+            shape,
             n_ctx=c.n_ctx,
             type_k=c.type_k,
             type_v=c.type_v,
             flash_attn=self.flash_attn,
-            n_gpu_layers=c.n_gpu_layers if self.gpus else 0,
+            n_gpu_layers=_load_ngl(c, shape) if self.gpus else 0,
             gpus=self.gpus,
-            tensor_split=c.split,
-            expert_offload=c.expert_offload,
+            tensor_split=[float(n) for n in c.counts] if c.n_offloaded else None,
+            n_cpu_moe=c.n_cpu_moe,
             n_ubatch=self.pins.n_ubatch,
             host=self.host,
         )
 
-    def fits(self, mem: MemoryBreakdown) -> bool:
-        return not self.overshoot(mem)
+    def fits(self, mem: MemoryBreakdown, paged: int = 0) -> bool:
+        return not self.overshoot(mem, paged)
 
-    def overshoot(self, mem: MemoryBreakdown) -> dict[str, int]:
-        """Bytes over budget, per device ("total" for the cap); empty when it fits."""
+    def overshoot(self, mem: MemoryBreakdown, paged: int = 0) -> dict[str, int]:
+        """Bytes over budget, per device ("total" for the cap); empty when it fits.
+
+        `paged` bytes of the host's weights may stay on disk (a memory-mapped plan).
+        """
         over: dict[str, int] = {}
         for d in mem.devices:
-            budget = (
-                self.host_budget if d.name == self.host.name else self.gpu_budget.get(d.name, 0)
-            )
+            if d.name == self.host.name:
+                budget = self.host_budget + paged
+            else:
+                budget = self.gpu_budget.get(d.name, 0)
             if d.total > budget:
                 over[d.name] = d.total - budget
-        if self.cap is not None and mem.total > self.cap:
-            over["total"] = mem.total - self.cap
+        if self.cap is not None and mem.total - paged > self.cap:
+            over["total"] = mem.total - paged - self.cap
         return over
+
+    def costs(self, cand: ModelCandidate, type_k: str, type_v: str, n_ctx: int) -> _Costs:
+        key = (cand.file_name, type_k, type_v, n_ctx)
+        found = self._costs.get(key)
+        if found is None:
+            found = _Costs(self, self.shapes[cand.file_name], type_k, type_v, n_ctx)
+            self._costs[key] = found
+        return found
+
+
+def _load_ngl(c: _Config, shape: ModelShape) -> int:
+    return -1 if c.n_offloaded >= shape.n_layer + 1 else c.n_offloaded
+
+
+class _Costs:
+    """Per-layer bytes of one (file, KV types, context): device totals as prefix sums.
+
+    Mirrors `estimate()` exactly (tests/test_planner.py checks it), so the search can
+    try thousands of placements without building a breakdown for each.
+    """
+
+    def __init__(self, ctx: _Context, shape: ModelShape, type_k: str, type_v: str, n_ctx: int):
+        n = shape.n_layer
+        self.n = n
+        self.shape = shape
+        self.ctx = ctx
+        self.n_ctx = n_ctx
+        self.type_k, self.type_v = type_k, type_v
+        n_ubatch = ctx.pins.n_ubatch
+        dense = [lb - eb for lb, eb in zip(shape.layer_bytes, shape.expert_bytes, strict=True)]
+        kv = [kv_layer_bytes(shape, il, n_ctx, type_k, type_v, n_ubatch) for il in range(n)]
+        self.base = [0, *accumulate(d + k for d, k in zip(dense, kv, strict=True))]
+        self.exp = [0, *accumulate(shape.expert_bytes)]
+        self.moe = shape.is_moe
+        # Per token a MoE layer reads its dense weights and the routed share of its experts.
+        used = (
+            min(1.0, shape.n_expert_used / shape.n_expert)
+            if self.moe and shape.n_expert_used > 0
+            else 1.0
+        )
+        self.read_dense = [0, *accumulate(dense)]
+        self.read_exp = [0, *accumulate(int(e * used) for e in shape.expert_bytes)]
+        self.head_gpu = shape.output_bytes + shape.tied_embedding_bytes
+        self.head_read = shape.output_bytes + shape.tied_embedding_bytes
+        self.total_read = self.read_dense[n] + self.read_exp[n] + self.head_read
+        self.quantized = type_k not in FULL_PRECISION_KV or type_v not in FULL_PRECISION_KV
+        self._compute: dict[tuple[bool, bool], int] = {}
+
+    def compute(self, has_layers: bool, has_output: bool) -> int:
+        key = (has_layers, has_output)
+        if key not in self._compute:
+            self._compute[key] = compute_bytes(
+                self.shape,
+                self.n_ctx,
+                self.ctx.pins.n_ubatch,
+                self.ctx.flash_attn,
+                self.quantized,
+                has_output=has_output,
+                has_layers=has_layers,
+            )
+        return self._compute[key]
+
+    def gpu(self, a: int, b: int, with_output: bool, n_cpu_moe: int, overhead: int) -> int:
+        """One GPU holding real layers [a, b) (and the output head)."""
+        if b <= a and not with_output:
+            return 0
+        first_expert = min(max(a, n_cpu_moe), b)
+        total = self.base[b] - self.base[a] + self.exp[b] - self.exp[first_expert]
+        if with_output:
+            total += self.head_gpu
+        return total + self.compute(b > a, with_output) + overhead
+
+    def host(self, s: int, out_on_cpu: bool, n_cpu_moe: int) -> int:
+        """The host with real layers [0, s) (and the output head when out_on_cpu)."""
+        shape = self.shape
+        moved_end = min(max(s, n_cpu_moe), self.n)
+        total = shape.input_bytes + self.base[s] + self.exp[s] + self.exp[moved_end] - self.exp[s]
+        if out_on_cpu:
+            total += shape.output_bytes
+        if s == 0 and not out_on_cpu:
+            compute = 2 * self.ctx.pins.n_ubatch * shape.n_embd * 4
+        else:
+            compute = self.compute(s > 0 or (n_cpu_moe > 0 and self.moe), out_on_cpu)
+        return total + compute + (shape.n_vocab + shape.n_embd) * 4
+
+    def host_experts(self, s: int, n_cpu_moe: int) -> int:
+        """Expert bytes the host holds (what a memory-mapped plan may page)."""
+        return self.exp[min(max(s, n_cpu_moe), self.n)]
+
+    def ram_read(self, s: int, out_on_cpu: bool, n_cpu_moe: int) -> int:
+        """Weight bytes read from system RAM per token."""
+        moved_end = min(max(s, n_cpu_moe), self.n)
+        read = self.read_dense[s] + self.read_exp[moved_end]
+        return read + (self.head_read if out_on_cpu else 0)
+
+
+@dataclass(frozen=True)
+class _Placement:
+    counts: tuple[int, ...]
+    cpu_layers: int  # real layers 0..cpu_layers-1 on the CPU
+    out_on_cpu: bool
+    n_cpu_moe: int
+    paged: int
+
+    @property
+    def all_on_gpu(self) -> bool:
+        return self.cpu_layers == 0 and not self.out_on_cpu
 
 
 def _gib(n: int) -> str:
@@ -228,8 +391,13 @@ def _check_pins(pins: Pins) -> None:
         raise PeregrineError(f"--ctx must be at least 16, not {pins.ctx}")
     if pins.min_ctx < 16:
         raise PeregrineError(f"--min-ctx must be at least 16, not {pins.min_ctx}")
-    if pins.budget_bytes is not None and pins.budget_bytes <= 0:
+    if pins.total_budget_bytes is not None and pins.total_budget_bytes <= 0:
         raise PeregrineError("the memory budget must be positive")
+    if pins.budget_bytes is not None:
+        if any(b < 0 for b in pins.budget_bytes):
+            raise PeregrineError("a device's memory budget cannot be negative")
+        if not pins.budget_bytes or pins.budget_bytes[-1] <= 0:
+            raise PeregrineError("the RAM budget (the last figure) must be positive")
     if pins.headroom_bytes < 0:
         raise PeregrineError("the headroom cannot be negative")
 
@@ -259,7 +427,23 @@ def plan(
     return _search(ctx, list(candidates))
 
 
+def device_budgets(hardware: Hardware, pins: Pins) -> tuple[list[int], int]:
+    """Each GPU's budget and the RAM budget, in bytes (docs/planner.md, "Inputs")."""
+    frees = [g.free for g in hardware.gpus] + [hardware.ram.available]
+    if pins.budget_bytes is None:
+        budgets = [max(0, f - pins.headroom_bytes) for f in frees]
+    else:
+        if len(pins.budget_bytes) != len(frees):
+            raise PeregrineError(
+                f"give one budget per device: {len(frees) - 1} GPU(s) and then RAM "
+                f"({len(frees)} figures), not {len(pins.budget_bytes)}"
+            )
+        budgets = [min(b, f) for b, f in zip(pins.budget_bytes, frees, strict=True)]
+    return budgets[:-1], budgets[-1]
+
+
 def _make_context(hardware: Hardware, pins: Pins, shapes: dict[str, ModelShape]) -> _Context:
+    gpu_budgets, host_budget = device_budgets(hardware, pins)
     use_gpus = pins.n_gpu_layers != 0 and bool(hardware.gpus)
     gpus = (
         [
@@ -269,33 +453,33 @@ def _make_context(hardware: Hardware, pins: Pins, shapes: dict[str, ModelShape])
         if use_gpus
         else []
     )
-    gpu_budget = {d.name: max(0, d.free - pins.headroom_bytes) for d in gpus}
     host = Device("CPU", "cpu", hardware.ram.available)
-    runtime = _pick_runtime(hardware, pins) if gpus else None
     ctx = _Context(
         hardware=hardware,
         pins=pins,
         shapes=shapes,
         gpus=gpus,
-        gpu_budget=gpu_budget,
+        gpu_budget={d.name: b for d, b in zip(gpus, gpu_budgets, strict=False)},
         host=host,
-        host_budget=max(0, hardware.ram.available - pins.headroom_bytes),
-        cap=pins.budget_bytes,
+        host_budget=host_budget,
+        cap=pins.total_budget_bytes,
         flash_attn=(pins.flash_attn or "on") != "off",
-        runtime=runtime,
+        runtime=_pick_runtime(hardware, pins) if gpus else None,
     )
-    if gpus:
-        # One GPU (the roomiest) first: no split overhead; then all of them, by free memory.
-        budgets = [gpu_budget[d.name] for d in gpus]
-        best = max(range(len(gpus)), key=lambda i: budgets[i])
-        ctx.device_options.append(tuple(1.0 if i == best else 0.0 for i in range(len(gpus))))
-        if len(gpus) > 1 and sum(budgets) > 0:
-            ctx.device_options.append(tuple(round(b / sum(budgets), 4) for b in budgets))
+    # Every set of GPUs (fewer GPUs, less split cost), or with many GPUs each alone and
+    # all together. The options do not depend on free memory, so more memory only
+    # ever adds loads that fit.
+    n = len(gpus)
+    if n <= MAX_GPU_SUBSETS:
+        ctx.options.extend(tuple(i for i in range(n) if mask >> i & 1) for mask in range(1, 1 << n))
+    else:
+        ctx.options.extend((i,) for i in range(n))
+        ctx.options.append(tuple(range(n)))
     return ctx
 
 
 def _kv_pairs(ctx: _Context) -> list[tuple[str, str]]:
-    """The KV ladder: f16, q8_0, q4_0 (V stays f16 without flash attention)."""
+    """The KV ladder, best first: f16, q8_0, q4_0 (V stays f16 without flash attention)."""
     p = ctx.pins
     if p.type_k is not None or p.type_v is not None:
         k = p.type_k or p.type_v or "f16"
@@ -310,14 +494,265 @@ def _quality_key(c: ModelCandidate) -> tuple[float, int]:
     return (-min(c.bits_per_weight, QUALITY_CAP_BPW), c.file_size)
 
 
+def _ctx_options(lo: int, hi: int) -> list[int]:
+    """Contexts tried between lo and hi: both ends and every multiple of 1024 between."""
+    return sorted({lo, hi, *range((lo + 1023) // 1024 * 1024, hi, 1024)})
+
+
+def _max_true(ok: Callable[[int], bool], n: int) -> int:
+    """The largest i in [0, n) with ok(i), for ok true then false; -1 when ok(0) fails."""
+    if n <= 0 or not ok(0):
+        return -1
+    good, bad = 0, n
+    while bad - good > 1:
+        mid = (good + bad) // 2
+        if ok(mid):
+            good = mid
+        else:
+            bad = mid
+    return good
+
+
+@dataclass
+class _Search:
+    """One planning run's search over files, KV types, contexts and placements."""
+
+    ctx: _Context
+    ordered: list[ModelCandidate]
+    above_floor: set[str]
+    target: int
+    min_ctx: int
+    pairs: list[tuple[str, str]]
+    max_offload: int | None  # pinned --gpu-layers N > 0 (the output head counts as one)
+    all_layers_pinned: bool  # --gpu-layers -1
+
+    def kv_rank(self, pair: tuple[str, str]) -> int:
+        return len(self.pairs) - 1 - self.pairs.index(pair)
+
+    def planner_q4(self, pair: tuple[str, str]) -> bool:
+        """q4_0 chosen by the planner (not pinned): only to reach min_ctx."""
+        return len(self.pairs) > 1 and pair == self.pairs[-1]
+
+    # --- placements -----------------------------------------------------------
+
+    def fill(self, costs: _Costs, option: tuple[int, ...], n_cpu_moe: int) -> _Placement:
+        """The most layers on the GPUs of `option`, filled from the back as llama.cpp lays
+        them out: the last GPU takes the output head and the last layers, the one before
+        it the layers before those, and the first layers stay on the CPU."""
+        ctx = self.ctx
+        counts = [0] * len(ctx.gpus)
+        top = costs.n  # real layers [0, top) are not placed yet
+        out_placed = False
+        left = costs.n + 1 if self.max_offload is None else self.max_offload
+        for g in reversed(option):
+            if left <= 0:
+                break
+            dev = ctx.gpus[g]
+            budget = ctx.gpu_budget[dev.name]
+            overhead = BACKEND_OVERHEAD.get(dev.backend, DEFAULT_BACKEND_OVERHEAD)
+            with_output = not out_placed
+            room = min(top, left - 1 if with_output else left)
+
+            def fits(
+                k: int, t: int = top, out: bool = with_output, ov: int = overhead, b: int = budget
+            ) -> bool:
+                return costs.gpu(t - k, t, out, n_cpu_moe, ov) <= b
+
+            if with_output:
+                k = _max_true(fits, room + 1)
+                if k < 0:
+                    continue  # not even the output head: an earlier GPU may take it
+                counts[g] = k + 1
+                out_placed = True
+            else:
+                k = _max_true(fits, room + 1)
+                if k <= 0:
+                    continue
+                counts[g] = k
+            top -= k
+            left -= counts[g]
+        if not out_placed:
+            return _Placement((0,) * len(ctx.gpus), costs.n, True, n_cpu_moe, 0)
+        return _Placement(tuple(counts), top, False, n_cpu_moe, 0)
+
+    def host_fits(self, costs: _Costs, p: _Placement, paged_ok: bool) -> _Placement | None:
+        """The placement if the host (and the total cap) hold it, with what it must page."""
+        ctx = self.ctx
+        host = costs.host(p.cpu_layers, p.out_on_cpu, p.n_cpu_moe)
+        over = host - ctx.host_budget
+        paged = 0
+        if over > 0:
+            experts = costs.host_experts(p.cpu_layers, p.n_cpu_moe)
+            if not paged_ok or over > MAX_PAGED_SHARE * experts:
+                return None
+            paged = over
+        if ctx.cap is not None:
+            total = host - paged + self.gpu_total(costs, p)
+            if total > ctx.cap:
+                return None
+        return replace(p, paged=paged)
+
+    def gpu_total(self, costs: _Costs, p: _Placement) -> int:
+        total, top = 0, costs.n
+        out = not p.out_on_cpu
+        for g in reversed(range(len(self.ctx.gpus))):
+            k = p.counts[g]
+            if not k:
+                continue
+            dev = self.ctx.gpus[g]
+            overhead = BACKEND_OVERHEAD.get(dev.backend, DEFAULT_BACKEND_OVERHEAD)
+            real = k - 1 if out else k
+            total += costs.gpu(top - real, top, out, p.n_cpu_moe, overhead)
+            top -= real
+            out = False
+        return total
+
+    def all_on_gpu(
+        self, costs: _Costs, option: tuple[int, ...], paged_ok: bool
+    ) -> _Placement | None:
+        """Every layer on the GPUs of `option`, with the fewest layers' experts in RAM."""
+        if self.max_offload is not None and self.max_offload < costs.n + 1:
+            return None
+        n_options = costs.n + 1 if costs.moe else 1
+
+        def gpu_ok(n_cpu_moe: int) -> bool:
+            return self.fill(costs, option, n_cpu_moe).all_on_gpu
+
+        # GPU use falls as more experts move to RAM: find the fewest that fit.
+        if not gpu_ok(n_options - 1):
+            return None
+        lo, hi = -1, n_options - 1
+        while hi - lo > 1:
+            mid = (lo + hi) // 2
+            if gpu_ok(mid):
+                hi = mid
+            else:
+                lo = mid
+        return self.host_fits(costs, self.fill(costs, option, hi), paged_ok)
+
+    def most_on_gpu(
+        self, costs: _Costs, option: tuple[int, ...], paged_ok: bool
+    ) -> _Placement | None:
+        """The most weight reads on the GPUs of `option`, some layers on the CPU allowed."""
+        if self.all_layers_pinned:
+            return None
+        best: _Placement | None = None
+        best_read = 0
+        for n_cpu_moe in (0, costs.n) if costs.moe else (0,):
+            p = self.host_fits(costs, self.fill(costs, option, n_cpu_moe), paged_ok)
+            if p is None:
+                continue
+            read = costs.ram_read(p.cpu_layers, p.out_on_cpu, p.n_cpu_moe)
+            if best is None or read < best_read:
+                best, best_read = p, read
+        return best
+
+    # --- the objective --------------------------------------------------------
+
+    def score(self, costs: _Costs, cand: ModelCandidate, p: _Placement) -> _Scored:
+        pair = (costs.type_k, costs.type_v)
+        ram = costs.ram_read(p.cpu_layers, p.out_on_cpu, p.n_cpu_moe)
+        share = 1 - ram / costs.total_read if costs.total_read else 0.0
+        if p.all_on_gpu:
+            tier = TIER_GPU
+        elif share >= PARTIAL_OFFLOAD_MIN_SHARE and costs.n_ctx == self.min_ctx:
+            tier = TIER_PARTIAL
+        else:
+            tier = TIER_CPU
+        quality = len(self.ordered) - self.ordered.index(cand)
+        n_gpus = sum(1 for n in p.counts if n)
+        kv = self.kv_rank(pair)
+        if tier == TIER_GPU:
+            rest: tuple[int, ...] = (costs.n_ctx, -ram, quality, kv, -n_gpus)
+        elif tier == TIER_PARTIAL:
+            rest = (costs.n_ctx, -ram, quality, kv, -n_gpus)
+        else:
+            rest = (costs.n_ctx, quality, kv, -ram, -n_gpus)
+        key = (
+            p.paged == 0,
+            cand.file_name in self.above_floor,
+            not self.planner_q4(pair),
+            tier,
+            -p.paged,
+            *rest,
+        )
+        config = _Config(
+            cand, costs.type_k, costs.type_v, costs.n_ctx, p.counts, p.n_cpu_moe, p.paged
+        )
+        return _Scored(config, tier, ram, costs.total_read, key)
+
+    def valid(self, s: _Scored, costs: _Costs) -> bool:
+        """Partial offloads with a share worth a shorter context run at min_ctx only."""
+        if s.tier != TIER_CPU:
+            return True
+        return (
+            1 - s.ram_read / costs.total_read < PARTIAL_OFFLOAD_MIN_SHARE if s.total_read else True
+        )
+
+    def best_for(
+        self, cand: ModelCandidate, pair: tuple[str, str], option: tuple[int, ...], paged: bool
+    ) -> Iterator[_Scored]:
+        """The best load of each tier for one file, KV pair and GPU set."""
+        ctx = self.ctx
+        if paged or self.planner_q4(pair):
+            contexts = [self.min_ctx]
+        else:
+            contexts = _ctx_options(self.min_ctx, self.target)
+
+        def costs_at(i: int) -> _Costs:
+            return ctx.costs(cand, pair[0], pair[1], contexts[i])
+
+        if option and not paged:
+            # Tier 2: the longest context with every layer on the GPUs.
+            i = _max_true(
+                lambda i: self.all_on_gpu(costs_at(i), option, False) is not None, len(contexts)
+            )
+            if i >= 0:
+                p = self.all_on_gpu(costs_at(i), option, False)
+                assert p is not None
+                yield self.score(costs_at(i), cand, p)
+        if paged and option:
+            p = self.all_on_gpu(costs_at(0), option, True)
+            if p is not None:
+                yield self.score(costs_at(0), cand, p)
+        # Tier 1 at min_ctx, and tier 0: the longest context the host (helped by the
+        # GPUs) holds.
+        first = costs_at(0)
+        p = self.most_on_gpu(first, option, paged)
+        if p is not None:
+            yield self.score(first, cand, p)
+        i = _max_true(
+            lambda i: self.most_on_gpu(costs_at(i), option, paged) is not None, len(contexts)
+        )
+        if i > 0:
+            p = self.most_on_gpu(costs_at(i), option, paged)
+            assert p is not None
+            s = self.score(costs_at(i), cand, p)
+            if self.valid(s, costs_at(i)):
+                yield s
+
+    def run(self) -> _Scored | None:
+        options = self.ctx.options or [()]
+        for paged in (False, True):
+            best: _Scored | None = None
+            for cand in self.ordered:
+                for pair in self.pairs:
+                    for option in options:
+                        for s in self.best_for(cand, pair, option, paged):
+                            if best is None or s.key > best.key:
+                                best = s
+            if best is not None:
+                return best
+        return None
+
+
 def _search(ctx: _Context, candidates: list[ModelCandidate]) -> Plan:
     pins = ctx.pins
     ordered = sorted(candidates, key=_quality_key)
-    above = [c for c in ordered if c.bits_per_weight >= QUALITY_FLOOR_BPW]
-    below = [c for c in ordered if c.bits_per_weight < QUALITY_FLOOR_BPW]
+    above = {c.file_name for c in ordered if c.bits_per_weight >= QUALITY_FLOOR_BPW}
     notes: list[str] = []
     if not above:
-        above, below = ordered, []
+        above = {c.file_name for c in ordered}
         notes.append(
             f"every file is below the ~{QUALITY_FLOOR_BPW} bpw quality floor; using the best of them"
         )
@@ -326,114 +761,21 @@ def _search(ctx: _Context, candidates: list[ModelCandidate]) -> Plan:
     trained = min(shape0.n_ctx_train, MAX_N_CTX)
     target = pins.ctx or trained
     min_ctx = pins.ctx or min(pins.min_ctx, trained, target)
-    kv = _kv_pairs(ctx)
-    kv_best, kv_mid, kv_low = kv[0], kv[min(1, len(kv) - 1)], kv[-1]
-    full_ngl = -1 if ctx.gpus else 0
-    if pins.n_gpu_layers is not None and pins.n_gpu_layers > 0:
-        full_ngl = pins.n_gpu_layers
-
-    def full(cand: ModelCandidate, pair: tuple[str, str], lo: int, hi: int) -> _Config | None:
-        """The largest context in [lo, hi] that fits with the fixed placement.
-
-        Device options are tried in order (one GPU, then a split); a later option
-        wins only with a longer context, since context is what is being given up.
-        """
-        splits: list[tuple[float, ...] | None] = list(ctx.device_options) or [None]
-        best: _Config | None = None
-        for split in splits:
-            base = _Config(cand, pair[0], pair[1], hi, full_ngl, split, False)
-            found = _max_ctx(ctx, base, lo, hi)
-            if found is not None and (best is None or found.n_ctx > best.n_ctx):
-                best = found
-        return best
-
-    stages: list[Callable[[], _Config | None]] = [
-        lambda: full(above[0], kv_best, target, target),
-        lambda: full(above[0], kv_mid, target, target) if kv_mid != kv_best else None,
-        lambda: next(
-            (f for c in above[1:] if (f := full(c, kv_mid, target, target)) is not None), None
-        ),
-        lambda: full(above[-1], kv_mid, min_ctx, target) if min_ctx < target else None,
-        lambda: full(above[-1], kv_low, min_ctx, target) if kv_low != kv_mid else None,
-        lambda: _partial(ctx, above[-1], kv_low, min_ctx, target),
-        lambda: next(
-            (
-                f
-                for c in below
-                if (
-                    f := full(c, kv_low, min_ctx, target)
-                    or _partial(ctx, c, kv_low, min_ctx, target)
-                )
-                is not None
-            ),
-            None,
-        ),
-    ]
-    for stage, attempt in enumerate(stages):
-        config = attempt()
-        if config is not None:
-            return _make_plan(ctx, config, stage, ordered, target, notes)
-    raise PeregrineError(_nothing_fits(ctx, ordered[-1], kv_low, min_ctx))
-
-
-def _partial(
-    ctx: _Context, cand: ModelCandidate, pair: tuple[str, str], lo: int, hi: int
-) -> _Config | None:
-    """Partial offload: MoE experts to RAM first, then fewer layers on the GPUs."""
-    pins = ctx.pins
-    if not ctx.gpus or (pins.n_gpu_layers is not None and pins.n_gpu_layers != -1):
-        return None
-    shape = ctx.shapes[cand.file_name]
-    for split in ctx.device_options:
-        if shape.is_moe:
-            found = _max_ctx(ctx, _Config(cand, pair[0], pair[1], hi, -1, split, True), lo, hi)
-            if found is not None:
-                return found
-        for experts in (True, False) if shape.is_moe else (False,):
-            base = _Config(cand, pair[0], pair[1], lo, 0, split, experts)
-            found = _max_layers(ctx, base, shape.n_layer)
-            if found is not None:
-                return found
-    return None
-
-
-def _max_ctx(ctx: _Context, base: _Config, lo: int, hi: int) -> _Config | None:
-    """Binary search for the largest context in [lo, hi] (steps of 1024) that fits."""
-    options = sorted({hi, lo, *range((lo + 1023) // 1024 * 1024, hi, 1024)})
-    options = [o for o in options if lo <= o <= hi]
-    if not options or not ctx.fits(ctx.evaluate(replace(base, n_ctx=options[0]))):
-        return None
-    good, bad = 0, len(options)
-    while bad - good > 1:
-        mid = (good + bad) // 2
-        if ctx.fits(ctx.evaluate(replace(base, n_ctx=options[mid]))):
-            good = mid
-        else:
-            bad = mid
-    return replace(base, n_ctx=options[good])
-
-
-def _max_layers(ctx: _Context, base: _Config, n_layer: int) -> _Config | None:
-    """Most GPU layers (1..n_layer) that fit; GPU use grows and host use shrinks with them."""
-
-    def gpu_fits(ngl: int) -> bool:
-        mem = ctx.evaluate(replace(base, n_gpu_layers=ngl))
-        over = ctx.overshoot(mem)
-        return not any(name != ctx.host.name and name != "total" for name in over)
-
-    if not gpu_fits(1):
-        best = 0
-    else:
-        good, bad = 1, n_layer + 1
-        while bad - good > 1:
-            mid = (good + bad) // 2
-            if gpu_fits(mid):
-                good = mid
-            else:
-                bad = mid
-        best = good
-    config = replace(base, n_gpu_layers=best)
-    return config if ctx.fits(ctx.evaluate(config)) else None
+    ngl = pins.n_gpu_layers
+    search = _Search(
+        ctx=ctx,
+        ordered=ordered,
+        above_floor=above,
+        target=target,
+        min_ctx=min_ctx,
+        pairs=_kv_pairs(ctx),
+        max_offload=ngl if ngl is not None and ngl > 0 else None,
+        all_layers_pinned=ngl == -1,
+    )
+    best = search.run()
+    if best is None:
+        raise PeregrineError(_nothing_fits(ctx, ordered[-1], search.pairs[-1], min_ctx))
+    return _make_plan(ctx, search, best, notes)
 
 
 def _nothing_fits(
@@ -450,87 +792,124 @@ def _nothing_fits(
     have = ctx.host_budget + sum(ctx.gpu_budget.values())
     if ctx.cap is not None:
         have = min(have, ctx.cap)
+    how = (
+        "the budgets given"
+        if ctx.pins.budget_bytes is not None
+        else f"free memory minus {_gib(ctx.pins.headroom_bytes)} headroom per device"
+    )
     return (
         f"{smallest.file_name} does not fit: even {smallest.quant} with {min_ctx} tokens of "
         f"context and a {pair[0]} KV cache needs {_gib(need)}, and {_gib(have)} is available "
-        f"(free memory minus {_gib(ctx.pins.headroom_bytes)} headroom per device)"
+        f"({how})"
     )
 
 
-def _make_plan(
-    ctx: _Context,
-    c: _Config,
-    stage: int,
-    ordered: list[ModelCandidate],
-    target: int,
-    notes: list[str],
-) -> Plan:
+def _stage(search: _Search, c: _Config, full_offload: bool) -> int:
+    """The furthest item of STAGES this load gave up."""
+    given_up = [0]
+    best_pair = search.pairs[0]
+    if len(search.pairs) > 1 and (c.type_k, c.type_v) != best_pair:
+        given_up.append(4 if search.planner_q4((c.type_k, c.type_v)) else 1)
+    if c.cand.file_name != search.ordered[0].file_name:
+        given_up.append(2)
+    if c.n_ctx < search.target:
+        given_up.append(3)
+    if not full_offload and c.n_offloaded:
+        given_up.append(5)
+    if c.cand.file_name not in search.above_floor:
+        given_up.append(6)
+    if c.paged:
+        given_up.append(7)
+    return max(given_up)
+
+
+def _make_plan(ctx: _Context, search: _Search, best: _Scored, notes: list[str]) -> Plan:
     pins = ctx.pins
+    c = best.config
     mem = ctx.evaluate(c)
+    if not ctx.fits(mem, c.paged):
+        # The search's prefix sums and the estimate disagree: a bug, never a silent overrun.
+        raise PeregrineError(f"internal planner error: the chosen load does not fit ({c})")
     shape = ctx.shapes[c.cand.file_name]
-    best = ordered[0]
+    ordered = search.ordered
+    best_file = ordered[0]
+    n_all = shape.n_layer + 1  # llama.cpp counts the output head as a layer
+    ngl = _load_ngl(c, shape) if ctx.gpus else 0
+    used = [d.name for d, n in zip(ctx.gpus, c.counts, strict=True) if n]
+    on_gpu_layers = c.n_offloaded
+    cpu_layers = n_all - on_gpu_layers if ctx.gpus else n_all
+    experts_in_ram = min(c.n_cpu_moe, shape.n_layer) if shape.is_moe else 0
+    # Experts of layers that run on the CPU are in RAM anyway; count those the load moves.
+    moved_experts = max(0, experts_in_ram - max(0, n_all - on_gpu_layers)) if used else 0
+    full_offload = bool(used) and cpu_layers == 0 and moved_experts == 0
     reasons: list[str] = list(notes)
     reasons.append(_describe_budget(ctx))
+    if c.paged:
+        host_experts = sum(shape.expert_bytes[: max(experts_in_ram, cpu_layers)])
+        share = c.paged / host_experts if host_experts else 1.0
+        slower = 1 + share * RAM_OVER_DISK_SPEED
+        reasons.append(
+            f"weights memory-mapped, slower: {_gib(c.paged)} of the {_gib(host_experts)} of "
+            f"experts in system RAM do not fit and are read from disk as tokens need them; "
+            f"expect roughly {slower:.1f}x slower generation than if they fit (RAM reads "
+            f"~{RAM_OVER_DISK_SPEED:.0f}x faster than an NVMe SSD; a slower disk is slower still)"
+        )
+    stage = _stage(search, c, full_offload or not ctx.gpus)
     if stage == 0:
         reasons.append("everything fits: no compromise needed")
-    if c.type_k != "f16" or c.type_v != "f16":
-        if pins.type_k or pins.type_v:
+    pair = (c.type_k, c.type_v)
+    if pins.type_k or pins.type_v:
+        if pair != ("f16", "f16"):
             reasons.append(f"KV cache {c.type_k}/{c.type_v}: pinned")
-        else:
-            reasons.append(
-                f"KV cache {c.type_k}/{c.type_v} instead of f16 to save memory "
-                "(q8_0 is near-lossless with llama.cpp's Hadamard rotation of K/V)"
-            )
-    if c.cand.file_name != best.file_name:
-        below = (
-            c.cand.bits_per_weight < QUALITY_FLOOR_BPW and best.bits_per_weight >= QUALITY_FLOOR_BPW
-        )
+    elif search.planner_q4(pair):
         reasons.append(
-            f"quant {c.cand.quant} ({c.cand.bits_per_weight:.2f} bpw) instead of {best.quant}"
+            f"KV cache {c.type_k}/{c.type_v}: nothing else reaches the minimum context of "
+            f"{search.min_ctx} tokens; a 4-bit cache costs some quality, so the context is not "
+            "lengthened past that minimum with it"
+        )
+    elif pair != search.pairs[0]:
+        reasons.append(
+            f"KV cache {c.type_k}/{c.type_v} instead of f16 to save memory "
+            "(q8_0 is near-lossless with llama.cpp's Hadamard rotation of K/V)"
+        )
+    if c.cand.file_name != best_file.file_name:
+        below = c.cand.file_name not in search.above_floor
+        reasons.append(
+            f"quant {c.cand.quant} ({c.cand.bits_per_weight:.2f} bpw) instead of {best_file.quant}"
             + (
                 f": below the ~{QUALITY_FLOOR_BPW} bpw quality floor, because nothing at or above it fits"
                 if below
-                else " to keep the whole model in fast memory"
+                else (
+                    " to keep the whole model in fast memory"
+                    if full_offload or not ctx.gpus
+                    else " so more of the model fits on the GPU"
+                    if best.tier != TIER_CPU
+                    else " to fit"
+                )
             )
         )
+    target = search.target
     if c.n_ctx < target:
+        why = " to fit"
+        if best.tier == TIER_PARTIAL and target > search.min_ctx:
+            why = (
+                ": the minimum, since layers stay on the CPU and every byte of GPU memory "
+                "goes to weights"
+            )
+        elif c.paged:
+            why = ": the minimum, to page as little as possible"
         reasons.append(
             f"context {c.n_ctx} tokens instead of {target}"
             + (" (the trained context)" if target == shape.n_ctx_train else "")
-            + " to fit"
+            + why
         )
     elif pins.ctx:
         reasons.append(f"context {c.n_ctx} tokens: pinned")
     else:
         reasons.append(f"context {c.n_ctx} tokens: the model's full trained context")
-    load_ngl = c.n_gpu_layers
     if ctx.gpus:
-        used = [d.name for d, s in zip(ctx.gpus, c.split or (), strict=False) if s > 0]
-        if c.expert_offload:
-            reasons.append(
-                "MoE expert tensors kept in system RAM (the rest on the GPU) so the model fits "
-                "with a useful context"
-            )
-        if 0 < c.n_gpu_layers <= shape.n_layer:
-            reasons.append(
-                f"partial offload: {c.n_gpu_layers} of {shape.n_layer + 1} layers on the GPU, "
-                "the rest on the CPU (slower)"
-            )
-        elif c.n_gpu_layers == 0:
-            reasons.append("no layer fits on the GPU: running on the CPU")
-        else:
-            reasons.append(f"all layers on {' + '.join(used)}")
-        if len(used) > 1:
-            reasons.append(
-                "layers split across GPUs by free memory: "
-                + ", ".join(
-                    f"{d.name} {s:.0%}" for d, s in zip(ctx.gpus, c.split or (), strict=False)
-                )
-            )
-        elif len(ctx.gpus) > 1:
-            reasons.append(f"one GPU ({used[0]}) is enough: no split")
+        reasons.extend(_describe_offload(ctx, c, best, shape, used, cpu_layers, experts_in_ram))
     else:
-        load_ngl = 0
         reasons.append("CPU only: zero GPU layers")
     if ctx.flash_attn:
         reasons.append(
@@ -539,8 +918,7 @@ def _make_plan(
     else:
         reasons.append("flash attention off (pinned): V cache stays f16")
     if (
-        ctx.gpus
-        and load_ngl != 0
+        used
         and c.type_k != c.type_v
         and ctx.flash_attn
         and not (ctx.runtime and ctx.runtime.fa_all_pairs)
@@ -556,23 +934,24 @@ def _make_plan(
         if not pins.threads
         else f"threads = {threads}: pinned"
     )
-    if ctx.runtime is not None:
+    if used and ctx.runtime is not None:
         reasons.append(f"runtime {ctx.runtime.name} ({ctx.runtime.backend})")
-    elif ctx.gpus and load_ngl != 0:
+    elif used:
         reasons.append(
             f"no installed runtime for {ctx.gpus[0].backend}: the built-in llama.cpp must have "
             "that backend"
         )
     reasons.extend(shape.notes)
     reasons.append(_describe_fit(ctx, mem))
-    split = list(c.split) if c.split is not None and len(c.split) > 1 else None
+    split = [float(n) for n in c.counts] if used and len(ctx.gpus) > 1 else None
     load = LoadRequest(
         model=c.cand.path or c.cand.file_name,
-        runtime=ctx.runtime.name if ctx.runtime is not None and load_ngl != 0 else None,
+        runtime=ctx.runtime.name if ctx.runtime is not None and used else None,
         n_ctx=c.n_ctx,
-        n_gpu_layers=load_ngl,
+        n_gpu_layers=ngl if used else 0,
         tensor_split=split,
-        expert_offload=c.expert_offload,
+        expert_offload=bool(used) and shape.is_moe and experts_in_ram >= shape.n_layer,
+        n_cpu_moe=experts_in_ram if used and experts_in_ram < shape.n_layer else 0,
         type_k=c.type_k,  # type: ignore[arg-type]
         type_v=c.type_v,  # type: ignore[arg-type]
         flash_attn="on" if ctx.flash_attn else "off",
@@ -588,14 +967,86 @@ def _make_plan(
         method="estimated",
         stage=stage,
         hardware=ctx.hardware,
+        paged_bytes=c.paged,
+        objective=best.key,
     )
 
 
+def _describe_offload(
+    ctx: _Context,
+    c: _Config,
+    best: _Scored,
+    shape: ModelShape,
+    used: list[str],
+    cpu_layers: int,
+    experts_in_ram: int,
+) -> list[str]:
+    """What runs where, and why; never contradicts the load."""
+    n_all = shape.n_layer + 1
+    out: list[str] = []
+    ram_share = best.ram_read / best.total_read if best.total_read else 0.0
+    if not used:
+        if ctx.pins.n_gpu_layers is None:
+            out.append(
+                "no layer fits in the GPU budget at this context: running on the CPU, "
+                "as on a machine without a GPU"
+            )
+        else:
+            out.append("running on the CPU")
+        return out
+    where = " + ".join(used)
+    if cpu_layers == 0:
+        out.append(f"all {n_all} layers on {where}")
+    else:
+        out.append(
+            f"partial offload: {c.n_offloaded} of {n_all} layers on {where}, "
+            f"the first {cpu_layers} on the CPU (slower)"
+        )
+    if experts_in_ram and shape.is_moe:
+        on_gpu_moe = max(0, experts_in_ram - cpu_layers)
+        if on_gpu_moe:
+            flag = (
+                "--cpu-moe" if experts_in_ram >= shape.n_layer else f"--n-cpu-moe {experts_in_ram}"
+            )
+            out.append(
+                f"MoE experts of the first {experts_in_ram} of {shape.n_layer} layers kept in "
+                f"system RAM (llama.cpp's {flag}); the rest of those layers, and every other "
+                "layer whole, on the GPU"
+            )
+    if best.tier == TIER_CPU:
+        out.append(
+            f"the GPUs hold too little to be worth a shorter context: {1 - ram_share:.0%} of "
+            "the weights read per token are on the GPU, so the context is kept"
+        )
+    if ram_share > 0:
+        out.append(
+            f"per token {_gib(best.ram_read)} of weights are read from system RAM "
+            f"({ram_share:.0%} of {_gib(best.total_read)})"
+        )
+    if len(used) > 1:
+        out.append(
+            "layers split across GPUs to fit the most on them: "
+            + ", ".join(f"{d.name} {n}" for d, n in zip(ctx.gpus, c.counts, strict=True) if n)
+        )
+    elif len(ctx.gpus) > 1:
+        idle = [d.name for d in ctx.gpus if d.name not in used]
+        if cpu_layers == 0 and not experts_in_ram:
+            out.append(f"one GPU ({used[0]}) is enough: no split")
+        else:
+            out.append(
+                f"{', '.join(idle)} unused: its budget holds no further layer at this context"
+            )
+    return out
+
+
 def _describe_budget(ctx: _Context) -> str:
-    room = f"{_gib(ctx.pins.headroom_bytes)} headroom"
     parts = [f"{d.name} {_gib(ctx.gpu_budget[d.name])}" for d in ctx.gpus]
     parts.append(f"RAM {_gib(ctx.host_budget)}")
-    text = "budget: " + ", ".join(parts) + f" (free memory minus {room} each)"
+    if ctx.pins.budget_bytes is not None:
+        how = "as given, at most each device's free memory"
+    else:
+        how = f"free memory minus {_gib(ctx.pins.headroom_bytes)} headroom each"
+    text = "budget: " + ", ".join(parts) + f" ({how})"
     if ctx.cap is not None:
         text += f", at most {_gib(ctx.cap)} in all"
     return text
@@ -693,6 +1144,7 @@ def _checked_by_dry_run(
     """Measures the plan; when llama.cpp needs more than estimated, re-plans with less room."""
     current = result
     adjusted = hardware
+    plan_pins = pins
     for _ in range(3):
         measured = measure_fn(current.load)
         gpu_layers_used = current.load.n_gpu_layers != 0 and bool(hardware.gpus)
@@ -707,7 +1159,7 @@ def _checked_by_dry_run(
         ctx = _make_context(
             hardware, pins, {candidate.file_name: shape_from_header(candidate.header)}
         )
-        over = ctx.overshoot(mem)
+        over = ctx.overshoot(mem, current.paged_bytes)
         if not over:
             current.memory = mem
             current.method = "measured"
@@ -722,7 +1174,17 @@ def _checked_by_dry_run(
             error["total"] = max(0, mem.total - current.memory.total)
         log.info("dry run exceeds the budget by %s; re-planning", over)
         adjusted = _shrink(adjusted, error, ctx)
-        current = plan(adjusted, [candidate], pins)
+        if plan_pins.budget_bytes is not None:
+            # Budgets given per device shrink too (the check below keeps the user's).
+            names = [*device_names(hardware.gpus), ctx.host.name]
+            plan_pins = replace(
+                plan_pins,
+                budget_bytes=tuple(
+                    max(0, b - error.get(n, 0) - error.get("total", 0))
+                    for n, b in zip(names, plan_pins.budget_bytes, strict=True)
+                ),
+            )
+        current = plan(adjusted, [candidate], plan_pins)
         current.hardware = hardware
         current.reasons.insert(
             -1,
@@ -771,13 +1233,20 @@ def fit_badge(hardware: Hardware, candidate: ModelCandidate, pins: Pins | None =
     if ngl == 0:
         level: FitLevel = "cpu"
         summary = f"CPU only, {p.load.n_ctx} tokens, {_gib(p.memory.total)}"
-    elif ngl == -1 and not p.load.expert_offload:
+    elif ngl == -1 and not p.load.expert_offload and not p.load.n_cpu_moe:
         level = "gpu"
         summary = f"fits on the GPU, {p.load.n_ctx} tokens, {_gib(p.memory.total)}"
     else:
         level = "partial"
-        how = "experts in RAM" if p.load.expert_offload else f"{ngl} layers on the GPU"
+        if ngl != -1:
+            how = f"{ngl} layers on the GPU"
+        elif p.load.expert_offload:
+            how = "experts in RAM"
+        else:
+            how = f"experts of {p.load.n_cpu_moe} layers in RAM"
         summary = f"partial offload ({how}), {p.load.n_ctx} tokens, {_gib(p.memory.total)}"
+    if p.paged_bytes:
+        summary += ", weights memory-mapped (slower)"
     return FitBadge(level, p.memory.total, summary)
 
 

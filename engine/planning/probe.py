@@ -16,7 +16,6 @@ import os
 import re
 import signal
 import subprocess
-import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -24,6 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
+from engine.child import NO_WINDOW, module_argv
 from engine.errors import PeregrineError
 from engine.paths import Paths
 from engine.wire.base import KV_TYPE_IDS
@@ -45,8 +45,9 @@ _RE_LAYER = re.compile(r"load_tensors: layer\s+(\d+) assigned to device (\S+?),"
 _RE_N_CTX = re.compile(r"llama_context: n_ctx\s+=\s+(\d+)")
 _RE_OVERRIDE = re.compile(r"^tensor (\S+) .* buffer type overridden to (\S+)")
 
-# The MoE expert tensors that `expert_offload` keeps in system RAM (llama-server's --cpu-moe).
-EXPERT_TENSOR_PATTERN = r"\.ffn_(up|down|gate|gate_up)_exps"
+# The MoE expert tensors that `expert_offload` keeps in system RAM (llama-server's --cpu-moe);
+# common/common.h LLM_FFN_EXPS_REGEX ("chexps": chunked experts).
+EXPERT_TENSOR_PATTERN = r"\.ffn_(up|down|gate|gate_up)_(ch|)exps"
 
 
 @dataclass
@@ -125,7 +126,7 @@ class DryRunCrashed(PeregrineError):
 def measure(
     load: LoadRequest,
     timeout_s: float = DEFAULT_TIMEOUT_S,
-    python: str = sys.executable,
+    python: str | None = None,
     environ: Mapping[str, str] | None = None,
 ) -> MeasuredMemory:
     """Measures `load` by a dry run in a child process; raises PeregrineError on failure."""
@@ -140,10 +141,17 @@ def measure(
         if not lib.is_dir():
             raise PeregrineError(f"runtime {load.runtime!r} is not installed ({lib} is missing)")
         env["LLAMA_CPP_LIB_PATH"] = str(lib)
-    cmd = [python, "-m", "engine.planning.probe", "--json", "--load", load.model_dump_json()]
+    cmd = module_argv("engine.planning.probe", python)
+    cmd += ["--json", "--load", load.model_dump_json()]
     try:
         proc = subprocess.run(
-            cmd, capture_output=True, text=True, timeout=timeout_s, env=env, check=False
+            cmd,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=env,
+            check=False,
+            creationflags=NO_WINDOW,
         )
     except subprocess.TimeoutExpired as exc:
         raise PeregrineError(f"the memory dry run did not finish within {timeout_s:.0f} s") from exc
@@ -218,8 +226,8 @@ def _dry_run_logged(load: LoadRequest, log_lines: list[str]) -> dict[str, Any]:
     mparams.use_mmap = False
     split_keepalive = None
     overrides_keepalive = None
-    if load.expert_offload:
-        overrides_keepalive = cpu_expert_overrides()
+    overrides_keepalive = expert_overrides(load)
+    if overrides_keepalive is not None:
         mparams.tensor_buft_overrides = ctypes.cast(overrides_keepalive, ctypes.c_void_p)
     if load.tensor_split:
         split_keepalive = (ctypes.c_float * len(load.tensor_split))(*load.tensor_split)
@@ -265,12 +273,36 @@ class BuftOverride(ctypes.Structure):
     _fields_ = [("pattern", ctypes.c_char_p), ("buft", ctypes.c_void_p)]
 
 
-def cpu_expert_overrides(pattern: str = EXPERT_TENSOR_PATTERN) -> ctypes.Array[BuftOverride]:
-    """A NULL-terminated override list that keeps matching tensors in host (CPU) memory.
+def expert_tensor_patterns(load: LoadRequest) -> list[str]:
+    r"""The regexes of the MoE expert tensors a load keeps in system RAM.
+
+    `expert_offload`: one pattern for every layer (llama-server's --cpu-moe).
+    `n_cpu_moe` N: one pattern per layer 0..N-1, built as llama-server builds them
+    for --n-cpu-moe (common/common.h llm_add_n_cpu_ffn_overrides): `blk\.7\.ffn_...`
+    cannot match blk.17, since the layer number is followed by a dot.
+    """
+    if load.expert_offload:
+        return [EXPERT_TENSOR_PATTERN]
+    return [rf"blk\.{il}{EXPERT_TENSOR_PATTERN}" for il in range(load.n_cpu_moe)]
+
+
+def expert_overrides(load: LoadRequest) -> ctypes.Array[BuftOverride] | None:
+    """The `tensor_buft_overrides` array for a load's expert offload, or None without one.
+
+    Keep the returned array alive until the model is loaded.
+    """
+    patterns = expert_tensor_patterns(load)
+    return cpu_expert_overrides(*patterns) if patterns else None
+
+
+def cpu_expert_overrides(*patterns: str) -> ctypes.Array[BuftOverride]:
+    """A NULL-terminated override list that keeps tensors matching `patterns` in host memory.
 
     llama-cpp-python leaves `tensor_buft_overrides` as an untyped pointer; this builds
-    the array for it. Keep the returned array alive until the model is loaded.
+    the array for it. Keep the returned array (it owns the pattern strings) alive
+    until the model is loaded.
     """
+    patterns = patterns or (EXPERT_TENSOR_PATTERN,)
     from engine.planning.hardware import load_ggml
 
     lib = load_ggml()
@@ -281,9 +313,11 @@ def cpu_expert_overrides(pattern: str = EXPERT_TENSOR_PATTERN) -> ctypes.Array[B
     cpu = lib.ggml_backend_dev_by_type(0)  # GGML_BACKEND_DEVICE_TYPE_CPU
     if not cpu:
         raise PeregrineError("llama.cpp has no CPU device to keep expert tensors on")
-    arr = (BuftOverride * 2)()
-    arr[0].pattern = pattern.encode()
-    arr[0].buft = lib.ggml_backend_dev_buffer_type(cpu)
+    buft = lib.ggml_backend_dev_buffer_type(cpu)
+    arr = (BuftOverride * (len(patterns) + 1))()  # zeroed: the last entry is the terminator
+    for entry, pattern in zip(arr, patterns, strict=False):
+        entry.pattern = pattern.encode()
+        entry.buft = buft
     return arr
 
 

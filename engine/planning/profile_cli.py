@@ -56,7 +56,12 @@ def _parser() -> _Parser:
     pin.add_argument("--cache-type-v", choices=kv_types, metavar="T", help="V cache type")
     pin.add_argument("--flash-attn", choices=["on", "off", "auto"], help="flash attention")
     pin.add_argument("--gpu-layers", type=int, metavar="N", help="layers on the GPU (-1 all)")
-    pin.add_argument("--budget-gib", type=float, metavar="G", help="memory budget for the model")
+    pin.add_argument(
+        "--budget-gib",
+        metavar="G[,G...]",
+        help="memory budget: one figure for the total, or one per device "
+        "(the GPUs in order, then RAM), e.g. 6,10",
+    )
     pin.add_argument("--headroom-gib", type=float, metavar="G", help="left free per device (1)")
     pin.add_argument("--threads", type=int, metavar="N", help="CPU threads")
     return p
@@ -78,9 +83,11 @@ def pins_from_args(args: argparse.Namespace) -> Pins:
             raise UsageError("--gpu-layers must be -1 (all) or more")
         pins.n_gpu_layers = args.gpu_layers
     if args.budget_gib is not None:
-        if not (math.isfinite(args.budget_gib) and args.budget_gib > 0):
-            raise UsageError("--budget-gib must be a positive number of GiB")
-        pins.budget_bytes = int(args.budget_gib * GIB)
+        figures = parse_budget_gib(args.budget_gib)
+        if len(figures) == 1:
+            pins.total_budget_bytes = figures[0]
+        else:
+            pins.budget_bytes = tuple(figures)
     if args.headroom_gib is not None:
         if not (math.isfinite(args.headroom_gib) and args.headroom_gib >= 0):
             raise UsageError("--headroom-gib must be a number of GiB, 0 or more")
@@ -90,6 +97,27 @@ def pins_from_args(args: argparse.Namespace) -> Pins:
             raise UsageError(f"--threads must be between 1 and {MAX_THREADS}")
         pins.threads = args.threads
     return pins
+
+
+def parse_budget_gib(text: str) -> list[int]:
+    """`--budget-gib`: one figure (the total) or a comma-separated figure per device, in bytes."""
+    parts = [p.strip() for p in text.split(",")]
+    figures = []
+    for part in parts:
+        try:
+            value = float(part)
+        except ValueError:
+            raise UsageError(
+                f"--budget-gib takes numbers of GiB separated by commas, not {text!r}"
+            ) from None
+        if not math.isfinite(value) or value < 0 or value > 1 << 30:
+            raise UsageError(f"--budget-gib: {part!r} is not a number of GiB, 0 or more")
+        figures.append(int(value * GIB))
+    if len(figures) == 1 and figures[0] <= 0:
+        raise UsageError("--budget-gib must be a positive number of GiB")
+    if len(figures) > 1 and figures[-1] <= 0:
+        raise UsageError("--budget-gib: the last figure, the RAM budget, must be positive")
+    return figures
 
 
 def load_hardware_file(path: str) -> Hardware:
@@ -276,7 +304,9 @@ def render_text(result: Plan) -> str:
         f"plan: ctx {load.n_ctx}, KV {load.type_k}/{load.type_v}, GPU layers {gpu}, "
         f"flash attention {load.flash_attn}, threads {load.threads}"
         + (", MoE experts in RAM" if load.expert_offload else "")
+        + (f", MoE experts of the first {load.n_cpu_moe} layers in RAM" if load.n_cpu_moe else "")
         + (f", split {load.tensor_split}" if load.tensor_split else "")
+        + (", weights memory-mapped (slower)" if result.paged_bytes else "")
     )
     lines.append(
         f"memory ({result.method}): {mem.total / GIB:.2f} GiB = weights {mem.weights / GIB:.2f}"

@@ -1,8 +1,10 @@
 """The engine core: one decode thread, a bounded queue, load/unload and status.
 
 Everything that touches llama.cpp runs on the decode thread; HTTP handlers
-submit jobs and receive plain events back through callbacks. Cancellation is
-cooperative: a job's `cancel` event is checked by the decoder on every token.
+submit jobs and receive typed events (`JobEvent`) back through one callback.
+Cancellation is cooperative: a job's `cancel` event is checked by the decoder
+on every token. Models come from an injected factory (`ModelFactory`), by
+default llama.cpp's.
 """
 
 from __future__ import annotations
@@ -10,17 +12,19 @@ from __future__ import annotations
 import logging
 import queue
 import threading
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Protocol
 
 from engine.backend.llama import LlamaLogCapture, LlamaModel, MemoryReport, SamplingParams
-from engine.decoding.decoder import Decoder, GenerationRequest, GenerationResult, SpecParams
+from engine.decoding.decoder import Decoder
+from engine.decoding.model import Model, Sampler
 from engine.decoding.prefix_cache import PrefixStateCache
+from engine.decoding.request import GenerationRequest, GenerationResult, SpecParams, TokenLogprob
 from engine.errors import PeregrineError
 from engine.gguf.chat_template import ChatTemplate
-from engine.speculative.drafters import DraftModelDrafter
+from engine.speculative.drafters import build_chain
 from engine.wire.control import (
     EngineState,
     EngineStatus,
@@ -43,6 +47,14 @@ class NotReady(PeregrineError):
     """No model is loaded (or it is still loading)."""
 
 
+class BadRequest(PeregrineError):
+    """A request that only the loaded model can tell is wrong; `param` names the field."""
+
+    def __init__(self, message: str, param: str) -> None:
+        super().__init__(message)
+        self.param = param
+
+
 class PromptTooLong(PeregrineError):
     """The prompt does not fit the context."""
 
@@ -54,6 +66,69 @@ class PromptTooLong(PeregrineError):
         )
         self.n_prompt = n_prompt
         self.n_ctx = n_ctx
+
+
+class ServedModel(Model, Protocol):
+    """What the engine needs from a loaded model beyond decoding (LlamaModel implements it)."""
+
+    request: LoadRequest
+    memory_report: MemoryReport
+
+    @property
+    def bos(self) -> int: ...
+    @property
+    def eos(self) -> int: ...
+    @property
+    def add_bos(self) -> bool: ...
+    @property
+    def max_token_bytes(self) -> int: ...
+    @property
+    def control_texts(self) -> frozenset[str]: ...
+
+    def meta(self, key: str) -> str | None: ...
+    def token_text(self, token: int) -> str: ...
+    def tokenize(self, text: str, *, add_special: bool, parse_special: bool) -> list[int]: ...
+    def vocab_fingerprint(self) -> str: ...
+    def greedy_sampler(self) -> Sampler: ...
+    def close(self) -> None: ...
+
+
+class ModelFactory(Protocol):
+    """Loads a model (the engine's own, or a draft model) for the decode thread."""
+
+    def __call__(
+        self, request: LoadRequest, *, progress: Callable[[float], None] | None = None
+    ) -> ServedModel: ...
+
+
+# --- events from the decode thread to a request's handler ------------------------
+
+
+@dataclass(frozen=True)
+class Started:
+    """The job left the queue: its prompt is tokenized and fits."""
+
+    n_prompt: int
+    granted: int  # max_tokens granted
+
+
+@dataclass(frozen=True)
+class TextDelta:
+    """A piece of the answer, in order, with the logprobs of its tokens when asked for."""
+
+    text: str
+    logprobs: tuple[TokenLogprob, ...] = ()
+
+
+@dataclass(frozen=True)
+class Done:
+    """The last event of every job: a result, or the error that ended it (neither: cancelled)."""
+
+    result: GenerationResult | None
+    error: BaseException | None
+
+
+JobEvent = Started | TextDelta | Done
 
 
 @dataclass
@@ -74,10 +149,16 @@ class Job:
     max_tokens: int | None
     stop: list[str]
     speculative: SpecParams
-    on_start: Callable[[int, int], None]  # (prompt tokens, max_tokens granted)
-    on_text: Callable[[str], None]
-    on_done: Callable[[GenerationResult | None, BaseException | None], None]
+    emit: Callable[[JobEvent], None]  # runs on the decode thread
     cancel: threading.Event = field(default_factory=threading.Event)
+    grammar: str | None = None  # compiled by engine/structured/schema.py
+    top_logprobs: int | None = None  # None: no logprobs
+
+
+def _take(items: list[TokenLogprob]) -> tuple[TokenLogprob, ...]:
+    taken = tuple(items)
+    items.clear()
+    return taken
 
 
 def model_id_for(path: str) -> str:
@@ -97,6 +178,7 @@ class Engine:
         validate: Callable[[str], object] | None = None,
         preflight: Callable[[LoadRequest], object] | None = None,
         log_capture: LlamaLogCapture | None = None,
+        model_factory: ModelFactory | None = None,
     ) -> None:
         self.queue_limit = queue_limit
         self.runtime = runtime or RuntimeInfo(name="default", backend="cpu")
@@ -104,7 +186,10 @@ class Engine:
         # A trial load elsewhere (a child process) before a model in use is
         # given up: a llama.cpp abort must not take the working model with it.
         self._preflight = preflight
-        self._log_capture = log_capture or LlamaLogCapture()
+        # llama.cpp's log callback must outlive every model it loads: only
+        # llama.cpp's own factory needs one (an injected factory brings its own).
+        self._log_capture = log_capture or (LlamaLogCapture() if model_factory is None else None)
+        self._model_factory = model_factory or self._load_llama
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
@@ -113,8 +198,8 @@ class Engine:
         self.load_progress = 0.0
         self.error: str | None = None
         self.settings: LoadRequest | None = None
-        self.model: LlamaModel | None = None
-        self.draft_model: LlamaModel | None = None
+        self.model: ServedModel | None = None
+        self.draft_model: ServedModel | None = None
         self.decoder: Decoder | None = None
         self.template: ChatTemplate | None = None
         self._state_cache = PrefixStateCache(state_cache_bytes)
@@ -144,6 +229,11 @@ class Engine:
         self._thread.join(timeout)
 
     # --- loading ------------------------------------------------------------------
+
+    def _load_llama(
+        self, request: LoadRequest, *, progress: Callable[[float], None] | None = None
+    ) -> ServedModel:
+        return LlamaModel(request, progress=progress, log_capture=self._log_capture)
 
     def load(self, request: LoadRequest) -> threading.Event:
         """Queues a model load; returns an event set when it finished (or failed).
@@ -227,7 +317,7 @@ class Engine:
 
     def _install(self, request: LoadRequest) -> None:
         """Loads a model (and its draft model) and makes it the one in use."""
-        model = LlamaModel(request, progress=self._on_progress, log_capture=self._log_capture)
+        model = self._model_factory(request, progress=self._on_progress)
         try:
             self.draft_model = self._load_draft(request, model)
             self.template = ChatTemplate(
@@ -239,18 +329,19 @@ class Engine:
             model.close()
             raise
         self.model = model
-        draft = DraftModelDrafter(self.draft_model) if self.draft_model is not None else None
-        self.decoder = Decoder(model, state_cache=self._state_cache, draft=draft)
+        self.decoder = Decoder(
+            model, state_cache=self._state_cache, drafters=build_chain(self.draft_model)
+        )
         with self._lock:
             self.state = "ready"
             self.load_progress = 1.0
             # llama.cpp may round n_ctx up (to a multiple of 256): report what is in force.
             self.settings = request.model_copy(update={"n_ctx": model.n_ctx})
 
-    def _load_draft(self, request: LoadRequest, model: LlamaModel) -> LlamaModel | None:
+    def _load_draft(self, request: LoadRequest, model: ServedModel) -> ServedModel | None:
         if not request.draft_model:
             return None
-        draft = LlamaModel(
+        draft = self._model_factory(
             LoadRequest(
                 model=request.draft_model,
                 n_ctx=model.n_ctx,
@@ -260,7 +351,6 @@ class Engine:
                 n_batch=request.n_batch,
                 n_ubatch=request.n_ubatch,
             ),
-            log_capture=self._log_capture,
         )
         if draft.vocab_fingerprint() != model.vocab_fingerprint():
             draft.close()
@@ -271,8 +361,10 @@ class Engine:
         return draft
 
     @property
-    def has_draft_model(self) -> bool:
-        return self.draft_model is not None
+    def drafter_names(self) -> Sequence[str]:
+        """The drafters a request may ask for by speculative type, in chain order."""
+        decoder = self.decoder
+        return [d.name for d in decoder.drafters] if decoder is not None else []
 
     def _fail_load(self, message: str, *, keep_current: bool = False) -> None:
         with self._lock:
@@ -305,8 +397,8 @@ class Engine:
         return done
 
     def _unload_now(self) -> None:
-        if self.decoder is not None and self.decoder.draft_drafter is not None:
-            self.decoder.draft_drafter.close()
+        if self.decoder is not None:
+            self.decoder.close()
         if self.draft_model is not None:
             self.draft_model.close()
         self.draft_model = None
@@ -344,6 +436,13 @@ class Engine:
                 return
             if self.model is None or self.decoder is None:
                 raise NotReady("no model is loaded")
+            for token, _bias in job.sampling.logit_bias:
+                if token >= self.model.n_vocab:
+                    raise BadRequest(
+                        f"'logit_bias' token id {token} is outside the vocabulary "
+                        f"(0..{self.model.n_vocab - 1})",
+                        "logit_bias",
+                    )
             tokens = self._tokenize(job.prompt)
             if not tokens:
                 raise PeregrineError("the prompt is empty")
@@ -352,7 +451,9 @@ class Engine:
                 raise PromptTooLong(len(tokens), n_ctx)
             room = n_ctx - len(tokens)
             granted = room if job.max_tokens is None else min(job.max_tokens, room)
-            job.on_start(len(tokens), granted)
+            job.emit(Started(len(tokens), granted))
+            # The decoder hands over a text's logprobs just before the text itself.
+            held: list[TokenLogprob] = []
             result = self.decoder.generate(
                 GenerationRequest(
                     prompt_tokens=tokens,
@@ -361,8 +462,11 @@ class Engine:
                     stop=job.stop,
                     speculative=job.speculative,
                     cancel=job.cancel,
+                    grammar=job.grammar,
+                    top_logprobs=job.top_logprobs,
+                    on_logprobs=held.extend,
                 ),
-                job.on_text,
+                lambda text: job.emit(TextDelta(text, _take(held))),
             )
         except BaseException as exc:
             error = exc
@@ -371,7 +475,7 @@ class Engine:
                 self._current = None
                 if self.state == "generating":
                     self.state = "ready" if previous in ("ready", "generating") else previous
-            job.on_done(result, error)
+            job.emit(Done(result, error))
 
     def _tokenize(self, prompt: PromptSpec) -> list[int]:
         assert self.model is not None and self.template is not None
@@ -400,6 +504,14 @@ class Engine:
         """
         assert self.model is not None and self.template is not None
         controls = self.model.control_texts
+        for i, m in enumerate(messages):
+            name = m.get("name")
+            if isinstance(name, str) and any(c in name for c in controls):
+                # A template writes the name as markup: it could open a turn of its own.
+                raise BadRequest(
+                    "a message 'name' must not contain the model's control-token text",
+                    f"messages.{i}.name",
+                )
         suspicious = any(
             isinstance(m.get("content"), str) and any(c in m["content"] for c in controls)
             for m in messages

@@ -33,6 +33,10 @@ log = logging.getLogger("peregrine.serve")
 
 KV_CHOICES = ["f32", "f16", "bf16", "q8_0", "q5_1", "q5_0", "q4_1", "q4_0", "iq4_nl"]
 
+# Chat templates come from downloaded files and run in jinja2's sandbox: older
+# releases let a template escape it (CVE-2024-56326, CVE-2025-27516).
+MIN_JINJA2 = (3, 1, 6)
+
 
 class EventWriter:
     """Writes start-up events to stdout, one JSON line each, flushed at once."""
@@ -97,6 +101,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="extra Host header name to accept (repeatable)",
     )
     g.add_argument(
+        "--models-dir",
+        action="append",
+        default=[],
+        metavar="DIR",
+        help="with --host beyond loopback, /v1/engine/load loads only files under the "
+        "models folder and these folders (repeatable)",
+    )
+    g.add_argument(
         "--timeout",
         "-to",
         type=float,
@@ -112,6 +124,17 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--cache-type-v", "-ctv", choices=KV_CHOICES, default=None)
     g.add_argument("--flash-attn", "-fa", choices=["on", "off", "auto"], default=None)
     g.add_argument("--threads", "-t", type=int, default=None)
+    g.add_argument(
+        "--tensor-split", "-ts", default=None, help="share of each GPU, comma-separated: 3,1"
+    )
+    g.add_argument(
+        "--n-cpu-moe",
+        "-ncmoe",
+        type=int,
+        default=None,
+        help="MoE experts of the first N layers in RAM",
+    )
+    g.add_argument("--cpu-moe", "-cmoe", action="store_true", help="every MoE expert in RAM")
     g.add_argument("--batch-size", "-b", type=int, default=None, help="n_batch")
     g.add_argument("--ubatch-size", "-ub", type=int, default=None, help="n_ubatch")
     g.add_argument(
@@ -169,6 +192,9 @@ def _load_request(args: argparse.Namespace, model_path: str) -> LoadRequest:
         "threads": args.threads,
         "n_batch": args.batch_size,
         "n_ubatch": args.ubatch_size,
+        "tensor_split": _split(args.tensor_split),
+        "n_cpu_moe": args.n_cpu_moe,
+        "expert_offload": args.cpu_moe or None,
     }
     base.update({k: v for k, v in explicit.items() if v is not None})
     try:
@@ -178,6 +204,19 @@ def _load_request(args: argparse.Namespace, model_path: str) -> LoadRequest:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "settings"
         raise UsageError(f"invalid settings: {where}: {err['msg']}") from exc
+
+
+def _split(text: str | None) -> list[float] | None:
+    """`--tensor-split 3,1` (llama-server's form); None when not given."""
+    if text is None:
+        return None
+    try:
+        split = [float(part) for part in text.split(",")]
+    except ValueError:
+        split = []
+    if not split or not all(math.isfinite(s) and s >= 0 for s in split):
+        raise UsageError(f"--tensor-split takes numbers, 0 or more, separated by commas: {text!r}")
+    return split
 
 
 def _check_args(args: argparse.Namespace) -> None:
@@ -190,6 +229,34 @@ def _check_args(args: argparse.Namespace) -> None:
         raise UsageError(f"--timeout must be a positive number of seconds, not {args.timeout}")
     if args.queue_limit < 1:
         raise UsageError(f"--queue-limit must be at least 1, not {args.queue_limit}")
+
+
+def check_jinja2(version: str) -> None:
+    """Refuses a jinja2 whose sandbox model templates can escape."""
+    parts = []
+    for part in version.split(".")[:3]:
+        digits = "".join(c for c in part if c.isdigit()) if part[:1].isdigit() else ""
+        parts.append(int(digits) if digits else 0)
+    if tuple(parts + [0] * (3 - len(parts))) < MIN_JINJA2:
+        raise PeregrineError(
+            f"jinja2 {version} is too old: chat templates could escape its sandbox "
+            "(CVE-2024-56326, CVE-2025-27516); install jinja2 3.1.6 or later"
+        )
+
+
+def _load_roots(args: argparse.Namespace, model_path: str) -> list[Path] | None:
+    """Where /v1/engine/load may load from: anywhere on loopback, else the models folders.
+
+    The files served from the start (--model, --draft-model) stay loadable, by
+    themselves: not the folders they are in.
+    """
+    if _is_loopback(args.host):
+        return None
+    roots = [Paths.from_env().models, *(Path(d).expanduser() for d in args.models_dir)]
+    roots.append(Path(model_path))
+    if args.draft_model:
+        roots.append(Path(args.draft_model).expanduser())
+    return roots
 
 
 def _select_runtime(name: str | None) -> tuple[str, str]:
@@ -297,12 +364,20 @@ def main(argv: list[str]) -> int:
         return 1
     except KeyboardInterrupt:
         return 0
+    except Exception as exc:
+        # Whatever failed, the supervisor reads one error event, not a traceback on stderr alone.
+        log.exception("the engine failed to start")
+        events.emit("error", message=f"the engine failed to start: {type(exc).__name__}: {exc}")
+        return 1
 
 
 async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
     from engine.default_model import default_model_path
 
     _check_args(args)
+    import jinja2
+
+    check_jinja2(jinja2.__version__)
     api_key = args.api_key or os.environ.get("PEREGRINE_API_KEY") or ""
     if not _is_loopback(args.host) and not api_key:
         raise UsageError(f"binding to {args.host} (not loopback) requires an explicit --api-key")
@@ -341,6 +416,7 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
         host=args.host,
         allowed_hosts=set(args.allowed_host),
         io_timeout=args.timeout,
+        load_roots=_load_roots(args, model_path),
     )
     app = build_app(engine, config)
     runner = make_runner(app, config)

@@ -11,24 +11,45 @@ import asyncio
 import hmac
 import json
 import logging
+import os
 import socket
 import time
 import uuid
 import zlib
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
-from typing import Any, TypeVar
+from pathlib import Path
+from typing import Any, Literal, TypeVar
 
 from aiohttp import web
 from pydantic import ValidationError
 
-from engine.backend.llama import SamplingParams
-from engine.decoding.decoder import GenerationResult, SpecParams
+from engine.backend.llama import DecodeError, SamplingParams
+from engine.decoding.request import GenerationResult, SpecParams, TokenLogprob
 from engine.errors import PeregrineError
 from engine.gguf.chat_template import TemplateError
-from engine.serving.scheduler import Engine, Job, NotReady, PromptSpec, PromptTooLong, QueueFull
+from engine.serving.scheduler import (
+    BadRequest,
+    Done,
+    Engine,
+    Job,
+    JobEvent,
+    NotReady,
+    PromptSpec,
+    PromptTooLong,
+    QueueFull,
+    Started,
+    TextDelta,
+)
+from engine.structured.constraint import GrammarError
+from engine.structured.schema import SchemaError, grammar_for
 from engine.wire.control import LoadRequest
-from engine.wire.openai import ChatCompletionRequest, CompletionRequest, SamplingFields
+from engine.wire.openai import (
+    ChatCompletionRequest,
+    CompletionRequest,
+    SamplingFields,
+    refused_field,
+)
 
 log = logging.getLogger("peregrine.server")
 
@@ -88,6 +109,9 @@ class ServerConfig:
     # Seconds a client may stall: sending its body, or reading a stream. A
     # stalled stream reader gets its generation cancelled and its connection closed.
     io_timeout: float = DEFAULT_IO_TIMEOUT
+    # Folders (and single files) `/v1/engine/load` may load from, compared by
+    # real path; None: anywhere (an engine on loopback).
+    load_roots: Sequence[Path] | None = None
 
 
 def _model_object(model_id: str) -> dict[str, Any]:
@@ -154,7 +178,7 @@ def build_app(engine: Engine, config: ServerConfig) -> web.Application:
             ).response()
 
     app = web.Application(middlewares=[guard], client_max_size=MAX_BODY)
-    api = _Api(engine, io_timeout=config.io_timeout)
+    api = _Api(engine, io_timeout=config.io_timeout, load_roots=config.load_roots)
     # Stopping the server cancels every generation in flight, so that open
     # streams end at once instead of holding the shutdown until they finish.
     app.on_shutdown.append(api.cancel_all)
@@ -163,6 +187,7 @@ def build_app(engine: Engine, config: ServerConfig) -> web.Application:
     app.router.add_get("/v1/models/{model:.+}", api.model)
     app.router.add_post("/v1/chat/completions", api.chat)
     app.router.add_post("/v1/completions", api.completions)
+    app.router.add_post("/v1/embeddings", api.embeddings)
     app.router.add_post("/v1/engine/load", api.load)
     app.router.add_post("/v1/engine/unload", api.unload)
     app.router.add_get("/v1/engine/status", api.status)
@@ -272,6 +297,36 @@ def _validation_error(exc: ValidationError) -> ApiError:
     )
 
 
+def _logit_bias(req: SamplingFields) -> tuple[tuple[int, float], ...]:
+    """OpenAI's `{"token id": bias}`, checked: ids are non-negative integers, biases in [-100, 100]."""
+    pairs = []
+    for key, bias in (req.logit_bias or {}).items():
+        try:
+            token = int(key)
+        except ValueError:
+            token = -1
+        if token < 0 or key.strip() != str(token):
+            raise ApiError(
+                400,
+                f"'logit_bias' keys must be token ids, not {key[:40]!r}",
+                code="invalid_value",
+                param="logit_bias",
+            )
+        if not -100.0 <= bias <= 100.0:
+            raise ApiError(
+                400,
+                f"'logit_bias' values must be between -100 and 100 (token {token}: {bias})",
+                code="invalid_value",
+                param="logit_bias",
+            )
+        pairs.append((token, float(bias)))
+    if len(pairs) > 1024:
+        raise ApiError(
+            400, "'logit_bias' takes at most 1024 tokens", code="invalid_value", param="logit_bias"
+        )
+    return tuple(pairs)
+
+
 def _sampling(req: SamplingFields) -> SamplingParams:
     d = SamplingParams()
     return SamplingParams(
@@ -288,6 +343,7 @@ def _sampling(req: SamplingFields) -> SamplingParams:
         if req.presence_penalty is None
         else req.presence_penalty,
         seed=req.seed,
+        logit_bias=_logit_bias(req),
     )
 
 
@@ -306,10 +362,18 @@ def _require_utf8(text: str | None, param: str) -> None:
         ) from exc
 
 
-def _check_common(req: SamplingFields, *, has_draft_model: bool = False) -> None:
-    if req.n is not None and req.n != 1:
+def _check_common(req: SamplingFields, *, drafters: Sequence[str] = ()) -> None:
+    if (
+        isinstance(req, ChatCompletionRequest)
+        and req.top_logprobs is not None
+        and req.top_logprobs > 0
+        and not req.logprobs
+    ):
         raise ApiError(
-            400, "'n' must be 1: one completion per request", code="unsupported_value", param="n"
+            400,
+            "'top_logprobs' needs 'logprobs': true",
+            code="invalid_value",
+            param="top_logprobs",
         )
     max_tokens = req.requested_max_tokens()
     if max_tokens is not None and max_tokens < 1:
@@ -332,7 +396,7 @@ def _check_common(req: SamplingFields, *, has_draft_model: bool = False) -> None
             code="unsupported_value",
             param="speculative.type",
         )
-    if spec is not None and spec.type == "draft" and not has_draft_model:
+    if spec is not None and spec.type == "draft" and "draft" not in drafters:
         raise ApiError(
             400,
             "speculative type 'draft' needs a draft model: start the engine with --draft-model",
@@ -346,21 +410,32 @@ class _Stream:
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
-        self.queue: asyncio.Queue[tuple[str, Any]] = asyncio.Queue()
+        self.queue: asyncio.Queue[JobEvent] = asyncio.Queue()
 
-    def put(self, kind: str, value: Any) -> None:
+    def put(self, event: JobEvent) -> None:
         try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, (kind, value))
+            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
         except RuntimeError:
             # The event loop has closed (shutdown cut a slow request off): nobody
             # waits for this event, and raising would only break the decode thread's job.
-            log.debug("dropped a %r event for a request that outlived the server", kind)
+            log.debug(
+                "dropped a %s event for a request that outlived the server", type(event).__name__
+            )
 
 
 class _Api:
-    def __init__(self, engine: Engine, *, io_timeout: float = DEFAULT_IO_TIMEOUT) -> None:
+    def __init__(
+        self,
+        engine: Engine,
+        *,
+        io_timeout: float = DEFAULT_IO_TIMEOUT,
+        load_roots: Sequence[Path] | None = None,
+    ) -> None:
         self.engine = engine
         self.io_timeout = io_timeout
+        self.load_roots = (
+            None if load_roots is None else [Path(os.path.realpath(r)) for r in load_roots]
+        )
         self.jobs: dict[int, Job] = {}  # submitted and not yet answered, by id()
 
     async def cancel_all(self, _app: web.Application | None = None) -> None:
@@ -401,8 +476,36 @@ class _Api:
             load = LoadRequest.model_validate(body)
         except ValidationError as exc:
             raise _validation_error(exc) from exc
+        for name, path in (("model", load.model), ("draft_model", load.draft_model)):
+            if path is not None and not self._may_load(path):
+                # The same answer whether or not the file exists: nothing is revealed.
+                raise ApiError(
+                    403,
+                    f"'{name}' must be a file under the engine's models folders "
+                    "(an engine listening beyond loopback loads nothing else)",
+                    type_="permission_error",
+                    code="path_not_allowed",
+                    param=name,
+                )
         self.engine.load(load)
         return web.json_response({"status": "loading", "model": load.model}, status=202)
+
+    def _may_load(self, path: str) -> bool:
+        """Whether `path`, symlinks resolved, lies inside a load root (always on loopback)."""
+        if self.load_roots is None:
+            return True
+        try:
+            real = Path(os.path.realpath(path))
+        except (OSError, ValueError):
+            return False
+        return any(real == root or real.is_relative_to(root) for root in self.load_roots)
+
+    async def embeddings(self, request: web.Request) -> web.Response:
+        raise ApiError(
+            400,
+            "embeddings are not supported: this engine serves chat and text completions only",
+            code="unsupported_endpoint",
+        )
 
     async def unload(self, request: web.Request) -> web.Response:
         done = self.engine.unload()
@@ -412,18 +515,34 @@ class _Api:
             return web.json_response({"status": "unloading"}, status=202)
         return web.json_response({"status": "idle"})
 
-    async def _parse(self, request: web.Request, model: type[_Req]) -> _Req:
-        """Reads, validates and checks a completion request body (400 on any fault)."""
+    async def _parse(
+        self, request: web.Request, model: type[_Req], route: Literal["chat", "completions"]
+    ) -> tuple[_Req, str | None]:
+        """Reads, validates and checks a completion request body (400 on any fault).
+
+        Returns the request and the grammar its response_format compiles to.
+        """
         body = _fold_flat_keys(await _json_body(request, self.io_timeout))
+        refused = refused_field(body, route)
+        if refused is not None:
+            raise ApiError(400, refused[1], code="unsupported_value", param=refused[0])
         try:
             req = model.model_validate(body)
         except ValidationError as exc:
             raise _validation_error(exc) from exc
-        _check_common(req, has_draft_model=self.engine.has_draft_model)
-        return req
+        _check_common(req, drafters=self.engine.drafter_names)
+        grammar = None
+        if req.response_format is not None:
+            fmt = req.response_format.as_dict()
+            try:
+                # Compiling a large schema takes a while: off the event loop.
+                grammar = await asyncio.get_running_loop().run_in_executor(None, grammar_for, fmt)
+            except SchemaError as exc:
+                raise ApiError(400, str(exc), code="unsupported_schema", param=exc.param) from exc
+        return req, grammar
 
     async def chat(self, request: web.Request) -> web.StreamResponse:
-        req = await self._parse(request, ChatCompletionRequest)
+        req, grammar = await self._parse(request, ChatCompletionRequest, "chat")
         for i, m in enumerate(req.messages):
             if isinstance(m.content, list):
                 for part in m.content:
@@ -441,10 +560,17 @@ class _Api:
             {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
             for m in req.messages
         ]
-        return await self._run(request, req, PromptSpec(messages=messages), chat=True)
+        return await self._run(
+            request,
+            req,
+            PromptSpec(messages=messages),
+            grammar,
+            req.requested_logprobs(),
+            chat=True,
+        )
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
-        req = await self._parse(request, CompletionRequest)
+        req, grammar = await self._parse(request, CompletionRequest, "completions")
         prompt = req.prompt
         if isinstance(prompt, list) and prompt and all(isinstance(p, int) for p in prompt):
             spec = PromptSpec(token_ids=[int(p) for p in prompt])
@@ -462,10 +588,17 @@ class _Api:
         if spec.text == "" or spec.token_ids == []:
             raise ApiError(400, "'prompt' is empty", code="invalid_value", param="prompt")
         _require_utf8(spec.text, "prompt")
-        return await self._run(request, req, spec, chat=False)
+        return await self._run(request, req, spec, grammar, req.requested_logprobs(), chat=False)
 
     async def _run(
-        self, request: web.Request, req: SamplingFields, prompt: PromptSpec, *, chat: bool
+        self,
+        request: web.Request,
+        req: SamplingFields,
+        prompt: PromptSpec,
+        grammar: str | None,
+        logprobs: int | None,
+        *,
+        chat: bool,
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         stream = _Stream(loop)
@@ -483,9 +616,9 @@ class _Api:
             )
             if spec_opts
             else SpecParams(),
-            on_start=lambda n_prompt, granted: stream.put("start", (n_prompt, granted)),
-            on_text=lambda text: stream.put("text", text),
-            on_done=lambda result, error: stream.put("done", (result, error)),
+            emit=stream.put,
+            grammar=grammar,
+            top_logprobs=logprobs,
         )
         try:
             self.engine.submit(job)
@@ -509,7 +642,7 @@ class _Api:
             job.cancel.set()  # no-op when finished; stops work for a vanished client
             self.jobs.pop(id(job), None)
 
-    async def _next(self, request: web.Request, stream: _Stream, job: Job) -> tuple[str, Any]:
+    async def _next(self, request: web.Request, stream: _Stream, job: Job) -> JobEvent:
         """The next event, cancelling the job if the client has gone away meanwhile."""
         while True:
             # Checked before every event, not only in quiet spells: a busy
@@ -526,24 +659,22 @@ class _Api:
 
     async def _await_start(self, request: web.Request, stream: _Stream, job: Job) -> int:
         """Waits for the job to start; returns its prompt size or raises ApiError."""
-        kind, value = await self._next(request, stream, job)
-        if kind == "done":
-            _result, error = value
-            raise _api_error_for(error, _prompt_field(job))
-        n_prompt, _granted = value
-        return int(n_prompt)
+        event = await self._next(request, stream, job)
+        if isinstance(event, Done):
+            raise _api_error_for(event.error, _prompt_field(job))
+        assert isinstance(event, Started), event
+        return event.n_prompt
 
     async def _collect(
         self, request: web.Request, stream: _Stream, job: Job, meta: _ResponseMeta
     ) -> web.Response:
         n_prompt = await self._await_start(request, stream, job)
         while True:
-            kind, value = await self._next(request, stream, job)
-            if kind == "done":
-                result, error = value
-                if error is not None or result is None:
-                    raise _api_error_for(error, _prompt_field(job))
-                return web.json_response(meta.full(result, n_prompt))
+            event = await self._next(request, stream, job)
+            if isinstance(event, Done):
+                if event.error is not None or event.result is None:
+                    raise _api_error_for(event.error, _prompt_field(job))
+                return web.json_response(meta.full(event.result, n_prompt))
 
     async def _stream(
         self,
@@ -567,24 +698,35 @@ class _Api:
         try:
             if meta.chat:
                 await send.event(meta.chunk({"role": "assistant", "content": ""}, None))
+            offset = 0  # text_offset of the next chunk (completions' logprobs)
             while True:
-                kind, value = await self._next(request, stream, job)
-                if kind == "text":
-                    await send.event(meta.chunk({"content": value} if meta.chat else value, None))
-                elif kind == "done":
-                    result, error = value
-                    if error is not None or result is None:
-                        await send.event(_api_error_for(error, _prompt_field(job)).body())
+                event = await self._next(request, stream, job)
+                if isinstance(event, TextDelta):
+                    text = event.text
+                    lp = (
+                        meta.logprobs(event.logprobs, offset)
+                        if job.top_logprobs is not None
+                        else None
+                    )
+                    await send.event(meta.chunk({"content": text} if meta.chat else text, None, lp))
+                    offset += len(text)
+                elif isinstance(event, Done):
+                    result = event.result
+                    if event.error is not None or result is None:
+                        await send.event(_api_error_for(event.error, _prompt_field(job)).body())
                     else:
                         final = meta.chunk({} if meta.chat else "", result.finish_reason)
                         final["timings"] = result.timings.to_json()
-                        final["usage"] = meta.usage(result, n_prompt)
-                        await send.event(final)
+                        usage = meta.usage(result, n_prompt)
                         if include_usage:
-                            # OpenAI's shape: one more chunk, with no choices, carrying the usage.
+                            # OpenAI's shape: usage only on one more chunk, with no choices.
+                            await send.event(final)
                             await send.event(
-                                {**meta.chunk("", None), "choices": [], "usage": final["usage"]}
+                                {**meta.chunk("", None), "choices": [], "usage": usage}
                             )
+                        else:
+                            final["usage"] = usage
+                            await send.event(final)
                     await send.raw(b"data: [DONE]\n\n")
                     break
             await asyncio.wait_for(response.write_eof(), self.io_timeout)
@@ -660,6 +802,14 @@ def _api_error_for(error: BaseException | None, prompt_field: str = "messages") 
         return ApiError(400, str(error), code="context_length_exceeded", param=prompt_field)
     if isinstance(error, NotReady):
         return ApiError(503, str(error), type_="server_error", code="model_not_ready")
+    if isinstance(error, BadRequest):
+        return ApiError(400, str(error), code="invalid_value", param=error.param)
+    if isinstance(error, DecodeError | GrammarError):
+        # llama.cpp (or the grammar engine) failed, not the request.
+        log.error("generation failed: %s", error)
+        return ApiError(
+            500, f"generation failed: {error}", type_="server_error", code="internal_error"
+        )
     if isinstance(error, TemplateError):
         # The model's own template refused or overran its bounds: tell it apart
         # from a mistake in the request.
@@ -682,14 +832,25 @@ class _ResponseMeta:
     model: str
     chat: bool
 
-    def chunk(self, delta: dict[str, Any] | str, finish: str | None) -> dict[str, Any]:
+    def chunk(
+        self,
+        delta: dict[str, Any] | str,
+        finish: str | None,
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         if self.chat:
-            return self._envelope("chat.completion.chunk", {"delta": delta}, finish)
-        return self._envelope("text_completion", {"text": delta}, finish)
+            return self._envelope("chat.completion.chunk", {"delta": delta}, finish, logprobs)
+        return self._envelope("text_completion", {"text": delta}, finish, logprobs)
 
-    def _envelope(self, obj: str, content: dict[str, Any], finish: str | None) -> dict[str, Any]:
+    def _envelope(
+        self,
+        obj: str,
+        content: dict[str, Any],
+        finish: str | None,
+        logprobs: dict[str, Any] | None = None,
+    ) -> dict[str, Any]:
         """OpenAI's object around one choice (its content: delta, message or text)."""
-        choice = {"index": 0, **content, "logprobs": None, "finish_reason": finish}
+        choice = {"index": 0, **content, "logprobs": logprobs, "finish_reason": finish}
         return {
             "id": self.id,
             "object": obj,
@@ -706,14 +867,49 @@ class _ResponseMeta:
             "total_tokens": n_prompt + result.completion_tokens,
         }
 
+    def logprobs(self, records: Sequence[TokenLogprob], offset: int = 0) -> dict[str, Any]:
+        """OpenAI's logprobs object: chat's `content` list, or completions' legacy columns."""
+        if self.chat:
+            return {"content": [_chat_logprob(r) for r in records], "refusal": None}
+        offsets = []
+        for r in records:
+            offsets.append(offset)
+            offset += len(_text(r.piece))
+        return {
+            "tokens": [_text(r.piece) for r in records],
+            "token_logprobs": [r.logprob for r in records],
+            "top_logprobs": [{_text(t.piece): t.logprob for t in r.top} for r in records],
+            "text_offset": offsets,
+        }
+
     def full(self, result: GenerationResult, n_prompt: int) -> dict[str, Any]:
+        lp = self.logprobs(result.logprobs) if result.logprobs is not None else None
         if self.chat:
             message = {"message": {"role": "assistant", "content": result.text}}
-            body = self._envelope("chat.completion", message, result.finish_reason)
+            body = self._envelope("chat.completion", message, result.finish_reason, lp)
         else:
-            body = self._envelope("text_completion", {"text": result.text}, result.finish_reason)
+            body = self._envelope(
+                "text_completion", {"text": result.text}, result.finish_reason, lp
+            )
         return {
             **body,
             "usage": self.usage(result, n_prompt),
             "timings": result.timings.to_json(),
         }
+
+
+def _text(piece: bytes) -> str:
+    return piece.decode("utf-8", errors="replace")
+
+
+def _chat_logprob(record: TokenLogprob) -> dict[str, Any]:
+    """One token of chat's `logprobs.content`: the sampled token first, then the top ones."""
+    return {
+        "token": _text(record.piece),
+        "logprob": record.logprob,
+        "bytes": list(record.piece),
+        "top_logprobs": [
+            {"token": _text(t.piece), "logprob": t.logprob, "bytes": list(t.piece)}
+            for t in record.top
+        ],
+    }

@@ -7,15 +7,15 @@ from __future__ import annotations
 import itertools
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import Protocol
 
 # Prior cost of decoding a batch of n tokens relative to one token, measured on
 # a 2-core CPU (measured: 10.2, 18.8, 30.0, 46.2, 87.3 ms for 1/2/4/8/16).
 # Replaced by this machine's own measurements as soon as they exist.
 CPU_PRIOR_COST = {1: 1.0, 2: 1.84, 4: 2.94, 8: 4.53, 16: 8.56}
 
-# The controller's signal for drafts from a draft model (n-gram drafts use their
-# match length, 1..n_max, as the signal).
-DRAFT_MODEL_SIGNAL = 100
+# Strengths above this share one bucket of statistics.
+MAX_STRENGTH_BUCKET = 6
 
 # Longest draft the controller keeps statistics for (requests cap n_max at 16).
 MAX_DRAFT = 16
@@ -33,14 +33,34 @@ def _interpolate(table: dict[int, float], n: int) -> float:
     return table[last] * n / last
 
 
+class DraftSource(Protocol):
+    """What the controller needs to know of a drafter (every `Drafter` is one)."""
+
+    name: str
+
+    def prior(self, strength: int) -> float: ...
+
+
+class _MatchPrior:
+    """The source assumed when none is named: longer matches are likelier."""
+
+    name = ""
+
+    def prior(self, strength: int) -> float:
+        return 0.6 + 0.06 * min(strength, MAX_STRENGTH_BUCKET)
+
+
+ANY_SOURCE: DraftSource = _MatchPrior()
+
+
 @dataclass
 class DraftStats:
-    """Acceptance observed for one drafter, bucketed by the strength of its match."""
+    """Acceptance observed per (drafter, strength bucket), and totals over all."""
 
-    # P(draft token i accepted | tokens before it accepted), per match-length
-    # bucket and per draft position: drafts tend to be all right (a copied
-    # span) or wrong at once, so later positions are far likelier to hold.
-    acceptance: dict[int, list[float]] = field(default_factory=dict)
+    # P(draft token i accepted | tokens before it accepted), per (drafter,
+    # strength bucket) and per draft position: drafts tend to be all right (a
+    # copied span) or wrong at once, so later positions are far likelier to hold.
+    acceptance: dict[tuple[str, int], list[float]] = field(default_factory=dict)
     drafted: int = 0
     accepted: int = 0
     steps: int = 0
@@ -75,7 +95,7 @@ class SpeculationController:
         self.current_k = 0
         self._cooldown = 0
         self._probe_wait = 16
-        self._draft_ms: float | None = None
+        self._draft_ms: dict[str, float] = {}
         self._probing = False
 
     # --- measurements -------------------------------------------------------------
@@ -93,45 +113,51 @@ class SpeculationController:
         return _interpolate(self._prior, n_tokens)
 
     @staticmethod
-    def bucket(match_len: int) -> int:
-        return match_len if match_len >= DRAFT_MODEL_SIGNAL else min(match_len, 6)
+    def bucket(strength: int) -> int:
+        return min(strength, MAX_STRENGTH_BUCKET)
 
-    def position_acceptance(self, match_len: int) -> list[float]:
+    def position_acceptance(
+        self, strength: int, *, drafter: DraftSource = ANY_SOURCE
+    ) -> list[float]:
         """Conditional acceptance per draft position (index 0: the first draft token)."""
-        b = self.bucket(match_len)
-        table = self.stats.acceptance.get(b)
+        key = (drafter.name, self.bucket(strength))
+        table = self.stats.acceptance.get(key)
         if table is None:
             # Optimistic prior so that the first drafts get tried at all; the
             # estimates then converge quickly (EMA weight 0.2 per observation).
-            first = 0.7 if match_len >= DRAFT_MODEL_SIGNAL else 0.6 + 0.06 * min(match_len, 6)
-            table = [first] + [0.8] * (MAX_DRAFT - 1)
-            self.stats.acceptance[b] = table
+            table = [drafter.prior(strength)] + [0.8] * (MAX_DRAFT - 1)
+            self.stats.acceptance[key] = table
         return table
 
-    def acceptance(self, match_len: int) -> float:
+    def acceptance(self, strength: int, *, drafter: DraftSource = ANY_SOURCE) -> float:
         """Estimated chance that the first draft token is accepted."""
-        return self.position_acceptance(match_len)[0]
+        return self.position_acceptance(strength, drafter=drafter)[0]
 
-    def record_draft_cost(self, ms_per_token: float) -> None:
-        """Feeds the time a draft model took per drafted token."""
-        old = self._draft_ms
-        self._draft_ms = ms_per_token if old is None else old * 0.9 + ms_per_token * 0.1
+    def record_draft_cost(self, ms_per_token: float, *, drafter: DraftSource = ANY_SOURCE) -> None:
+        """Feeds the time a costly drafter took per drafted token."""
+        old = self._draft_ms.get(drafter.name)
+        self._draft_ms[drafter.name] = (
+            ms_per_token if old is None else old * 0.9 + ms_per_token * 0.1
+        )
 
-    def draft_cost(self) -> float:
-        """A draft model's cost per drafted token, relative to one target token."""
+    def draft_cost(self, *, drafter: DraftSource = ANY_SOURCE) -> float:
+        """A drafter's cost per drafted token, relative to one target token."""
         one = self._cost_ms.get(1)
-        if self._draft_ms is None or not one:
+        draft_ms = self._draft_ms.get(drafter.name)
+        if draft_ms is None or not one:
             return 0.1  # a typical small draft model until measured
-        return self._draft_ms / one
+        return draft_ms / one
 
-    def record(self, match_len: int, drafted: int, accepted: int) -> None:
+    def record(
+        self, strength: int, drafted: int, accepted: int, *, drafter: DraftSource = ANY_SOURCE
+    ) -> None:
         """Updates acceptance from one verify step (drafted tokens, accepted prefix)."""
         if drafted <= 0:
             return
         self.stats.drafted += drafted
         self.stats.accepted += accepted
         self.stats.steps += 1
-        table = self.position_acceptance(match_len)
+        table = self.position_acceptance(strength, drafter=drafter)
         # Each accepted token is a success at its position; the first rejection
         # is a failure; positions after it say nothing (never tested).
         for i in range(min(drafted, accepted + 1, MAX_DRAFT)):
@@ -152,16 +178,24 @@ class SpeculationController:
             tokens += survive
         return tokens / (self.relative_cost(k + 1) + k * per_draft)
 
-    def choose(self, match_len: int, available: int, per_draft: float = 0.0) -> int:
+    def choose(
+        self,
+        strength: int,
+        available: int,
+        per_draft: float = 0.0,
+        *,
+        drafter: DraftSource = ANY_SOURCE,
+    ) -> int:
         """How many of the `available` drafted tokens to verify now (0: none).
 
         `per_draft` is the extra cost of producing each draft token, relative
-        to one target decode: 0 for n-gram lookup, `draft_cost()` for a model.
+        to one target decode: 0 for a cheap drafter (a lookup), `draft_cost()`
+        for one that runs a model.
         """
         if available <= 0:
             self.current_k = 0
             return 0
-        table = self.position_acceptance(match_len)
+        table = self.position_acceptance(strength, drafter=drafter)
         a = table[0]
         best_k, best_gain = 0, 1.0
         for k in range(max(1, self.n_min), min(self.n_max, available) + 1):

@@ -18,7 +18,10 @@ class LoadRequest(WireModel):
     n_ctx: int = Field(default=4096, ge=16, le=MAX_N_CTX)
     n_gpu_layers: int = Field(default=-1, ge=-1)
     tensor_split: list[float] | None = None
-    expert_offload: bool = False
+    expert_offload: bool = False  # every layer's MoE experts in system RAM (--cpu-moe)
+    # MoE experts of the first n layers in system RAM (llama-server's --n-cpu-moe);
+    # expert_offload is the same as n_cpu_moe >= the model's layer count.
+    n_cpu_moe: int = Field(default=0, ge=0, le=1 << 16)
     type_k: KVType = "f16"
     type_v: KVType = "f16"
     flash_attn: FlashAttn = "auto"

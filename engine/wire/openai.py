@@ -1,12 +1,64 @@
-"""OpenAI-compatible request bodies: chat and text completions (docs/api.md)."""
+"""OpenAI-compatible request bodies: chat and text completions (docs/api.md).
+
+Besides the fields the engine serves, two explicit lists say what happens to
+the rest of OpenAI's fields: `REFUSED_FIELDS` get a 400 naming the field
+(unless the value asks for nothing: false, empty, or the default), and
+`IGNORED_FIELDS` are accepted and have no effect, as clients send them
+routinely. Fields in neither list are ignored too (unknown fields).
+"""
 
 from __future__ import annotations
 
-from typing import Literal
+from collections.abc import Mapping
+from typing import Any, Literal
 
 from pydantic import Field
 
 from engine.wire.base import WireModel
+
+MAX_TOP_LOGPROBS = 20
+
+# field -> (routes it is refused on, values that ask for nothing, why it is refused).
+REFUSED_FIELDS: dict[str, tuple[frozenset[str], tuple[Any, ...], str]] = {
+    "n": (frozenset({"chat", "completions"}), (1,), "one completion per request"),
+    "best_of": (frozenset({"completions"}), (1,), "one completion per request"),
+    "echo": (frozenset({"completions"}), (False,), "the prompt is not echoed"),
+    "suffix": (frozenset({"completions"}), ("",), "no fill-in-the-middle"),
+    "audio": (frozenset({"chat"}), (), "text only"),
+    "modalities": (frozenset({"chat"}), ([], ["text"]), "text only"),
+    "prediction": (frozenset({"chat"}), (), "predicted outputs are not supported"),
+    "web_search_options": (frozenset({"chat"}), (), "no web search"),
+    "tools": (frozenset({"chat"}), ([],), "tool calling is not supported yet"),
+    "tool_choice": (frozenset({"chat"}), ("none", "auto"), "tool calling is not supported yet"),
+    "functions": (frozenset({"chat"}), ([],), "tool calling is not supported yet"),
+    "function_call": (
+        frozenset({"chat"}),
+        ("none", "auto"),
+        "tool calling is not supported yet",
+    ),
+}
+
+# Accepted and without effect (so are unknown fields, and stream_options fields
+# other than include_usage).
+IGNORED_FIELDS = frozenset(
+    {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier"}
+)
+
+
+def refused_field(
+    body: Mapping[str, Any], route: Literal["chat", "completions"]
+) -> tuple[str, str] | None:
+    """The first field of `body` the engine refuses on `route` and why, or None."""
+    for name, (routes, no_ops, why) in REFUSED_FIELDS.items():
+        if route not in routes or name not in body:
+            continue
+        value = body[name]
+        if value is None or value is False or value in ("", [], {}):
+            continue
+        if any(value == v and type(value) is type(v) for v in no_ops):
+            continue
+        return name, f"'{name}' is not supported: {why}"
+    return None
 
 
 class SpeculativeOptions(WireModel):
@@ -40,6 +92,32 @@ class StreamOptions(WireModel):
     include_usage: bool = False
 
 
+class JsonSchemaSpec(WireModel):
+    """OpenAI's `response_format.json_schema`: the schema and its name."""
+
+    name: str | None = None
+    description: str | None = None
+    # The schema is walked and checked by engine/structured/schema.py.
+    schema_: dict[str, Any] | bool = Field(alias="schema")
+    strict: bool | None = None
+
+
+class ResponseFormat(WireModel):
+    type: Literal["text", "json_object", "json_schema"]
+    json_schema: JsonSchemaSpec | None = None
+    # llama-server's form: a schema with `json_object`.
+    schema_: dict[str, Any] | None = Field(default=None, alias="schema")
+
+    def as_dict(self) -> dict[str, Any]:
+        """The form engine/structured/schema.py compiles."""
+        out: dict[str, Any] = {"type": self.type}
+        if self.schema_ is not None:
+            out["schema"] = self.schema_
+        if self.json_schema is not None:
+            out["json_schema"] = {"name": self.json_schema.name, "schema": self.json_schema.schema_}
+        return out
+
+
 class SamplingFields(WireModel):
     """Fields shared by chat and text completions."""
 
@@ -60,6 +138,9 @@ class SamplingFields(WireModel):
     stop: str | list[str] | None = None
     n: int | None = None
     speculative: SpeculativeOptions | None = None
+    response_format: ResponseFormat | None = None
+    # Token id (as a string, OpenAI's form) -> bias added to its logit.
+    logit_bias: dict[str, float] | None = None
 
     def stop_list(self) -> list[str]:
         if self.stop is None:
@@ -76,8 +157,18 @@ class SamplingFields(WireModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    logprobs: bool = False
+    top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def requested_logprobs(self) -> int | None:
+        """None without logprobs, else how many alternatives per token."""
+        return (self.top_logprobs or 0) if self.logprobs else None
 
 
 class CompletionRequest(SamplingFields):
     prompt: str | list[str] | list[int]
-    echo: bool = False
+    # The legacy form: an int, the number of alternatives per token.
+    logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
+
+    def requested_logprobs(self) -> int | None:
+        return self.logprobs

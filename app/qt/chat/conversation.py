@@ -1,0 +1,380 @@
+"""The conversation: message bubbles rendered from Markdown, and the composer.
+
+Widgets only draw what they are given and emit what the user asked for; the
+main window decides what happens.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from PySide6.QtCore import QEvent, QObject, Qt, QTimer, QUrl, Signal
+from PySide6.QtGui import QDesktopServices, QGuiApplication, QKeyEvent, QResizeEvent
+from PySide6.QtWidgets import (
+    QFrame,
+    QHBoxLayout,
+    QLabel,
+    QPlainTextEdit,
+    QPushButton,
+    QScrollArea,
+    QSizePolicy,
+    QTextBrowser,
+    QToolButton,
+    QVBoxLayout,
+    QWidget,
+)
+
+from app.qt import theme
+from app.qt.markdown_render import MarkdownRenderer, Rendered
+from app.services.chat.store import Message
+
+STATUS_TAGS = {
+    "stopped": "stopped",
+    "interrupted": "interrupted: the engine stopped",
+    "error": "failed",
+    "streaming": "writing…",
+}
+
+
+class MarkdownView(QTextBrowser):
+    """A QTextBrowser that is exactly as tall as its content."""
+
+    copy_code = Signal(int)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setOpenLinks(False)
+        self.setOpenExternalLinks(False)
+        self.setVerticalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
+        self.setFrameShape(QFrame.Shape.NoFrame)
+        self.document().setDocumentMargin(2)
+        self.anchorClicked.connect(self._on_anchor)
+        self.document().documentLayout().documentSizeChanged.connect(self._fit)
+
+    def _on_anchor(self, url: QUrl) -> None:
+        if url.scheme() == "copy":
+            self.copy_code.emit(int(url.path() or 0))
+        elif url.scheme() in ("http", "https", "mailto"):
+            # Web links open in the user's browser, on a click only.
+            QDesktopServices.openUrl(url)
+
+    def loadResource(self, kind: int, name: QUrl | str) -> Any:
+        """Nothing is ever loaded: message text is untrusted (see MarkdownRenderer._image)."""
+        return None
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        super().resizeEvent(event)
+        # Height changes are our own (_fit); only a new width needs a new layout.
+        if event.size().width() != event.oldSize().width():
+            self._fit()
+
+    def _fit(self) -> None:
+        width = self.viewport().width()
+        if self.document().textWidth() != width:
+            self.document().setTextWidth(width)  # a full relayout: only when it changed
+        height = int(self.document().size().height()) + 4
+        if height != self.height():
+            self.setFixedHeight(height)
+
+
+class MessageWidget(QFrame):
+    """One message: role header, actions, and the rendered text."""
+
+    copy_requested = Signal(int)
+    edit_requested = Signal(int)
+    regenerate_requested = Signal(int)
+
+    def __init__(self, message: Message, renderer: MarkdownRenderer, last: bool) -> None:
+        super().__init__()
+        self.message = message
+        self._renderer = renderer
+        self._rendered = Rendered("")
+        self.setObjectName(f"bubble_{message.role}")
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(14, 10, 14, 10)
+        outer.setSpacing(4)
+        head = QHBoxLayout()
+        head.setSpacing(6)
+        role = QLabel("You" if message.role == "user" else "Assistant")
+        role.setObjectName("role")
+        self.tag = QLabel()
+        self.tag.setObjectName("tag")
+        head.addWidget(role)
+        head.addWidget(self.tag)
+        head.addStretch(1)
+        self.copy_button = self._action("Copy", lambda: self.copy_requested.emit(message.id))
+        head.addWidget(self.copy_button)
+        # Edit and Regenerate start a new answer: greyed out while one streams.
+        self.edit_button: QToolButton | None = None
+        self.regenerate_button: QToolButton | None = None
+        if message.role == "user":
+            self.edit_button = self._action("Edit", lambda: self.edit_requested.emit(message.id))
+            head.addWidget(self.edit_button)
+        elif last:
+            self.regenerate_button = self._action(
+                "Regenerate", lambda: self.regenerate_requested.emit(message.id)
+            )
+            head.addWidget(self.regenerate_button)
+        outer.addLayout(head)
+        self.body = MarkdownView()
+        self.body.copy_code.connect(self._copy_code)
+        outer.addWidget(self.body)
+        self.set_content(message.content, message.status)
+
+    def set_actions_enabled(self, enabled: bool) -> None:
+        for button in (self.edit_button, self.regenerate_button):
+            if button is not None:
+                button.setEnabled(enabled)
+
+    def _action(self, text: str, slot: object) -> QToolButton:
+        button = QToolButton()
+        button.setText(text)
+        button.setCursor(Qt.CursorShape.PointingHandCursor)
+        button.clicked.connect(slot)
+        return button
+
+    def set_content(self, text: str, status: str) -> None:
+        self.text = text
+        self.status = status
+        self.tag.setText(STATUS_TAGS.get(status, ""))
+        muted = self._renderer.palette.muted
+        if not text and status == "streaming":
+            self.body.setHtml(f"<p style='color:{muted}'>…</p>")
+            return
+        if not text and status in ("error", "interrupted", "stopped"):
+            self.body.setHtml(f"<p style='color:{muted}'><i>No answer was received.</i></p>")
+            return
+        self._rendered = self._renderer.render(text)
+        self.body.setHtml(self._rendered.html)
+
+    def _copy_code(self, index: int) -> None:
+        if 0 <= index < len(self._rendered.code_blocks):
+            QGuiApplication.clipboard().setText(self._rendered.code_blocks[index])
+
+
+class ConversationView(QScrollArea):
+    """The messages of one chat; follows a stream unless the user scrolled up."""
+
+    copy_requested = Signal(int)
+    edit_requested = Signal(int)
+    regenerate_requested = Signal(int)
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setWidgetResizable(True)
+        self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
+        self._renderer = MarkdownRenderer()
+        # Warm the highlighter now: its first use imports lexer modules (~100 ms),
+        # which would otherwise land in the middle of the first streamed answer.
+        self._renderer.render("```python\npass\n```")
+        self._inner = QWidget()
+        self._inner.setObjectName("conversation")
+        self._layout = QVBoxLayout(self._inner)
+        self._layout.setContentsMargins(28, 20, 28, 20)
+        self._layout.setSpacing(14)
+        self._layout.addStretch(1)
+        self.setWidget(self._inner)
+        self.widgets: dict[int, MessageWidget] = {}
+        self._empty = self._empty_state()
+        self._layout.insertWidget(0, self._empty)
+        self._follow = True
+        self._busy = False
+        self.verticalScrollBar().valueChanged.connect(self._on_scrolled)
+        self.verticalScrollBar().rangeChanged.connect(self._on_range)
+
+    def _empty_state(self) -> QWidget:
+        box = QWidget()
+        lay = QVBoxLayout(box)
+        lay.setContentsMargins(0, 120, 0, 0)
+        lay.setSpacing(8)
+        title = QLabel("Start a conversation")
+        title.setObjectName("emptyTitle")
+        title.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        hint = QLabel(
+            "Type below and press Enter to send · Shift+Enter for a new line\n"
+            "Everything runs on this computer; pick a model, a preset or a system prompt above."
+        )
+        hint.setObjectName("emptyHint")
+        hint.setAlignment(Qt.AlignmentFlag.AlignCenter)
+        lay.addWidget(title)
+        lay.addWidget(hint)
+        return box
+
+    @property
+    def is_empty(self) -> bool:
+        return not self.widgets
+
+    def set_messages(self, messages: list[Message]) -> None:
+        """Rebuilds the view for a whole chat (switching chats, after regenerate)."""
+        for widget in self.widgets.values():
+            self._layout.removeWidget(widget)
+            widget.deleteLater()
+        self.widgets = {}
+        last_assistant = max((m.id for m in messages if m.role == "assistant"), default=None)
+        for m in messages:
+            self._add(m, last=m.id == last_assistant)
+        self._empty.setVisible(not messages)
+        self._follow = True
+        QTimer.singleShot(0, self._scroll_to_bottom)
+
+    def sync_messages(self, messages: list[Message]) -> None:
+        """Brings the view to `messages` of the chat already shown, redrawing only changes.
+
+        Widgets of removed messages go, new messages get widgets, and a kept
+        message is re-rendered only if its text, status or "last answer" role
+        changed. Falls back to set_messages when the view shows another chat.
+        """
+        ids = [m.id for m in messages]
+        kept = [i for i in self.widgets if i in ids]
+        if not self.widgets or kept != ids[: len(kept)]:
+            self.set_messages(messages)
+            return
+        for message_id in [i for i in self.widgets if i not in ids]:
+            gone = self.widgets.pop(message_id)
+            self._layout.removeWidget(gone)
+            gone.deleteLater()
+        last_assistant = max((m.id for m in messages if m.role == "assistant"), default=None)
+        for m in messages:
+            last = m.id == last_assistant
+            widget = self.widgets.get(m.id)
+            if widget is not None and (widget.regenerate_button is not None) != last:
+                # The Regenerate button moves to the newest answer: rebuild this one.
+                index = self._layout.indexOf(widget)
+                self._layout.removeWidget(widget)
+                widget.deleteLater()
+                self._add(m, last, index)
+            elif widget is None:
+                self._add(m, last)
+            elif (widget.text, widget.status) != (m.content, m.status):
+                widget.set_content(m.content, m.status)
+        self.widgets = {i: self.widgets[i] for i in ids}  # in message order
+        self._empty.setVisible(not messages)
+        self._follow = True
+        QTimer.singleShot(0, self._scroll_to_bottom)
+
+    def _add(self, message: Message, last: bool, index: int | None = None) -> MessageWidget:
+        widget = MessageWidget(message, self._renderer, last)
+        widget.copy_requested.connect(self.copy_requested)
+        widget.edit_requested.connect(self.edit_requested)
+        widget.regenerate_requested.connect(self.regenerate_requested)
+        if message.role == "user":
+            # User bubbles hug the right, as in every chat app.
+            widget.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Preferred)
+        self._layout.insertWidget(self._layout.count() - 1 if index is None else index, widget)
+        self.widgets[message.id] = widget
+        widget.set_actions_enabled(not self._busy)
+        return widget
+
+    def set_palette(self, palette: theme.Palette) -> None:
+        """Draws messages in another theme from now on (rebuild them with set_messages)."""
+        self._renderer = MarkdownRenderer(palette)
+        self._renderer.render("```python\npass\n```")
+
+    def set_busy(self, busy: bool) -> None:
+        """While an answer streams, Edit and Regenerate are disabled."""
+        self._busy = busy
+        for widget in self.widgets.values():
+            widget.set_actions_enabled(not busy)
+
+    def update_message(self, message_id: int, text: str, status: str) -> None:
+        """Re-renders one message only (the one being streamed)."""
+        widget = self.widgets.get(message_id)
+        if widget is not None:
+            widget.set_content(text, status)
+
+    def _on_scrolled(self, value: int) -> None:
+        bar = self.verticalScrollBar()
+        self._follow = value >= bar.maximum() - 24
+
+    def _on_range(self, _minimum: int, maximum: int) -> None:
+        if self._follow:
+            self.verticalScrollBar().setValue(maximum)
+
+    def _scroll_to_bottom(self) -> None:
+        self.verticalScrollBar().setValue(self.verticalScrollBar().maximum())
+
+    @property
+    def following(self) -> bool:
+        return self._follow
+
+
+class Composer(QWidget):
+    """The message box: Enter sends, Shift+Enter adds a line, Escape cancels an edit."""
+
+    send_requested = Signal(str)
+    stop_requested = Signal()
+    edit_cancelled = Signal()
+
+    def __init__(self, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        lay = QVBoxLayout(self)
+        lay.setContentsMargins(28, 8, 28, 14)
+        lay.setSpacing(6)
+        self.edit_banner = QLabel("Editing a message: Enter resends it, Esc cancels")
+        self.edit_banner.setObjectName("hint")
+        self.edit_banner.hide()
+        lay.addWidget(self.edit_banner)
+        row = QHBoxLayout()
+        row.setSpacing(8)
+        self.input = QPlainTextEdit()
+        self.input.setObjectName("composer")
+        self.input.setPlaceholderText(
+            "Message the model…  (Enter to send, Shift+Enter for a new line)"
+        )
+        self.input.setFixedHeight(72)
+        self.input.installEventFilter(self)
+        self.send_button = QPushButton("Send")
+        self.send_button.setObjectName("primary")
+        self.send_button.setFixedWidth(88)
+        self.send_button.clicked.connect(self._on_button)
+        row.addWidget(self.input, 1)
+        row.addWidget(self.send_button, 0, Qt.AlignmentFlag.AlignBottom)
+        lay.addLayout(row)
+        self._streaming = False
+
+    def set_streaming(self, streaming: bool) -> None:
+        self._streaming = streaming
+        self.send_button.setText("Stop" if streaming else "Send")
+        self.send_button.setObjectName("danger" if streaming else "primary")
+        self.send_button.style().unpolish(self.send_button)
+        self.send_button.style().polish(self.send_button)
+
+    def begin_edit(self, text: str) -> None:
+        self.edit_banner.show()
+        self.input.setPlainText(text)
+        self.input.setFocus()
+
+    def end_edit(self) -> None:
+        self.edit_banner.hide()
+
+    @property
+    def editing(self) -> bool:
+        return not self.edit_banner.isHidden()
+
+    def _on_button(self) -> None:
+        if self._streaming:
+            self.stop_requested.emit()
+        else:
+            self._submit()
+
+    def _submit(self) -> None:
+        text = self.input.toPlainText()
+        if text.strip():
+            self.send_requested.emit(text)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        if watched is self.input and event.type() == QEvent.Type.KeyPress:
+            assert isinstance(event, QKeyEvent)
+            key = event.key()
+            if key in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and not (
+                event.modifiers() & Qt.KeyboardModifier.ShiftModifier
+            ):
+                if not self._streaming:
+                    self._submit()
+                return True
+            if key == Qt.Key.Key_Escape and self.editing:
+                self.edit_cancelled.emit()
+                return True
+        return super().eventFilter(watched, event)

@@ -1,0 +1,1 @@
+"""Dialogs, one module each; they return what the user entered and decide nothing."""

@@ -1,0 +1,1 @@
+"""The Settings view and the controller that owns the app's settings."""

@@ -1,0 +1,1 @@
+"""Chats: the SQLite store and the service that sends, stops, regenerates and edits."""

@@ -1,0 +1,1 @@
+"""The local engine seen from the app: its HTTP client and how it is launched and loaded."""

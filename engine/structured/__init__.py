@@ -1,0 +1,1 @@
+"""Structured output: JSON schemas checked and compiled to grammars, and the grammar state per request."""
