@@ -56,6 +56,7 @@ bench: $(STAMP)
 	$(BIN)/python -m bench.engine_decode
 	$(BIN)/python -m bench.engine_ttft
 	$(BIN)/python -m bench.speculative
+	$(BIN)/python -m bench.structured
 	$(BIN)/python -m bench.memory_accuracy
 	QT_QPA_PLATFORM=offscreen $(BIN)/python -m bench.gui_lag
 
