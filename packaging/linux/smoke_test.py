@@ -181,7 +181,9 @@ def stop(proc: subprocess.Popen[str]) -> None:
             proc.wait()
 
 
-def chat(port: int, key: str, stream: bool, max_tokens: int = 16) -> tuple[str, float | None]:
+def chat(
+    port: int, key: str, stream: bool, max_tokens: int = 16, extra: dict[str, object] | None = None
+) -> tuple[str, float | None]:
     """One chat completion; the text and, when streamed, the time of its first token."""
     body = {
         "model": "default",
@@ -189,6 +191,7 @@ def chat(port: int, key: str, stream: bool, max_tokens: int = 16) -> tuple[str, 
         "max_tokens": max_tokens,
         "temperature": 0,
         "stream": stream,
+        **(extra or {}),
     }
     request = urllib.request.Request(
         f"http://127.0.0.1:{port}/v1/chat/completions",
@@ -229,6 +232,32 @@ def serve_check(argv: list[str], timeout: float = 180) -> dict[str, float | bool
         if not text.strip() or first is None:
             raise CheckFailed(f"serve answered an empty chat: {text!r}")
         say(f"  serve: ready, answered {text.strip()[:60]!r}")
+        # Structured output runs on llguidance's native library: it must be in the bundle.
+        schema = {
+            "type": "object",
+            "properties": {"greeting": {"type": "string", "maxLength": 20}},
+            "required": ["greeting"],
+            "additionalProperties": False,
+        }
+        answer, _ = chat(
+            int(event["port"]),
+            str(event["api_key"]),
+            stream=False,
+            max_tokens=48,
+            extra={
+                "response_format": {
+                    "type": "json_schema",
+                    "json_schema": {"name": "g", "schema": schema, "strict": True},
+                }
+            },
+        )
+        try:
+            parsed = json.loads(answer)
+        except ValueError as exc:
+            raise CheckFailed(f"a json_schema answer is not JSON: {answer!r}") from exc
+        if not isinstance(parsed, dict) or set(parsed) != {"greeting"}:
+            raise CheckFailed(f"a json_schema answer does not match its schema: {answer!r}")
+        say(f"  serve: structured output {answer!r}")
         return {"to_ready_s": ready_at - started, "to_first_token_s": first - started}
     finally:
         stop(proc)
