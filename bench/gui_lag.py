@@ -4,8 +4,8 @@
     QT_QPA_PLATFORM=offscreen .venv/bin/python -m bench.gui_lag --answers 5 --tokens 256
     QT_QPA_PLATFORM=offscreen .venv/bin/python -m bench.gui_lag --download   # + a download
 
-With --download, the window also downloads from a loopback hub (tests/fake_hub.py,
-HF_ENDPOINT pointed at it) while the answers stream: copies of the built-in model,
+With --download, the window also downloads from a loopback hub (tests/fake_hub.py, in a
+process of its own, HF_ENDPOINT pointed at it) while the answers stream: copies of the built-in model,
 two at once, throttled so the transfers last through every answer; lag is then
 also reported for the beats when an answer streamed and a download ran together
 (target: 100 ms). Its record goes to bench/results/gui_lag_download.json.
@@ -36,6 +36,51 @@ def _pct(values: list[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] if ordered else 0.0
 
 
+HUB_REPO = "bench/SmolLM2-copies-GGUF"
+
+
+def _serve_hub(bytes_per_second: float, files: list[str]) -> None:
+    """The loopback hub's process: copies of the built-in model, throttled per transfer.
+
+    Prints its endpoint, then serves until killed."""
+    import threading
+
+    from engine.default_model import default_model_path
+    from tests.fake_hub import FakeHub
+
+    hub = FakeHub().start()
+    hub.bytes_per_second = bytes_per_second
+    repo = hub.add_repo(HUB_REPO)
+    for name in files:
+        repo.add(name, default_model_path())
+    print(hub.endpoint, flush=True)
+    threading.Event().wait()
+
+
+def _trace_stalls(limit_s: float, last: list[float], streaming: list[bool], out: list[str]) -> None:
+    """A thread that records the GUI thread's stack each time it misses its beat by limit_s."""
+    import threading
+    import traceback
+
+    gui = threading.get_ident()
+
+    def watch() -> None:
+        seen = 0.0
+        while True:
+            time.sleep(limit_s / 4)
+            stamp = last[0]
+            if streaming[0] and stamp != seen and time.monotonic() - stamp > limit_s:
+                seen = stamp
+                frame = sys._current_frames().get(gui)
+                stack = "".join(traceback.format_stack(frame)) if frame else "?"
+                out.append(stack)
+                print(
+                    f"--- GUI thread stalled > {limit_s * 1000:.0f} ms:\n{stack}", file=sys.stderr
+                )
+
+    threading.Thread(target=watch, name="stall-tracer", daemon=True).start()
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__)
     parser.add_argument("--answers", type=int, default=3)
@@ -45,6 +90,13 @@ def main(argv: list[str] | None = None) -> int:
         "--download", action="store_true", help="download from a loopback hub at the same time"
     )
     parser.add_argument("--rate-mb", type=float, default=12.0, help="hub bytes/s per transfer (MB)")
+    parser.add_argument(
+        "--trace-stalls",
+        type=float,
+        default=0.0,
+        metavar="MS",
+        help="print the GUI thread's stack whenever it has not beaten for MS milliseconds",
+    )
     args = parser.parse_args(argv)
     if args.out is None:
         name = "gui_lag_download.json" if args.download else "gui_lag.json"
@@ -59,16 +111,20 @@ def main(argv: list[str] | None = None) -> int:
     from app.services.chat.store import ChatStore
 
     hub = None
+    hub_files: list[str] = []
     if args.download:
-        from engine.default_model import default_model_path
-        from tests.fake_hub import FakeHub
+        # The hub runs in its own process, as a real one would: its server threads must not
+        # compete with the GUI thread for this process's GIL.
+        import subprocess
 
-        hub = FakeHub().start()
-        hub.bytes_per_second = args.rate_mb * 1e6
-        repo = hub.add_repo("bench/SmolLM2-copies-GGUF")
-        for i in range(args.answers * 2):
-            repo.add(f"SmolLM2-copy{i}-Q4_1.gguf", default_model_path())
-        os.environ["HF_ENDPOINT"] = hub.endpoint
+        hub_files = [f"SmolLM2-copy{i}-Q4_1.gguf" for i in range(args.answers * 2)]
+        hub = subprocess.Popen(
+            [sys.executable, "-m", "bench.gui_lag", "--serve-hub", str(args.rate_mb), *hub_files],
+            stdout=subprocess.PIPE,
+            text=True,
+        )
+        assert hub.stdout is not None
+        os.environ["HF_ENDPOINT"] = hub.stdout.readline().strip()
 
     load_before = os.getloadavg()
     app = QApplication([sys.argv[0]])
@@ -83,14 +139,21 @@ def main(argv: list[str] | None = None) -> int:
     tokens = [0]
     statuses = [0]
 
+    cpu_last = [time.thread_time()]
+    worst_beats: list[tuple[float, float]] = []  # (lag, GUI-thread CPU seconds in that gap)
+
     def beat() -> None:
         now = time.monotonic()
+        cpu = time.thread_time()
         if streaming[0]:
             lag = max(0.0, now - last[0] - 0.010)
             lags.append(lag)
             if downloading[0]:
                 both.append(lag)
+            if lag > 0.040:
+                worst_beats.append((lag, cpu - cpu_last[0]))
         last[0] = now
+        cpu_last[0] = cpu
 
     def download_status(_st: object) -> None:
         statuses[0] += 1
@@ -101,13 +164,16 @@ def main(argv: list[str] | None = None) -> int:
     def start_downloads() -> None:
         if hub is None:
             return
-        for name in hub.repos["bench/SmolLM2-copies-GGUF"].files:
-            window.downloads.add("bench/SmolLM2-copies-GGUF", [name])
+        for name in hub_files:
+            window.downloads.add(HUB_REPO, [name])
 
     timer = QTimer()
     timer.setInterval(10)
     timer.timeout.connect(beat)
     timer.start()
+    stalls: list[str] = []
+    if args.trace_stalls > 0:
+        _trace_stalls(args.trace_stalls / 1000, last, streaming, stalls)
     done = [0]
     prompts = [
         "Write a Python class for a bank account with deposit and withdraw, and explain it.",
@@ -161,7 +227,8 @@ def main(argv: list[str] | None = None) -> int:
     bench_store.close()
     store.close()
     if hub is not None:
-        hub.stop()
+        hub.terminate()
+        hub.wait()
 
     record: dict[str, Any] = {
         "answers": done[0],
@@ -182,6 +249,13 @@ def main(argv: list[str] | None = None) -> int:
             "worst_lag_ms": max(both, default=0.0) * 1000,
             "p99_lag_ms": _pct(both, 0.99) * 1000,
         },
+        "stall_stacks": stalls,
+        # Beats late by over 40 ms, worst first: how much of each gap the GUI thread spent
+        # on the CPU (working) rather than waiting for one (the machine's other load).
+        "late_beats_ms": [
+            {"lag": lag * 1000, "gui_cpu": cpu * 1000}
+            for lag, cpu in sorted(worst_beats, reverse=True)[:20]
+        ],
         "loadavg_before": load_before,
         "loadavg_after": os.getloadavg(),
     }
@@ -205,4 +279,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
+    if sys.argv[1:2] == ["--serve-hub"]:
+        _serve_hub(float(sys.argv[2]) * 1e6, sys.argv[3:])
     raise SystemExit(main())
