@@ -24,7 +24,7 @@ from typing import Any, Literal, TypeVar
 from aiohttp import web
 from pydantic import ValidationError
 
-from engine.backend.llama import DecodeError, SamplingParams
+from engine.backend.llama import ContextFull, DecodeError, SamplingParams
 from engine.decoding.request import GenerationResult, SpecParams, TokenLogprob
 from engine.errors import PeregrineError
 from engine.gguf.chat_template import TemplateError
@@ -62,6 +62,8 @@ DEFAULT_IO_TIMEOUT = 600.0
 # client that stopped reading is noticed within a few hundred tokens.
 STREAM_SOCKET_BUFFER = 8 << 10
 STREAM_BACKLOG = 4 << 10
+# `X-Peregrine-Client: app` marks the desktop app's own requests (docs/api.md).
+CLIENT_HEADER = "X-Peregrine-Client"
 _Req = TypeVar("_Req", bound=SamplingFields)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -619,6 +621,8 @@ class _Api:
             emit=stream.put,
             grammar=grammar,
             top_logprobs=logprobs,
+            # The desktop app marks its own chat, admitted ahead of queued API requests.
+            priority="app" if request.headers.get(CLIENT_HEADER, "").lower() == "app" else "api",
         )
         try:
             self.engine.submit(job)
@@ -804,6 +808,9 @@ def _api_error_for(error: BaseException | None, prompt_field: str = "messages") 
         return ApiError(503, str(error), type_="server_error", code="model_not_ready")
     if isinstance(error, BadRequest):
         return ApiError(400, str(error), code="invalid_value", param=error.param)
+    if isinstance(error, ContextFull):
+        # The other requests filled the shared cache: retrying later may work.
+        return ApiError(503, str(error), type_="server_error", code="context_full")
     if isinstance(error, DecodeError | GrammarError):
         # llama.cpp (or the grammar engine) failed, not the request.
         log.error("generation failed: %s", error)
