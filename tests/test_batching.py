@@ -81,16 +81,19 @@ def test_a_long_prefill_delays_a_short_request_by_at_most_one_chunk() -> None:
     model = FakeModel(echo_script, n_seq_max=2, n_ctx=2048, n_batch=512)
     decoder = Decoder(model, state_cache=PrefixStateCache(0))
     long_slot = decoder.admit(request([7] * 1500, max_tokens=2), lambda _t: None)
-    decoder.step()  # the first step measures the cost of a prompt token
-    decoder.step()
-    chunk = len(model.batches[-1][0].tokens)
-    # Chunks are sized by time (the fake's cost: ~9 ms a token): about 250 ms each.
-    assert 16 <= chunk < 40
+    decoder.step()  # alone: a whole n_batch chunk, which measures a prompt token's cost
+    assert len(model.batches[-1][0].tokens) == 512
     short = decoder.admit(request([3, 4, 5], max_tokens=2), lambda _t: None)
     decoder.step()  # the next step already takes the short prompt, beside a chunk
     assert short.state is SlotState.GENERATING
     assert long_slot.state is SlotState.PREFILL
-    assert {p.seq for p in model.batches[-1]} == {long_slot.seq, short.seq}
+    parts = {p.seq: len(p.tokens) for p in model.batches[-1]}
+    assert parts[short.seq] == 3
+    # With another stream in the step, chunks are sized by time (the fake's
+    # cost: ~9 ms a token): about 250 ms each.
+    assert 16 <= parts[long_slot.seq] < 40
+    decoder.step()
+    assert 16 <= len(model.batches[-1][-1].tokens) < 40
     run_all(decoder, [long_slot, short])
     assert long_slot.result().text == solo(echo_script, [7] * 1500, n_ctx=2048, max_tokens=2)
 

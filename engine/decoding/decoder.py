@@ -188,10 +188,16 @@ class Decoder:
 
     # --- one step -----------------------------------------------------------------
 
-    def _prefill_budget(self, rows: int) -> int:
-        """Prompt tokens this step may take besides `rows` generation rows."""
+    def _prefill_budget(self, rows: int, n_busy: int) -> int:
+        """Prompt tokens this step may take besides `rows` generation rows.
+
+        A prompt alone in the step goes in whole n_batch chunks, as it always
+        did: the time bound protects other streams, and a request decoded
+        alone keeps the same chunks, so the same greedy answer, however busy
+        the machine is.
+        """
         room = self.model.n_batch - rows
-        if self._ms_per_token is None:
+        if self._ms_per_token is None or n_busy <= 1:
             return room
         by_time = int(self.step_ms / self._ms_per_token) - rows
         return max(0, min(room, max(MIN_CHUNK, by_time)))
@@ -217,7 +223,7 @@ class Decoder:
         prefilling = sorted(
             (s for s in busy if s.state is SlotState.PREFILL), key=lambda s: s.prefill_left
         )
-        budget = self._prefill_budget(rows)
+        budget = self._prefill_budget(rows, len(busy))
         n_prompt = 0
         for slot in prefilling:
             part = self._guarded(slot, partial(slot.plan, budget))
