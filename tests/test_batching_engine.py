@@ -94,6 +94,43 @@ def test_a_dropped_stream_frees_its_slot(engine: EngineProc) -> None:
     assert status["settings"]["kv_unified"] is True
 
 
+def test_a_short_request_is_answered_while_a_long_prompt_is_still_prefilled(
+    engine: EngineProc,
+) -> None:
+    filler = " ".join(f"Line {i}: the {TOPICS[i % 8]} note number {i}." for i in range(260))
+    order: list[str] = []
+
+    def first_token(name: str, content: str) -> None:
+        stream = client(engine).chat.completions.create(
+            model="default",
+            messages=[{"role": "user", "content": content}],
+            max_tokens=2,
+            temperature=0,
+            stream=True,
+        )
+        for chunk in stream:
+            if chunk.choices and chunk.choices[0].delta.content:
+                order.append(name)
+                break
+        stream.close()
+
+    long = threading.Thread(target=first_token, args=("long", f"{filler}\nSummarize."))
+    long.start()
+    with engine.client() as http:
+        assert wait_for(
+            lambda: any(
+                s["state"] == "prefill" for s in http.get("/v1/engine/status").json()["slots"]
+            ),
+            60,
+            interval=0.01,
+        )
+    first_token("short", "Say hello.")
+    long.join(120)
+    # The long prompt goes in chunks of about 250 ms once another stream
+    # shares the steps: the short one's answer starts before it is done.
+    assert order == ["short", "long"]
+
+
 def test_a_full_shared_cache_ends_the_newest_request_and_the_other_finishes() -> None:
     filler = " ".join(f"Item {i} is on shelf {i % 7}." for i in range(12))
     with running_engine("--ctx", "256", "--threads", "2", "--parallel", "2", *EXACT) as small:
