@@ -269,6 +269,9 @@ class Engine:
             for job in dropped:
                 job.emit(Done(None, None))
             if closing:
+                # Every job was cancelled: one more step ends the running ones
+                # as a cancel does (finish_reason "cancelled").
+                self._step()
                 break
             if control is not None:
                 self._run_control(control)
