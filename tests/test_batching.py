@@ -282,3 +282,18 @@ def _wait(condition: object, timeout: float = 10.0) -> bool:
 
     assert callable(condition)
     return wait_for(condition, timeout)
+
+
+def test_verify_rows_of_every_slot_fit_one_batch() -> None:
+    # 4 slots wanting 1 + 4 rows each, in batches of 6 rows: drafts are cut to
+    # fit, a slot without room waits a step, and every answer stays its solo one.
+    model = FakeModel(echo_script, n_seq_max=4, n_batch=6)
+    decoder = Decoder(model, state_cache=PrefixStateCache(0))
+    spec = SpecParams(type="ngram", n_max=4, n_min=4)
+    prompts = [[9, 1 + i, 2, 3, 1 + i, 2, 3] for i in range(4)]
+    slots = [decoder.admit(request(p, spec=spec), lambda _t: None) for p in prompts]
+    run_all(decoder, slots)
+    for slot, prompt in zip(slots, prompts, strict=True):
+        assert slot.error is None
+        assert slot.result().text == solo(echo_script, prompt, spec)
+    assert max(sum(len(p.tokens) for p in b) for b in model.batches) <= 6

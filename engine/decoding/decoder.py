@@ -214,7 +214,10 @@ class Decoder:
         self.controller.other_rows = max(0, len(generating) - 1)
         rows = 0
         for slot in generating:
-            part = self._guarded(slot, partial(slot.plan, 0))
+            room = self.model.n_batch - rows
+            if room <= 0:
+                continue  # more slots than n_batch rows: this one waits a step
+            part = self._guarded(slot, partial(slot.plan, room))
             if part is not None:
                 planned.append((slot, part))
                 rows += len(part.tokens)

@@ -198,7 +198,8 @@ class Slot:
 
         A prefilling slot offers the next `budget` prompt tokens (none when
         the budget is 0); a generating one first emits its pending token, then
-        offers it, followed by the drafts the controller wants verified.
+        offers it, followed by the drafts the controller wants verified (at
+        most `budget` rows in all; the caller gives it at least one).
         """
         req = self.request
         self._part = None
@@ -218,6 +219,7 @@ class Slot:
             self._finish()
             return None
         draft, source, strength = self._propose()
+        draft = draft[: max(0, budget - 1)]
         self._draft, self._source, self._strength = draft, source, strength
         self._part = BatchPart(
             self.seq, [self.pending, *draft], len(self.tokens), logits_all=bool(draft)
