@@ -8,7 +8,9 @@ the real engine over HTTP is in tests/test_batching_engine.py.
 from __future__ import annotations
 
 import threading
+import time
 from collections.abc import Sequence
+from typing import Any
 
 import pytest
 
@@ -17,6 +19,7 @@ from engine.decoding.decoder import Decoder
 from engine.decoding.prefix_cache import PrefixStateCache
 from engine.decoding.request import GenerationRequest, SpecParams
 from engine.decoding.slot import Slot, SlotState
+from engine.errors import PeregrineError
 from engine.serving.scheduler import Done, Engine, Job, JobEvent, PromptSpec, QueueFull, Started
 from engine.wire.control import LoadRequest
 from tests.fake_model import EOG, FakeModel, Script
@@ -297,3 +300,30 @@ def test_verify_rows_of_every_slot_fit_one_batch() -> None:
         assert slot.error is None
         assert slot.result().text == solo(echo_script, prompt, spec)
     assert max(sum(len(p.tokens) for p in b) for b in model.batches) <= 6
+
+
+def test_a_newer_load_aborts_one_in_progress_through_its_progress_callback() -> None:
+    entered = threading.Event()
+    aborted = threading.Event()
+
+    def factory(req: LoadRequest, *, progress: Any = None) -> FakeModel:
+        if req.model == "slow.gguf":
+            entered.set()
+            for _ in range(1000):  # llama.cpp calls back while it reads the file
+                if progress(0.5) is False:
+                    aborted.set()
+                    raise PeregrineError("llama.cpp could not load the model: slow.gguf")
+                time.sleep(0.01)
+        return FakeModel(echo_script, n_seq_max=req.n_parallel, request=req)
+
+    engine = Engine(model_factory=factory)
+    try:
+        engine.load(LoadRequest(model="slow.gguf"))
+        assert entered.wait(10)
+        assert engine.load(LoadRequest(model="fast.gguf")).wait(10)
+        assert aborted.is_set()
+        status = engine.status()
+        assert status.state == "ready" and status.error is None
+        assert status.settings is not None and status.settings.model == "fast.gguf"
+    finally:
+        engine.shutdown()
