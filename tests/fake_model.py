@@ -12,7 +12,7 @@ from __future__ import annotations
 import json
 from collections.abc import Callable, Sequence
 
-from engine.backend.llama import MemoryReport, SamplingParams
+from engine.backend.llama import BatchPart, ContextFull, MemoryReport, SamplingParams
 from engine.wire.control import LoadRequest
 
 Script = Callable[[Sequence[int]], int]
@@ -70,6 +70,7 @@ class FakeModel:
         n_ctx: int = 256,
         n_batch: int = 32,
         n_seq_max: int = 1,
+        kv_cells: int | None = None,
         pieces: dict[int, bytes] | None = None,
         request: LoadRequest | None = None,
     ) -> None:
@@ -78,6 +79,10 @@ class FakeModel:
         self.n_batch = n_batch
         self.n_vocab = N_VOCAB
         self.n_seq_max = n_seq_max
+        self.n_ctx_seq = n_ctx
+        # Cells all sequences share (a unified cache); a batch that would need
+        # more fails as llama.cpp's does, changing nothing.
+        self.kv_cells = kv_cells if kv_cells is not None else n_ctx * n_seq_max
         self.pieces = pieces or {}
         self.request = request or LoadRequest(model="fake.gguf")
         self.memory_report = MemoryReport()
@@ -85,6 +90,7 @@ class FakeModel:
         self.rows: list[list[float] | None] = []
         self.samplers: list[FakeSampler] = []
         self.decodes: list[tuple[int, list[int], int]] = []  # (seq, tokens, pos0)
+        self.batches: list[list[BatchPart]] = []  # every decode_batch call's parts
         self.refuse_truncate = False
         self.on_decode: Callable[[], None] | None = None
         self.closed = False
@@ -107,6 +113,30 @@ class FakeModel:
         if self.on_decode is not None:
             self.on_decode()
         return 10.0 * (1 + 0.9 * (len(tokens) - 1))  # a CPU-like cost per batch size
+
+    def decode_batch(self, parts: Sequence[BatchPart]) -> float:
+        n = sum(len(p.tokens) for p in parts)
+        assert n <= self.n_batch, "batch over n_batch"
+        assert len({p.seq for p in parts}) == len(parts), "a sequence twice in one batch"
+        if sum(len(c) for c in self.kv) + n > self.kv_cells:
+            raise ContextFull("the context is full")
+        self.batches.append(list(parts))
+        rows: list[list[float] | None] = []
+        for part in parts:
+            cells = self.kv[part.seq]
+            assert part.pos0 == len(cells), (
+                f"decode at {part.pos0} but sequence {part.seq} holds {len(cells)}"
+            )
+            assert len(cells) + len(part.tokens) <= self.n_ctx_seq, "the sequence is full"
+            self.decodes.append((part.seq, list(part.tokens), part.pos0))
+            for i, token in enumerate(part.tokens):
+                cells.append(token)
+                keep = part.logits_all or i == len(part.tokens) - 1
+                rows.append(self._logits(cells) if keep else None)
+        self.rows = rows
+        if self.on_decode is not None:
+            self.on_decode()
+        return 10.0 * (1 + 0.9 * (n - 1))
 
     def _logits(self, context: Sequence[int]) -> list[float]:
         logits = [0.0] * self.n_vocab

@@ -473,13 +473,14 @@ def test_repeat_last_n_minus_one_penalizes_the_whole_context(engine: EngineProc)
     assert whole != count(0)  # not "off", which is what llama.cpp makes of -1
 
 
-def test_64_concurrent_requests_each_complete_or_get_503(engine: EngineProc) -> None:
+def test_a_burst_of_64_concurrent_requests_is_queued_and_all_complete(engine: EngineProc) -> None:
     results: list[int | str] = []
     lock = threading.Lock()
 
     def one(i: int) -> None:
         try:
-            with engine.client(timeout=180) as c:
+            # 64 wait their turn on 4 slots: a generous timeout for a busy CPU.
+            with engine.client(timeout=600) as c:
                 r = c.post(
                     "/v1/chat/completions",
                     json={"messages": user(f"Say {i}."), "max_tokens": 3, "stream": i % 2 == 0},
@@ -496,11 +497,10 @@ def test_64_concurrent_requests_each_complete_or_get_503(engine: EngineProc) -> 
     for t in threads:
         t.start()
     for t in threads:
-        t.join(240)
+        t.join(660)
     assert not any(t.is_alive() for t in threads), "a request hung"
-    assert len(results) == 64
-    assert set(results) <= {200, 503}, results
-    assert results.count(200) >= 16
+    # The default queue limit (64) holds the whole burst: no 503.
+    assert results == [200] * 64, results
     with engine.client() as c:
         assert c.get("/v1/engine/status").json()["queue"]["waiting"] == 0
 

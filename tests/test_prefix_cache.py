@@ -89,10 +89,10 @@ def test_no_state_is_copied_when_the_cache_cannot_keep_it(
 def test_a_sequence_id_beyond_n_seq_max_is_refused_before_llama_cpp_sees_it(
     model: LlamaModel,
 ) -> None:
-    assert model.n_seq_max == 1
-    with pytest.raises(DecodeError, match="sequence id 1"):
-        model.decode(1, [model.bos], 0)
+    assert model.n_seq_max == 4  # the load's n_parallel: one sequence per slot
+    with pytest.raises(DecodeError, match="sequence id 4"):
+        model.decode(4, [model.bos], 0)
     with pytest.raises(DecodeError, match="sequence id -1"):
         model.save_state(-1)
-    with pytest.raises(DecodeError, match="sequence id 1"):
-        model.seq_cp(0, 1)
+    with pytest.raises(DecodeError, match="sequence id 4"):
+        model.seq_cp(0, 4)

@@ -462,3 +462,17 @@ def test_a_repo_with_thousands_of_files_reads_a_bounded_number_of_headers(
         if r.path.startswith("/cdn/acme/Flood-GGUF/")
     }
     assert 0 < len(read) <= MAX_REMOTE_FILES
+
+
+def test_parallel_slots_reach_the_plan_and_split_caches_are_counted(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    auto = profile_json(capsys, "--estimate-only", "--ctx", "2048")
+    assert auto["plan"]["load"]["n_parallel"] == 4 and auto["plan"]["load"]["kv_unified"] is True
+    split = profile_json(
+        capsys, "--estimate-only", "--ctx", "2048", "--parallel", "3", "--no-kv-unified"
+    )
+    assert split["plan"]["load"]["n_parallel"] == 3
+    assert split["plan"]["load"]["kv_unified"] is False
+    # Three caches of ctx/3 padded to 256 cells (768 each): 2304 cells against 2048.
+    assert split["memory"]["kv"] * 2048 == auto["memory"]["kv"] * 2304

@@ -40,6 +40,21 @@ class DecodeError(PeregrineError):
     """llama_decode failed (no KV slot, aborted, or an internal error)."""
 
 
+class ContextFull(DecodeError):
+    """llama_decode found no room in the KV cache for the batch (it changed nothing)."""
+
+
+@dataclass(frozen=True)
+class BatchPart:
+    """Tokens of one sequence in a shared batch, at positions pos0..; logits for
+    the last token, or for every token when `logits_all` (a verify run)."""
+
+    seq: int
+    tokens: Sequence[int]
+    pos0: int
+    logits_all: bool = False
+
+
 @dataclass(frozen=True)
 class MemoryReport:
     """Buffer sizes as llama.cpp logged them while loading (bytes)."""
@@ -171,10 +186,12 @@ class LlamaModel:
         self,
         request: LoadRequest,
         *,
-        n_seq_max: int = 1,
-        progress: Callable[[float], None] | None = None,
+        n_seq_max: int | None = None,
+        progress: Callable[[float], bool | None] | None = None,
         log_capture: LlamaLogCapture | None = None,
     ) -> None:
+        # One sequence per parallel slot (the request's n_parallel by default).
+        n_seq_max = request.n_parallel if n_seq_max is None else n_seq_max
         if n_seq_max < 1:
             raise PeregrineError(f"n_seq_max must be at least 1, not {n_seq_max}")
         self.request = request
@@ -191,9 +208,10 @@ class LlamaModel:
             self._tensor_split = arr
             mparams.tensor_split = arr
         self._overrides = _apply_expert_offload(mparams, request)
-        # Keep the callback referenced for the whole load.
+        # Keep the callback referenced for the whole load. `progress` returning
+        # False aborts the load (a newer load replaced this one).
         self._progress_cb = llama_cpp.llama_progress_callback(
-            lambda value, _user: (progress(float(value)) if progress else None) or True
+            lambda value, _user: progress is None or progress(float(value)) is not False
         )
         mparams.progress_callback = self._progress_cb
         model = llama_cpp.llama_model_load_from_file(request.model.encode("utf-8"), mparams)
@@ -212,6 +230,7 @@ class LlamaModel:
         cparams.n_batch = request.n_batch
         cparams.n_ubatch = min(request.n_ubatch, request.n_batch)
         cparams.n_seq_max = n_seq_max
+        cparams.kv_unified = request.kv_unified
         cparams.n_threads = threads
         cparams.n_threads_batch = threads
         cparams.flash_attn_type = FLASH_ATTN_TYPES[request.flash_attn]
@@ -230,6 +249,8 @@ class LlamaModel:
         self.ctx = ctx
         self.memory = llama_cpp.llama_get_memory(ctx)
         self.n_ctx = int(llama_cpp.llama_n_ctx(ctx))
+        # Cells one sequence may use: all of them in a unified cache, else its share.
+        self.n_ctx_seq = int(llama_cpp.llama_n_ctx_seq(ctx))
         # llama.cpp clamps n_batch (to n_ctx, among others): a decode of more
         # tokens than it allows aborts the process, so use its figure.
         self.n_batch = max(1, int(llama_cpp.llama_n_batch(ctx)))
@@ -397,10 +418,56 @@ class LlamaModel:
                 batch.logits[n - 1] = True
             batch.n_tokens = n
             rc = llama_cpp.llama_decode(self.ctx, batch)
+            if rc == 1:
+                raise ContextFull("the context is full")
             if rc != 0:
-                raise DecodeError(
-                    "the context is full" if rc == 1 else f"llama_decode failed ({rc})"
-                )
+                raise DecodeError(f"llama_decode failed ({rc})")
+        return (time.perf_counter() - start) * 1000.0
+
+    def decode_batch(self, parts: Sequence[BatchPart]) -> float:
+        """Evaluates several sequences' tokens in one llama_decode; the wall time in ms.
+
+        The rows of part p start at the sum of the earlier parts' lengths:
+        that is the row index its logits are read and sampled from. The parts
+        must fit one batch (n_batch tokens). Raises ContextFull when the KV
+        cache has no room (llama.cpp then changed nothing).
+        """
+        total = sum(len(p.tokens) for p in parts)
+        if total > self._batch_capacity:
+            raise DecodeError(f"batch of {total} tokens larger than n_batch")
+        if total == 0:
+            return 0.0
+        start = time.perf_counter()
+        batch = self._batch
+        token, pos, n_seq_id, seq_id, logits = (
+            batch.token,
+            batch.pos,
+            batch.n_seq_id,
+            batch.seq_id,
+            batch.logits,
+        )
+        i = 0
+        for part in parts:
+            seq = part.seq
+            self._check_seq(seq)
+            p = part.pos0
+            keep = part.logits_all
+            for t in part.tokens:
+                token[i] = t
+                pos[i] = p
+                n_seq_id[i] = 1
+                seq_id[i][0] = seq
+                logits[i] = keep
+                i += 1
+                p += 1
+            if part.tokens:
+                logits[i - 1] = True
+        batch.n_tokens = total
+        rc = llama_cpp.llama_decode(self.ctx, batch)
+        if rc == 1:
+            raise ContextFull("the context is full")
+        if rc != 0:
+            raise DecodeError(f"llama_decode failed ({rc})")
         return (time.perf_counter() - start) * 1000.0
 
     def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:

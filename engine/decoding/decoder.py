@@ -1,9 +1,16 @@
-"""The engine's decoding loop: prefix reuse, then driving a slot to its answer.
+"""The engine's decoding loop: parallel slots, one batch per step, prefix reuse.
 
 Runs on the engine's single decode thread. Each slot (engine/decoding/slot.py)
-keeps track of exactly which tokens sit in its KV sequence, so every request
-starts from the longest common prefix with what is already there, or with a
-saved state of an earlier conversation (`prefix_cache.py`).
+holds one request on its own KV sequence. A step builds one batch from every
+busy slot: the next token of each generating slot (with the drafts it wants
+verified), then chunks of prompts being prefilled, sized so that a step takes
+about `step_ms`; one `llama_decode` computes it, and each slot samples its own
+rows (docs/architecture.md).
+
+Each slot keeps track of exactly which tokens sit in its sequence, so a new
+request takes the free slot sharing the longest prefix with it, and starts
+from there, or from a saved state of an earlier conversation
+(`prefix_cache.py`).
 """
 
 from __future__ import annotations
@@ -11,7 +18,9 @@ from __future__ import annotations
 import logging
 import time
 from collections.abc import Callable, Sequence
+from functools import partial
 
+from engine.backend.llama import BatchPart, ContextFull, DecodeError
 from engine.backend.tokens import common_prefix
 from engine.decoding.model import Model
 from engine.decoding.prefix_cache import PrefixStateCache
@@ -24,13 +33,26 @@ log = logging.getLogger("peregrine.decoder")
 
 # Don't bother saving a context this short when switching away from it.
 MIN_STATE_TOKENS = 32
+# How long one step may take, so that a long prompt never freezes the other
+# streams: its prefill goes in chunks of about this much time (docs/architecture.md).
+STEP_MS = 250.0
+# The smallest prefill chunk, so that a prompt always progresses.
+MIN_CHUNK = 16
+
+BUSY = (SlotState.PREFILL, SlotState.GENERATING)
+
+
+class NoFreeSlot(RuntimeError):
+    """Every slot is busy (the scheduler admits only when one is free)."""
 
 
 class Decoder:
-    """Owns the KV cache of one model and generates for one request at a time.
+    """Owns the KV cache of one model and decodes for up to one request per slot.
 
-    `drafters` is the ordered drafter chain (by default the n-gram drafter
-    alone); a request's speculative type picks from it by name ("auto": all).
+    `chains(seq)` builds the ordered drafter chain of the slot on sequence
+    `seq` (by default the n-gram drafter alone); a request's speculative type
+    picks from it by name ("auto": all). A fixed `drafters` chain gives the
+    decoder a single slot. There is one slot per sequence of the model.
     """
 
     def __init__(
@@ -39,22 +61,34 @@ class Decoder:
         *,
         state_cache: PrefixStateCache,
         drafters: Sequence[Drafter] | None = None,
+        chains: Callable[[int], list[Drafter]] | None = None,
         clock: Callable[[], float] = time.perf_counter,
+        step_ms: float = STEP_MS,
     ) -> None:
         self.model = model
         self.state_cache = state_cache
         self.clock = clock
+        self.step_ms = step_ms
         self.controller = SpeculationController()
-        self.drafters: list[Drafter] = list(drafters) if drafters is not None else build_chain()
         self.last_drafter: str | None = None
+        if drafters is not None:
+            self.chains = [list(drafters)]
+        else:
+            make = chains or (lambda _seq: build_chain())
+            self.chains = [make(seq) for seq in range(max(1, model.n_seq_max))]
+        self.drafters: list[Drafter] = self.chains[0]
         # Start from an empty cache so a slot's tokens and its sequence never disagree.
         model.clear()
-        self.slots = [Slot(0, model, self.controller, clock)]
+        self.slots = [Slot(seq, model, self.controller, clock) for seq in range(len(self.chains))]
+        # Measured cost of one prompt token in a batch (ms); None until measured.
+        self._ms_per_token: float | None = None
+        self._steps = 0
 
     def close(self) -> None:
         """Frees what the drafters hold (the model itself belongs to the caller)."""
-        for drafter in self.drafters:
-            drafter.close()
+        for chain in self.chains:
+            for drafter in chain:
+                drafter.close()
 
     # --- prefix reuse -------------------------------------------------------------
 
@@ -73,6 +107,14 @@ class Decoder:
         for slot in self.slots:
             slot.forget()
 
+    def _empty(self, slot: Slot) -> None:
+        """Empties one slot's sequence (the whole cache if llama.cpp refuses and no other slot is busy)."""
+        if not self.model.truncate(slot.seq, 0) and not any(
+            s.state in BUSY for s in self.slots if s is not slot
+        ):
+            self._reset_context()
+        slot.forget()
+
     def _reuse_prefix(self, slot: Slot, prompt: Sequence[int]) -> int:
         """Brings the slot's sequence to the longest usable prefix of `prompt`; returns its length."""
         n_live = common_prefix(slot.tokens, prompt)
@@ -85,7 +127,7 @@ class Decoder:
                 n_live = n_saved
             else:
                 log.warning("a saved KV state could not be restored; re-reading the prompt")
-                self._reset_context()
+                self._empty(slot)
                 n_live = 0
         elif len(slot.tokens) - n_live >= MIN_STATE_TOKENS:
             # Most of the context is about to go: keep it for a switch back.
@@ -95,7 +137,7 @@ class Decoder:
         if n_keep < len(slot.tokens):
             if not self.model.truncate(slot.seq, n_keep):
                 # Recurrent/hybrid memory cannot always cut mid-sequence.
-                self._reset_context()
+                self._empty(slot)
                 n_keep = 0
             slot.tokens = slot.tokens[:n_keep]
         return n_keep
@@ -104,33 +146,178 @@ class Decoder:
         """Forgets everything (used after a failed decode left the cache unknown)."""
         self._reset_context()
 
-    # --- generation ---------------------------------------------------------------
+    # --- admission ----------------------------------------------------------------
 
-    def _drafters_for(self, req: GenerationRequest) -> list[Drafter]:
+    def _drafters_for(self, slot: Slot, req: GenerationRequest) -> list[Drafter]:
         # Rolling back rejected drafts needs a KV cache that can be cut
         # mid-sequence: recurrent/hybrid models decode plainly.
         if self.model.has_recurrent_state:
             return []
         kind = req.speculative.type
-        return [d for d in self.drafters if kind == "auto" or d.name == kind]
+        return [d for d in self.chains[slot.seq] if kind == "auto" or d.name == kind]
+
+    @property
+    def free_slots(self) -> int:
+        return sum(1 for s in self.slots if s.state is SlotState.IDLE)
+
+    @property
+    def busy(self) -> bool:
+        return any(s.state in BUSY for s in self.slots)
+
+    def pick_slot(self, prompt: Sequence[int]) -> Slot:
+        """The free slot whose cached tokens share the longest prefix with `prompt`
+        (the least recently used among equals), as llama-server picks."""
+        free = [s for s in self.slots if s.state is SlotState.IDLE]
+        if not free:
+            raise NoFreeSlot("every slot is busy")
+        return max(free, key=lambda s: (common_prefix(s.tokens, prompt), -s.last_used))
+
+    def admit(self, req: GenerationRequest, on_text: Callable[[str], None]) -> Slot:
+        """Starts a request on a free slot; the following steps decode it."""
+        slot = self.pick_slot(req.prompt_tokens)
+        slot.start(req, on_text, self._drafters_for(slot, req))
+        try:
+            # A failed restore may leave another chat in the sequence than the
+            # slot's tokens say: `_discard` starts it clean.
+            slot.set_prefix(self._reuse_prefix(slot, req.prompt_tokens))
+        except BaseException:
+            self._discard(slot)
+            slot.release()
+            raise
+        return slot
+
+    # --- one step -----------------------------------------------------------------
+
+    def _prefill_budget(self, rows: int, n_busy: int) -> int:
+        """Prompt tokens this step may take besides `rows` generation rows.
+
+        A prompt alone in the step goes in whole n_batch chunks, as it always
+        did: the time bound protects other streams, and a request decoded
+        alone keeps the same chunks, so the same greedy answer, however busy
+        the machine is.
+        """
+        room = self.model.n_batch - rows
+        if self._ms_per_token is None or n_busy <= 1:
+            return room
+        by_time = int(self.step_ms / self._ms_per_token) - rows
+        return max(0, min(room, max(MIN_CHUNK, by_time)))
+
+    def step(self) -> list[Slot]:
+        """Decodes one batch for every busy slot; returns the slots that finished.
+
+        A finished slot (DONE) holds its result or `error` until `release()`.
+        """
+        busy = [s for s in self.slots if s.state in BUSY]
+        planned: list[tuple[Slot, BatchPart]] = []
+        generating = [s for s in busy if s.state is SlotState.GENERATING]
+        # Drafts compete with the other streams' rows for the step.
+        self.controller.other_rows = max(0, len(generating) - 1)
+        rows = 0
+        for slot in generating:
+            room = self.model.n_batch - rows
+            if room <= 0:
+                continue  # more slots than n_batch rows: this one waits a step
+            part = self._guarded(slot, partial(slot.plan, room))
+            if part is not None:
+                planned.append((slot, part))
+                rows += len(part.tokens)
+        # Shortest prompt first: a short request waits at most for the step in
+        # flight, not for a long prompt's whole prefill.
+        prefilling = sorted(
+            (s for s in busy if s.state is SlotState.PREFILL), key=lambda s: s.prefill_left
+        )
+        budget = self._prefill_budget(rows, len(busy))
+        n_prompt = 0
+        for slot in prefilling:
+            part = self._guarded(slot, partial(slot.plan, budget))
+            if part is not None:
+                planned.append((slot, part))
+                budget -= len(part.tokens)
+                n_prompt += len(part.tokens)
+        ms = self._decode(planned)
+        if ms is not None:
+            self._learn(ms, len(planned), rows, n_prompt)
+            row = 0
+            for slot, part in planned:
+                if slot.state in BUSY:
+                    self._guarded(slot, partial(slot.commit, row))
+                    if slot.state is SlotState.GENERATING and slot.drafters:
+                        self.last_drafter = "+".join(d.name for d in slot.drafters)
+                row += len(part.tokens)
+        self._steps += 1
+        return [s for s in busy if s.state is SlotState.DONE]
+
+    def _learn(self, ms: float, n_parts: int, rows: int, n_prompt: int) -> None:
+        if n_prompt >= MIN_CHUNK:
+            per_token = ms / (rows + n_prompt)
+            old = self._ms_per_token
+            self._ms_per_token = per_token if old is None else old * 0.7 + per_token * 0.3
+        elif n_prompt == 0 and n_parts:
+            # What a batch of n generation rows costs: the controller's cost model.
+            self.controller.record_cost(rows, ms)
+
+    def _guarded(self, slot: Slot, call: Callable[[], BatchPart | None]) -> BatchPart | None:
+        """Runs one slot's part of the step; an error ends that request only."""
+        try:
+            return call()
+        except Exception as exc:
+            log.debug("slot %d failed: %s", slot.seq, exc)
+            slot.fail(exc)
+            self._discard(slot)
+            return None
+
+    def _discard(self, slot: Slot) -> None:
+        """After an error the slot's sequence is unknown: empty it."""
+        self._empty(slot)
+
+    def _decode(self, planned: list[tuple[Slot, BatchPart]]) -> float | None:
+        """Decodes the step's batch; on a full cache, frees room and retries.
+
+        Idle slots' cached tokens go first (saved to the prefix cache when
+        worth it); then the youngest request is ended with a clear error, so
+        the others carry on. Any other failure ends every request of the batch.
+        """
+        while planned:
+            try:
+                return self.model.decode_batch([part for _slot, part in planned])
+            except ContextFull:
+                idle = [s for s in self.slots if s.state is SlotState.IDLE and s.tokens]
+                if idle:
+                    for slot in idle:
+                        self._stash(slot)
+                        self._empty(slot)
+                    continue
+                victim = max((slot for slot, _part in planned), key=lambda s: s.age_key)
+                log.warning("the context is full: ending the newest request (slot %d)", victim.seq)
+                used = sum(len(s.tokens) for s in self.slots)
+                victim.fail(
+                    ContextFull(
+                        f"the context is full: the {len(planned)} requests in progress hold "
+                        f"{used} of its {self.model.n_ctx} cells, so the newest one was "
+                        "stopped to let the others finish; retry it, or load the model "
+                        "with a larger context or fewer parallel slots"
+                    )
+                )
+                self._empty(victim)
+                planned = [(s, p) for s, p in planned if s is not victim]
+            except DecodeError as exc:
+                log.error("decode failed: %s", exc)
+                for slot, _part in planned:
+                    slot.fail(exc)
+                self._reset_context()
+                return None
+        return None
+
+    # --- one request alone --------------------------------------------------------
 
     def generate(self, req: GenerationRequest, on_text: Callable[[str], None]) -> GenerationResult:
-        slot = self.slots[0]
-        slot.start(req, on_text, self._drafters_for(req))
+        """Runs one request to its end (steps also decode any other busy slot)."""
+        slot = self.admit(req, on_text)
         try:
-            # Inside the try: a failed restore may leave another chat in the cache
-            # than the slot's tokens say, and the handler below starts clean.
-            slot.set_prefix(self._reuse_prefix(slot, req.prompt_tokens))
-            while slot.state is SlotState.PREFILL:
-                slot.prefill()
-            if slot.state is SlotState.GENERATING and slot.drafters:
-                self.last_drafter = "+".join(d.name for d in slot.drafters)
-            while slot.state is SlotState.GENERATING:
-                slot.step()
+            while slot.state in BUSY:
+                self.step()
+            if slot.error is not None:
+                raise slot.error
             return slot.result()
-        except Exception:
-            # The cache may hold half-evaluated tokens: start clean next time.
-            self.drop_context()
-            raise
         finally:
             slot.release()

@@ -13,7 +13,7 @@ from typing import Any, Protocol
 import numpy as np
 from numpy.typing import NDArray
 
-from engine.backend.llama import SamplingParams
+from engine.backend.llama import BatchPart, SamplingParams
 
 
 class Sampler(Protocol):
@@ -34,6 +34,8 @@ class Sampler(Protocol):
 
 class Model(Protocol):
     n_ctx: int
+    n_ctx_seq: int  # cells one sequence may use (n_ctx in a unified cache)
+    n_seq_max: int  # sequences the context holds: one per slot
     n_batch: int
     n_vocab: int
     has_recurrent_state: bool
@@ -42,6 +44,13 @@ class Model(Protocol):
         self, seq: int, tokens: Sequence[int], pos0: int, *, logits_all: bool = False
     ) -> float:
         """Evaluates tokens of sequence `seq` from position pos0; the wall time in ms."""
+        ...
+
+    def decode_batch(self, parts: Sequence[BatchPart]) -> float:
+        """Evaluates every part in one batch (rows in order); the wall time in ms.
+
+        Raises ContextFull, having changed nothing, when the cache has no room.
+        """
         ...
 
     def truncate(self, seq: int, n_keep: int) -> bool:

@@ -1,10 +1,11 @@
 """A slot: one KV sequence, and the whole state of the request decoding into it.
 
-The decoder hands a request to a slot (`start`), then drives it: `prefill`
-evaluates one batch of the prompt at a time, `step` emits the pending token
-and runs one decode (a plain token, or a verify batch of drafts), until the
-slot is `DONE`. Nothing about a request lives outside its slot, so several
-slots can later share one batch per step (one sequence id each).
+The decoder hands a request to a slot (`start`), then drives it in steps
+shared with the other slots: each step, `plan` says which tokens the slot
+puts into the step's one batch (a chunk of its prompt; or, after emitting
+its pending token, that token alone or followed by drafts to verify), the
+decoder decodes every slot's rows in one `llama_decode`, and `commit` samples
+the slot's own rows. Nothing about a request lives outside its slot.
 
 Speculation is lossless: every emitted token is sampled by the request's own
 chain from the target's logits for exactly the accepted prefix; drafts only
@@ -18,6 +19,7 @@ import codecs
 import enum
 from collections.abc import Callable, Sequence
 
+from engine.backend.llama import BatchPart
 from engine.decoding.model import Model
 from engine.decoding.request import (
     FinishReason,
@@ -65,9 +67,9 @@ class StopMatcher:
 
 class SlotState(enum.Enum):
     IDLE = "idle"  # no request; the sequence keeps its tokens for the next one
-    PREFILL = "prefill"  # evaluating the prompt, one batch per call
+    PREFILL = "prefill"  # evaluating the prompt, one chunk per step
     GENERATING = "generating"  # one decode per step
-    DONE = "done"  # finished: `result()` holds the answer until `release()`
+    DONE = "done"  # finished: `result()` (or `error`) holds the outcome until `release()`
 
 
 class Slot:
@@ -87,6 +89,7 @@ class Slot:
         # Exactly what the sequence holds, position by position.
         self.tokens: list[int] = []
         self.state = SlotState.IDLE
+        self.last_used = 0.0
         self._reset_request()
 
     def _reset_request(self) -> None:
@@ -103,6 +106,7 @@ class Slot:
         self.logprobs: list[TokenLogprob] | None = None
         self.held: list[TokenLogprob] = []
         self.finish: FinishReason = "length"
+        self.error: BaseException | None = None
         self.generated = 0
         self.max_tokens = 0
         # Sampled but not yet emitted nor in the KV cache.
@@ -110,6 +114,11 @@ class Slot:
         self._todo: list[int] = []
         self._t_start = 0.0
         self._t_first = 0.0
+        # What the slot put into the current step's batch.
+        self._part: BatchPart | None = None
+        self._draft: list[int] = []
+        self._source: Drafter | None = None
+        self._strength = 0
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -128,10 +137,10 @@ class Slot:
         self.on_text = on_text
         self.drafters = list(drafters)
         self._t_start = self.clock()
-        self.sampler = sampler_for(self.model, req)
-        self.logprobs = [] if req.top_logprobs is not None else None
-        self.stopper = StopMatcher(req.stop)
         self.state = SlotState.PREFILL
+        self.stopper = StopMatcher(req.stop)
+        self.logprobs = [] if req.top_logprobs is not None else None
+        self.sampler = sampler_for(self.model, req)
 
     def set_prefix(self, n_keep: int) -> None:
         """Records that the first n_keep prompt tokens are in the cache already."""
@@ -140,11 +149,20 @@ class Slot:
         self._todo = self.request.prompt_tokens[n_keep:]
         self.timings.prompt_n = len(self._todo)
 
+    def fail(self, error: BaseException) -> None:
+        """Ends the request with an error; the slot's sequence is left as `tokens` says."""
+        self.error = error
+        self.state = SlotState.DONE
+
     def release(self) -> None:
         """Frees the request's sampler; the sequence's tokens stay for the next request."""
         if self.sampler is not None:
             self.sampler.close()
         self.sampler = None
+        self.request = None
+        self.on_text = _ignore
+        self._part = None
+        self.last_used = self.clock()
         self.state = SlotState.IDLE
 
     def forget(self) -> None:
@@ -156,51 +174,99 @@ class Slot:
             "".join(self.pieces), self.finish, self.generated, self.timings, self.logprobs
         )
 
+    @property
+    def age_s(self) -> float:
+        return self.clock() - self._t_start if self.request is not None else 0.0
+
+    @property
+    def age_key(self) -> float:
+        """When the request was admitted: the largest is the youngest."""
+        return self._t_start
+
+    @property
+    def n_prompt(self) -> int:
+        return len(self.request.prompt_tokens) if self.request is not None else 0
+
+    @property
+    def prefill_left(self) -> int:
+        return len(self._todo)
+
+    # --- one step: plan the slot's rows, then commit what the batch computed ------
+
+    def plan(self, budget: int) -> BatchPart | None:
+        """The slot's rows for this step's batch, or None (it finished, or waits).
+
+        A prefilling slot offers the next `budget` prompt tokens (none when
+        the budget is 0); a generating one first emits its pending token, then
+        offers it, followed by the drafts the controller wants verified (at
+        most `budget` rows in all; the caller gives it at least one).
+        """
+        req = self.request
+        self._part = None
+        if req is None or self.state not in (SlotState.PREFILL, SlotState.GENERATING):
+            return None
+        if self.state is SlotState.PREFILL:
+            if req.cancel.is_set():
+                self.finish = "cancelled"
+                self.state = SlotState.DONE
+                return None
+            if budget <= 0:
+                return None
+            chunk = self._todo[:budget]
+            self._part = BatchPart(self.seq, chunk, len(self.tokens))
+            return self._part
+        if self._take_pending():
+            self._finish()
+            return None
+        draft, source, strength = self._propose()
+        draft = draft[: max(0, budget - 1)]
+        self._draft, self._source, self._strength = draft, source, strength
+        self._part = BatchPart(
+            self.seq, [self.pending, *draft], len(self.tokens), logits_all=bool(draft)
+        )
+        return self._part
+
+    def commit(self, row0: int) -> None:
+        """Takes the step's outcome: the slot's rows start at output row `row0`."""
+        part = self._part
+        self._part = None
+        if part is None:
+            return
+        if self.state is SlotState.PREFILL:
+            self._prefilled(len(part.tokens), row0 + len(part.tokens) - 1)
+        elif self._draft:
+            if self._verified(row0):
+                self._finish()
+        else:
+            assert self.sampler is not None
+            self.tokens.append(self.pending)
+            self.pending = self.sampler.sample(row0)
+
+    def withdraw(self) -> None:
+        """The step's batch was decoded without this slot's rows: forget them."""
+        if self._part is not None and self.state is SlotState.GENERATING:
+            # The pending token was emitted already: generation cannot resume.
+            self.fail(RuntimeError("the slot's step was not decoded"))
+        self._part = None
+
     # --- prompt -------------------------------------------------------------------
 
-    def prefill(self) -> None:
-        """Evaluates the next batch of the prompt, with a cancellation check before it.
-
-        After the last batch it samples the first token and readies speculation.
-        """
+    def _prefilled(self, n: int, last_row: int) -> None:
         req, model = self.request, self.model
         assert req is not None and self.sampler is not None
-        if req.cancel.is_set():
-            self.finish = "cancelled"
-            self.state = SlotState.DONE
-            return
-        part = self._todo[: model.n_batch]
-        del self._todo[: model.n_batch]
-        model.decode(self.seq, part, len(self.tokens))
-        self.tokens.extend(part)
+        self.tokens.extend(self._todo[:n])
+        del self._todo[:n]
         if self._todo:
             return
-        self.pending = self.sampler.sample(-1)
+        self.pending = self.sampler.sample(last_row)
         self._t_first = self.clock()
         self.timings.prompt_ms = (self._t_first - self._t_start) * 1000.0
-
-        ctl = self.controller
-        spec = req.speculative
-        ctl.n_max = max(0, min(spec.n_max, 16, model.n_batch - 1))
-        ctl.n_min = max(0, min(spec.n_min, ctl.n_max))
-        ctl.p_min = spec.p_min
         for drafter in self.drafters:
             drafter.reset(req.prompt_tokens)
-        self.max_tokens = min(req.max_tokens, model.n_ctx - len(req.prompt_tokens))
+        self.max_tokens = min(req.max_tokens, model.n_ctx_seq - len(req.prompt_tokens))
         self.state = SlotState.GENERATING
 
     # --- generation ---------------------------------------------------------------
-
-    def step(self) -> None:
-        """Emits the pending token, then runs one decode: plain, or a verify batch."""
-        if self._take_pending():
-            self._finish()
-            return
-        draft, source, strength = self._propose()
-        if not draft:
-            self._decode_one()
-        elif self._verify(draft, source, strength):
-            self._finish()
 
     def _emit(self, token: int) -> bool:
         """Streams one generated token; True when generation must end."""
@@ -242,7 +308,7 @@ class Slot:
             # The pending token (always the latest sampled) completed the grammar.
             self.finish = "stop"
             return True
-        if self.generated >= self.max_tokens or len(self.tokens) + 1 >= self.model.n_ctx:
+        if self.generated >= self.max_tokens or len(self.tokens) + 1 >= self.model.n_ctx_seq:
             self.finish = "length"
             return True
         if self.request.cancel.is_set():
@@ -256,9 +322,16 @@ class Slot:
         Under a grammar a draft is cut before its first token the grammar
         refuses: that token could never be accepted.
         """
-        ctl, sampler = self.controller, self.sampler
-        assert sampler is not None
-        room = min(self.max_tokens - self.generated, self.model.n_ctx - len(self.tokens) - 2)
+        ctl, sampler, req = self.controller, self.sampler, self.request
+        assert sampler is not None and req is not None
+        if not self.drafters:
+            return [], None, 0
+        # The controller is shared by the slots: set this request's limits first.
+        spec = req.speculative
+        ctl.n_max = max(0, min(spec.n_max, 16, self.model.n_batch - 1))
+        ctl.n_min = max(0, min(spec.n_min, ctl.n_max))
+        ctl.p_min = spec.p_min
+        room = min(self.max_tokens - self.generated, self.model.n_ctx_seq - len(self.tokens) - 2)
         if room <= 0 or ctl.n_max <= 0:
             return [], None, 0
         for drafter in self.drafters:
@@ -281,28 +354,20 @@ class Slot:
                 return tokens, drafter, proposal.strength
         return [], None, 0
 
-    def _decode_one(self) -> None:
-        assert self.sampler is not None
-        ms = self.model.decode(self.seq, (self.pending,), len(self.tokens))
-        self.controller.record_cost(1, ms)
-        self.tokens.append(self.pending)
-        self.pending = self.sampler.sample(-1)
-
-    def _verify(self, draft: list[int], source: Drafter | None, strength: int) -> bool:
-        """One batch [pending, d1..dk], every row sampled in order by the request's
+    def _verified(self, row0: int) -> bool:
+        """Samples the verify rows [pending, d1..dk] in order with the request's own
         chain, accepting while the sample equals the draft. True when generation ends."""
         model, sampler, ctl = self.model, self.sampler, self.controller
+        draft, source, strength = self._draft, self._source, self._strength
         assert sampler is not None and source is not None
-        batch = [self.pending, *draft]
-        ms = model.decode(self.seq, batch, len(self.tokens), logits_all=True)
-        ctl.record_cost(len(batch), ms)
+        self._draft, self._source = [], None
         self.tokens.append(self.pending)
         accepted = 0
-        nxt = sampler.sample(0)
+        nxt = sampler.sample(row0)
         while accepted < len(draft) and nxt == draft[accepted]:
             self.tokens.append(draft[accepted])
             accepted += 1
-            nxt = sampler.sample(accepted)
+            nxt = sampler.sample(row0 + accepted)
         self.timings.draft_n += len(draft)
         self.timings.draft_n_accepted += accepted
         ctl.record(strength, len(draft), accepted, drafter=source)

@@ -357,13 +357,26 @@ def layer_layout(
     return Layout(tuple(out))
 
 
-def kv_cells(shape: ModelShape, n_ctx: int, n_ubatch: int, il: int, swa_full: bool = True) -> int:
+def kv_cells(
+    shape: ModelShape,
+    n_ctx: int,
+    n_ubatch: int,
+    il: int,
+    swa_full: bool = True,
+    n_seq: int = 1,
+    kv_unified: bool = True,
+) -> int:
     """KV cells of layer il: the padded context, or the (padded) window for SWA layers.
 
     `swa_full` is llama_context_default_params()' default, which the engine keeps:
-    full-size SWA caches allow prefix reuse and speculative rollback.
+    full-size SWA caches allow prefix reuse and speculative rollback. With
+    parallel slots (`n_seq`) a unified cache keeps n_ctx cells in all; separate
+    caches get n_ctx / n_seq each, padded to 256 as llama.cpp does.
     """
-    cells = pad(n_ctx)
+    if n_seq > 1 and not kv_unified:
+        cells = max(256, -(-(n_ctx // n_seq) // 256) * 256) * n_seq
+    else:
+        cells = pad(n_ctx)
     if not swa_full and shape.swa_layers[il] and shape.n_swa > 0:
         return min(cells, pad(shape.n_swa + n_ubatch))
     return cells
@@ -377,11 +390,13 @@ def kv_layer_bytes(
     type_v: str,
     n_ubatch: int,
     swa_full: bool = True,
+    n_seq: int = 1,
+    kv_unified: bool = True,
 ) -> int:
-    """KV (or recurrent-state) bytes of one layer."""
+    """KV (or recurrent-state) bytes of one layer; a recurrent state per slot (`n_seq`)."""
     if shape.recurrent_layers[il]:
-        return shape.recurrent_state_bytes
-    cells = kv_cells(shape, n_ctx, n_ubatch, il, swa_full)
+        return shape.recurrent_state_bytes * max(1, n_seq)
+    cells = kv_cells(shape, n_ctx, n_ubatch, il, swa_full, n_seq, kv_unified)
     if shape.mla_kv_dim:
         return int(cells * shape.mla_kv_dim * KV_BYTES_PER_ELEMENT[type_k])
     n_kv = shape.n_head_kv[il]
@@ -454,6 +469,8 @@ def estimate(
     host: Device | None = None,
     swa_full: bool = True,
     n_cpu_moe: int = 0,
+    n_seq: int = 1,
+    kv_unified: bool = True,
 ) -> MemoryBreakdown:
     """Estimates a load's memory per device (weights, KV, compute, overhead).
 
@@ -480,7 +497,9 @@ def estimate(
         moved = shape.expert_bytes[il] if il < n_cpu_moe and layout.devices[il] != "CPU" else 0
         d.weights += shape.layer_bytes[il] - moved
         dev("CPU").weights += moved
-        d.kv += kv_layer_bytes(shape, il, n_ctx, type_k, type_v, n_ubatch, swa_full)
+        d.kv += kv_layer_bytes(
+            shape, il, n_ctx, type_k, type_v, n_ubatch, swa_full, n_seq, kv_unified
+        )
     out_dev = layout.devices[shape.n_layer]
     dev(out_dev).weights += shape.output_bytes
     if shape.tied_embedding_bytes and out_dev != "CPU":

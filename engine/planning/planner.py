@@ -50,7 +50,7 @@ from engine.planning.estimate import (
 from engine.planning.hardware import GPU, Hardware, Runtime, detect_hardware
 from engine.planning.probe import MeasuredMemory, measure
 from engine.wire.base import KV_BYTES_PER_ELEMENT, MAX_N_CTX, FlashAttn, KVType
-from engine.wire.control import LoadRequest
+from engine.wire.control import AUTO_PARALLEL, LoadRequest
 
 log = logging.getLogger(__name__)
 
@@ -112,6 +112,9 @@ class Pins:
     n_ubatch: int = 512
     threads: int | None = None
     runtime: str | None = None
+    # Parallel slots (one KV sequence each) and whether they share one cache.
+    n_parallel: int = AUTO_PARALLEL
+    kv_unified: bool = True
 
 
 @dataclass(frozen=True)
@@ -230,6 +233,8 @@ class _Context:
             n_cpu_moe=c.n_cpu_moe,
             n_ubatch=self.pins.n_ubatch,
             host=self.host,
+            n_seq=self.pins.n_parallel,
+            kv_unified=self.pins.kv_unified,
         )
 
     def fits(self, mem: MemoryBreakdown, paged: int = 0) -> bool:
@@ -281,7 +286,20 @@ class _Costs:
         self.type_k, self.type_v = type_k, type_v
         n_ubatch = ctx.pins.n_ubatch
         dense = [lb - eb for lb, eb in zip(shape.layer_bytes, shape.expert_bytes, strict=True)]
-        kv = [kv_layer_bytes(shape, il, n_ctx, type_k, type_v, n_ubatch) for il in range(n)]
+        pins = ctx.pins
+        kv = [
+            kv_layer_bytes(
+                shape,
+                il,
+                n_ctx,
+                type_k,
+                type_v,
+                n_ubatch,
+                n_seq=pins.n_parallel,
+                kv_unified=pins.kv_unified,
+            )
+            for il in range(n)
+        ]
         self.base = [0, *accumulate(d + k for d, k in zip(dense, kv, strict=True))]
         self.exp = [0, *accumulate(shape.expert_bytes)]
         self.moe = shape.is_moe
@@ -389,6 +407,8 @@ def _check_pins(pins: Pins) -> None:
         )
     if pins.ctx is not None and pins.ctx < 16:
         raise PeregrineError(f"--ctx must be at least 16, not {pins.ctx}")
+    if not 1 <= pins.n_parallel <= 64:
+        raise PeregrineError(f"--parallel must be from 1 to 64, not {pins.n_parallel}")
     if pins.min_ctx < 16:
         raise PeregrineError(f"--min-ctx must be at least 16, not {pins.min_ctx}")
     if pins.total_budget_bytes is not None and pins.total_budget_bytes <= 0:
@@ -958,6 +978,8 @@ def _make_plan(ctx: _Context, search: _Search, best: _Scored, notes: list[str]) 
         n_batch=pins.n_batch,
         n_ubatch=pins.n_ubatch,
         threads=threads,
+        n_parallel=pins.n_parallel,
+        kv_unified=pins.kv_unified,
     )
     return Plan(
         load=load,

@@ -244,7 +244,8 @@ def _dry_run_logged(load: LoadRequest, log_lines: list[str]) -> dict[str, Any]:
         cparams.n_ctx = load.n_ctx
         cparams.n_batch = load.n_batch
         cparams.n_ubatch = load.n_ubatch
-        cparams.n_seq_max = 1
+        cparams.n_seq_max = load.n_parallel
+        cparams.kv_unified = load.kv_unified
         cparams.type_k = KV_TYPE_IDS[load.type_k]
         cparams.type_v = KV_TYPE_IDS[load.type_v]
         cparams.flash_attn_type = _FLASH_ATTN_TYPE[load.flash_attn]

@@ -64,6 +64,17 @@ def _parser() -> _Parser:
     )
     pin.add_argument("--headroom-gib", type=float, metavar="G", help="left free per device (1)")
     pin.add_argument("--threads", type=int, metavar="N", help="CPU threads")
+    pin.add_argument(
+        "--parallel",
+        metavar="N|auto",
+        help="requests decoded at once, one slot each (auto: 4 on one unified KV cache)",
+    )
+    pin.add_argument(
+        "--kv-unified",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one KV cache shared by the slots (default), or ctx/N cells each",
+    )
     return p
 
 
@@ -76,6 +87,15 @@ def pins_from_args(args: argparse.Namespace) -> Pins:
         pins.min_ctx = args.min_ctx
     pins.type_k = args.cache_type_k
     pins.type_v = args.cache_type_v
+    if args.parallel is not None and args.parallel.strip().lower() not in ("auto", "-1"):
+        try:
+            pins.n_parallel = int(args.parallel)
+        except ValueError:
+            raise UsageError(
+                f"--parallel takes a number of slots or auto: {args.parallel!r}"
+            ) from None
+    if args.kv_unified is not None:
+        pins.kv_unified = args.kv_unified
     if args.flash_attn is not None:
         pins.flash_attn = "on" if args.flash_attn == "auto" else args.flash_attn
     if args.gpu_layers is not None:
@@ -302,7 +322,9 @@ def render_text(result: Plan) -> str:
     gpu = {-1: "all", 0: "none"}.get(load.n_gpu_layers, str(load.n_gpu_layers))
     lines.append(
         f"plan: ctx {load.n_ctx}, KV {load.type_k}/{load.type_v}, GPU layers {gpu}, "
-        f"flash attention {load.flash_attn}, threads {load.threads}"
+        f"flash attention {load.flash_attn}, threads {load.threads}, "
+        f"{load.n_parallel} parallel slots"
+        + ("" if load.kv_unified else " (KV cache split)")
         + (", MoE experts in RAM" if load.expert_offload else "")
         + (f", MoE experts of the first {load.n_cpu_moe} layers in RAM" if load.n_cpu_moe else "")
         + (f", split {load.tensor_split}" if load.tensor_split else "")

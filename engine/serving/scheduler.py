@@ -1,31 +1,37 @@
-"""The engine core: one decode thread, a bounded queue, load/unload and status.
+"""The engine core: one decode thread, parallel slots, a bounded queue, load/unload, status.
 
 Everything that touches llama.cpp runs on the decode thread; HTTP handlers
 submit jobs and receive typed events (`JobEvent`) back through one callback.
-Cancellation is cooperative: a job's `cancel` event is checked by the decoder
-on every token. Models come from an injected factory (`ModelFactory`), by
-default llama.cpp's.
+The thread admits queued jobs into free slots (the app's own requests
+first, then in arrival order), and runs one decoder step, one batch for
+every busy slot, at a time (engine/decoding/decoder.py). Cancellation is
+cooperative: a slot checks its job's `cancel` event every step, so a stop or
+a dropped client frees the slot within one step. Loads and unloads queue
+behind the jobs sent before them. Models come from an injected factory
+(`ModelFactory`), by default llama.cpp's.
 """
 
 from __future__ import annotations
 
 import logging
-import queue
 import threading
+from collections import deque
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Protocol
+from typing import Any, Literal, Protocol
 
 from engine.backend.llama import LlamaLogCapture, LlamaModel, MemoryReport, SamplingParams
 from engine.decoding.decoder import Decoder
 from engine.decoding.model import Model, Sampler
 from engine.decoding.prefix_cache import PrefixStateCache
 from engine.decoding.request import GenerationRequest, GenerationResult, SpecParams, TokenLogprob
+from engine.decoding.slot import Slot
 from engine.errors import PeregrineError
 from engine.gguf.chat_template import ChatTemplate
 from engine.speculative.drafters import build_chain
 from engine.wire.control import (
+    DEFAULT_QUEUE_LIMIT,
     EngineState,
     EngineStatus,
     LoadRequest,
@@ -33,6 +39,7 @@ from engine.wire.control import (
     ModelRef,
     QueueInfo,
     RuntimeInfo,
+    SlotStatus,
     SpeculativeStatus,
 )
 
@@ -97,7 +104,7 @@ class ModelFactory(Protocol):
     """Loads a model (the engine's own, or a draft model) for the decode thread."""
 
     def __call__(
-        self, request: LoadRequest, *, progress: Callable[[float], None] | None = None
+        self, request: LoadRequest, *, progress: Callable[[float], bool | None] | None = None
     ) -> ServedModel: ...
 
 
@@ -153,6 +160,26 @@ class Job:
     cancel: threading.Event = field(default_factory=threading.Event)
     grammar: str | None = None  # compiled by engine/structured/schema.py
     top_logprobs: int | None = None  # None: no logprobs
+    # "app": the desktop app's own chat, admitted ahead of queued API requests.
+    priority: Literal["app", "api"] = "api"
+
+
+@dataclass
+class _Control:
+    """A load or an unload, run on the decode thread once no slot is busy."""
+
+    kind: Literal["load", "unload"]
+    work: Callable[[], None]
+    done: threading.Event
+
+
+@dataclass
+class _Running:
+    """A job admitted into a slot, and the logprobs its next text brings."""
+
+    job: Job
+    slot: Slot
+    held: list[TokenLogprob] = field(default_factory=list)
 
 
 def _take(items: list[TokenLogprob]) -> tuple[TokenLogprob, ...]:
@@ -172,7 +199,7 @@ class Engine:
     def __init__(
         self,
         *,
-        queue_limit: int = 16,
+        queue_limit: int = DEFAULT_QUEUE_LIMIT,
         state_cache_bytes: int = 1 << 30,
         runtime: RuntimeInfo | None = None,
         validate: Callable[[str], object] | None = None,
@@ -190,10 +217,16 @@ class Engine:
         # llama.cpp's own factory needs one (an injected factory brings its own).
         self._log_capture = log_capture or (LlamaLogCapture() if model_factory is None else None)
         self._model_factory = model_factory or self._load_llama
-        self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
+        # Jobs and controls in arrival order; jobs ahead of the first control
+        # may be admitted, a control runs when it is first and no slot is busy.
+        self._queue: deque[Job | _Control] = deque()
         self._lock = threading.Lock()
-        self._waiting = 0
+        self._wake = threading.Condition(self._lock)
+        self._closing = False
+        self._running: dict[int, _Running] = {}  # by slot
         self._pending_loads = 0
+        self._loading: _Control | None = None  # the load in progress
+        self._abort_load = False
         self.state: EngineState = "idle"
         self.load_progress = 0.0
         self.error: str | None = None
@@ -203,8 +236,6 @@ class Engine:
         self.decoder: Decoder | None = None
         self.template: ChatTemplate | None = None
         self._state_cache = PrefixStateCache(state_cache_bytes)
-        self._current: Job | None = None
-        self._load_done = threading.Event()
         self._thread = threading.Thread(target=self._run, name="peregrine-decode", daemon=True)
         self._thread.start()
 
@@ -212,26 +243,110 @@ class Engine:
 
     def _run(self) -> None:
         while True:
-            work = self._jobs.get()
-            if work is None:
+            dropped: list[Job] = []
+            admit: list[Job] = []
+            control: _Control | None = None
+            with self._wake:
+                while True:
+                    dropped += self._take_cancelled()
+                    if self._closing:
+                        break
+                    decoder = self.decoder
+                    busy = decoder is not None and decoder.busy
+                    jobs = self._admissible()
+                    if jobs:
+                        # Without a model every job fails at once (NotReady).
+                        free = decoder.free_slots if decoder is not None else len(jobs)
+                        admit = self._pick(jobs, free)
+                    elif not busy and self._queue:
+                        item = self._queue.popleft()
+                        assert isinstance(item, _Control)
+                        control = item
+                    if admit or control or busy or dropped:
+                        break
+                    self._wake.wait()
+                closing = self._closing
+            for job in dropped:
+                job.emit(Done(None, None))
+            if closing:
+                # Every job was cancelled: one more step ends the running ones
+                # as a cancel does (finish_reason "cancelled").
+                self._step()
                 break
-            try:
-                work()
-            except Exception:  # a job's own handler reports errors; this is a last guard
-                log.exception("engine job failed")
+            if control is not None:
+                self._run_control(control)
+                continue
+            for job in admit:
+                self._start(job)
+            self._step()
+        self._drain()
         self._unload_now()
 
-    def shutdown(self, timeout: float = 5.0) -> None:
+    def _drain(self) -> None:
+        """Ends every job still running or queued when the engine stops."""
         with self._lock:
-            if self._current is not None:
-                self._current.cancel.set()
-        self._jobs.put(None)
+            jobs = [r.job for r in self._running.values()]
+            jobs += [i for i in self._queue if isinstance(i, Job)]
+            self._running.clear()
+            self._queue.clear()
+        for job in jobs:
+            job.cancel.set()
+            job.emit(Done(None, None))
+
+    def _admissible(self) -> list[Job]:
+        """Queued jobs ahead of the first load or unload (call with the lock)."""
+        jobs: list[Job] = []
+        for item in self._queue:
+            if isinstance(item, _Control):
+                break
+            jobs.append(item)
+        return jobs
+
+    def _pick(self, jobs: list[Job], n: int) -> list[Job]:
+        """Up to n jobs to admit: the app's first, then in arrival order (call with the lock)."""
+        if n <= 0:
+            return []
+        chosen = [j for j in jobs if j.priority == "app"][:n]
+        chosen += [j for j in jobs if j.priority != "app"][: n - len(chosen)]
+        for job in chosen:
+            self._queue.remove(job)
+        return chosen
+
+    def _take_cancelled(self) -> list[Job]:
+        """Removes queued jobs whose client gave up (call with the lock)."""
+        gone = [i for i in self._queue if isinstance(i, Job) and i.cancel.is_set()]
+        for job in gone:
+            self._queue.remove(job)
+        return gone
+
+    def _run_control(self, control: _Control) -> None:
+        try:
+            control.work()
+        except Exception:  # a control reports its own errors; this is a last guard
+            log.exception("engine %s failed", control.kind)
+        finally:
+            control.done.set()
+
+    def _cancel_everything(self) -> None:
+        """Cancels the running jobs and every queued one (for unload and shutdown)."""
+        with self._lock:
+            for running in self._running.values():
+                running.job.cancel.set()
+            for item in self._queue:
+                if isinstance(item, Job):
+                    item.cancel.set()
+
+    def shutdown(self, timeout: float = 5.0) -> None:
+        self._cancel_everything()
+        with self._wake:
+            self._closing = True
+            self._wake.notify_all()
         self._thread.join(timeout)
 
     # --- loading ------------------------------------------------------------------
 
     def _load_llama(
-        self, request: LoadRequest, *, progress: Callable[[float], None] | None = None
+        self, request: LoadRequest, *, progress: Callable[[float], bool | None] | None = None
     ) -> ServedModel:
         return LlamaModel(request, progress=progress, log_capture=self._log_capture)
 
@@ -239,10 +354,19 @@ class Engine:
         """Queues a model load; returns an event set when it finished (or failed).
 
         Nothing changes until the load runs: requests already queued keep the
-        model they were sent to, and new ones are accepted meanwhile.
+        model they were sent to, and new ones are accepted meanwhile. A newer
+        load replaces one still queued, and aborts one in progress.
         """
         done = threading.Event()
-        with self._lock:
+        with self._wake:
+            for item in list(self._queue):
+                if isinstance(item, _Control) and item.kind == "load":
+                    # Superseded before it ran: the newer load is what the user wants.
+                    self._queue.remove(item)
+                    self._pending_loads -= 1
+                    item.done.set()
+            if self._loading is not None:
+                self._abort_load = True
             # Visible at once (state "loading"), but the model in use and its
             # settings only change when the load actually runs.
             self._pending_loads += 1
@@ -255,13 +379,27 @@ class Engine:
                 self._load_now(request)
             finally:
                 with self._lock:
+                    self._loading = None
+                    self._abort_load = False
                     self._pending_loads -= 1
                     if self._pending_loads and self.state != "error":
                         self.state = "loading"
-                done.set()
 
-        self._jobs.put(work)
+        control = _Control("load", work, done)
+
+        def start() -> None:
+            with self._lock:
+                self._loading = control
+            work()
+
+        control.work = start
+        self._enqueue(control)
         return done
+
+    def _enqueue(self, item: Job | _Control) -> None:
+        with self._wake:
+            self._queue.append(item)
+            self._wake.notify_all()
 
     def _load_now(self, request: LoadRequest) -> None:
         try:
@@ -292,6 +430,10 @@ class Engine:
         try:
             self._install(request)
         except Exception as exc:
+            if self._abort_load:
+                # A newer load replaced this one (it runs next).
+                log.info("model load superseded: %s", request.model)
+                return
             message = (
                 str(exc) if isinstance(exc, PeregrineError) else f"{type(exc).__name__}: {exc}"
             )
@@ -329,8 +471,11 @@ class Engine:
             model.close()
             raise
         self.model = model
+        draft = self.draft_model
         self.decoder = Decoder(
-            model, state_cache=self._state_cache, drafters=build_chain(self.draft_model)
+            model,
+            state_cache=self._state_cache,
+            chains=lambda seq: build_chain(draft, seq=seq),
         )
         with self._lock:
             self.state = "ready"
@@ -350,6 +495,9 @@ class Engine:
                 threads=request.threads,
                 n_batch=request.n_batch,
                 n_ubatch=request.n_ubatch,
+                # One draft sequence per slot of the model.
+                n_parallel=request.n_parallel,
+                kv_unified=request.kv_unified,
             ),
         )
         if draft.vocab_fingerprint() != model.vocab_fingerprint():
@@ -378,22 +526,29 @@ class Engine:
                 self.state = "error"
         log.error("model load failed: %s", message)
 
-    def _on_progress(self, value: float) -> None:
+    def _on_progress(self, value: float) -> bool:
+        """llama.cpp's load progress; False aborts a load a newer one replaced."""
         self.load_progress = max(0.0, min(1.0, value))
+        return not self._abort_load
 
     def unload(self) -> threading.Event:
+        """Cancels the running and queued requests, then unloads (they do not run to the end)."""
         done = threading.Event()
 
         def work() -> None:
-            try:
-                self._unload_now()
-                with self._lock:
-                    self.state = "idle"
-                    self.settings = None
-            finally:
-                done.set()
+            self._unload_now()
+            with self._lock:
+                self.state = "idle"
+                self.settings = None
 
-        self._jobs.put(work)
+        with self._wake:
+            for running in self._running.values():
+                running.job.cancel.set()
+            for item in self._queue:
+                if isinstance(item, Job):
+                    item.cancel.set()
+            self._queue.append(_Control("unload", work, done))
+            self._wake.notify_all()
         return done
 
     def _unload_now(self) -> None:
@@ -413,26 +568,27 @@ class Engine:
 
     def submit(self, job: Job) -> None:
         """Queues a generation; raises QueueFull or NotReady at once."""
-        with self._lock:
+        with self._wake:
             # Behind a pending load a request waits for the model it brings.
             if self.model is None and not self._pending_loads:
                 raise NotReady(self.error or "no model is loaded")
-            if self._waiting >= self.queue_limit:
-                raise QueueFull(f"the engine is busy: {self._waiting} requests are waiting")
-            self._waiting += 1
-        self._jobs.put(lambda: self._generate(job))
+            if self._live_waiting() >= self.queue_limit:
+                raise QueueFull(
+                    f"the engine is busy: {self._live_waiting()} requests are waiting "
+                    f"(the limit is {self.queue_limit})"
+                )
+            self._queue.append(job)
+            self._wake.notify_all()
 
-    def _generate(self, job: Job) -> None:
-        with self._lock:
-            self._waiting -= 1
-            self._current = job
-            previous = self.state
-            if not self._pending_loads:
-                self.state = "generating"
-        result: GenerationResult | None = None
-        error: BaseException | None = None
+    def _live_waiting(self) -> int:
+        """Queued jobs whose client still waits (call with the lock)."""
+        return sum(1 for i in self._queue if isinstance(i, Job) and not i.cancel.is_set())
+
+    def _start(self, job: Job) -> None:
+        """Admits a job into a free slot, or ends it with the error that prevents it."""
         try:
             if job.cancel.is_set():
+                job.emit(Done(None, None))
                 return
             if self.model is None or self.decoder is None:
                 raise NotReady("no model is loaded")
@@ -446,7 +602,8 @@ class Engine:
             tokens = self._tokenize(job.prompt)
             if not tokens:
                 raise PeregrineError("the prompt is empty")
-            n_ctx = self.model.n_ctx
+            # A slot's sequence may hold n_ctx_seq cells (n_ctx in a unified cache).
+            n_ctx = self.model.n_ctx_seq
             if len(tokens) >= n_ctx:
                 raise PromptTooLong(len(tokens), n_ctx)
             room = n_ctx - len(tokens)
@@ -454,7 +611,7 @@ class Engine:
             job.emit(Started(len(tokens), granted))
             # The decoder hands over a text's logprobs just before the text itself.
             held: list[TokenLogprob] = []
-            result = self.decoder.generate(
+            slot = self.decoder.admit(
                 GenerationRequest(
                     prompt_tokens=tokens,
                     sampling=job.sampling,
@@ -469,13 +626,47 @@ class Engine:
                 lambda text: job.emit(TextDelta(text, _take(held))),
             )
         except BaseException as exc:
-            error = exc
-        finally:
+            job.emit(Done(None, exc))
+            return
+        with self._lock:
+            self._running[slot.seq] = _Running(job, slot, held)
+
+    def _step(self) -> None:
+        """One decoder step for every busy slot; finished jobs get their Done."""
+        decoder = self.decoder
+        if decoder is None or not decoder.busy:
+            self._set_busy(False)
+            return
+        self._set_busy(True)
+        try:
+            finished = decoder.step()
+        except Exception as exc:  # a bug, not a request's error: end every request
+            log.exception("decoder step failed")
+            decoder.drop_context()
+            finished = []
+            for slot in decoder.slots:
+                if slot.seq in self._running:
+                    slot.fail(exc)
+                    finished.append(slot)
+        for slot in finished:
             with self._lock:
-                self._current = None
-                if self.state == "generating":
-                    self.state = "ready" if previous in ("ready", "generating") else previous
-            job.emit(Done(result, error))
+                running = self._running.pop(slot.seq, None)
+            result = slot.result() if slot.error is None else None
+            error = slot.error
+            slot.release()
+            if running is not None:
+                running.job.emit(Done(result, error))
+        if not decoder.busy:
+            self._set_busy(False)
+
+    def _set_busy(self, busy: bool) -> None:
+        with self._lock:
+            if self._pending_loads:
+                return
+            if busy and self.state == "ready":
+                self.state = "generating"
+            elif not busy and self.state == "generating":
+                self.state = "ready"
 
     def _tokenize(self, prompt: PromptSpec) -> list[int]:
         assert self.model is not None and self.template is not None
@@ -571,7 +762,8 @@ class Engine:
                     n_draft=ctl.current_k if ctl else 0,
                 ),
                 runtime=self.runtime,
-                queue=QueueInfo(waiting=self._waiting, limit=self.queue_limit),
+                queue=QueueInfo(waiting=self._live_waiting(), limit=self.queue_limit),
+                slots=[_slot_status(slot) for slot in decoder.slots] if decoder else [],
             )
 
     def health(self) -> str:
@@ -581,3 +773,17 @@ class Engine:
             if self.state == "error":
                 return "error"
             return "ok"
+
+
+def _slot_status(slot: Slot) -> SlotStatus:
+    """A slot as status shows it (read from another thread: a snapshot, not a lock)."""
+    request = slot.request
+    return SlotStatus(
+        id=slot.seq,
+        state=slot.state.value,
+        age_s=round(slot.age_s, 3) if request is not None else 0.0,
+        n_prompt=len(request.prompt_tokens) if request is not None else 0,
+        n_cached=slot.timings.cache_n if request is not None else 0,
+        n_generated=slot.generated if request is not None else 0,
+        n_ctx_used=len(slot.tokens),
+    )

@@ -27,7 +27,7 @@ from pydantic import ValidationError
 
 from engine.errors import PeregrineError, UsageError
 from engine.paths import Paths
-from engine.wire.control import LoadRequest
+from engine.wire.control import AUTO_PARALLEL, DEFAULT_QUEUE_LIMIT, LoadRequest
 
 log = logging.getLogger("peregrine.serve")
 
@@ -144,7 +144,26 @@ def build_parser() -> argparse.ArgumentParser:
         help="MiB for saved KV states of recent chats (default 1024, 0 off)",
     )
     g.add_argument(
-        "--queue-limit", type=int, default=16, help="requests allowed to wait (default 16)"
+        "--queue-limit",
+        type=int,
+        default=DEFAULT_QUEUE_LIMIT,
+        help=f"requests allowed to wait for a slot (default {DEFAULT_QUEUE_LIMIT})",
+    )
+    g.add_argument(
+        "--parallel",
+        "-np",
+        default=None,
+        metavar="N|auto",
+        help="requests decoded at once, one slot each (default auto: 4 slots sharing "
+        "one KV cache of --ctx cells)",
+    )
+    g.add_argument(
+        "--kv-unified",
+        "-kvu",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="one KV cache shared by every slot, so a request may use the whole context "
+        "(default); --no-kv-unified gives each slot ctx/N cells of its own",
     )
     g = p.add_argument_group("plan and runtime")
     g.add_argument(
@@ -195,6 +214,8 @@ def _load_request(args: argparse.Namespace, model_path: str) -> LoadRequest:
         "tensor_split": _split(args.tensor_split),
         "n_cpu_moe": args.n_cpu_moe,
         "expert_offload": args.cpu_moe or None,
+        "n_parallel": _parallel(args.parallel),
+        "kv_unified": args.kv_unified,
     }
     base.update({k: v for k, v in explicit.items() if v is not None})
     try:
@@ -204,6 +225,21 @@ def _load_request(args: argparse.Namespace, model_path: str) -> LoadRequest:
         err = exc.errors()[0]
         where = ".".join(str(p) for p in err["loc"]) or "settings"
         raise UsageError(f"invalid settings: {where}: {err['msg']}") from exc
+
+
+def _parallel(text: str | None) -> int | None:
+    """`--parallel N|auto` (llama-server's -np; -1 is its auto); None when not given."""
+    if text is None:
+        return None
+    if text.strip().lower() in ("auto", "-1"):
+        return AUTO_PARALLEL
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 64:
+        raise UsageError(f"--parallel takes a number of slots from 1 to 64, or auto: {text!r}")
+    return n
 
 
 def _split(text: str | None) -> list[float] | None:

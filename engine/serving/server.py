@@ -13,6 +13,7 @@ import json
 import logging
 import os
 import socket
+import threading
 import time
 import uuid
 import zlib
@@ -24,7 +25,7 @@ from typing import Any, Literal, TypeVar
 from aiohttp import web
 from pydantic import ValidationError
 
-from engine.backend.llama import DecodeError, SamplingParams
+from engine.backend.llama import ContextFull, DecodeError, SamplingParams
 from engine.decoding.request import GenerationResult, SpecParams, TokenLogprob
 from engine.errors import PeregrineError
 from engine.gguf.chat_template import TemplateError
@@ -62,6 +63,8 @@ DEFAULT_IO_TIMEOUT = 600.0
 # client that stopped reading is noticed within a few hundred tokens.
 STREAM_SOCKET_BUFFER = 8 << 10
 STREAM_BACKLOG = 4 << 10
+# `X-Peregrine-Client: app` marks the desktop app's own requests (docs/api.md).
+CLIENT_HEADER = "X-Peregrine-Client"
 _Req = TypeVar("_Req", bound=SamplingFields)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
@@ -405,22 +408,52 @@ def _check_common(req: SamplingFields, *, drafters: Sequence[str] = ()) -> None:
         )
 
 
-class _Stream:
-    """Carries one job's events from the decode thread to the request's coroutine."""
+class _Mailbox:
+    """Hands events from the decode thread to the event loop, waking it once per batch.
+
+    Waking the loop is a write to its self-pipe: a system call, and on a
+    busy CPU a context switch. A step of several slots sends several events,
+    and the loop may still be writing the last ones: all that arrive before
+    it drains share one wake-up (the profile's largest cost per token besides
+    llama_decode, docs/benchmarks.md).
+    """
 
     def __init__(self, loop: asyncio.AbstractEventLoop) -> None:
         self.loop = loop
+        self._lock = threading.Lock()
+        self._events: list[tuple[asyncio.Queue[JobEvent], JobEvent]] = []
+        self._scheduled = False
+
+    def post(self, queue: asyncio.Queue[JobEvent], event: JobEvent) -> None:
+        with self._lock:
+            self._events.append((queue, event))
+            if self._scheduled:
+                return
+            self._scheduled = True
+        try:
+            self.loop.call_soon_threadsafe(self._drain)
+        except RuntimeError:
+            # The event loop has closed (shutdown cut a slow request off): nobody
+            # waits for these events, and raising would only break the decode thread's job.
+            log.debug("dropped %s event(s) for requests that outlived the server", event)
+
+    def _drain(self) -> None:
+        with self._lock:
+            events, self._events = self._events, []
+            self._scheduled = False
+        for queue, event in events:
+            queue.put_nowait(event)
+
+
+class _Stream:
+    """Carries one job's events from the decode thread to the request's coroutine."""
+
+    def __init__(self, mailbox: _Mailbox) -> None:
+        self.mailbox = mailbox
         self.queue: asyncio.Queue[JobEvent] = asyncio.Queue()
 
     def put(self, event: JobEvent) -> None:
-        try:
-            self.loop.call_soon_threadsafe(self.queue.put_nowait, event)
-        except RuntimeError:
-            # The event loop has closed (shutdown cut a slow request off): nobody
-            # waits for this event, and raising would only break the decode thread's job.
-            log.debug(
-                "dropped a %s event for a request that outlived the server", type(event).__name__
-            )
+        self.mailbox.post(self.queue, event)
 
 
 class _Api:
@@ -432,6 +465,7 @@ class _Api:
         load_roots: Sequence[Path] | None = None,
     ) -> None:
         self.engine = engine
+        self._mailbox: _Mailbox | None = None
         self.io_timeout = io_timeout
         self.load_roots = (
             None if load_roots is None else [Path(os.path.realpath(r)) for r in load_roots]
@@ -601,7 +635,9 @@ class _Api:
         chat: bool,
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
-        stream = _Stream(loop)
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = _Mailbox(loop)
+        stream = _Stream(self._mailbox)
         spec_opts = req.speculative
         job = Job(
             prompt=prompt,
@@ -619,6 +655,8 @@ class _Api:
             emit=stream.put,
             grammar=grammar,
             top_logprobs=logprobs,
+            # The desktop app marks its own chat, admitted ahead of queued API requests.
+            priority="app" if request.headers.get(CLIENT_HEADER, "").lower() == "app" else "api",
         )
         try:
             self.engine.submit(job)
@@ -652,6 +690,8 @@ class _Api:
             if transport is None or transport.is_closing():
                 job.cancel.set()
                 raise ConnectionResetError("client disconnected")
+            if not stream.queue.empty():
+                return stream.queue.get_nowait()  # no timer for an event already there
             try:
                 return await asyncio.wait_for(stream.queue.get(), timeout=0.25)
             except TimeoutError:
@@ -804,6 +844,9 @@ def _api_error_for(error: BaseException | None, prompt_field: str = "messages") 
         return ApiError(503, str(error), type_="server_error", code="model_not_ready")
     if isinstance(error, BadRequest):
         return ApiError(400, str(error), code="invalid_value", param=error.param)
+    if isinstance(error, ContextFull):
+        # The other requests filled the shared cache: retrying later may work.
+        return ApiError(503, str(error), type_="server_error", code="context_full")
     if isinstance(error, DecodeError | GrammarError):
         # llama.cpp (or the grammar engine) failed, not the request.
         log.error("generation failed: %s", error)

@@ -97,6 +97,9 @@ class SpeculationController:
         self._probe_wait = 16
         self._draft_ms: dict[str, float] = {}
         self._probing = False
+        # Rows the step's batch holds for other streams (parallel slots): drafts
+        # compete with them, so they must pay for the whole step (`expected_gain`).
+        self.other_rows = 0
 
     # --- measurements -------------------------------------------------------------
 
@@ -176,7 +179,15 @@ class SpeculationController:
         for i in range(k):
             survive *= table[min(i, len(table) - 1)]
             tokens += survive
-        return tokens / (self.relative_cost(k + 1) + k * per_draft)
+        others = self.other_rows
+        if others <= 0:
+            return tokens / (self.relative_cost(k + 1) + k * per_draft)
+        # The step also decodes `others` rows of other streams, and k drafts
+        # slow every one of them: compare the whole step's tokens per unit of
+        # time with and without the drafts.
+        with_drafts = (others + tokens) / (self.relative_cost(others + 1 + k) + k * per_draft)
+        plain = (others + 1) / self.relative_cost(others + 1)
+        return with_drafts / plain
 
     def choose(
         self,

@@ -84,11 +84,14 @@ class DraftModel(Protocol):
     def greedy_sampler(self) -> Any: ...
 
 
-def build_chain(draft_model: DraftModel | None = None) -> list[Drafter]:
-    """The drafters in the order they are asked: n-gram lookup, then a draft model."""
+def build_chain(draft_model: DraftModel | None = None, *, seq: int = DRAFT_SEQ) -> list[Drafter]:
+    """The drafters in the order they are asked: n-gram lookup, then a draft model.
+
+    Each slot has its own chain; `seq` is the draft model's sequence for that slot.
+    """
     chain: list[Drafter] = [NgramDrafter()]
     if draft_model is not None:
-        chain.append(DraftModelDrafter(draft_model))
+        chain.append(DraftModelDrafter(draft_model, seq=seq))
     return chain
 
 
@@ -170,8 +173,9 @@ class DraftModelDrafter:
     name = "draft"
     cheap = False
 
-    def __init__(self, model: DraftModel) -> None:
+    def __init__(self, model: DraftModel, *, seq: int = DRAFT_SEQ) -> None:
         self.model = model
+        self.seq = seq  # the draft model's sequence for this drafter's slot
         self.history: list[int] = []
         self._in_kv: list[int] = []
         self._chain: Sampler = model.greedy_sampler()
@@ -187,12 +191,12 @@ class DraftModelDrafter:
 
     def _sync(self) -> None:
         keep = min(common_prefix(self._in_kv, self.history), len(self.history) - 1)
-        if keep < len(self._in_kv) and not self.model.truncate(DRAFT_SEQ, keep):
-            self.model.clear()
+        if keep < len(self._in_kv) and not self.model.truncate(self.seq, keep):
+            self.model.truncate(self.seq, 0)
             keep = 0
         self._in_kv = self._in_kv[:keep]
         todo = self.history[keep:]
-        self.model.decode(DRAFT_SEQ, todo, keep)
+        self.model.decode(self.seq, todo, keep)
         self._in_kv.extend(todo)
 
     def propose(self, k: int) -> Draft:
@@ -208,7 +212,7 @@ class DraftModelDrafter:
             out.append(token)
             if self.model.is_eog(token) or i == k - 1:
                 break
-            self.model.decode(DRAFT_SEQ, (token,), len(self._in_kv))
+            self.model.decode(self.seq, (token,), len(self._in_kv))
             self._in_kv.append(token)
         return Draft(out, cost_ms=(time.perf_counter() - start) * 1000.0)
 

@@ -8,6 +8,15 @@ from pydantic import BaseModel, Field
 
 from engine.wire.base import MAX_N_CTX, FlashAttn, KVType, WireModel
 
+# llama-server's `-np auto`: four slots sharing one unified KV cache.
+AUTO_PARALLEL = 4
+# Requests allowed to wait for a slot. An agent that fans out tool calls or
+# sub-tasks sends bursts of dozens at once; 64 waiting (besides the busy
+# slots) queues such a burst instead of refusing most of it, and a waiting
+# request costs only its prompt. Past that a client is better told at once
+# (503) than left waiting minutes (docs/api.md).
+DEFAULT_QUEUE_LIMIT = 64
+
 
 class LoadRequest(WireModel):
     """What to load and how: the planner's output and `/v1/engine/load`'s body."""
@@ -28,6 +37,11 @@ class LoadRequest(WireModel):
     n_batch: int = Field(default=512, ge=1, le=1 << 16)
     n_ubatch: int = Field(default=512, ge=1, le=1 << 16)
     threads: int = Field(default=0, ge=0, le=1024)  # 0: the engine picks
+    # Requests decoded at once, one KV sequence each (llama-server's -np; 4 is its "auto").
+    n_parallel: int = Field(default=AUTO_PARALLEL, ge=1, le=64)
+    # One KV cache of n_ctx cells shared by every slot (a request may use it
+    # all); off: each slot gets n_ctx / n_parallel cells of its own.
+    kv_unified: bool = True
 
 
 EngineState = Literal["idle", "loading", "ready", "generating", "error"]
@@ -61,6 +75,21 @@ class QueueInfo(BaseModel):
     limit: int
 
 
+SlotStateName = Literal["idle", "prefill", "generating", "done"]
+
+
+class SlotStatus(BaseModel):
+    """One parallel slot: what it is doing, for how long, and how much of its prompt was cached."""
+
+    id: int
+    state: SlotStateName
+    age_s: float = 0.0  # since its request was admitted (0 when idle)
+    n_prompt: int = 0
+    n_cached: int = 0  # prompt tokens reused from the cache (the cache hit)
+    n_generated: int = 0
+    n_ctx_used: int = 0  # KV cells the slot's sequence holds
+
+
 class EngineStatus(BaseModel):
     state: EngineState
     load_progress: float
@@ -71,3 +100,4 @@ class EngineStatus(BaseModel):
     speculative: SpeculativeStatus
     runtime: RuntimeInfo
     queue: QueueInfo
+    slots: list[SlotStatus] = Field(default_factory=list)

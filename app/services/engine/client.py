@@ -147,6 +147,8 @@ class EngineClient:
     ) -> None:
         self.endpoint = endpoint
         headers = {"Authorization": f"Bearer {endpoint.api_key}"} if endpoint.api_key else {}
+        # Our engine admits the app's own chat ahead of queued API requests (docs/api.md).
+        headers["X-Peregrine-Client"] = "app"
         self._http = httpx.Client(
             base_url=endpoint.api_root,
             headers=headers,
