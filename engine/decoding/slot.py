@@ -6,16 +6,18 @@ and runs one decode (a plain token, or a verify batch of drafts), until the
 slot is `DONE`. Nothing about a request lives outside its slot, so several
 slots can later share one batch per step (one sequence id each).
 
-Speculation is lossless: every emitted token is sampled by the request's own
-chain from the target's logits for exactly the accepted prefix; drafts only
-decide which rows get computed in one batch (docs/architecture.md). Under a
-grammar, drafts are also cut where the grammar would refuse them.
+Speculation is lossless: drafts are verified by engine/speculative/acceptance.py
+against the target's logits for exactly the accepted prefix, and the request's
+chain moves on with emitted tokens only (docs/architecture.md). Under a
+grammar, drafts are also cut where the grammar would refuse them. A drafter
+that fails is dropped for the rest of the request: it never fails the request.
 """
 
 from __future__ import annotations
 
 import codecs
 import enum
+import logging
 from collections.abc import Callable, Sequence
 
 from engine.decoding.model import Model
@@ -27,8 +29,11 @@ from engine.decoding.request import (
     TokenLogprob,
 )
 from engine.decoding.sampling import TokenSampler, sampler_for
+from engine.speculative.acceptance import TokenDist, verify
 from engine.speculative.controller import SpeculationController
-from engine.speculative.drafters import Drafter
+from engine.speculative.drafters import Drafter, PrefillDrafter, SamplingDrafter
+
+log = logging.getLogger("peregrine.slot")
 
 
 class StopMatcher:
@@ -108,6 +113,8 @@ class Slot:
         # Sampled but not yet emitted nor in the KV cache.
         self.pending = -1
         self._todo: list[int] = []
+        # Drafters still evaluating the prompt (after the target has).
+        self._draft_todo: list[Drafter] = []
         self._t_start = 0.0
         self._t_first = 0.0
 
@@ -169,6 +176,9 @@ class Slot:
             self.finish = "cancelled"
             self.state = SlotState.DONE
             return
+        if self._draft_todo:
+            self._prefill_drafter()
+            return
         part = self._todo[: model.n_batch]
         del self._todo[: model.n_batch]
         model.decode(self.seq, part, len(self.tokens))
@@ -185,9 +195,33 @@ class Slot:
         ctl.n_min = max(0, min(spec.n_min, ctl.n_max))
         ctl.p_min = spec.p_min
         for drafter in self.drafters:
+            if isinstance(drafter, SamplingDrafter):
+                drafter.sample_like(req.sampling)
             drafter.reset(req.prompt_tokens)
         self.max_tokens = min(req.max_tokens, model.n_ctx - len(req.prompt_tokens))
-        self.state = SlotState.GENERATING
+        self._draft_todo = [d for d in self.drafters if isinstance(d, PrefillDrafter)]
+        if not self._draft_todo or ctl.n_max <= 0:
+            self._draft_todo = []
+            self.state = SlotState.GENERATING
+
+    def _prefill_drafter(self) -> None:
+        """Evaluates one batch of the prompt in a drafter's own model."""
+        drafter = self._draft_todo[0]
+        try:
+            done = not isinstance(drafter, PrefillDrafter) or drafter.prefill(self.model.n_batch)
+        except Exception as exc:
+            self._drop(drafter, exc)
+            done = True
+        if done:
+            self._draft_todo.pop(0)
+        if not self._draft_todo:
+            self.state = SlotState.GENERATING
+
+    def _drop(self, drafter: Drafter, exc: Exception) -> None:
+        """Speculation with `drafter` ends for this request; the request goes on."""
+        log.warning("drafter %s failed, not used for this request: %s", drafter.name, exc)
+        if drafter in self.drafters:
+            self.drafters.remove(drafter)
 
     # --- generation ---------------------------------------------------------------
 
@@ -196,10 +230,10 @@ class Slot:
         if self._take_pending():
             self._finish()
             return
-        draft, source, strength = self._propose()
+        draft, source, strength, dists = self._propose()
         if not draft:
             self._decode_one()
-        elif self._verify(draft, source, strength):
+        elif self._verify(draft, source, strength, dists):
             self._finish()
 
     def _emit(self, token: int) -> bool:
@@ -250,36 +284,42 @@ class Slot:
             return True
         return False
 
-    def _propose(self) -> tuple[list[int], Drafter | None, int]:
+    def _propose(self) -> tuple[list[int], Drafter | None, int, list[TokenDist] | None]:
         """The first non-empty draft in chain order that the controller wants verified.
 
         Under a grammar a draft is cut before its first token the grammar
-        refuses: that token could never be accepted.
+        refuses: that token could never be accepted. A drafter that fails is
+        dropped for the rest of the request.
         """
         ctl, sampler = self.controller, self.sampler
         assert sampler is not None
         room = min(self.max_tokens - self.generated, self.model.n_ctx - len(self.tokens) - 2)
         if room <= 0 or ctl.n_max <= 0:
-            return [], None, 0
-        for drafter in self.drafters:
-            if drafter.cheap:
-                proposal = drafter.propose(min(ctl.n_max, room))
-                allowed = sampler.valid_draft(proposal.tokens)
-                k = ctl.choose(proposal.strength, len(allowed), drafter=drafter)
-                tokens = allowed[:k]
-            else:
-                # A costly drafter is asked only for what pays, its own cost weighed in.
-                per_draft = ctl.draft_cost(drafter=drafter)
-                k = ctl.choose(0, min(ctl.n_max, room), per_draft, drafter=drafter)
-                if not k:
-                    continue
-                proposal = drafter.propose(k)
-                ms_per_token = proposal.cost_ms / max(len(proposal.tokens), 1)
-                ctl.record_draft_cost(ms_per_token, drafter=drafter)
-                tokens = sampler.valid_draft(proposal.tokens)
+            return [], None, 0, None
+        for drafter in list(self.drafters):
+            try:
+                if drafter.cheap:
+                    proposal = drafter.propose(min(ctl.n_max, room))
+                    allowed = sampler.valid_draft(proposal.tokens)
+                    k = ctl.choose(proposal.strength, len(allowed), drafter=drafter)
+                    tokens = allowed[:k]
+                else:
+                    # A costly drafter is asked only for what pays, its own cost weighed in.
+                    per_draft = ctl.draft_cost(drafter=drafter)
+                    k = ctl.choose(0, min(ctl.n_max, room), per_draft, drafter=drafter)
+                    if not k:
+                        continue
+                    proposal = drafter.propose(k)
+                    ms_per_token = proposal.cost_ms / max(len(proposal.tokens), 1)
+                    ctl.record_draft_cost(ms_per_token, drafter=drafter)
+                    tokens = sampler.valid_draft(proposal.tokens)
+            except Exception as exc:
+                self._drop(drafter, exc)
+                continue
             if tokens:
-                return tokens, drafter, proposal.strength
-        return [], None, 0
+                dists = proposal.dists[: len(tokens)] if proposal.dists is not None else None
+                return tokens, drafter, proposal.strength, dists
+        return [], None, 0, None
 
     def _decode_one(self) -> None:
         assert self.sampler is not None
@@ -288,21 +328,24 @@ class Slot:
         self.tokens.append(self.pending)
         self.pending = self.sampler.sample(-1)
 
-    def _verify(self, draft: list[int], source: Drafter | None, strength: int) -> bool:
-        """One batch [pending, d1..dk], every row sampled in order by the request's
-        chain, accepting while the sample equals the draft. True when generation ends."""
+    def _verify(
+        self,
+        draft: list[int],
+        source: Drafter | None,
+        strength: int,
+        dists: list[TokenDist] | None = None,
+    ) -> bool:
+        """One batch [pending, d1..dk], verified by the acceptance rule the draft
+        calls for (engine/speculative/acceptance.py). True when generation ends."""
         model, sampler, ctl = self.model, self.sampler, self.controller
         assert sampler is not None and source is not None
         batch = [self.pending, *draft]
         ms = model.decode(self.seq, batch, len(self.tokens), logits_all=True)
         ctl.record_cost(len(batch), ms)
         self.tokens.append(self.pending)
-        accepted = 0
-        nxt = sampler.sample(0)
-        while accepted < len(draft) and nxt == draft[accepted]:
-            self.tokens.append(draft[accepted])
-            accepted += 1
-            nxt = sampler.sample(accepted)
+        verdict = verify(sampler, draft, dists, sampler.rng)
+        accepted, nxt = verdict.accepted, verdict.next_token
+        self.tokens.extend(draft[:accepted])
         self.timings.draft_n += len(draft)
         self.timings.draft_n_accepted += accepted
         ctl.record(strength, len(draft), accepted, drafter=source)

@@ -326,6 +326,10 @@ class Engine:
                 eos_token=model.token_text(model.eos) if model.eos >= 0 else "",
             )
         except BaseException:
+            # The draft model may be loaded already: it goes with the model.
+            if self.draft_model is not None:
+                self.draft_model.close()
+                self.draft_model = None
             model.close()
             raise
         self.model = model
