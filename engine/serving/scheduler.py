@@ -350,6 +350,9 @@ class Engine:
                 model=request.draft_model,
                 n_ctx=model.n_ctx,
                 n_gpu_layers=request.n_gpu_layers,
+                # The same cache types as the model's (what the planner counts).
+                type_k=request.type_k,
+                type_v=request.type_v,
                 flash_attn=request.flash_attn,
                 threads=request.threads,
                 n_batch=request.n_batch,

@@ -179,7 +179,16 @@ def _load_request(args: argparse.Namespace, model_path: str) -> LoadRequest:
     if args.plan == "auto":
         from engine.planning.planner import plan_for_file  # the planner is optional at this layer
 
-        planned = plan_for_file(Path(model_path)).load.model_dump()
+        pins = None
+        if args.draft_model and args.draft_model != "auto":
+            from engine.gguf.header import validate_gguf_file
+            from engine.planning.estimate import shape_from_header
+            from engine.planning.planner import Pins
+
+            # The draft model's weights, KV and compute take room from the plan.
+            draft = shape_from_header(validate_gguf_file(Path(args.draft_model).expanduser()))
+            pins = Pins(draft=draft)
+        planned = plan_for_file(Path(model_path), pins=pins).load.model_dump()
         base = {**planned, **{k: v for k, v in base.items() if v is not None}}
     else:
         base.update(n_ctx=4096, flash_attn="auto")
