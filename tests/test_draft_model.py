@@ -258,7 +258,11 @@ def test_with_a_draft_model_the_engine_drafts_through_it() -> None:
         assert isinstance(last, Done) and last.result is not None
         assert last.result.text == "efghij"
         assert last.result.timings.draft_n_accepted > 0
-        assert engine.status().speculative.drafter == "draft"
+        spec = engine.status().speculative
+        assert spec.drafter == "draft"
+        # Status names the draft model in use and how many of its drafts were accepted.
+        assert spec.draft_model == "d"
+        assert spec.draft_acceptance == 1.0
     finally:
         engine.shutdown()
     assert target.closed and draft.closed

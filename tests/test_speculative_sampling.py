@@ -78,7 +78,9 @@ def chat(model: LlamaModel, text: str) -> list[int]:
 def run(
     decoder: Decoder, prompt: list[int], spec: SpecParams, sampling: SamplingParams, n: int
 ) -> GenerationResult:
-    return decoder.generate(GenerationRequest(prompt, sampling, n, speculative=spec), lambda _: None)
+    return decoder.generate(
+        GenerationRequest(prompt, sampling, n, speculative=spec), lambda _: None
+    )
 
 
 def test_the_vocabularies_match(models: tuple[LlamaModel, LlamaModel]) -> None:
@@ -157,5 +159,7 @@ def test_speculative_sampling_accepts_more_than_sample_and_compare(
         new = acceptance(sample=True)
     finally:
         drafter.sample = True
-    print(f"acceptance at temperature 0.8: sample-and-compare {old:.3f}, speculative sampling {new:.3f}")
+    print(
+        f"acceptance at temperature 0.8: sample-and-compare {old:.3f}, speculative sampling {new:.3f}"
+    )
     assert new > old + 0.05, (old, new)

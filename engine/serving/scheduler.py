@@ -24,7 +24,7 @@ from engine.decoding.prefix_cache import PrefixStateCache
 from engine.decoding.request import GenerationRequest, GenerationResult, SpecParams, TokenLogprob
 from engine.errors import PeregrineError
 from engine.gguf.chat_template import ChatTemplate
-from engine.speculative.drafters import build_chain
+from engine.speculative.drafters import build_chain, model_drafter
 from engine.wire.control import (
     EngineState,
     EngineStatus,
@@ -559,6 +559,8 @@ class Engine:
                 )
             decoder = self.decoder
             ctl = decoder.controller if decoder else None
+            draft = self.draft_model
+            by_model = model_drafter(decoder.drafters, draft) if decoder and draft else None
             return EngineStatus(
                 state=self.state,
                 load_progress=self.load_progress,
@@ -576,6 +578,8 @@ class Engine:
                     drafter=decoder.last_drafter if decoder else None,
                     acceptance=ctl.acceptance_rate if ctl else None,
                     n_draft=ctl.current_k if ctl else 0,
+                    draft_model=model_id_for(draft.request.model) if draft else None,
+                    draft_acceptance=ctl.acceptance_of(by_model) if ctl and by_model else None,
                 ),
                 runtime=self.runtime,
                 queue=QueueInfo(waiting=self._waiting, limit=self.queue_limit),

@@ -64,6 +64,8 @@ class DraftStats:
     drafted: int = 0
     accepted: int = 0
     steps: int = 0
+    # (drafted, accepted) per drafter name.
+    by_drafter: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class SpeculationController:
@@ -157,6 +159,8 @@ class SpeculationController:
         self.stats.drafted += drafted
         self.stats.accepted += accepted
         self.stats.steps += 1
+        d, a = self.stats.by_drafter.get(drafter.name, (0, 0))
+        self.stats.by_drafter[drafter.name] = (d + drafted, a + accepted)
         table = self.position_acceptance(strength, drafter=drafter)
         # Each accepted token is a success at its position; the first rejection
         # is a failure; positions after it say nothing (never tested).
@@ -218,6 +222,11 @@ class SpeculationController:
             self._probing = True
             return min(2, available)
         return 0
+
+    def acceptance_of(self, drafter: DraftSource) -> float | None:
+        """The share of one drafter's drafted tokens accepted so far (None: none drafted)."""
+        drafted, accepted = self.stats.by_drafter.get(drafter.name, (0, 0))
+        return accepted / drafted if drafted else None
 
     @property
     def acceptance_rate(self) -> float | None:

@@ -136,6 +136,11 @@ def build_chain(draft_model: DraftModel | None = None) -> list[Drafter]:
     return chain
 
 
+def model_drafter(chain: Sequence[Drafter], draft_model: object) -> Drafter | None:
+    """The drafter in `chain` that drafts with `draft_model` (for status)."""
+    return next((d for d in chain if getattr(d, "model", None) is draft_model), None)
+
+
 class NgramDrafter:
     """Drafts by matching the longest recent suffix against the whole context.
 
