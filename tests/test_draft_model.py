@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Sequence
+from pathlib import Path
 
 import pytest
 
@@ -266,3 +267,105 @@ def test_with_a_draft_model_the_engine_drafts_through_it() -> None:
     finally:
         engine.shutdown()
     assert target.closed and draft.closed
+
+
+# --- --draft-model auto ------------------------------------------------------------------
+
+
+def library_with_a_draft(folder: Path, target: Path) -> Path:
+    """A models folder holding a small GGUF with the target's token list and one without."""
+    from engine.gguf.header import read_gguf_header
+    from tests.gguf_fixtures import tiny_model
+
+    folder.mkdir()
+    tokens = read_gguf_header(target).get("tokenizer.ggml.tokens")
+    same = tiny_model(
+        folder / "same-vocab.gguf",
+        tokenizer__ggml__tokens=tokens,
+        tokenizer__ggml__scores=None,
+        tokenizer__ggml__token_type=None,
+    )
+    tiny_model(folder / "other-vocab.gguf")
+    return same
+
+
+def test_auto_finds_the_library_model_with_the_exact_vocabulary(
+    tmp_path: Path, default_model: Path
+) -> None:
+    from engine.serving.draft_pairing import find_draft
+
+    same = library_with_a_draft(tmp_path / "models", default_model)
+    assert find_draft(default_model, [tmp_path / "models", tmp_path / "missing"]) == same
+    # The target itself, or a model as large as it, is never its own draft.
+    assert find_draft(same, [tmp_path / "models"]) is None
+
+
+def serve_auto(
+    tmp_path: Path, default_model: Path, draft_answer: list[int]
+) -> tuple[Engine, TemplatedFake, list[int]]:
+    library = tmp_path / "models"
+    same = library_with_a_draft(library, default_model)
+    prompt = [1, 2, 3, 4]
+    answer = [5 + i % 20 for i in range(30)] + [EOG]
+    target = TemplatedFake(answer_after(prompt, answer))
+    draft = TemplatedFake(answer_after(prompt, draft_answer))
+    files = {str(default_model): target, str(same): draft}
+
+    def factory(req: LoadRequest, *, progress: object = None) -> TemplatedFake:
+        model = files[req.model]
+        model.request = req
+        return model
+
+    engine = Engine(model_factory=factory, draft_folders=[library])
+    assert engine.load(LoadRequest(model=str(default_model), draft_model="auto")).wait(10)
+    return engine, draft, prompt
+
+
+def ask(engine: Engine, prompt: list[int]) -> GenerationResult:
+    done = threading.Event()
+    events: list[JobEvent] = []
+
+    def emit(event: JobEvent) -> None:
+        events.append(event)
+        if isinstance(event, Done):
+            done.set()
+
+    engine.submit(Job(PromptSpec(token_ids=prompt), GREEDY, None, [], DRAFT, emit))
+    assert done.wait(10)
+    last = events[-1]
+    assert isinstance(last, Done) and last.result is not None, last
+    return last.result
+
+
+def test_auto_keeps_a_draft_model_that_pays(tmp_path: Path, default_model: Path) -> None:
+    good = [5 + i % 20 for i in range(30)] + [EOG]
+    engine, draft, prompt = serve_auto(tmp_path, default_model, good)
+    try:
+        assert engine.status().speculative.draft_model == "same-vocab"
+        for _ in range(4):
+            assert ask(engine, prompt).timings.draft_n_accepted > 0
+        spec = engine.status().speculative
+        assert spec.draft_model == "same-vocab" and spec.draft_acceptance == 1.0
+        assert engine._trial is None  # decided: kept
+        assert not draft.closed
+    finally:
+        engine.shutdown()
+    assert draft.closed
+
+
+def test_auto_unloads_a_draft_model_that_measures_no_gain(
+    tmp_path: Path, default_model: Path
+) -> None:
+    wrong = [40] * 30 + [EOG]  # never what the target says
+    engine, draft, prompt = serve_auto(tmp_path, default_model, wrong)
+    try:
+        assert engine.status().speculative.draft_model == "same-vocab"
+        texts = {ask(engine, prompt).text for _ in range(8)}
+        assert len(texts) == 1  # the answers never depended on the draft
+        assert draft.closed
+        spec = engine.status().speculative
+        assert spec.draft_model is None and spec.draft_acceptance is None
+        assert engine.drafter_names == ["ngram"]
+        assert ask(engine, prompt).text in texts  # and serving goes on without it
+    finally:
+        engine.shutdown()

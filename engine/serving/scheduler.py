@@ -24,6 +24,8 @@ from engine.decoding.prefix_cache import PrefixStateCache
 from engine.decoding.request import GenerationRequest, GenerationResult, SpecParams, TokenLogprob
 from engine.errors import PeregrineError
 from engine.gguf.chat_template import ChatTemplate
+from engine.paths import Paths
+from engine.serving.draft_pairing import AUTO, DraftTrial, find_draft
 from engine.speculative.drafters import build_chain, model_drafter
 from engine.wire.control import (
     EngineState,
@@ -179,6 +181,7 @@ class Engine:
         preflight: Callable[[LoadRequest], object] | None = None,
         log_capture: LlamaLogCapture | None = None,
         model_factory: ModelFactory | None = None,
+        draft_folders: Sequence[Path] | None = None,
     ) -> None:
         self.queue_limit = queue_limit
         self.runtime = runtime or RuntimeInfo(name="default", backend="cpu")
@@ -190,6 +193,11 @@ class Engine:
         # llama.cpp's own factory needs one (an injected factory brings its own).
         self._log_capture = log_capture or (LlamaLogCapture() if model_factory is None else None)
         self._model_factory = model_factory or self._load_llama
+        # Where `draft_model: auto` looks for a draft (the library by default).
+        self._draft_folders = (
+            list(draft_folders) if draft_folders is not None else [Paths.from_env().models]
+        )
+        self._trial: DraftTrial | None = None
         self._jobs: queue.Queue[Callable[[], None] | None] = queue.Queue()
         self._lock = threading.Lock()
         self._waiting = 0
@@ -275,7 +283,7 @@ class Engine:
             # a hostile file must not cost the user their working engine.
             if self._validate is not None:
                 self._validate(request.model)
-                if request.draft_model:
+                if request.draft_model and request.draft_model != AUTO:
                     self._validate(request.draft_model)
             if self._preflight is not None and self.model is not None:
                 self._preflight(request)
@@ -336,6 +344,9 @@ class Engine:
         self.decoder = Decoder(
             model, state_cache=self._state_cache, drafters=build_chain(self.draft_model)
         )
+        if request.draft_model == AUTO and self.draft_model is not None:
+            drafter = model_drafter(self.decoder.drafters, self.draft_model)
+            self._trial = DraftTrial(drafter) if drafter is not None else None
         with self._lock:
             self.state = "ready"
             self.load_progress = 1.0
@@ -345,9 +356,18 @@ class Engine:
     def _load_draft(self, request: LoadRequest, model: ServedModel) -> ServedModel | None:
         if not request.draft_model:
             return None
+        path = request.draft_model
+        auto = path == AUTO
+        if auto:
+            found = find_draft(Path(request.model), self._draft_folders)
+            if found is None:
+                log.info("draft model auto: none in the library has this model's vocabulary")
+                return None
+            path = str(found)
+            log.info("draft model auto: trying %s", path)
         draft = self._model_factory(
             LoadRequest(
-                model=request.draft_model,
+                model=path,
                 n_ctx=model.n_ctx,
                 n_gpu_layers=request.n_gpu_layers,
                 # The same cache types as the model's (what the planner counts).
@@ -361,6 +381,9 @@ class Engine:
         )
         if draft.vocab_fingerprint() != model.vocab_fingerprint():
             draft.close()
+            if auto:
+                log.info("draft model auto: %s differs in vocabulary after all", path)
+                return None
             raise PeregrineError(
                 "the draft model's vocabulary differs from the model's, so its drafts "
                 "could never be accepted: pick a draft model of the same family"
@@ -403,7 +426,22 @@ class Engine:
         self._jobs.put(work)
         return done
 
+    def _drop_draft(self) -> None:
+        """Stops drafting with the draft model and frees it (an auto pairing that did not pay)."""
+        decoder, draft = self.decoder, self.draft_model
+        self._trial = None
+        if decoder is None or draft is None:
+            return
+        drafter = model_drafter(decoder.drafters, draft)
+        if drafter is not None:
+            decoder.drafters.remove(drafter)
+            drafter.close()
+        with self._lock:
+            self.draft_model = None
+        draft.close()
+
     def _unload_now(self) -> None:
+        self._trial = None
         if self.decoder is not None:
             self.decoder.close()
         if self.draft_model is not None:
@@ -478,11 +516,28 @@ class Engine:
         except BaseException as exc:
             error = exc
         finally:
+            self._judge_trial()
             with self._lock:
                 self._current = None
                 if self.state == "generating":
                     self.state = "ready" if previous in ("ready", "generating") else previous
             job.emit(Done(result, error))
+
+    def _judge_trial(self) -> None:
+        """After a request: keeps or drops an automatically paired draft model."""
+        trial, decoder = self._trial, self.decoder
+        if trial is None or decoder is None:
+            return
+        keep = trial.verdict(decoder.controller)
+        if keep is None:
+            return
+        self._trial = None
+        name = model_id_for(self.draft_model.request.model) if self.draft_model else "?"
+        if keep:
+            log.info("draft model auto: %s pays, kept", name)
+        else:
+            log.info("draft model auto: %s measured no gain, unloaded", name)
+            self._drop_draft()
 
     def _tokenize(self, prompt: PromptSpec) -> list[int]:
         assert self.model is not None and self.template is not None

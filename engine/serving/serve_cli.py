@@ -86,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", help="GGUF file to serve (default: the built-in model)")
-    g.add_argument("--draft-model", help="GGUF of a small draft model for speculative decoding")
+    g.add_argument(
+        "--draft-model",
+        help="GGUF of a small draft model for speculative decoding, or 'auto': a small "
+        "library model with the same vocabulary, kept if it measures a gain",
+    )
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=0, help="port, 0 for a free one (default 0)")
@@ -263,7 +267,7 @@ def _load_roots(args: argparse.Namespace, model_path: str) -> list[Path] | None:
         return None
     roots = [Paths.from_env().models, *(Path(d).expanduser() for d in args.models_dir)]
     roots.append(Path(model_path))
-    if args.draft_model:
+    if args.draft_model and args.draft_model != "auto":
         roots.append(Path(args.draft_model).expanduser())
     return roots
 
@@ -419,6 +423,7 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
         runtime=RuntimeInfo(name=runtime_name, backend=backend),
         validate=_validate_model,
         preflight=_preflight_load,
+        draft_folders=[Paths.from_env().models, *(Path(d).expanduser() for d in args.models_dir)],
     )
     config = ServerConfig(
         api_key=api_key,

@@ -182,6 +182,15 @@ class SpeculationController:
             tokens += survive
         return tokens / (self.relative_cost(k + 1) + k * per_draft)
 
+    def best_gain(self, drafter: DraftSource) -> float:
+        """The best expected speed-up with a costly drafter's measured acceptance and cost."""
+        table = self.position_acceptance(0, drafter=drafter)
+        per_draft = self.draft_cost(drafter=drafter)
+        return max(
+            (self.expected_gain(k, table, per_draft) for k in range(1, max(self.n_max, 1) + 1)),
+            default=1.0,
+        )
+
     def choose(
         self,
         strength: int,
