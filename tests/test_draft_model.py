@@ -109,6 +109,9 @@ def test_the_draft_cost_is_measured_on_drafting_not_on_reading_the_prompt() -> N
     prompt_batches = [d for d in draft.decodes if len(d[1]) > 1]
     assert len(prompt_batches) >= 1000 // 64 and max(len(d[1]) for d in prompt_batches) <= 64
     assert draft.kv[0][: len(prompt)] == prompt
+    # That time is prompt time (before the first token), not generation time.
+    assert result.timings.prompt_ms == pytest.approx(999 * MS_PER_TOKEN)
+    assert result.timings.predicted_ms < 100
 
 
 def test_cancel_during_the_draft_prefill_ends_the_request() -> None:

@@ -186,8 +186,6 @@ class Slot:
         if self._todo:
             return
         self.pending = self.sampler.sample(-1)
-        self._t_first = self.clock()
-        self.timings.prompt_ms = (self._t_first - self._t_start) * 1000.0
 
         ctl = self.controller
         spec = req.speculative
@@ -202,7 +200,7 @@ class Slot:
         self._draft_todo = [d for d in self.drafters if isinstance(d, PrefillDrafter)]
         if not self._draft_todo or ctl.n_max <= 0:
             self._draft_todo = []
-            self.state = SlotState.GENERATING
+            self._start_generating()
 
     def _prefill_drafter(self) -> None:
         """Evaluates one batch of the prompt in a drafter's own model."""
@@ -215,7 +213,14 @@ class Slot:
         if done:
             self._draft_todo.pop(0)
         if not self._draft_todo:
-            self.state = SlotState.GENERATING
+            self._start_generating()
+
+    def _start_generating(self) -> None:
+        # Prompt time includes the drafters' reading of the prompt: both come
+        # before the first token is streamed.
+        self._t_first = self.clock()
+        self.timings.prompt_ms = (self._t_first - self._t_start) * 1000.0
+        self.state = SlotState.GENERATING
 
     def _drop(self, drafter: Drafter, exc: Exception) -> None:
         """Speculation with `drafter` ends for this request; the request goes on."""
