@@ -1,10 +1,20 @@
-"""Speculative decoding vs plain decoding, same model, same run (issue 4's benchmark).
+"""Speculative decoding vs plain decoding, same model, same run.
 
-Usage: python -m bench.speculative [--reps 3] [--max-tokens 256] [--json PATH]
+Usage: python -m bench.speculative [--reps 3] [--max-tokens 256] [--kv q8_0]
+       [--sections ngram,draft] [--draft-model PATH] [--draft-target PATH] [--json PATH]
 
 Every measurement starts from an empty KV cache, plain and speculative runs
 alternate, and each prompt's ratio is the median over the repetitions, so the
 noise of a shared machine mostly cancels out.
+
+Two sections. `ngram`: the built-in model with n-gram drafts (and llama-server's
+ngram-simple beside it, where a llama-server binary was built). `draft`: a
+draft model drafting for a target, greedy (temperature 0) and sampled
+(temperature 0.8, seeded; the sampled rows also report what the rule before
+speculative sampling, greedy drafts kept while the target's sample equals
+them, accepted of the same requests), with llama-server's --model-draft beside
+them. By default the built-in model drafts for a Q4_0 copy of itself, made at
+start with llama_model_quantize.
 """
 
 from __future__ import annotations
@@ -22,6 +32,7 @@ from engine.decoding.prefix_cache import PrefixStateCache
 from engine.decoding.request import GenerationRequest, SpecParams
 from engine.default_model import default_model_path
 from engine.gguf.chat_template import ChatTemplate
+from engine.speculative.drafters import DraftModelDrafter
 from engine.wire.control import LoadRequest
 
 try:  # optional comparison rows: only where a llama-server binary was built
@@ -85,10 +96,15 @@ def _mean_accepted(runs: list[dict[str, float]]) -> float | None:
 
 
 def run_once(
-    decoder: Decoder, prompt: list[int], spec: SpecParams, max_tokens: int
+    decoder: Decoder,
+    prompt: list[int],
+    spec: SpecParams,
+    max_tokens: int,
+    sampling: SamplingParams | None = None,
 ) -> dict[str, float]:
     decoder.drop_context()
-    req = GenerationRequest(prompt, SamplingParams(temperature=0.0), max_tokens, speculative=spec)
+    sampling = sampling or SamplingParams(temperature=0.0)
+    req = GenerationRequest(prompt, sampling, max_tokens, speculative=spec)
     t0 = time.perf_counter()
     steps_before = decoder.controller.stats.steps
     result = decoder.generate(req, lambda _text: None)
@@ -106,14 +122,17 @@ def run_once(
     }
 
 
-def llama_server_rate(base_url: str, text: str, max_tokens: int) -> dict[str, float]:
-    """Decode rate and drafts of one greedy chat request to llama-server."""
+def llama_server_rate(
+    base_url: str, text: str, max_tokens: int, temperature: float = 0.0, seed: int = 0
+) -> dict[str, float]:
+    """Decode rate and drafts of one chat request to llama-server (greedy by default)."""
     import httpx2
 
     body = {
         "messages": [{"role": "user", "content": text}],
         "max_tokens": max_tokens,
-        "temperature": 0,
+        "temperature": temperature,
+        "seed": seed,
         "cache_prompt": False,
     }
     r = httpx2.post(base_url + "/v1/chat/completions", json=body, timeout=600)
@@ -127,6 +146,121 @@ def llama_server_rate(base_url: str, text: str, max_tokens: int) -> dict[str, fl
     }
 
 
+def quantized_copy(source: Path, folder: Path, ftype: int = 2) -> Path:
+    """A copy of `source` quantized with llama_model_quantize (2: Q4_0)."""
+    import llama_cpp
+
+    out = folder / f"{source.stem}-ftype{ftype}.gguf"
+    params = llama_cpp.llama_model_quantize_default_params()
+    params.ftype = ftype
+    params.allow_requantize = True
+    rc = llama_cpp.llama_model_quantize(str(source).encode(), str(out).encode(), params)
+    if rc != 0:
+        raise SystemExit(f"quantizing {source} failed ({rc})")
+    return out
+
+
+def _ratio(runs: dict[str, list[dict[str, float]]], mode: str, base: str) -> float:
+    return round(
+        statistics.median(
+            s["tok_per_s"] / p["tok_per_s"] for s, p in zip(runs[mode], runs[base], strict=True)
+        ),
+        3,
+    )
+
+
+def _accept(runs: list[dict[str, float]]) -> float | None:
+    drafted = sum(r["draft_n"] for r in runs)
+    return round(sum(r["draft_n_accepted"] for r in runs) / drafted, 3) if drafted else None
+
+
+def draft_rows(args: argparse.Namespace, load: LoadRequest) -> list[dict[str, object]]:
+    """The draft-model section: greedy and sampled, the engine and llama-server."""
+    import tempfile
+
+    folder = Path(tempfile.mkdtemp(prefix="bench-spec-"))
+    draft_path = Path(args.draft_model) if args.draft_model else default_model_path()
+    target_path = (
+        Path(args.draft_target)
+        if args.draft_target
+        else quantized_copy(default_model_path(), folder)
+    )
+    target = LlamaModel(load.model_copy(update={"model": str(target_path)}))
+    draft = LlamaModel(load.model_copy(update={"model": str(draft_path)}))
+    if draft.vocab_fingerprint() != target.vocab_fingerprint():
+        raise SystemExit("the draft model's vocabulary differs from the target's")
+    drafter = DraftModelDrafter(draft)
+    decoder = Decoder(target, state_cache=PrefixStateCache(0), drafters=[drafter])
+    template = ChatTemplate(target.meta("tokenizer.chat_template"))
+    servers: dict[str, tuple[str, object]] = {}
+    if start_llama_server is not None:
+        common = ["-m", str(target_path), "-c", "4096", "-t", str(args.threads), "-fa", "on"]
+        common += ["-ctk", args.kv, "-ctv", args.kv, "-np", "1", "--no-webui"]
+        for server, extra in (
+            ("ls-plain", []),
+            ("ls-draft", ["--model-draft", str(draft_path), "--spec-draft-n-max", "8"]),
+        ):
+            started = start_llama_server([*common, *extra])
+            if started is not None:
+                servers[server] = started
+    modes: dict[str, tuple[SpecParams, float, bool]] = {
+        "plain": (SpecParams(type="none"), 0.0, True),
+        "draft": (SpecParams(type="draft"), 0.0, True),
+        "draft-4": (SpecParams(type="draft", n_max=4, n_min=4), 0.0, True),
+        "plain@0.8": (SpecParams(type="none"), 0.8, True),
+        "draft@0.8": (SpecParams(type="draft"), 0.8, True),
+        "draft-4@0.8": (SpecParams(type="draft", n_max=4, n_min=4), 0.8, True),
+        "compare-4@0.8": (SpecParams(type="draft", n_max=4, n_min=4), 0.8, False),
+    }
+    rows: list[dict[str, object]] = []
+    for name, (kind, text) in PROMPTS.items():
+        prompt = target.tokenize(
+            template.render([{"role": "user", "content": text}]),
+            add_special=False,
+            parse_special=True,
+        )
+        runs: dict[str, list[dict[str, float]]] = {m: [] for m in modes}
+        for rep in range(args.reps):
+            for mode, (spec, temperature, sample) in modes.items():
+                if start_llama_server is not None:
+                    wait_for_quiet(0.85, 20.0)
+                drafter.sample = sample  # False: greedy drafts, sample and compare
+                sampling = SamplingParams(temperature=temperature, seed=rep)
+                runs[mode].append(run_once(decoder, prompt, spec, args.max_tokens, sampling))
+            for server, (url, _proc) in servers.items():
+                for temperature in (0.0, 0.8):
+                    wait_for_quiet(0.85, 20.0)
+                    runs.setdefault(f"{server}@{temperature}", []).append(
+                        llama_server_rate(str(url), text, args.max_tokens, temperature, rep)
+                    )
+        drafter.sample = True
+        row: dict[str, object] = {"prompt": name, "kind": kind, "section": "draft"}
+        row["plain_tok_s"] = round(statistics.median(r["tok_per_s"] for r in runs["plain"]), 1)
+        for mode in ("draft", "draft-4"):
+            row[f"{mode}_ratio"] = _ratio(runs, mode, "plain")
+            row[f"{mode}_accept"] = _accept(runs[mode])
+            row[f"{mode}_identical"] = all(
+                r["text"] == runs["plain"][0]["text"] for r in runs[mode]
+            )
+        for mode in ("draft@0.8", "draft-4@0.8"):
+            row[f"{mode}_ratio"] = _ratio(runs, mode, "plain@0.8")
+            row[f"{mode}_accept"] = _accept(runs[mode])
+        row["compare-4@0.8_accept"] = _accept(runs["compare-4@0.8"])
+        for temperature in (0.0, 0.8):
+            ls_plain, ls_draft = f"ls-plain@{temperature}", f"ls-draft@{temperature}"
+            if ls_plain in runs and ls_draft in runs:
+                row[f"llama_server_draft@{temperature}_ratio"] = _ratio(runs, ls_draft, ls_plain)
+                row[f"llama_server_draft@{temperature}_accept"] = _accept(runs[ls_draft])
+        rows.append(row)
+        print(json.dumps(row), flush=True)
+    for _url, proc in servers.values():
+        stop_llama_server(proc)  # type: ignore[arg-type]
+    decoder.close()
+    target.close()
+    draft.close()
+    return rows
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--reps", type=int, default=3)
@@ -137,13 +271,29 @@ def main() -> None:
     # token and for a verify batch alike, so outputs stay byte-identical past 512
     # KV cells and every ratio compares the same text (docs/benchmarks.md).
     parser.add_argument("--kv", default="q8_0", help="KV cache type (default q8_0)")
-    args = parser.parse_args()
-
-    model = LlamaModel(
-        LoadRequest(
-            model=str(default_model_path()), n_ctx=4096, flash_attn="on", threads=args.threads
-        )
+    parser.add_argument("--sections", default="ngram,draft", help="ngram, draft or both")
+    parser.add_argument("--draft-model", help="the draft model (default: the built-in model)")
+    parser.add_argument(
+        "--draft-target", help="the target it drafts for (default: a Q4_0 copy of the built-in)"
     )
+    args = parser.parse_args()
+    sections = set(args.sections.split(","))
+
+    load = LoadRequest(
+        model=str(default_model_path()),
+        n_ctx=4096,
+        flash_attn="on",
+        threads=args.threads,
+        type_k=args.kv,
+        type_v=args.kv,
+    )
+    draft_section = draft_rows(args, load) if "draft" in sections else []
+    if "ngram" not in sections:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        out = {"rows": draft_section, "summary": {"kv": args.kv, "reps": args.reps}}
+        Path(args.json).write_text(json.dumps(out, indent=2) + "\n")
+        return
+    model = LlamaModel(load)
     template = ChatTemplate(model.meta("tokenizer.chat_template"))
     decoder = Decoder(model, state_cache=PrefixStateCache(0))
     servers: dict[str, tuple[str, object]] = {}
@@ -256,7 +406,8 @@ def main() -> None:
         stop_llama_server(proc)  # type: ignore[arg-type]
     print(json.dumps(summary))
     Path(args.json).parent.mkdir(parents=True, exist_ok=True)
-    Path(args.json).write_text(json.dumps({"rows": rows, "summary": summary}, indent=2) + "\n")
+    everything = {"rows": rows + draft_section, "summary": summary}
+    Path(args.json).write_text(json.dumps(everything, indent=2) + "\n")
     model.close()
 
 

@@ -365,3 +365,29 @@ def test_plan_json_has_the_contract_shape(families: dict[str, list[ModelCandidat
     for d in data["memory"]["devices"]:
         assert set(d) == {"name", "weights", "kv", "compute", "total", "free"}
     assert Hardware.from_json(data["hardware"]) == MACHINES["3090+3060"]
+
+
+def test_a_draft_model_is_counted_on_the_host(families: dict[str, list[ModelCandidate]]) -> None:
+    from engine.planning.estimate import estimate, shape_from_header
+
+    draft = shape_from_header(families["llama8b"][-1].header)  # a big draft: Q2_K of 8B
+    hw = MACHINES["rtx3090-24gb"]
+    pins = Pins(ctx=8192, type_k="q8_0", type_v="q8_0")
+    alone = plan(hw, families["llama8b"], pins)
+    paired = plan(hw, families["llama8b"], replace(pins, draft=draft))
+    expected = estimate(draft, n_ctx=8192, type_k="q8_0", type_v="q8_0").total
+    if paired.quant_file == alone.quant_file and paired.load == alone.load:
+        assert paired.memory.total - alone.memory.total == expected
+        host = next(d for d in paired.memory.devices if d.name == "CPU")
+        host_alone = next(d for d in alone.memory.devices if d.name == "CPU")
+        assert host.total - host_alone.total == expected
+    assert_within_budget(paired, hw, replace(pins, draft=draft))
+    # On a machine where the model alone just fits, the draft takes room from it.
+    laptop = machine([], 16)
+    cpu_alone = plan(laptop, families["llama8b"])
+    cpu_paired = plan(laptop, families["llama8b"], Pins(draft=draft))
+    assert_within_budget(cpu_paired, laptop, Pins(draft=draft))
+    assert (cpu_paired.stage, -cpu_paired.load.n_ctx) > (
+        cpu_alone.stage,
+        -cpu_alone.load.n_ctx,
+    ) or (cpu_paired.quant_file != cpu_alone.quant_file)

@@ -91,6 +91,13 @@ class StatusBar(QStatusBar):
             )
         if figures.drafter and figures.acceptance is not None:
             self.speculative.setText(f"Spec {figures.acceptance * 100:.0f}%")
+        if figures.draft_model:
+            accepted = (
+                f"{figures.draft_acceptance * 100:.0f}% of its drafts accepted"
+                if figures.draft_acceptance is not None
+                else "no drafts yet"
+            )
+            self.speculative.setToolTip(f"Draft model {figures.draft_model}: {accepted}")
         self._draw_context()
 
     def set_answer_figures(self, timings: dict[str, Any], ttft_ms: float | None) -> None:

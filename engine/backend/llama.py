@@ -599,6 +599,7 @@ class SamplerChain:
         last_n = n_ctx if params.repeat_last_n < 0 else min(params.repeat_last_n, n_ctx)
         self.handle = chain
         self.n_vocab = n_vocab
+        self.greedy = params.greedy
         self._candidates: Any = None
         if params.logit_bias:
             biases = (llama_cpp.llama_logit_bias * len(params.logit_bias))(
@@ -657,12 +658,8 @@ class SamplerChain:
     def accept(self, token: int) -> None:
         llama_cpp.llama_sampler_accept(self.handle, token)
 
-    def pick(self, logits: NDArray[np.float32]) -> int:
-        """Runs the chain over `logits` and returns its choice, without accepting it.
-
-        What `llama_sampler_sample` does, minus the accept: the caller decides
-        (a grammar may reject the token and ask again over masked logits).
-        """
+    def _candidates_for(self, logits: NDArray[np.float32]) -> tuple[Any, Any]:
+        """llama.cpp's candidate array over `logits`, and a numpy view of it."""
         if self._candidates is None:
             data = (llama_cpp.llama_token_data * self.n_vocab)()
             view = np.ctypeslib.as_array(data).view(
@@ -674,10 +671,49 @@ class SamplerChain:
         view["logit"] = logits
         view["p"] = 0.0
         cur = llama_cpp.llama_token_data_array(data, self.n_vocab, -1, False)
+        return cur, view
+
+    def pick(self, logits: NDArray[np.float32]) -> int:
+        """Runs the chain over `logits` and returns its choice, without accepting it.
+
+        What `llama_sampler_sample` does, minus the accept: the caller decides
+        (a grammar may reject the token and ask again over masked logits).
+        """
+        cur, _view = self._candidates_for(logits)
         llama_cpp.llama_sampler_apply(self.handle, ctypes.byref(cur))
         if not 0 <= cur.selected < cur.size:
             raise DecodeError("the sampler chain selected no token")
         return int(cur.data[cur.selected].id)
+
+    def distribution(
+        self, logits: NDArray[np.float32]
+    ) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+        """The distribution the chain's final draw picks from, over `logits`.
+
+        Every sampler but the last (bias, penalties, top-k/top-p/min-p,
+        temperature) is applied, as `pick` would, and nothing is drawn or
+        accepted. Returns the candidate tokens and their weights (not
+        normalised); a greedy chain puts all weight on its choice.
+        """
+        cur, view = self._candidates_for(logits)
+        n = int(llama_cpp.llama_sampler_chain_n(self.handle))
+        for i in range(n - 1):
+            stage = llama_cpp.llama_sampler_chain_get(self.handle, i)
+            llama_cpp.llama_sampler_apply(stage, ctypes.byref(cur))
+        data, _view, _ids = self._candidates
+        size = int(cur.size)
+        if size <= 0:
+            raise DecodeError("the sampler chain left no candidate token")
+        if ctypes.addressof(cur.data.contents) != ctypes.addressof(data):
+            raise DecodeError("a sampler moved the candidate array")
+        ids = view["id"][:size].astype(np.int64)
+        raw = view["logit"][:size].astype(np.float64)
+        if self.greedy:
+            # llama.cpp's greedy sampler takes the first highest logit.
+            return ids[int(np.argmax(raw)) : int(np.argmax(raw)) + 1], np.ones(1)
+        # What llama.cpp's dist sampler draws from: a softmax of what is left.
+        weights = np.exp(raw - np.max(raw))
+        return ids, weights
 
     def close(self) -> None:
         if self.handle is not None:

@@ -28,6 +28,13 @@ class Sampler(Protocol):
         """Runs the chain over `logits` and returns its choice, without accepting it."""
         ...
 
+    def distribution(
+        self, logits: NDArray[np.float32]
+    ) -> tuple[NDArray[np.int64], NDArray[np.float64]]:
+        """The tokens and weights the chain's final draw picks from, over `logits`
+        (speculative sampling's p); nothing is drawn or accepted."""
+        ...
+
     def accept(self, token: int) -> None: ...
     def close(self) -> None: ...
 

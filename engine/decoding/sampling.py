@@ -12,6 +12,10 @@ The one place where a request's sampling comes together (docs/api.md):
   rejection sampling, which keeps the masked distribution.
 - **Logprobs**: a log-softmax of the raw logits, before bias, penalties,
   temperature and grammar (llama-server's default), with the top alternatives.
+- **Distributions** for speculative sampling (engine/speculative/acceptance.py):
+  `distribution(row)` is the chain's distribution after everything, the
+  grammar's full mask included; `accept` then moves chain and grammar past
+  the token the rule chose.
 """
 
 from __future__ import annotations
@@ -24,6 +28,7 @@ from numpy.typing import NDArray
 
 from engine.decoding.model import Model, Sampler
 from engine.decoding.request import GenerationRequest, TokenLogprob, TopLogprob
+from engine.speculative.acceptance import TokenDist
 from engine.structured.constraint import Constraint
 
 
@@ -37,6 +42,7 @@ class TokenSampler:
         *,
         constraint: Constraint | None = None,
         top_logprobs: int | None = None,
+        seed: int | None = None,
     ) -> None:
         self.model = model
         self.chain = chain  # the request's Sampler (engine/decoding/model.py)
@@ -44,6 +50,8 @@ class TokenSampler:
         # None: no logprobs; 0..20: the sampled token's, plus that many alternatives.
         self.top_logprobs = top_logprobs
         self._logprobs: deque[TokenLogprob] = deque()
+        # Speculative sampling's draws (accept or not, resample), seeded with the request.
+        self.rng = np.random.default_rng(seed)
 
     def sample(self, row: int) -> int:
         """Samples the next token from output row `row` and accepts it into chain and grammar."""
@@ -74,6 +82,29 @@ class TokenSampler:
             piece = self.model.piece(token)
             self._logprobs.append(TokenLogprob(token, piece, float(raw[token]) - lse, top))
         return token
+
+    def distribution(self, row: int) -> TokenDist:
+        """Row `row`'s distribution after the whole chain and the grammar; nothing accepted."""
+        if self.constraint is not None and self.constraint.finished:
+            return TokenDist.one(self.model.eos)
+        logits = self.model.logits(row).copy()  # the row stays raw for logprobs
+        if self.constraint is not None:
+            self.constraint.mask(logits)
+        tokens, weights = self.chain.distribution(logits)
+        return TokenDist.of(tokens, weights)
+
+    def accept(self, token: int, row: int) -> None:
+        """Moves chain and grammar past `token`, chosen from row `row` by the caller."""
+        if self.top_logprobs is not None:
+            logits = self.model.logits(row)
+            lse, top = self._log_softmax(logits)
+            piece = self.model.piece(token)
+            self._logprobs.append(TokenLogprob(token, piece, float(logits[token]) - lse, top))
+        if self.constraint is not None and self.constraint.finished:
+            return  # only the end may follow; the chain has nothing more to learn
+        self.chain.accept(token)
+        if self.constraint is not None:
+            self.constraint.accept(token)
 
     def _log_softmax(self, logits: NDArray[np.float32]) -> tuple[float, tuple[TopLogprob, ...]]:
         peak = float(np.max(logits))
@@ -115,5 +146,9 @@ def sampler_for(model: Model, req: GenerationRequest) -> TokenSampler:
         else None
     )
     return TokenSampler(
-        model, model.sampler(req.sampling), constraint=constraint, top_logprobs=req.top_logprobs
+        model,
+        model.sampler(req.sampling),
+        constraint=constraint,
+        top_logprobs=req.top_logprobs,
+        seed=req.sampling.seed,
     )

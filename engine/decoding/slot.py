@@ -7,16 +7,18 @@ its pending token, that token alone or followed by drafts to verify), the
 decoder decodes every slot's rows in one `llama_decode`, and `commit` samples
 the slot's own rows. Nothing about a request lives outside its slot.
 
-Speculation is lossless: every emitted token is sampled by the request's own
-chain from the target's logits for exactly the accepted prefix; drafts only
-decide which rows get computed in one batch (docs/architecture.md). Under a
-grammar, drafts are also cut where the grammar would refuse them.
+Speculation is lossless: drafts are verified by engine/speculative/acceptance.py
+against the target's logits for exactly the accepted prefix, and the request's
+chain moves on with emitted tokens only (docs/architecture.md). Under a
+grammar, drafts are also cut where the grammar would refuse them. A drafter
+that fails is dropped for the rest of the request: it never fails the request.
 """
 
 from __future__ import annotations
 
 import codecs
 import enum
+import logging
 from collections.abc import Callable, Sequence
 
 from engine.backend.llama import BatchPart
@@ -29,8 +31,11 @@ from engine.decoding.request import (
     TokenLogprob,
 )
 from engine.decoding.sampling import TokenSampler, sampler_for
+from engine.speculative.acceptance import TokenDist, verify
 from engine.speculative.controller import SpeculationController
-from engine.speculative.drafters import Drafter
+from engine.speculative.drafters import Drafter, PrefillDrafter, SamplingDrafter
+
+log = logging.getLogger("peregrine.slot")
 
 
 class StopMatcher:
@@ -112,12 +117,15 @@ class Slot:
         # Sampled but not yet emitted nor in the KV cache.
         self.pending = -1
         self._todo: list[int] = []
+        # Drafters still evaluating the prompt (after the target has).
+        self._draft_todo: list[Drafter] = []
         self._t_start = 0.0
         self._t_first = 0.0
         # What the slot put into the current step's batch.
         self._part: BatchPart | None = None
         self._draft: list[int] = []
         self._source: Drafter | None = None
+        self._dists: list[TokenDist] | None = None
         self._strength = 0
 
     # --- lifecycle ----------------------------------------------------------------
@@ -210,6 +218,11 @@ class Slot:
                 self.finish = "cancelled"
                 self.state = SlotState.DONE
                 return None
+            if not self._todo:
+                # The target has read the prompt; a drafter's own model reads it
+                # now, one batch per step, outside the target's batch.
+                self._prefill_drafter()
+                return None
             if budget <= 0:
                 return None
             chunk = self._todo[:budget]
@@ -218,9 +231,10 @@ class Slot:
         if self._take_pending():
             self._finish()
             return None
-        draft, source, strength = self._propose()
+        draft, source, strength, dists = self._propose()
         draft = draft[: max(0, budget - 1)]
         self._draft, self._source, self._strength = draft, source, strength
+        self._dists = dists[: len(draft)] if dists is not None else None
         self._part = BatchPart(
             self.seq, [self.pending, *draft], len(self.tokens), logits_all=bool(draft)
         )
@@ -259,12 +273,45 @@ class Slot:
         if self._todo:
             return
         self.pending = self.sampler.sample(last_row)
-        self._t_first = self.clock()
-        self.timings.prompt_ms = (self._t_first - self._t_start) * 1000.0
         for drafter in self.drafters:
+            if isinstance(drafter, SamplingDrafter):
+                drafter.sample_like(req.sampling)
             drafter.reset(req.prompt_tokens)
         self.max_tokens = min(req.max_tokens, model.n_ctx_seq - len(req.prompt_tokens))
+        n_max = max(0, min(req.speculative.n_max, 16, model.n_batch - 1))
+        self._draft_todo = [d for d in self.drafters if isinstance(d, PrefillDrafter)]
+        if not self._draft_todo or n_max <= 0:
+            self._draft_todo = []
+            self._start_generating()
+
+    def _prefill_drafter(self) -> None:
+        """Evaluates one batch of the prompt in a drafter's own model."""
+        if not self._draft_todo:
+            self._start_generating()
+            return
+        drafter = self._draft_todo[0]
+        try:
+            done = not isinstance(drafter, PrefillDrafter) or drafter.prefill(self.model.n_batch)
+        except Exception as exc:
+            self._drop(drafter, exc)
+            done = True
+        if done:
+            self._draft_todo.pop(0)
+        if not self._draft_todo:
+            self._start_generating()
+
+    def _start_generating(self) -> None:
+        # Prompt time includes the drafters' reading of the prompt: both come
+        # before the first token is streamed.
+        self._t_first = self.clock()
+        self.timings.prompt_ms = (self._t_first - self._t_start) * 1000.0
         self.state = SlotState.GENERATING
+
+    def _drop(self, drafter: Drafter, exc: Exception) -> None:
+        """Speculation with `drafter` ends for this request; the request goes on."""
+        log.warning("drafter %s failed, not used for this request: %s", drafter.name, exc)
+        if drafter in self.drafters:
+            self.drafters.remove(drafter)
 
     # --- generation ---------------------------------------------------------------
 
@@ -316,16 +363,17 @@ class Slot:
             return True
         return False
 
-    def _propose(self) -> tuple[list[int], Drafter | None, int]:
+    def _propose(self) -> tuple[list[int], Drafter | None, int, list[TokenDist] | None]:
         """The first non-empty draft in chain order that the controller wants verified.
 
         Under a grammar a draft is cut before its first token the grammar
-        refuses: that token could never be accepted.
+        refuses: that token could never be accepted. A drafter that fails is
+        dropped for the rest of the request.
         """
         ctl, sampler, req = self.controller, self.sampler, self.request
         assert sampler is not None and req is not None
         if not self.drafters:
-            return [], None, 0
+            return [], None, 0, None
         # The controller is shared by the slots: set this request's limits first.
         spec = req.speculative
         ctl.n_max = max(0, min(spec.n_max, 16, self.model.n_batch - 1))
@@ -333,41 +381,44 @@ class Slot:
         ctl.p_min = spec.p_min
         room = min(self.max_tokens - self.generated, self.model.n_ctx_seq - len(self.tokens) - 2)
         if room <= 0 or ctl.n_max <= 0:
-            return [], None, 0
-        for drafter in self.drafters:
-            if drafter.cheap:
-                proposal = drafter.propose(min(ctl.n_max, room))
-                allowed = sampler.valid_draft(proposal.tokens)
-                k = ctl.choose(proposal.strength, len(allowed), drafter=drafter)
-                tokens = allowed[:k]
-            else:
-                # A costly drafter is asked only for what pays, its own cost weighed in.
-                per_draft = ctl.draft_cost(drafter=drafter)
-                k = ctl.choose(0, min(ctl.n_max, room), per_draft, drafter=drafter)
-                if not k:
-                    continue
-                proposal = drafter.propose(k)
-                ms_per_token = proposal.cost_ms / max(len(proposal.tokens), 1)
-                ctl.record_draft_cost(ms_per_token, drafter=drafter)
-                tokens = sampler.valid_draft(proposal.tokens)
+            return [], None, 0, None
+        for drafter in list(self.drafters):
+            try:
+                if drafter.cheap:
+                    proposal = drafter.propose(min(ctl.n_max, room))
+                    allowed = sampler.valid_draft(proposal.tokens)
+                    k = ctl.choose(proposal.strength, len(allowed), drafter=drafter)
+                    tokens = allowed[:k]
+                else:
+                    # A costly drafter is asked only for what pays, its own cost weighed in.
+                    per_draft = ctl.draft_cost(drafter=drafter)
+                    k = ctl.choose(0, min(ctl.n_max, room), per_draft, drafter=drafter)
+                    if not k:
+                        continue
+                    proposal = drafter.propose(k)
+                    ms_per_token = proposal.cost_ms / max(len(proposal.tokens), 1)
+                    ctl.record_draft_cost(ms_per_token, drafter=drafter)
+                    tokens = sampler.valid_draft(proposal.tokens)
+            except Exception as exc:
+                self._drop(drafter, exc)
+                continue
             if tokens:
-                return tokens, drafter, proposal.strength
-        return [], None, 0
+                dists = proposal.dists[: len(tokens)] if proposal.dists is not None else None
+                return tokens, drafter, proposal.strength, dists
+        return [], None, 0, None
 
     def _verified(self, row0: int) -> bool:
-        """Samples the verify rows [pending, d1..dk] in order with the request's own
-        chain, accepting while the sample equals the draft. True when generation ends."""
+        """The verify rows [pending, d1..dk], from output row `row0`, judged by the
+        acceptance rule the draft calls for (engine/speculative/acceptance.py).
+        True when generation ends."""
         model, sampler, ctl = self.model, self.sampler, self.controller
-        draft, source, strength = self._draft, self._source, self._strength
+        draft, source, strength, dists = self._draft, self._source, self._strength, self._dists
         assert sampler is not None and source is not None
-        self._draft, self._source = [], None
+        self._draft, self._source, self._dists = [], None, None
         self.tokens.append(self.pending)
-        accepted = 0
-        nxt = sampler.sample(row0)
-        while accepted < len(draft) and nxt == draft[accepted]:
-            self.tokens.append(draft[accepted])
-            accepted += 1
-            nxt = sampler.sample(row0 + accepted)
+        verdict = verify(_Rows(sampler, row0), draft, dists, sampler.rng)
+        accepted, nxt = verdict.accepted, verdict.next_token
+        self.tokens.extend(draft[:accepted])
         self.timings.draft_n += len(draft)
         self.timings.draft_n_accepted += accepted
         ctl.record(strength, len(draft), accepted, drafter=source)
@@ -394,6 +445,23 @@ class Slot:
         self.timings.predicted_n = self.generated
         self.timings.predicted_ms = (self.clock() - self._t_first) * 1000.0
         self.state = SlotState.DONE
+
+
+class _Rows:
+    """A sampler's view of one slot's verify rows: row i is output row row0 + i."""
+
+    def __init__(self, sampler: TokenSampler, row0: int) -> None:
+        self._sampler = sampler
+        self._row0 = row0
+
+    def sample(self, row: int) -> int:
+        return self._sampler.sample(self._row0 + row)
+
+    def distribution(self, row: int) -> TokenDist:
+        return self._sampler.distribution(self._row0 + row)
+
+    def accept(self, token: int, row: int) -> None:
+        self._sampler.accept(token, self._row0 + row)
 
 
 def _ignore(_text: str) -> None:

@@ -115,6 +115,10 @@ class Pins:
     # Parallel slots (one KV sequence each) and whether they share one cache.
     n_parallel: int = AUTO_PARALLEL
     kv_unified: bool = True
+    # A draft model for speculative decoding, loaded beside the model: its
+    # weights, its KV cache (the same context and cache types, one sequence per
+    # slot within it) and its compute buffer are counted on the host.
+    draft: ModelShape | None = None
 
 
 @dataclass(frozen=True)
@@ -219,7 +223,48 @@ class _Context:
     options: list[tuple[int, ...]] = field(default_factory=list)  # GPU index sets to try
     _costs: dict[tuple[str, str, str, int], _Costs] = field(default_factory=dict)
 
+    def draft_bytes(self, n_ctx: int, type_k: str, type_v: str) -> MemoryBreakdown | None:
+        """The draft model's memory at this context (Pins.draft), all on the host."""
+        draft = self.pins.draft
+        if draft is None:
+            return None
+        return estimate(
+            draft,
+            n_ctx=n_ctx,
+            type_k=type_k,
+            type_v=type_v,
+            flash_attn=self.flash_attn,
+            n_ubatch=self.pins.n_ubatch,
+            host=self.host,
+        )
+
+    def with_draft(
+        self, mem: MemoryBreakdown, n_ctx: int, type_k: str, type_v: str, sign: int = 1
+    ) -> MemoryBreakdown:
+        """`mem` plus (sign -1: minus) the draft model's memory on the host."""
+        extra = self.draft_bytes(n_ctx, type_k, type_v)
+        if extra is None:
+            return mem
+        devices = [replace(d) for d in mem.devices]
+        for d in devices:
+            if d.name == self.host.name:
+                d.weights += sign * extra.weights
+                d.kv += sign * extra.kv
+                d.compute += sign * extra.compute
+                d.total += sign * extra.total
+        return MemoryBreakdown(
+            weights=mem.weights + sign * extra.weights,
+            kv=mem.kv + sign * extra.kv,
+            compute=mem.compute + sign * extra.compute,
+            overhead=mem.overhead + sign * extra.overhead,
+            total=mem.total + sign * extra.total,
+            devices=devices,
+        )
+
     def evaluate(self, c: _Config) -> MemoryBreakdown:
+        return self.with_draft(self._evaluate(c), c.n_ctx, c.type_k, c.type_v)
+
+    def _evaluate(self, c: _Config) -> MemoryBreakdown:
         shape = self.shapes[c.cand.file_name]
         return estimate(
             shape,
@@ -316,6 +361,8 @@ class _Costs:
         self.total_read = self.read_dense[n] + self.read_exp[n] + self.head_read
         self.quantized = type_k not in FULL_PRECISION_KV or type_v not in FULL_PRECISION_KV
         self._compute: dict[tuple[bool, bool], int] = {}
+        draft = ctx.draft_bytes(n_ctx, type_k, type_v)
+        self.draft = draft.total if draft is not None else 0
 
     def compute(self, has_layers: bool, has_output: bool) -> int:
         key = (has_layers, has_output)
@@ -352,7 +399,7 @@ class _Costs:
             compute = 2 * self.ctx.pins.n_ubatch * shape.n_embd * 4
         else:
             compute = self.compute(s > 0 or (n_cpu_moe > 0 and self.moe), out_on_cpu)
-        return total + compute + (shape.n_vocab + shape.n_embd) * 4
+        return total + compute + (shape.n_vocab + shape.n_embd) * 4 + self.draft
 
     def host_experts(self, s: int, n_cpu_moe: int) -> int:
         """Expert bytes the host holds (what a memory-mapped plan may page)."""
@@ -1177,9 +1224,14 @@ def _checked_by_dry_run(
                 "figures are estimates",
             )
             return current
-        mem = measured_breakdown(current.memory, measured)
         ctx = _make_context(
             hardware, pins, {candidate.file_name: shape_from_header(candidate.header)}
+        )
+        # The dry run loads the model alone: the draft model stays estimated.
+        load = current.load
+        target_only = ctx.with_draft(current.memory, load.n_ctx, load.type_k, load.type_v, -1)
+        mem = ctx.with_draft(
+            measured_breakdown(target_only, measured), load.n_ctx, load.type_k, load.type_v
         )
         over = ctx.overshoot(mem, current.paged_bytes)
         if not over:

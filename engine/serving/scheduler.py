@@ -29,7 +29,9 @@ from engine.decoding.request import GenerationRequest, GenerationResult, SpecPar
 from engine.decoding.slot import Slot
 from engine.errors import PeregrineError
 from engine.gguf.chat_template import ChatTemplate
-from engine.speculative.drafters import build_chain
+from engine.paths import Paths
+from engine.serving.draft_pairing import AUTO, DraftTrial, find_draft
+from engine.speculative.drafters import build_chain, model_drafter
 from engine.wire.control import (
     DEFAULT_QUEUE_LIMIT,
     EngineState,
@@ -206,6 +208,7 @@ class Engine:
         preflight: Callable[[LoadRequest], object] | None = None,
         log_capture: LlamaLogCapture | None = None,
         model_factory: ModelFactory | None = None,
+        draft_folders: Sequence[Path] | None = None,
     ) -> None:
         self.queue_limit = queue_limit
         self.runtime = runtime or RuntimeInfo(name="default", backend="cpu")
@@ -217,6 +220,11 @@ class Engine:
         # llama.cpp's own factory needs one (an injected factory brings its own).
         self._log_capture = log_capture or (LlamaLogCapture() if model_factory is None else None)
         self._model_factory = model_factory or self._load_llama
+        # Where `draft_model: auto` looks for a draft (the library by default).
+        self._draft_folders = (
+            list(draft_folders) if draft_folders is not None else [Paths.from_env().models]
+        )
+        self._trial: DraftTrial | None = None
         # Jobs and controls in arrival order; jobs ahead of the first control
         # may be admitted, a control runs when it is first and no slot is busy.
         self._queue: deque[Job | _Control] = deque()
@@ -413,7 +421,7 @@ class Engine:
             # a hostile file must not cost the user their working engine.
             if self._validate is not None:
                 self._validate(request.model)
-                if request.draft_model:
+                if request.draft_model and request.draft_model != AUTO:
                     self._validate(request.draft_model)
             if self._preflight is not None and self.model is not None:
                 self._preflight(request)
@@ -468,6 +476,10 @@ class Engine:
                 eos_token=model.token_text(model.eos) if model.eos >= 0 else "",
             )
         except BaseException:
+            # The draft model may be loaded already: it goes with the model.
+            if self.draft_model is not None:
+                self.draft_model.close()
+                self.draft_model = None
             model.close()
             raise
         self.model = model
@@ -477,6 +489,9 @@ class Engine:
             state_cache=self._state_cache,
             chains=lambda seq: build_chain(draft, seq=seq),
         )
+        if request.draft_model == AUTO and self.draft_model is not None:
+            drafter = model_drafter(self.decoder.drafters, self.draft_model)
+            self._trial = DraftTrial(drafter) if drafter is not None else None
         with self._lock:
             self.state = "ready"
             self.load_progress = 1.0
@@ -486,11 +501,23 @@ class Engine:
     def _load_draft(self, request: LoadRequest, model: ServedModel) -> ServedModel | None:
         if not request.draft_model:
             return None
+        path = request.draft_model
+        auto = path == AUTO
+        if auto:
+            found = find_draft(Path(request.model), self._draft_folders)
+            if found is None:
+                log.info("draft model auto: none in the library has this model's vocabulary")
+                return None
+            path = str(found)
+            log.info("draft model auto: trying %s", path)
         draft = self._model_factory(
             LoadRequest(
-                model=request.draft_model,
+                model=path,
                 n_ctx=model.n_ctx,
                 n_gpu_layers=request.n_gpu_layers,
+                # The same cache types as the model's (what the planner counts).
+                type_k=request.type_k,
+                type_v=request.type_v,
                 flash_attn=request.flash_attn,
                 threads=request.threads,
                 n_batch=request.n_batch,
@@ -502,6 +529,9 @@ class Engine:
         )
         if draft.vocab_fingerprint() != model.vocab_fingerprint():
             draft.close()
+            if auto:
+                log.info("draft model auto: %s differs in vocabulary after all", path)
+                return None
             raise PeregrineError(
                 "the draft model's vocabulary differs from the model's, so its drafts "
                 "could never be accepted: pick a draft model of the same family"
@@ -551,7 +581,25 @@ class Engine:
             self._wake.notify_all()
         return done
 
+    def _drop_draft(self) -> None:
+        """Stops drafting with the draft model and frees it (an auto pairing that did not pay)."""
+        decoder, draft = self.decoder, self.draft_model
+        self._trial = None
+        if decoder is None or draft is None:
+            return
+        # Every slot's chain drafts with it; a slot decoding now drops its drafter
+        # on the first failed draft and carries on (engine/decoding/slot.py).
+        for chain in decoder.chains:
+            drafter = model_drafter(chain, draft)
+            if drafter is not None:
+                chain.remove(drafter)
+                drafter.close()
+        with self._lock:
+            self.draft_model = None
+        draft.close()
+
     def _unload_now(self) -> None:
+        self._trial = None
         if self.decoder is not None:
             self.decoder.close()
         if self.draft_model is not None:
@@ -656,6 +704,8 @@ class Engine:
             slot.release()
             if running is not None:
                 running.job.emit(Done(result, error))
+        if finished:
+            self._judge_trial()
         if not decoder.busy:
             self._set_busy(False)
 
@@ -667,6 +717,22 @@ class Engine:
                 self.state = "generating"
             elif not busy and self.state == "generating":
                 self.state = "ready"
+
+    def _judge_trial(self) -> None:
+        """After a request: keeps or drops an automatically paired draft model."""
+        trial, decoder = self._trial, self.decoder
+        if trial is None or decoder is None:
+            return
+        keep = trial.verdict(decoder.controller)
+        if keep is None:
+            return
+        self._trial = None
+        name = model_id_for(self.draft_model.request.model) if self.draft_model else "?"
+        if keep:
+            log.info("draft model auto: %s pays, kept", name)
+        else:
+            log.info("draft model auto: %s measured no gain, unloaded", name)
+            self._drop_draft()
 
     def _tokenize(self, prompt: PromptSpec) -> list[int]:
         assert self.model is not None and self.template is not None
@@ -743,6 +809,8 @@ class Engine:
                 )
             decoder = self.decoder
             ctl = decoder.controller if decoder else None
+            draft = self.draft_model
+            by_model = model_drafter(decoder.drafters, draft) if decoder and draft else None
             return EngineStatus(
                 state=self.state,
                 load_progress=self.load_progress,
@@ -760,6 +828,8 @@ class Engine:
                     drafter=decoder.last_drafter if decoder else None,
                     acceptance=ctl.acceptance_rate if ctl else None,
                     n_draft=ctl.current_k if ctl else 0,
+                    draft_model=model_id_for(draft.request.model) if draft else None,
+                    draft_acceptance=ctl.acceptance_of(by_model) if ctl and by_model else None,
                 ),
                 runtime=self.runtime,
                 queue=QueueInfo(waiting=self._live_waiting(), limit=self.queue_limit),

@@ -86,7 +86,11 @@ def build_parser() -> argparse.ArgumentParser:
     )
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", help="GGUF file to serve (default: the built-in model)")
-    g.add_argument("--draft-model", help="GGUF of a small draft model for speculative decoding")
+    g.add_argument(
+        "--draft-model",
+        help="GGUF of a small draft model for speculative decoding, or 'auto': a small "
+        "library model with the same vocabulary, kept if it measures a gain",
+    )
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=0, help="port, 0 for a free one (default 0)")
@@ -198,7 +202,16 @@ def _load_request(args: argparse.Namespace, model_path: str) -> LoadRequest:
     if args.plan == "auto":
         from engine.planning.planner import plan_for_file  # the planner is optional at this layer
 
-        planned = plan_for_file(Path(model_path)).load.model_dump()
+        pins = None
+        if args.draft_model and args.draft_model != "auto":
+            from engine.gguf.header import validate_gguf_file
+            from engine.planning.estimate import shape_from_header
+            from engine.planning.planner import Pins
+
+            # The draft model's weights, KV and compute take room from the plan.
+            draft = shape_from_header(validate_gguf_file(Path(args.draft_model).expanduser()))
+            pins = Pins(draft=draft)
+        planned = plan_for_file(Path(model_path), pins=pins).load.model_dump()
         base = {**planned, **{k: v for k, v in base.items() if v is not None}}
     else:
         base.update(n_ctx=4096, flash_attn="auto")
@@ -290,7 +303,7 @@ def _load_roots(args: argparse.Namespace, model_path: str) -> list[Path] | None:
         return None
     roots = [Paths.from_env().models, *(Path(d).expanduser() for d in args.models_dir)]
     roots.append(Path(model_path))
-    if args.draft_model:
+    if args.draft_model and args.draft_model != "auto":
         roots.append(Path(args.draft_model).expanduser())
     return roots
 
@@ -446,6 +459,7 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
         runtime=RuntimeInfo(name=runtime_name, backend=backend),
         validate=_validate_model,
         preflight=_preflight_load,
+        draft_folders=[Paths.from_env().models, *(Path(d).expanduser() for d in args.models_dir)],
     )
     config = ServerConfig(
         api_key=api_key,

@@ -511,7 +511,7 @@ class _Api:
         except ValidationError as exc:
             raise _validation_error(exc) from exc
         for name, path in (("model", load.model), ("draft_model", load.draft_model)):
-            if path is not None and not self._may_load(path):
+            if path is not None and path != "auto" and not self._may_load(path):
                 # The same answer whether or not the file exists: nothing is revealed.
                 raise ApiError(
                     403,

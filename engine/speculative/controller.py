@@ -64,6 +64,8 @@ class DraftStats:
     drafted: int = 0
     accepted: int = 0
     steps: int = 0
+    # (drafted, accepted) per drafter name.
+    by_drafter: dict[str, tuple[int, int]] = field(default_factory=dict)
 
 
 class SpeculationController:
@@ -160,6 +162,8 @@ class SpeculationController:
         self.stats.drafted += drafted
         self.stats.accepted += accepted
         self.stats.steps += 1
+        d, a = self.stats.by_drafter.get(drafter.name, (0, 0))
+        self.stats.by_drafter[drafter.name] = (d + drafted, a + accepted)
         table = self.position_acceptance(strength, drafter=drafter)
         # Each accepted token is a success at its position; the first rejection
         # is a failure; positions after it say nothing (never tested).
@@ -188,6 +192,15 @@ class SpeculationController:
         with_drafts = (others + tokens) / (self.relative_cost(others + 1 + k) + k * per_draft)
         plain = (others + 1) / self.relative_cost(others + 1)
         return with_drafts / plain
+
+    def best_gain(self, drafter: DraftSource) -> float:
+        """The best expected speed-up with a costly drafter's measured acceptance and cost."""
+        table = self.position_acceptance(0, drafter=drafter)
+        per_draft = self.draft_cost(drafter=drafter)
+        return max(
+            (self.expected_gain(k, table, per_draft) for k in range(1, max(self.n_max, 1) + 1)),
+            default=1.0,
+        )
 
     def choose(
         self,
@@ -229,6 +242,11 @@ class SpeculationController:
             self._probing = True
             return min(2, available)
         return 0
+
+    def acceptance_of(self, drafter: DraftSource) -> float | None:
+        """The share of one drafter's drafted tokens accepted so far (None: none drafted)."""
+        drafted, accepted = self.stats.by_drafter.get(drafter.name, (0, 0))
+        return accepted / drafted if drafted else None
 
     @property
     def acceptance_rate(self) -> float | None:

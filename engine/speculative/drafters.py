@@ -4,19 +4,33 @@ Every drafter has the same shape (`Drafter`): the decoder keeps it in step
 with the accepted tokens (`reset`, `extend`) and asks it for up to k tokens
 (`propose`). Drafters sit in an ordered chain (`build_chain`); the decoder
 takes the first non-empty proposal the controller wants, and never names a
-concrete drafter. Verification itself lives in the decoder (one batched
-decode of `[last, d1..dk]`, each row sampled by the request's own sampler
-chain).
+concrete drafter. Verification itself is `acceptance.py`'s: sample and
+compare for drafts without distributions, speculative sampling for drafts
+that say which distribution each token was drawn from.
+
+Two optional abilities, found by `isinstance`: a `SamplingDrafter` draws its
+tokens the way the request samples (and reports the distributions), and a
+`PrefillDrafter` evaluates the prompt during prompt processing, in chunks,
+so that its drafting cost is measured on drafting alone.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import logging
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import Any, Protocol, runtime_checkable
 
+import numpy as np
+from numpy.typing import NDArray
+
+from engine.backend.llama import SamplingParams
 from engine.backend.tokens import common_prefix
+from engine.speculative.acceptance import TokenDist
+
+log = logging.getLogger("peregrine.drafters")
 
 # The sequence a draft model keeps its own KV cache in (its context is its own).
 DRAFT_SEQ = 0
@@ -29,14 +43,18 @@ class Draft:
     `strength` is the drafter's own confidence signal (the n-gram match
     length; 0 where a drafter has none): the controller keeps acceptance
     statistics per (drafter, strength). `cost_ms` is the time the proposal
-    took. `probs`, where a drafter has them, are the drafter's probabilities
-    of each proposed token (what speculative sampling needs); None otherwise.
+    took. `dists`, where a drafter drew its tokens from distributions, are
+    those distributions, one per token (what speculative sampling needs);
+    `probs` are the drawn tokens' probabilities in them. Both are None for a
+    drafter without distributions (its drafts are verified by sample and
+    compare).
     """
 
     tokens: list[int]
     strength: int = 0
     cost_ms: float = 0.0
     probs: list[float] | None = None
+    dists: list[TokenDist] | None = None
 
 
 class Drafter(Protocol):
@@ -65,8 +83,32 @@ class Drafter(Protocol):
     def close(self) -> None: ...
 
 
+@runtime_checkable
+class SamplingDrafter(Protocol):
+    """A drafter that samples like the request (told before `reset`)."""
+
+    def sample_like(self, params: SamplingParams) -> None: ...
+
+
+@runtime_checkable
+class PrefillDrafter(Protocol):
+    """A drafter that evaluates the prompt during prompt processing.
+
+    `prefill(limit)` evaluates at most `limit` more tokens of what `reset`
+    gave it and returns True once it has caught up; `prefill_ms` is the time
+    that took for the current request (kept out of its drafting cost).
+    """
+
+    prefill_ms: float
+
+    def prefill(self, limit: int) -> bool: ...
+
+
 class Sampler(Protocol):
     def sample(self, row: int) -> int: ...
+    def distribution(
+        self, logits: NDArray[np.float32]
+    ) -> tuple[NDArray[np.int64], NDArray[np.float64]]: ...
     def close(self) -> None: ...
 
 
@@ -82,6 +124,8 @@ class DraftModel(Protocol):
     def clear(self) -> None: ...
     def is_eog(self, token: int) -> bool: ...
     def greedy_sampler(self) -> Any: ...
+    def sampler(self, params: SamplingParams) -> Any: ...
+    def logits(self, row: int) -> NDArray[np.float32]: ...
 
 
 def build_chain(draft_model: DraftModel | None = None, *, seq: int = DRAFT_SEQ) -> list[Drafter]:
@@ -93,6 +137,11 @@ def build_chain(draft_model: DraftModel | None = None, *, seq: int = DRAFT_SEQ) 
     if draft_model is not None:
         chain.append(DraftModelDrafter(draft_model, seq=seq))
     return chain
+
+
+def model_drafter(chain: Sequence[Drafter], draft_model: object) -> Drafter | None:
+    """The drafter in `chain` that drafts with `draft_model` (for status)."""
+    return next((d for d in chain if getattr(d, "model", None) is draft_model), None)
 
 
 class NgramDrafter:
@@ -163,58 +212,151 @@ class NgramDrafter:
 
 
 class DraftModelDrafter:
-    """Drafts with a small model that shares the target's vocabulary, greedily.
+    """Drafts with a small model that shares the target's vocabulary.
 
-    It keeps its own KV cache in step with the accepted history: before each
-    draft it trims what the target rejected and evaluates what it has not
-    seen, then decodes k tokens one by one.
+    Under a sampling request it draws each token from its own distribution
+    after the request's chain (temperature, top-k/top-p/min-p, bias; not the
+    penalties, which follow the target's history) and reports those
+    distributions, so the target verifies by speculative sampling; greedy
+    requests (or `sample=False`) get greedy drafts.
+
+    It keeps its own KV cache in step with the accepted history: the prompt
+    during prompt processing (`prefill`), then before each draft it trims
+    what the target rejected and evaluates what it has not seen. Any failure
+    empties that cache, so the next request starts it afresh.
     """
 
     name = "draft"
     cheap = False
 
-    def __init__(self, model: DraftModel, *, seq: int = DRAFT_SEQ) -> None:
+    def __init__(
+        self,
+        model: DraftModel,
+        *,
+        sample: bool = True,
+        clock: Callable[[], float] = time.perf_counter,
+        seq: int = DRAFT_SEQ,
+    ) -> None:
         self.model = model
         self.seq = seq  # the draft model's sequence for this drafter's slot
+        self.sample = sample
+        self.clock = clock
         self.history: list[int] = []
         self._in_kv: list[int] = []
-        self._chain: Sampler = model.greedy_sampler()
+        self._greedy: Sampler = model.greedy_sampler()
+        self._chain: Sampler | None = None  # the request's, when it samples
+        self._rng = np.random.default_rng()
+        self._last_k = 0
+        self.prefill_ms = 0.0
 
     def prior(self, strength: int) -> float:
         return 0.7
 
+    def sample_like(self, params: SamplingParams) -> None:
+        if self._chain is not None:
+            self._chain.close()
+            self._chain = None
+        if not self.sample or params.greedy:
+            return
+        self._chain = self.model.sampler(
+            dataclasses.replace(
+                params, repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0
+            )
+        )
+        seed = None if params.seed is None else params.seed + 1
+        self._rng = np.random.default_rng(seed)
+
     def reset(self, tokens: Sequence[int]) -> None:
         self.history = list(tokens)
+        self.prefill_ms = 0.0
 
     def extend(self, tokens: Sequence[int]) -> None:
         self.history.extend(tokens)
 
-    def _sync(self) -> None:
-        keep = min(common_prefix(self._in_kv, self.history), len(self.history) - 1)
-        if keep < len(self._in_kv) and not self.model.truncate(self.seq, keep):
+    def _forget(self) -> None:
+        """This slot's sequence may hold anything now: empty it, so nothing is trusted.
+
+        Only this slot's sequence: the other slots' drafts live in the same model."""
+        self._in_kv = []
+        try:
             self.model.truncate(self.seq, 0)
-            keep = 0
-        self._in_kv = self._in_kv[:keep]
-        todo = self.history[keep:]
-        self.model.decode(self.seq, todo, keep)
-        self._in_kv.extend(todo)
+        except Exception:
+            log.exception("could not clear the draft model's sequence %d", self.seq)
+
+    def _catch_up(self, limit: int | None) -> tuple[bool, int]:
+        """Brings the cache toward the history: all of it (`limit` None; the last
+        token's logits are then fresh) or at most `limit` tokens short of its last.
+        Returns whether it got there, and how many tokens it evaluated."""
+        try:
+            n = len(self.history)
+            keep = min(common_prefix(self._in_kv, self.history), n - 1)
+            if keep < len(self._in_kv):
+                if not self.model.truncate(self.seq, keep):
+                    self.model.truncate(self.seq, 0)
+                    keep = 0
+                self._in_kv = self._in_kv[:keep]
+            end = n if limit is None else min(n - 1, keep + limit)
+            todo = self.history[keep:end]
+            if todo:
+                self.model.decode(self.seq, todo, keep)
+                self._in_kv.extend(todo)
+            return end >= (n if limit is None else n - 1), len(todo)
+        except BaseException:
+            self._forget()
+            raise
+
+    def prefill(self, limit: int) -> bool:
+        if not self.history:
+            return True
+        start = self.clock()
+        try:
+            done, _ = self._catch_up(max(1, limit))
+        finally:
+            self.prefill_ms += (self.clock() - start) * 1000.0
+        return done
 
     def propose(self, k: int) -> Draft:
-        """k greedy tokens; `cost_ms` is the time they took in all."""
+        """Up to k tokens; `cost_ms` is what drafting them costs in step with the target."""
         if k <= 0 or not self.history:
             return Draft([])
-        start = time.perf_counter()
-        self._sync()
+        start = self.clock()
+        _, caught_up = self._catch_up(None)
+        mid = self.clock()
         out: list[int] = []
-        room = self.model.n_ctx - len(self._in_kv) - 1
-        for i in range(min(k, room)):
-            token = self._chain.sample(-1)
-            out.append(token)
-            if self.model.is_eog(token) or i == k - 1:
-                break
-            self.model.decode(self.seq, (token,), len(self._in_kv))
-            self._in_kv.append(token)
-        return Draft(out, cost_ms=(time.perf_counter() - start) * 1000.0)
+        dists: list[TokenDist] = []
+        try:
+            room = self.model.n_ctx - len(self._in_kv) - 1
+            for i in range(min(k, room)):
+                if self._chain is None:
+                    token = self._greedy.sample(-1)
+                else:
+                    ids, weights = self._chain.distribution(self.model.logits(-1))
+                    dist = TokenDist.of(ids, weights)
+                    token = dist.draw(float(self._rng.random()))
+                    dists.append(dist)
+                out.append(token)
+                if self.model.is_eog(token) or i == k - 1:
+                    break
+                self.model.decode(self.seq, (token,), len(self._in_kv))
+                self._in_kv.append(token)
+        except BaseException:
+            self._forget()
+            raise
+        end = self.clock()
+        # In step, a draft first evaluates the tokens accepted since the last
+        # one (at most that draft's k + 1). More is a backlog from steps that
+        # did not draft: its time is scaled down to what being in step costs.
+        in_step = self._last_k + 1
+        share = 1.0 if caught_up <= in_step else in_step / caught_up
+        self._last_k = len(out)
+        cost_ms = ((mid - start) * share + (end - mid)) * 1000.0
+        if self._chain is None:
+            return Draft(out, cost_ms=cost_ms)
+        probs = [d.prob(t) for d, t in zip(dists, out, strict=True)]
+        return Draft(out, cost_ms=cost_ms, probs=probs, dists=dists)
 
     def close(self) -> None:
-        self._chain.close()
+        self._greedy.close()
+        if self._chain is not None:
+            self._chain.close()
+            self._chain = None

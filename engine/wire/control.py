@@ -63,6 +63,9 @@ class SpeculativeStatus(BaseModel):
     drafter: str | None = None
     acceptance: float | None = None
     n_draft: int = 0
+    # The draft model in use (its id), and the share of its drafted tokens accepted.
+    draft_model: str | None = None
+    draft_acceptance: float | None = None
 
 
 class RuntimeInfo(BaseModel):

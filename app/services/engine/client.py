@@ -95,6 +95,8 @@ class ServerFigures:
     memory_parts: dict[str, int] = field(default_factory=dict)
     drafter: str | None = None
     acceptance: float | None = None
+    draft_model: str | None = None
+    draft_acceptance: float | None = None
 
 
 class CancelToken:
@@ -333,6 +335,8 @@ class EngineClient:
                 },
                 drafter=status.speculative.drafter,
                 acceptance=status.speculative.acceptance,
+                draft_model=status.speculative.draft_model,
+                draft_acceptance=status.speculative.draft_acceptance,
             )
         root = self.endpoint.api_root.removesuffix("/v1")
         try:
