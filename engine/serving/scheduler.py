@@ -25,6 +25,7 @@ from engine.decoding.request import GenerationRequest, GenerationResult, SpecPar
 from engine.errors import PeregrineError
 from engine.gguf.chat_template import ChatTemplate
 from engine.speculative.drafters import build_chain
+from engine.speculative.mtp import MtpHeads
 from engine.wire.control import (
     EngineState,
     EngineStatus,
@@ -73,6 +74,15 @@ class ServedModel(Model, Protocol):
 
     request: LoadRequest
     memory_report: MemoryReport
+
+    # Its MTP heads (engine/backend/mtp.py): the context drafting with them when
+    # usable, how many the file carries, and why they are not used.
+    @property
+    def mtp(self) -> MtpHeads | None: ...
+    @property
+    def mtp_heads(self) -> int: ...
+    @property
+    def mtp_reason(self) -> str | None: ...
 
     @property
     def bos(self) -> int: ...
@@ -330,7 +340,9 @@ class Engine:
             raise
         self.model = model
         self.decoder = Decoder(
-            model, state_cache=self._state_cache, drafters=build_chain(self.draft_model)
+            model,
+            state_cache=self._state_cache,
+            drafters=build_chain(self.draft_model, model.mtp),
         )
         with self._lock:
             self.state = "ready"
@@ -359,6 +371,14 @@ class Engine:
                 "could never be accepted: pick a draft model of the same family"
             )
         return draft
+
+    @property
+    def mtp_unavailable(self) -> str | None:
+        """Why the model in use drafts without MTP heads (None: it has none, or uses them)."""
+        model = self.model
+        if model is None:
+            return "no model is loaded"
+        return model.mtp_reason if model.mtp is None else None
 
     @property
     def drafter_names(self) -> Sequence[str]:
@@ -569,6 +589,8 @@ class Engine:
                     drafter=decoder.last_drafter if decoder else None,
                     acceptance=ctl.acceptance_rate if ctl else None,
                     n_draft=ctl.current_k if ctl else 0,
+                    mtp_heads=model.mtp_heads if model else 0,
+                    mtp_unavailable=model.mtp_reason if model and model.mtp is None else None,
                 ),
                 runtime=self.runtime,
                 queue=QueueInfo(waiting=self._waiting, limit=self.queue_limit),

@@ -14,9 +14,12 @@ from __future__ import annotations
 import time
 from collections.abc import Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from engine.backend.tokens import common_prefix
+
+if TYPE_CHECKING:
+    from engine.speculative.mtp import MtpHeads
 
 # The sequence a draft model keeps its own KV cache in (its context is its own).
 DRAFT_SEQ = 0
@@ -84,9 +87,16 @@ class DraftModel(Protocol):
     def greedy_sampler(self) -> Any: ...
 
 
-def build_chain(draft_model: DraftModel | None = None) -> list[Drafter]:
-    """The drafters in the order they are asked: n-gram lookup, then a draft model."""
-    chain: list[Drafter] = [NgramDrafter()]
+def build_chain(
+    draft_model: DraftModel | None = None, mtp: MtpHeads | None = None, *, seq: int = 0
+) -> list[Drafter]:
+    """The drafters in the order they are asked: the model's MTP heads when it has
+    usable ones, n-gram lookup, then a draft model. `seq` is the slot's sequence
+    (an MTP drafter drafts in it)."""
+    from engine.speculative.mtp import MtpDrafter
+
+    chain: list[Drafter] = [MtpDrafter(mtp, seq)] if mtp is not None else []
+    chain.append(NgramDrafter())
     if draft_model is not None:
         chain.append(DraftModelDrafter(draft_model))
     return chain

@@ -28,6 +28,7 @@ class LoadRequest(WireModel):
     n_batch: int = Field(default=512, ge=1, le=1 << 16)
     n_ubatch: int = Field(default=512, ge=1, le=1 << 16)
     threads: int = Field(default=0, ge=0, le=1024)  # 0: the engine picks
+    mtp: bool = True  # load the model's MTP heads, if it has usable ones (--no-mtp)
 
 
 EngineState = Literal["idle", "loading", "ready", "generating", "error"]
@@ -49,6 +50,10 @@ class SpeculativeStatus(BaseModel):
     drafter: str | None = None
     acceptance: float | None = None
     n_draft: int = 0
+    # The model's MTP heads (NextN blocks), and why the MTP drafter is off
+    # although it has some (None: it is on, or there are none).
+    mtp_heads: int = 0
+    mtp_unavailable: str | None = None
 
 
 class RuntimeInfo(BaseModel):
