@@ -7,6 +7,7 @@ mechanics and that speculation with MTP drafts never changes the output.
 from __future__ import annotations
 
 from collections.abc import Iterator
+from dataclasses import replace
 from pathlib import Path
 
 import llama_cpp
@@ -14,11 +15,14 @@ import numpy as np
 import openai
 import pytest
 
-from engine.backend.llama import LlamaModel, SamplingParams
+from engine.backend.llama import LlamaLogCapture, LlamaModel, SamplingParams
 from engine.backend.mtp import MtpPlan, attach_mtp, mtp_refusal, plan_mtp
 from engine.decoding.decoder import Decoder
 from engine.decoding.prefix_cache import PrefixStateCache
 from engine.decoding.request import GenerationRequest, GenerationResult, SpecParams
+from engine.gguf.header import read_gguf_header
+from engine.planning.estimate import estimate, shape_from_header
+from engine.planning.planner import plan_for_file
 from engine.speculative.drafters import build_chain
 from engine.wire.control import LoadRequest
 from tests.engine_proc import EngineProc, running_engine
@@ -214,3 +218,24 @@ def test_the_same_file_with_mtp_refused_still_serves_plainly(mtp_gguf: Path) -> 
         assert status["drafter"] == "ngram"
         assert status["mtp_heads"] == 1
         assert status["mtp_unavailable"] == "MTP heads turned off at load"
+
+
+def test_the_planner_counts_the_mtp_context(mtp_gguf: Path) -> None:
+    """KV and compute as llama.cpp reports them with the MTP context, and without it."""
+    header = read_gguf_header(mtp_gguf)
+    shape = shape_from_header(header)
+    assert shape.mtp and shape.nextn_layers == 1
+    capture = LlamaLogCapture()
+    for mtp in (True, False):
+        m = LlamaModel(
+            LoadRequest(model=str(mtp_gguf), n_ctx=1024, threads=2, flash_attn="on", mtp=mtp),
+            log_capture=capture,
+        )
+        actual = m.memory_report
+        m.close()
+        planned = estimate(replace(shape, mtp=mtp), n_ctx=1024, flash_attn=True)
+        # llama.cpp logs each buffer in MiB with two decimals.
+        assert abs(planned.kv - actual.kv) <= 2 * 2**20 // 100
+        assert abs(planned.compute - actual.compute) <= 0.05 * actual.compute
+    plan = plan_for_file(mtp_gguf, measure=False)
+    assert any(r.startswith("1 MTP head: loaded") for r in plan.reasons)

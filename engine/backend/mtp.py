@@ -39,15 +39,11 @@ import llama_cpp
 import numpy as np
 from numpy.typing import NDArray
 
+from engine.planning.estimate import MTP_ARCHITECTURES
 from engine.wire.base import KV_TYPE_IDS
 
 if TYPE_CHECKING:
     from engine.backend.llama import LlamaModel
-
-# Architectures whose MTP graph runs on a plain KV cache that `llama_memory_seq_rm`
-# can cut mid-sequence (checked with a real load). The others with MTP graphs in
-# this llama.cpp need MLA or DSA caches, sliding windows or recurrent state.
-MTP_ARCHITECTURES = frozenset({"glm4moe"})
 
 # Hidden-state rows kept per sequence from the target's last decode: enough for
 # the longest verify batch (16 drafts + the pending token).
@@ -92,13 +88,13 @@ def mtp_refusal(arch: str, nextn_layers: int, *, wanted: bool) -> str | None:
     """
     if nextn_layers <= 0:
         return "the model has no MTP heads"
-    if not wanted:
-        return "MTP heads turned off at load"
     if arch not in MTP_ARCHITECTURES:
         return (
             f"MTP heads of {arch} models need a KV cache Peregrine can't roll back "
             "(MLA, sliding window or recurrent state); only glm4moe's are supported"
         )
+    if not wanted:
+        return "MTP heads turned off at load"
     return None
 
 
