@@ -57,7 +57,9 @@ class TimedModel:
         self.decode_ms = 0.0
         inner: Callable[..., float] = model.decode
 
-        def decode(seq: int, tokens: Sequence[int], pos0: int, *, logits_all: bool = False) -> float:
+        def decode(
+            seq: int, tokens: Sequence[int], pos0: int, *, logits_all: bool = False
+        ) -> float:
             ms = inner(seq, tokens, pos0, logits_all=logits_all)
             self.decode_ms += ms
             return ms
@@ -164,7 +166,9 @@ def llama_server_rows(
         url, proc = started
         try:
             runs = [
-                llama_server_rate(url, text, args.tokens) for _ in range(args.reps) for text in texts
+                llama_server_rate(url, text, args.tokens)
+                for _ in range(args.reps)
+                for text in texts
             ]
         finally:
             stop_llama_server(proc)
