@@ -239,3 +239,21 @@ def test_the_planner_counts_the_mtp_context(mtp_gguf: Path) -> None:
         assert abs(planned.compute - actual.compute) <= 0.05 * actual.compute
     plan = plan_for_file(mtp_gguf, measure=False)
     assert any(r.startswith("1 MTP head: loaded") for r in plan.reasons)
+
+
+def test_a_restored_state_restarts_the_mtp_sequence(model: LlamaModel) -> None:
+    """The MTP context can't follow a restored KV state: it starts afresh and drafts on."""
+    assert model.mtp is not None
+    prompt = prompt_tokens(model)
+    ref = greedy_continuation(model, prompt, 3)  # the cache: prompt + ref[:2]
+    saved = model.save_state(0)
+    model.clear()
+    assert model.restore_state(0, saved)
+    n = len(prompt) + 2
+    assert model.mtp.draft(0, ref[2], n, 3) == ([], [])  # no hidden state known yet
+    model.decode(0, ref[2:], n)
+    sampler = model.greedy_sampler()
+    pending = sampler.sample(-1)
+    sampler.close()
+    drafts, _ = model.mtp.draft(0, pending, n + 1, 3)
+    assert len(drafts) == 3

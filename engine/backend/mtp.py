@@ -158,13 +158,17 @@ class MtpContext:
 
     # --- feeding (after every target decode) ----------------------------------------
 
-    def decoded(self, seq: int, tokens: Sequence[int], pos0: int) -> None:
-        """Feeds the MTP context what the target just decoded at pos0.. (one batch chunk)."""
+    def decoded(self, seq: int, tokens: Sequence[int], pos0: int, first_row: int = 0) -> None:
+        """Feeds the MTP context what the target just decoded of `seq` at pos0..
+
+        The tokens are rows first_row.. of the target's last batch (a batch of
+        several sequences calls this once per sequence).
+        """
         n = len(tokens)
         ptr = self.api.get_embeddings_nextn(self.target.ctx)
         if not ptr or n == 0:
             return
-        rows = np.ctypeslib.as_array(ptr, shape=(n, self.n_embd))
+        rows = np.ctypeslib.as_array(ptr, shape=(first_row + n, self.n_embd))[first_row:]
         state = self._seqs[seq]
         prev = self._row(state, pos0 - 1)
         if state.n_fed != pos0 and not (state.n_fed > pos0 and self._seq_rm(seq, pos0)):

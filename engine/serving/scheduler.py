@@ -362,6 +362,7 @@ class Engine:
                 threads=request.threads,
                 n_batch=request.n_batch,
                 n_ubatch=request.n_ubatch,
+                mtp=False,  # a draft model drafts by itself
             ),
         )
         if draft.vocab_fingerprint() != model.vocab_fingerprint():

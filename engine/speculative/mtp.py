@@ -31,7 +31,9 @@ class MtpDrafter:
 
     Costly (each draft token is one decode of a NextN block), so the decoder
     asks only for the k the controller chose from measured acceptance and cost.
-    `probs` carries the heads' probability of each draft.
+    Greedy picks come from no distribution the target could weigh them
+    against, so the drafts carry none and are verified by sample and compare
+    (lossless at any temperature).
     """
 
     name = "mtp"
@@ -61,8 +63,8 @@ class MtpDrafter:
         if k <= 0 or self.n_tokens < 2:
             return Draft([])
         start = time.perf_counter()
-        tokens, probs = self.heads.draft(self.seq, self.last, self.n_tokens - 1, k)
-        return Draft(tokens, cost_ms=(time.perf_counter() - start) * 1000.0, probs=probs)
+        tokens, _confidence = self.heads.draft(self.seq, self.last, self.n_tokens - 1, k)
+        return Draft(tokens, cost_ms=(time.perf_counter() - start) * 1000.0)
 
     def close(self) -> None:
         pass  # the MTP context belongs to the model
