@@ -248,7 +248,8 @@ class LlamaModel:
         self.has_recurrent_state = bool(
             llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
         )
-        self.mtp: MtpContext | None = None
+        self.mtp: MtpContext | None
+        self.mtp_reason: str | None  # why the heads are not drafting (None: they are, or none)
         self.mtp, self.mtp_reason = attach_mtp(self, self.mtp_plan)
         if self.mtp is not None and log_capture:
             self.memory_report = log_capture.memory_since(mark)
