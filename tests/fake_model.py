@@ -62,6 +62,9 @@ class FakeModel:
     """Implements the decoder's Model protocol (and the engine's ServedModel)."""
 
     has_recurrent_state = False
+    mtp = None
+    mtp_heads = 0
+    mtp_reason = None
 
     def __init__(
         self,

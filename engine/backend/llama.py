@@ -25,6 +25,7 @@ import llama_cpp
 import numpy as np
 from numpy.typing import NDArray
 
+from engine.backend.mtp import MtpContext, attach_mtp, plan_mtp
 from engine.errors import PeregrineError
 from engine.wire.base import KV_TYPE_IDS
 from engine.wire.control import LoadRequest
@@ -214,6 +215,9 @@ class LlamaModel:
             lambda value, _user: progress is None or progress(float(value)) is not False
         )
         mparams.progress_callback = self._progress_cb
+        # MTP heads (engine/backend/mtp.py): loaded only where they will be used.
+        self.mtp_plan = plan_mtp(request.model, wanted=request.mtp)
+        mparams.load_mtp = self.mtp_plan.load
         model = llama_cpp.llama_model_load_from_file(request.model.encode("utf-8"), mparams)
         if not model:
             reason = log_capture.error_since(mark) if log_capture else None
@@ -265,8 +269,18 @@ class LlamaModel:
         self.has_recurrent_state = bool(
             llama_cpp.llama_model_is_recurrent(model) or llama_cpp.llama_model_is_hybrid(model)
         )
+        self.mtp: MtpContext | None
+        self.mtp_reason: str | None  # why the heads are not drafting (None: they are, or none)
+        self.mtp, self.mtp_reason = attach_mtp(self, self.mtp_plan)
+        if self.mtp is not None and log_capture:
+            self.memory_report = log_capture.memory_since(mark)
 
     # --- metadata -----------------------------------------------------------------
+
+    @property
+    def mtp_heads(self) -> int:
+        """MTP (NextN) blocks the file carries, used or not."""
+        return self.mtp_plan.heads
 
     def meta(self, key: str) -> str | None:
         buf = ctypes.create_string_buffer(1 << 16)
@@ -422,6 +436,8 @@ class LlamaModel:
                 raise ContextFull("the context is full")
             if rc != 0:
                 raise DecodeError(f"llama_decode failed ({rc})")
+            if self.mtp is not None:
+                self.mtp.decoded(seq, chunk, pos0 + offset)
         return (time.perf_counter() - start) * 1000.0
 
     def decode_batch(self, parts: Sequence[BatchPart]) -> float:
@@ -468,6 +484,11 @@ class LlamaModel:
             raise ContextFull("the context is full")
         if rc != 0:
             raise DecodeError(f"llama_decode failed ({rc})")
+        if self.mtp is not None:
+            row = 0
+            for part in parts:
+                self.mtp.decoded(part.seq, part.tokens, part.pos0, first_row=row)
+                row += len(part.tokens)
         return (time.perf_counter() - start) * 1000.0
 
     def seq_rm(self, seq: int, p0: int, p1: int = -1) -> bool:
@@ -491,6 +512,8 @@ class LlamaModel:
     def clear(self) -> None:
         """Empties every sequence."""
         llama_cpp.llama_memory_clear(self.memory, True)
+        if self.mtp is not None:
+            self.mtp.forget(None)
 
     def pos_max(self, seq: int) -> int:
         self._check_seq(seq)
@@ -517,6 +540,8 @@ class LlamaModel:
     def restore_state(self, seq: int, data: bytes | bytearray) -> bool:
         """Replaces sequence `seq` with a saved state. False if llama.cpp refused it."""
         self._empty(seq)
+        if self.mtp is not None:
+            self.mtp.forget(seq)
         array = ctypes.c_uint8 * len(data)
         # A bytearray is lent as it is (llama.cpp only reads it): no second copy.
         buf = (
@@ -548,6 +573,10 @@ class LlamaModel:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def close(self) -> None:
+        mtp = getattr(self, "mtp", None)
+        if mtp is not None:
+            mtp.close()
+            self.mtp = None
         if getattr(self, "_batch", None) is not None:
             llama_cpp.llama_batch_free(self._batch)
             self._batch = None

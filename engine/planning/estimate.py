@@ -81,6 +81,10 @@ HYBRID_ARCHS = (
 
 _BLOCK_RE = re.compile(r"^blk\.(\d+)\.")
 
+# Architectures whose MTP heads the engine runs (engine/backend/mtp.py): their
+# MTP graph uses a plain KV cache that can roll back rejected drafts.
+MTP_ARCHITECTURES = frozenset({"glm4moe"})
+
 
 @dataclass(frozen=True)
 class ModelShape:
@@ -110,6 +114,10 @@ class ModelShape:
     n_expert_used: int
     n_ff_expert: int
     notes: tuple[str, ...] = ()
+    # The last `nextn_layers` blocks are MTP heads; `mtp`: the engine loads and
+    # runs them (a second context: the NextN layer's KV and its own compute buffer).
+    nextn_layers: int = 0
+    mtp: bool = False
 
     @property
     def weight_bytes(self) -> int:
@@ -238,7 +246,10 @@ def shape_from_header(header: GGUFHeader) -> ModelShape:
     n_expert = _int(header.arch_get("expert_count"))
     n_expert_used = _int(header.arch_get("expert_used_count"))
     n_ff_expert = _int(header.arch_get("expert_feed_forward_length"))
+    nextn = min(max(header.nextn_layers, 0), n_layer - 1)
     return ModelShape(
+        nextn_layers=nextn,
+        mtp=nextn > 0 and arch in MTP_ARCHITECTURES,
         arch=arch,
         n_layer=n_layer,
         n_embd=n_embd,
@@ -394,6 +405,8 @@ def kv_layer_bytes(
     kv_unified: bool = True,
 ) -> int:
     """KV (or recurrent-state) bytes of one layer; a recurrent state per slot (`n_seq`)."""
+    if il >= shape.n_layer - shape.nextn_layers and not shape.mtp:
+        return 0  # an MTP head keeps a KV cache only in the MTP context
     if shape.recurrent_layers[il]:
         return shape.recurrent_state_bytes * max(1, n_seq)
     cells = kv_cells(shape, n_ctx, n_ubatch, il, swa_full, n_seq, kv_unified)
@@ -452,6 +465,18 @@ def compute_bytes(
             ff = shape.n_expert_used * shape.n_ff_expert
         phases.append(ub * (3 * ff + 2 * shape.n_embd) * 4)
     return max(phases)
+
+
+def mtp_compute_bytes(
+    shape: ModelShape, n_ctx: int, n_ubatch: int, flash_attn: bool, quantized_kv: bool
+) -> int:
+    """The MTP context's compute buffer (one NextN layer and the output head), 0 without one.
+
+    It sits on the output head's device, beside the target's own buffer.
+    """
+    if not shape.mtp:
+        return 0
+    return compute_bytes(shape, n_ctx, n_ubatch, flash_attn, quantized_kv)
 
 
 def estimate(
@@ -522,6 +547,7 @@ def estimate(
                 has_output=has_output,
                 has_layers=has_layers or (key == "CPU" and experts_on_host),
             )
+    dev(out_dev).compute += mtp_compute_bytes(shape, n_ctx, n_ubatch, flash_attn, quantized)
     # The host's output buffer holds one row of logits and embeddings (llama-context.cpp).
     overhead[host.name] += (shape.n_vocab + shape.n_embd) * 4
     for g in gpus:

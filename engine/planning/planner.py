@@ -38,6 +38,7 @@ from engine.planning.estimate import (
     DEFAULT_BACKEND_OVERHEAD,
     DEVICE_PREFIX,
     GIB,
+    MTP_ARCHITECTURES,
     Device,
     DeviceMemory,
     MemoryBreakdown,
@@ -45,6 +46,7 @@ from engine.planning.estimate import (
     compute_bytes,
     estimate,
     kv_layer_bytes,
+    mtp_compute_bytes,
     shape_from_header,
 )
 from engine.planning.hardware import GPU, Hardware, Runtime, detect_hardware
@@ -363,6 +365,7 @@ class _Costs:
         self._compute: dict[tuple[bool, bool], int] = {}
         draft = ctx.draft_bytes(n_ctx, type_k, type_v)
         self.draft = draft.total if draft is not None else 0
+        self.mtp_compute = mtp_compute_bytes(shape, n_ctx, n_ubatch, ctx.flash_attn, self.quantized)
 
     def compute(self, has_layers: bool, has_output: bool) -> int:
         key = (has_layers, has_output)
@@ -385,7 +388,7 @@ class _Costs:
         first_expert = min(max(a, n_cpu_moe), b)
         total = self.base[b] - self.base[a] + self.exp[b] - self.exp[first_expert]
         if with_output:
-            total += self.head_gpu
+            total += self.head_gpu + self.mtp_compute
         return total + self.compute(b > a, with_output) + overhead
 
     def host(self, s: int, out_on_cpu: bool, n_cpu_moe: int) -> int:
@@ -394,7 +397,7 @@ class _Costs:
         moved_end = min(max(s, n_cpu_moe), self.n)
         total = shape.input_bytes + self.base[s] + self.exp[s] + self.exp[moved_end] - self.exp[s]
         if out_on_cpu:
-            total += shape.output_bytes
+            total += shape.output_bytes + self.mtp_compute
         if s == 0 and not out_on_cpu:
             compute = 2 * self.ctx.pins.n_ubatch * shape.n_embd * 4
         else:
@@ -1009,6 +1012,17 @@ def _make_plan(ctx: _Context, search: _Search, best: _Scored, notes: list[str]) 
             "that backend"
         )
     reasons.extend(shape.notes)
+    heads = f"{shape.nextn_layers} MTP head{'s' if shape.nextn_layers != 1 else ''}"
+    if shape.mtp:
+        reasons.append(
+            f"{heads}: loaded to draft for speculative decoding (their context's KV and "
+            "compute buffer are counted)"
+        )
+    elif shape.nextn_layers:
+        reasons.append(
+            f"{heads} in the file, not loaded: the engine runs MTP heads of "
+            f"{', '.join(sorted(MTP_ARCHITECTURES))} models only"
+        )
     reasons.append(_describe_fit(ctx, mem))
     split = [float(n) for n in c.counts] if used and len(ctx.gpus) > 1 else None
     load = LoadRequest(

@@ -32,6 +32,7 @@ from engine.gguf.chat_template import ChatTemplate
 from engine.paths import Paths
 from engine.serving.draft_pairing import AUTO, DraftTrial, find_draft
 from engine.speculative.drafters import build_chain, model_drafter
+from engine.speculative.mtp import MtpHeads
 from engine.wire.control import (
     DEFAULT_QUEUE_LIMIT,
     EngineState,
@@ -82,6 +83,15 @@ class ServedModel(Model, Protocol):
 
     request: LoadRequest
     memory_report: MemoryReport
+
+    # Its MTP heads (engine/backend/mtp.py): the context drafting with them when
+    # usable, how many the file carries, and why they are not used.
+    @property
+    def mtp(self) -> MtpHeads | None: ...
+    @property
+    def mtp_heads(self) -> int: ...
+    @property
+    def mtp_reason(self) -> str | None: ...
 
     @property
     def bos(self) -> int: ...
@@ -483,11 +493,11 @@ class Engine:
             model.close()
             raise
         self.model = model
-        draft = self.draft_model
+        draft, mtp = self.draft_model, model.mtp
         self.decoder = Decoder(
             model,
             state_cache=self._state_cache,
-            chains=lambda seq: build_chain(draft, seq=seq),
+            chains=lambda seq: build_chain(draft, mtp, seq=seq),
         )
         if request.draft_model == AUTO and self.draft_model is not None:
             drafter = model_drafter(self.decoder.drafters, self.draft_model)
@@ -525,6 +535,7 @@ class Engine:
                 # One draft sequence per slot of the model.
                 n_parallel=request.n_parallel,
                 kv_unified=request.kv_unified,
+                mtp=False,  # a draft model drafts by itself
             ),
         )
         if draft.vocab_fingerprint() != model.vocab_fingerprint():
@@ -537,6 +548,14 @@ class Engine:
                 "could never be accepted: pick a draft model of the same family"
             )
         return draft
+
+    @property
+    def mtp_unavailable(self) -> str | None:
+        """Why the model in use drafts without MTP heads (None: it has none, or uses them)."""
+        model = self.model
+        if model is None:
+            return "no model is loaded"
+        return model.mtp_reason if model.mtp is None else None
 
     @property
     def drafter_names(self) -> Sequence[str]:
@@ -830,6 +849,8 @@ class Engine:
                     n_draft=ctl.current_k if ctl else 0,
                     draft_model=model_id_for(draft.request.model) if draft else None,
                     draft_acceptance=ctl.acceptance_of(by_model) if ctl and by_model else None,
+                    mtp_heads=model.mtp_heads if model else 0,
+                    mtp_unavailable=model.mtp_reason if model and model.mtp is None else None,
                 ),
                 runtime=self.runtime,
                 queue=QueueInfo(waiting=self._live_waiting(), limit=self.queue_limit),

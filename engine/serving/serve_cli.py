@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="GGUF of a small draft model for speculative decoding, or 'auto': a small "
         "library model with the same vocabulary, kept if it measures a gain",
     )
+    g.add_argument(
+        "--no-mtp",
+        dest="mtp",
+        action="store_false",
+        help="don't load the model's multi-token-prediction (MTP) heads",
+    )
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=0, help="port, 0 for a free one (default 0)")
@@ -215,6 +221,8 @@ def _load_request(args: argparse.Namespace, model_path: str) -> LoadRequest:
         base = {**planned, **{k: v for k, v in base.items() if v is not None}}
     else:
         base.update(n_ctx=4096, flash_attn="auto")
+    if not args.mtp:
+        base["mtp"] = False
     explicit = {
         "n_ctx": args.ctx,
         "n_gpu_layers": args.gpu_layers,

@@ -365,7 +365,9 @@ def _require_utf8(text: str | None, param: str) -> None:
         ) from exc
 
 
-def _check_common(req: SamplingFields, *, drafters: Sequence[str] = ()) -> None:
+def _check_common(
+    req: SamplingFields, *, drafters: Sequence[str] = (), mtp_reason: str | None = None
+) -> None:
     if (
         isinstance(req, ChatCompletionRequest)
         and req.top_logprobs is not None
@@ -392,10 +394,11 @@ def _check_common(req: SamplingFields, *, drafters: Sequence[str] = ()) -> None:
     for stop in stops:
         _require_utf8(stop, "stop")
     spec = req.speculative
-    if spec is not None and spec.type == "mtp":
+    if spec is not None and spec.type == "mtp" and "mtp" not in drafters:
         raise ApiError(
             400,
-            "speculative type 'mtp' is not available: Peregrine does not run MTP heads yet",
+            "speculative type 'mtp' is not available: "
+            + (mtp_reason or "the model has no MTP heads"),
             code="unsupported_value",
             param="speculative.type",
         )
@@ -564,7 +567,9 @@ class _Api:
             req = model.model_validate(body)
         except ValidationError as exc:
             raise _validation_error(exc) from exc
-        _check_common(req, drafters=self.engine.drafter_names)
+        _check_common(
+            req, drafters=self.engine.drafter_names, mtp_reason=self.engine.mtp_unavailable
+        )
         grammar = None
         if req.response_format is not None:
             fmt = req.response_format.as_dict()

@@ -21,7 +21,7 @@ import logging
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from typing import Any, Protocol, runtime_checkable
+from typing import TYPE_CHECKING, Any, Protocol, runtime_checkable
 
 import numpy as np
 from numpy.typing import NDArray
@@ -31,6 +31,9 @@ from engine.backend.tokens import common_prefix
 from engine.speculative.acceptance import TokenDist
 
 log = logging.getLogger("peregrine.drafters")
+
+if TYPE_CHECKING:
+    from engine.speculative.mtp import MtpHeads
 
 # The sequence a draft model keeps its own KV cache in (its context is its own).
 DRAFT_SEQ = 0
@@ -128,12 +131,19 @@ class DraftModel(Protocol):
     def logits(self, row: int) -> NDArray[np.float32]: ...
 
 
-def build_chain(draft_model: DraftModel | None = None, *, seq: int = DRAFT_SEQ) -> list[Drafter]:
-    """The drafters in the order they are asked: n-gram lookup, then a draft model.
+def build_chain(
+    draft_model: DraftModel | None = None, mtp: MtpHeads | None = None, *, seq: int = DRAFT_SEQ
+) -> list[Drafter]:
+    """The drafters in the order they are asked: the model's MTP heads when it has
+    usable ones, n-gram lookup, then a draft model.
 
-    Each slot has its own chain; `seq` is the draft model's sequence for that slot.
+    Each slot has its own chain; `seq` is the slot's sequence (an MTP drafter
+    drafts in it, and the draft model keeps that slot's tokens in it).
     """
-    chain: list[Drafter] = [NgramDrafter()]
+    from engine.speculative.mtp import MtpDrafter
+
+    chain: list[Drafter] = [MtpDrafter(mtp, seq)] if mtp is not None else []
+    chain.append(NgramDrafter())
     if draft_model is not None:
         chain.append(DraftModelDrafter(draft_model, seq=seq))
     return chain

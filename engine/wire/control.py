@@ -42,6 +42,7 @@ class LoadRequest(WireModel):
     # One KV cache of n_ctx cells shared by every slot (a request may use it
     # all); off: each slot gets n_ctx / n_parallel cells of its own.
     kv_unified: bool = True
+    mtp: bool = True  # load the model's MTP heads, if it has usable ones (--no-mtp)
 
 
 EngineState = Literal["idle", "loading", "ready", "generating", "error"]
@@ -66,6 +67,10 @@ class SpeculativeStatus(BaseModel):
     # The draft model in use (its id), and the share of its drafted tokens accepted.
     draft_model: str | None = None
     draft_acceptance: float | None = None
+    # The model's MTP heads (NextN blocks), and why the MTP drafter is off
+    # although it has some (None: it is on, or there are none).
+    mtp_heads: int = 0
+    mtp_unavailable: str | None = None
 
 
 class RuntimeInfo(BaseModel):
