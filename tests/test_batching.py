@@ -327,3 +327,15 @@ def test_a_newer_load_aborts_one_in_progress_through_its_progress_callback() -> 
         assert status.settings is not None and status.settings.model == "fast.gguf"
     finally:
         engine.shutdown()
+
+
+def test_parallel_flag_takes_a_slot_count_or_auto() -> None:
+    from engine.errors import UsageError
+    from engine.serving.serve_cli import _parallel
+
+    assert _parallel(None) is None
+    assert _parallel("auto") == _parallel("-1") == 4
+    assert _parallel("8") == 8
+    for bad in ("0", "65", "many"):
+        with pytest.raises(UsageError, match="--parallel takes a number of slots"):
+            _parallel(bad)
