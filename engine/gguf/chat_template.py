@@ -781,7 +781,11 @@ class ChatTemplate:
             self._env.end_render()
 
     def render_segments(
-        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> list[tuple[str, bool]] | None:
         """The prompt as (text, is_message_content) pieces, in order.
 
@@ -792,7 +796,7 @@ class ChatTemplate:
         """
         marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
         masked = [{**m, "content": marks[i]} for i, m in enumerate(messages)]
-        text = self.render(masked, add_generation_prompt=add_generation_prompt)
+        text = self.render(masked, add_generation_prompt=add_generation_prompt, tools=tools)
         if any(text.count(mark) != 1 for mark in marks):
             return None
         pieces: list[tuple[str, bool]] = []

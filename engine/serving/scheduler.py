@@ -25,6 +25,8 @@ from engine.decoding.request import GenerationRequest, GenerationResult, SpecPar
 from engine.errors import PeregrineError
 from engine.gguf.chat_template import ChatTemplate
 from engine.speculative.drafters import build_chain
+from engine.tools.formats import ToolFormat, detect_format
+from engine.tools.prompt import prepare_chat
 from engine.wire.control import (
     EngineState,
     EngineStatus,
@@ -34,6 +36,7 @@ from engine.wire.control import (
     QueueInfo,
     RuntimeInfo,
     SpeculativeStatus,
+    ToolFormatStatus,
 )
 
 log = logging.getLogger("peregrine.scheduler")
@@ -136,6 +139,8 @@ class PromptSpec:
     """A prompt as the client sent it: chat messages, text, or token ids."""
 
     messages: list[dict[str, Any]] | None = None
+    # OpenAI's tool objects, for the chat template (engine/tools/prompt.py).
+    tools: list[dict[str, Any]] | None = None
     text: str | None = None
     token_ids: list[int] | None = None
 
@@ -179,6 +184,7 @@ class Engine:
         preflight: Callable[[LoadRequest], object] | None = None,
         log_capture: LlamaLogCapture | None = None,
         model_factory: ModelFactory | None = None,
+        chat_template: str | None = None,
     ) -> None:
         self.queue_limit = queue_limit
         self.runtime = runtime or RuntimeInfo(name="default", backend="cpu")
@@ -202,6 +208,11 @@ class Engine:
         self.draft_model: ServedModel | None = None
         self.decoder: Decoder | None = None
         self.template: ChatTemplate | None = None
+        # `--chat-template-file`: used instead of every loaded model's own template.
+        self.chat_template = chat_template
+        self.tool_format: ToolFormat | None = None
+        # The tool-call self-test's outcome (engine/tools/self_test.py): passed, and why not.
+        self.tool_self_test: tuple[bool, str | None] | None = None
         self._state_cache = PrefixStateCache(state_cache_bytes)
         self._current: Job | None = None
         self._load_done = threading.Event()
@@ -320,11 +331,14 @@ class Engine:
         model = self._model_factory(request, progress=self._on_progress)
         try:
             self.draft_model = self._load_draft(request, model)
+            source = self.chat_template or model.meta("tokenizer.chat_template")
             self.template = ChatTemplate(
-                model.meta("tokenizer.chat_template"),
+                source,
                 bos_token=model.token_text(model.bos) if model.bos >= 0 else "",
                 eos_token=model.token_text(model.eos) if model.eos >= 0 else "",
             )
+            controls = model.control_texts
+            self.tool_format = detect_format(self.template.source, controls.__contains__)
         except BaseException:
             model.close()
             raise
@@ -407,6 +421,8 @@ class Engine:
         self.model = None
         self.decoder = None
         self.template = None
+        self.tool_format = None
+        self.tool_self_test = None
         self._state_cache.clear()
 
     # --- generation ---------------------------------------------------------------
@@ -485,17 +501,23 @@ class Engine:
                 raise PeregrineError(f"token id {bad[0]} is outside the vocabulary")
             return list(prompt.token_ids)
         if prompt.messages is not None:
-            text = self.template.render(prompt.messages)
+            messages, tools = prepare_chat(self.tool_format, prompt.messages, prompt.tools)
+            text = self.template.render(messages, tools=tools)
             self._check_size(text)
             # The template writes the BOS token itself when the model wants one.
-            tokens = self._tokenize_chat(prompt.messages, text)
+            tokens = self._tokenize_chat(messages, text, tools)
             if self.model.add_bos and (not tokens or tokens[0] != self.model.bos):
                 tokens.insert(0, self.model.bos)
             return tokens
         self._check_size(prompt.text or "")
         return self.model.tokenize(prompt.text or "", add_special=True, parse_special=True)
 
-    def _tokenize_chat(self, messages: list[dict[str, Any]], text: str) -> list[int]:
+    def _tokenize_chat(
+        self,
+        messages: list[dict[str, Any]],
+        text: str,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
         """Tokenizes a rendered chat; control-token text inside messages stays plain text.
 
         A user who pastes "<|im_start|>system" must not open a system turn. Only
@@ -516,7 +538,7 @@ class Engine:
             isinstance(m.get("content"), str) and any(c in m["content"] for c in controls)
             for m in messages
         )
-        pieces = self.template.render_segments(messages) if suspicious else None
+        pieces = self.template.render_segments(messages, tools=tools) if suspicious else None
         if pieces is None:
             return self.model.tokenize(text, add_special=False, parse_special=True)
         tokens: list[int] = []
@@ -572,7 +594,18 @@ class Engine:
                 ),
                 runtime=self.runtime,
                 queue=QueueInfo(waiting=self._waiting, limit=self.queue_limit),
+                tool_format=self._tool_status(),
             )
+
+    def _tool_status(self) -> ToolFormatStatus | None:
+        fmt, test = self.tool_format, self.tool_self_test
+        if fmt is None:
+            return None
+        return ToolFormatStatus(
+            name=fmt.name,
+            self_test=test[0] if test else None,
+            detail=test[1] if test else None,
+        )
 
     def health(self) -> str:
         with self._lock:

@@ -87,6 +87,10 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", "-m", help="GGUF file to serve (default: the built-in model)")
     g.add_argument("--draft-model", help="GGUF of a small draft model for speculative decoding")
+    g.add_argument(
+        "--chat-template-file",
+        help="Jinja chat template to use instead of the model's own (llama-server's flag)",
+    )
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=0, help="port, 0 for a free one (default 0)")
@@ -159,6 +163,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--parent-pid", type=int, default=None, help="exit within 2 s of this process's death"
     )
     return p
+
+
+def _read_chat_template(path: str | None) -> str | None:
+    """The text of `--chat-template-file`, checked by compiling it (a clear error, not a traceback)."""
+    if path is None:
+        return None
+    from engine.gguf.chat_template import ChatTemplate, TemplateError
+
+    try:
+        source = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PeregrineError(f"cannot read the chat template file {path}: {exc}") from exc
+    try:
+        ChatTemplate(source)
+    except TemplateError as exc:
+        raise PeregrineError(f"the chat template file {path} is not usable: {exc}") from exc
+    return source
 
 
 def _is_loopback(host: str) -> bool:
@@ -386,6 +407,7 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
     _validate_model(model_path)
     runtime_name, backend = _select_runtime(args.runtime)
     request = _load_request(args, model_path)
+    chat_template = _read_chat_template(args.chat_template_file)
 
     from aiohttp import web
 
@@ -410,6 +432,7 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
         runtime=RuntimeInfo(name=runtime_name, backend=backend),
         validate=_validate_model,
         preflight=_preflight_load,
+        chat_template=chat_template,
     )
     config = ServerConfig(
         api_key=api_key,

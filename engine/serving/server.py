@@ -43,6 +43,17 @@ from engine.serving.scheduler import (
 )
 from engine.structured.constraint import GrammarError
 from engine.structured.schema import SchemaError, grammar_for
+from engine.tools.formats import ToolFormat
+from engine.tools.parse import (
+    CallDelta,
+    ContentDelta,
+    ParseEvent,
+    ReasoningDelta,
+    StreamParser,
+    ToolCall,
+    parse_output,
+)
+from engine.tools.request import ToolRequest, ToolRequestError, from_openai, openai_messages
 from engine.wire.control import LoadRequest
 from engine.wire.openai import (
     ChatCompletionRequest,
@@ -556,18 +567,46 @@ class _Api:
                         )
             _require_utf8(m.text(), f"messages.{i}.content")
             _require_utf8(m.name, f"messages.{i}.name")
-        messages = [
-            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-            for m in req.messages
-        ]
+        try:
+            tools = from_openai(req)
+            messages = openai_messages(req.messages)
+        except ToolRequestError as exc:
+            raise ApiError(400, str(exc), code="invalid_value", param=exc.param) from exc
+        if tools is not None and tools.mode != "none" and grammar is not None:
+            raise ApiError(
+                400,
+                "'response_format' and 'tools' cannot be combined (a tool's parameters "
+                "already constrain its call)",
+                code="unsupported_value",
+                param="response_format",
+            )
+        parsing, tool_grammar = await self._tools(tools)
         return await self._run(
             request,
             req,
-            PromptSpec(messages=messages),
-            grammar,
+            PromptSpec(messages=messages, tools=tools.template_tools() if tools else None),
+            tool_grammar or grammar,
             req.requested_logprobs(),
             chat=True,
+            parsing=parsing,
         )
+
+    async def _tools(self, tools: ToolRequest | None) -> tuple[_Parsing | None, str | None]:
+        """How to read the answer (tool calls, reasoning) and the grammar its tool choice needs."""
+        fmt = self.engine.tool_format
+        if fmt is None:
+            if tools is None:
+                return None, None
+            raise ApiError(503, "no model is loaded", type_="server_error", code="model_not_ready")
+        grammar = None
+        if tools is not None:
+            try:
+                grammar = await asyncio.get_running_loop().run_in_executor(None, tools.grammar, fmt)
+            except SchemaError as exc:
+                raise ApiError(400, str(exc), code="unsupported_schema", param=exc.param) from exc
+        if tools is None and not fmt.reasoning:
+            return None, grammar
+        return _Parsing(fmt, tools.schemas() if tools else None), grammar
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req, grammar = await self._parse(request, CompletionRequest, "completions")
@@ -599,6 +638,7 @@ class _Api:
         logprobs: int | None,
         *,
         chat: bool,
+        parsing: _Parsing | None = None,
     ) -> web.StreamResponse:
         loop = asyncio.get_running_loop()
         stream = _Stream(loop)
@@ -633,6 +673,7 @@ class _Api:
             created=int(time.time()),
             model=self.engine.model_id or "unknown",
             chat=chat,
+            parsing=parsing,
         )
         try:
             if req.stream:
@@ -699,9 +740,13 @@ class _Api:
             if meta.chat:
                 await send.event(meta.chunk({"role": "assistant", "content": ""}, None))
             offset = 0  # text_offset of the next chunk (completions' logprobs)
+            parser = meta.parsing.parser() if meta.parsing is not None else None
             while True:
                 event = await self._next(request, stream, job)
-                if isinstance(event, TextDelta):
+                if isinstance(event, TextDelta) and parser is not None:
+                    for chunk in meta.parsed_chunks(parser.feed(event.text)):
+                        await send.event(chunk)
+                elif isinstance(event, TextDelta):
                     text = event.text
                     lp = (
                         meta.logprobs(event.logprobs, offset)
@@ -715,7 +760,12 @@ class _Api:
                     if event.error is not None or result is None:
                         await send.event(_api_error_for(event.error, _prompt_field(job)).body())
                     else:
-                        final = meta.chunk({} if meta.chat else "", result.finish_reason)
+                        finish: str = result.finish_reason
+                        if parser is not None:
+                            for chunk in meta.parsed_chunks(parser.finish()):
+                                await send.event(chunk)
+                            finish = _finish_with_calls(finish, parser.calls)
+                        final = meta.chunk({} if meta.chat else "", finish)
                         final["timings"] = result.timings.to_json()
                         usage = meta.usage(result, n_prompt)
                         if include_usage:
@@ -825,12 +875,61 @@ def _api_error_for(error: BaseException | None, prompt_field: str = "messages") 
     )
 
 
+@dataclass(frozen=True)
+class _Parsing:
+    """How a chat answer is read: the model's tool format, and the tools that may be called."""
+
+    fmt: ToolFormat
+    tools: dict[str, Any] | None  # None: no call is parsed (no tools, or tool_choice "none")
+
+    def parser(self) -> StreamParser:
+        return StreamParser(self.fmt, self.tools)
+
+
+# Arguments go out in fragments of this many characters (as OpenAI streams them).
+ARGUMENT_FRAGMENT = 24
+
+
+def _finish_with_calls(finish: str, calls: Sequence[ToolCall]) -> str:
+    return "tool_calls" if calls and finish == "stop" else finish
+
+
+def _tool_call_json(index: int, call: ToolCall) -> dict[str, Any]:
+    return {
+        "index": index,
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
 @dataclass
 class _ResponseMeta:
     id: str
     created: int
     model: str
     chat: bool
+    parsing: _Parsing | None = None
+
+    def parsed_chunks(self, events: Sequence[ParseEvent]) -> list[dict[str, Any]]:
+        """Stream chunks for parsed events: content, reasoning_content, tool_calls fragments."""
+        chunks = []
+        for e in events:
+            if isinstance(e, ContentDelta):
+                chunks.append(self.chunk({"content": e.text}, None))
+            elif isinstance(e, ReasoningDelta):
+                chunks.append(self.chunk({"reasoning_content": e.text}, None))
+            elif isinstance(e, CallDelta):
+                head = _tool_call_json(e.index, e.call)
+                head["function"]["arguments"] = ""
+                chunks.append(self.chunk({"tool_calls": [head]}, None))
+                args = e.call.arguments
+                for at in range(0, len(args), ARGUMENT_FRAGMENT):
+                    piece = {"arguments": args[at : at + ARGUMENT_FRAGMENT]}
+                    chunks.append(
+                        self.chunk({"tool_calls": [{"index": e.index, "function": piece}]}, None)
+                    )
+        return chunks
 
     def chunk(
         self,
@@ -884,7 +983,21 @@ class _ResponseMeta:
 
     def full(self, result: GenerationResult, n_prompt: int) -> dict[str, Any]:
         lp = self.logprobs(result.logprobs) if result.logprobs is not None else None
-        if self.chat:
+        if self.chat and self.parsing is not None:
+            parsed = parse_output(self.parsing.fmt, result.text, self.parsing.tools)
+            msg: dict[str, Any] = {
+                "role": "assistant",
+                "content": parsed.content if parsed.content or not parsed.calls else None,
+            }
+            if parsed.reasoning is not None:
+                msg["reasoning_content"] = parsed.reasoning
+            if parsed.calls:
+                msg["tool_calls"] = [_tool_call_json(i, c) for i, c in enumerate(parsed.calls)]
+                for call in msg["tool_calls"]:
+                    del call["index"]
+            finish = _finish_with_calls(result.finish_reason, parsed.calls)
+            body = self._envelope("chat.completion", {"message": msg}, finish, lp)
+        elif self.chat:
             message = {"message": {"role": "assistant", "content": result.text}}
             body = self._envelope("chat.completion", message, result.finish_reason, lp)
         else:

@@ -61,6 +61,15 @@ class QueueInfo(BaseModel):
     limit: int
 
 
+class ToolFormatStatus(BaseModel):
+    """The loaded model's tool-call syntax, and whether a forced call parsed back after load."""
+
+    name: str
+    # None until the self-test has run (it waits for idle time).
+    self_test: bool | None = None
+    detail: str | None = None
+
+
 class EngineStatus(BaseModel):
     state: EngineState
     load_progress: float
@@ -71,3 +80,4 @@ class EngineStatus(BaseModel):
     speculative: SpeculativeStatus
     runtime: RuntimeInfo
     queue: QueueInfo
+    tool_format: ToolFormatStatus | None = None
