@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import math
 import re
 import threading
@@ -377,6 +378,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         self.globals.pop("lipsum", None)
         self.filters = {name: self._bounded_filter(name, f) for name, f in FILTERS.items()}
         self.filters["sum"] = self._bounded_filter("sum", _bounded_sum)
+        self.filters["tojson"] = self._bounded_filter("tojson", _tojson)
         self.concat = self._bounded_concat_list  # type: ignore[method-assign]
 
     # --- budget -------------------------------------------------------------------
@@ -675,6 +677,23 @@ def _bounded_sum(
         total = total + item
         budget.built(total)
     return total
+
+
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | str | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    """JSON as Hugging Face's templates expect it: `ensure_ascii` and friends, no HTML escaping.
+
+    Jinja's own filter escapes `<` and `>` (a tool description would reach
+    the model as `\u003c`) and refuses `ensure_ascii`, which GLM's template passes.
+    """
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
 
 
 def _raise_exception(message: str) -> None:

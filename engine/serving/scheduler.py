@@ -113,6 +113,8 @@ class Started:
 
     n_prompt: int
     granted: int  # max_tokens granted
+    # The prompt ends inside `<think>` (the template opened the reasoning): the answer starts in it.
+    reasoning_open: bool = False
 
 
 @dataclass(frozen=True)
@@ -467,7 +469,9 @@ class Engine:
                 raise PromptTooLong(len(tokens), n_ctx)
             room = n_ctx - len(tokens)
             granted = room if job.max_tokens is None else min(job.max_tokens, room)
-            job.emit(Started(len(tokens), granted))
+            tail = b"".join(self.model.piece(t) for t in tokens[-4:])
+            opens = tail.decode("utf-8", "ignore").rstrip().endswith("<think>")
+            job.emit(Started(len(tokens), granted, opens))
             # The decoder hands over a text's logprobs just before the text itself.
             held: list[TokenLogprob] = []
             result = self.decoder.generate(

@@ -698,24 +698,25 @@ class _Api:
             except TimeoutError:
                 continue
 
-    async def _await_start(self, request: web.Request, stream: _Stream, job: Job) -> int:
-        """Waits for the job to start; returns its prompt size or raises ApiError."""
+    async def _await_start(self, request: web.Request, stream: _Stream, job: Job) -> Started:
+        """Waits for the job to start; returns its Started event or raises ApiError."""
         event = await self._next(request, stream, job)
         if isinstance(event, Done):
             raise _api_error_for(event.error, _prompt_field(job))
         assert isinstance(event, Started), event
-        return event.n_prompt
+        return event
 
     async def _collect(
         self, request: web.Request, stream: _Stream, job: Job, meta: _ResponseMeta
     ) -> web.Response:
-        n_prompt = await self._await_start(request, stream, job)
+        started = await self._await_start(request, stream, job)
+        meta.reasoning_open = started.reasoning_open
         while True:
             event = await self._next(request, stream, job)
             if isinstance(event, Done):
                 if event.error is not None or event.result is None:
                     raise _api_error_for(event.error, _prompt_field(job))
-                return web.json_response(meta.full(event.result, n_prompt))
+                return web.json_response(meta.full(event.result, started.n_prompt))
 
     async def _stream(
         self,
@@ -725,7 +726,8 @@ class _Api:
         meta: _ResponseMeta,
         req: SamplingFields,
     ) -> web.StreamResponse:
-        n_prompt = await self._await_start(request, stream, job)
+        started = await self._await_start(request, stream, job)
+        n_prompt = started.n_prompt
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         response = web.StreamResponse(
             headers={
@@ -740,7 +742,9 @@ class _Api:
             if meta.chat:
                 await send.event(meta.chunk({"role": "assistant", "content": ""}, None))
             offset = 0  # text_offset of the next chunk (completions' logprobs)
-            parser = meta.parsing.parser() if meta.parsing is not None else None
+            parser = (
+                meta.parsing.parser(started.reasoning_open) if meta.parsing is not None else None
+            )
             while True:
                 event = await self._next(request, stream, job)
                 if isinstance(event, TextDelta) and parser is not None:
@@ -882,8 +886,8 @@ class _Parsing:
     fmt: ToolFormat
     tools: dict[str, Any] | None  # None: no call is parsed (no tools, or tool_choice "none")
 
-    def parser(self) -> StreamParser:
-        return StreamParser(self.fmt, self.tools)
+    def parser(self, in_reasoning: bool = False) -> StreamParser:
+        return StreamParser(self.fmt, self.tools, in_reasoning=in_reasoning)
 
 
 # Arguments go out in fragments of this many characters (as OpenAI streams them).
@@ -910,6 +914,7 @@ class _ResponseMeta:
     model: str
     chat: bool
     parsing: _Parsing | None = None
+    reasoning_open: bool = False
 
     def parsed_chunks(self, events: Sequence[ParseEvent]) -> list[dict[str, Any]]:
         """Stream chunks for parsed events: content, reasoning_content, tool_calls fragments."""
@@ -984,7 +989,12 @@ class _ResponseMeta:
     def full(self, result: GenerationResult, n_prompt: int) -> dict[str, Any]:
         lp = self.logprobs(result.logprobs) if result.logprobs is not None else None
         if self.chat and self.parsing is not None:
-            parsed = parse_output(self.parsing.fmt, result.text, self.parsing.tools)
+            parsed = parse_output(
+                self.parsing.fmt,
+                result.text,
+                self.parsing.tools,
+                in_reasoning=self.reasoning_open,
+            )
             msg: dict[str, Any] = {
                 "role": "assistant",
                 "content": parsed.content if parsed.content or not parsed.calls else None,

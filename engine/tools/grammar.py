@@ -178,9 +178,11 @@ def tool_grammar(
     if mode == "required":
         start = f"WS {calls}"
     else:
-        pre = b.rule(f"TEXT_ANY {_lit(fmt.triggers[0])}", "[lazy]")
+        # Llama 3.x: text before the tag must not start with "{" either (that is a call).
+        text = "TEXT_PLAIN" if fmt.name == "llama3" else "TEXT_ANY"
+        pre = b.rule(f"{text} {_lit(fmt.triggers[0])}", "[lazy]")
         if fmt.triggers[0] in fmt.special:
-            pre = b.rule(f"TEXT_ANY {trigger}")
+            pre = b.rule(f"{text} {trigger}")
         if fmt.name == "mistral":
             tail = call
         elif fmt.name == "llama3":

@@ -286,12 +286,14 @@ class StreamParser:
         tools: Mapping[str, Any] | None,
         *,
         new_id: Callable[[], str] | None = None,
+        in_reasoning: bool = False,
     ) -> None:
         self.fmt = fmt
         self.tools = tools
         self.new_id = new_id or (short_call_id if fmt.name == "mistral" else openai_call_id)
         self._buf = ""
-        self._mode = "start"  # start, reasoning, content, json, calls
+        # start, reasoning, content, json, calls; a prompt that opened `<think>` starts in reasoning.
+        self._mode = "reasoning" if in_reasoning else "start"
         self._think_done = False
         self._calls_text = ""
         self._calls: list[ToolCall] = []
@@ -397,8 +399,10 @@ class StreamParser:
         if final:
             keep = 0
         else:
-            # Hold what may begin a marker, and trailing whitespace (dropped before a call).
-            keep = max(_held(self._buf, triggers), len(self._buf) - len(self._buf.rstrip()))
+            # Hold what may begin a marker, and the whitespace before it (dropped before a call).
+            marker = _held(self._buf, triggers)
+            head = self._buf[: len(self._buf) - marker]
+            keep = marker + len(head) - len(head.rstrip())
         if len(self._buf) > keep:
             out.append(ContentDelta(self._buf[: len(self._buf) - keep]))
             self._buf = self._buf[len(self._buf) - keep :]
@@ -436,9 +440,10 @@ def parse_output(
     tools: Mapping[str, Any] | None,
     *,
     new_id: Callable[[], str] | None = None,
+    in_reasoning: bool = False,
 ) -> ParsedOutput:
     """A whole answer's content, reasoning and tool calls."""
-    parser = StreamParser(fmt, tools, new_id=new_id)
+    parser = StreamParser(fmt, tools, new_id=new_id, in_reasoning=in_reasoning)
     events = parser.feed(text) + parser.finish()
     return collect(events)
 
