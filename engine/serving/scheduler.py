@@ -440,6 +440,31 @@ class Engine:
             self._waiting += 1
         self._jobs.put(lambda: self._generate(job))
 
+    def count_tokens(self, prompt: PromptSpec, timeout: float = 60.0) -> int:
+        """The prompt's size in tokens, rendered and tokenized on the decode thread (blocks)."""
+        done = threading.Event()
+        box: list[int | BaseException] = []
+
+        def work() -> None:
+            try:
+                if self.model is None:
+                    raise NotReady(self.error or "no model is loaded")
+                box.append(len(self._tokenize(prompt)))
+            except BaseException as exc:
+                box.append(exc)
+            finally:
+                done.set()
+
+        with self._lock:
+            if self.model is None and not self._pending_loads:
+                raise NotReady(self.error or "no model is loaded")
+        self._jobs.put(work)
+        if not done.wait(timeout):
+            raise QueueFull("the engine is busy: counting tokens timed out")
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
+
     def _generate(self, job: Job) -> None:
         with self._lock:
             self._waiting -= 1
