@@ -25,6 +25,7 @@ from engine.decoding.request import GenerationRequest, GenerationResult, SpecPar
 from engine.errors import PeregrineError
 from engine.gguf.chat_template import ChatTemplate
 from engine.speculative.drafters import build_chain
+from engine.tools import self_test
 from engine.tools.formats import ToolFormat, detect_format
 from engine.tools.prompt import prepare_chat
 from engine.wire.control import (
@@ -187,6 +188,7 @@ class Engine:
         log_capture: LlamaLogCapture | None = None,
         model_factory: ModelFactory | None = None,
         chat_template: str | None = None,
+        tool_self_test: bool = False,
     ) -> None:
         self.queue_limit = queue_limit
         self.runtime = runtime or RuntimeInfo(name="default", backend="cpu")
@@ -215,6 +217,10 @@ class Engine:
         self.tool_format: ToolFormat | None = None
         # The tool-call self-test's outcome (engine/tools/self_test.py): passed, and why not.
         self.tool_self_test: tuple[bool, str | None] | None = None
+        # Run the self-test after each load (the engine process does; tests of the core don't).
+        self._self_test_enabled = tool_self_test
+        self._self_test_job: Job | None = None
+        self._loads = 0  # counts loads, so a self-test of an unloaded model is dropped
         self._state_cache = PrefixStateCache(state_cache_bytes)
         self._current: Job | None = None
         self._load_done = threading.Event()
@@ -319,6 +325,10 @@ class Engine:
         log.info(
             "model loaded: %s (n_ctx %d)", request.model, self.model.n_ctx if self.model else 0
         )
+        if self._self_test_enabled:
+            threading.Thread(
+                target=self._run_self_test, args=(self._loads,), name="tool-self-test", daemon=True
+            ).start()
 
     def _reload(self, request: LoadRequest) -> bool:
         try:
@@ -425,6 +435,7 @@ class Engine:
         self.template = None
         self.tool_format = None
         self.tool_self_test = None
+        self._loads += 1
         self._state_cache.clear()
 
     # --- generation ---------------------------------------------------------------
@@ -438,7 +449,59 @@ class Engine:
             if self._waiting >= self.queue_limit:
                 raise QueueFull(f"the engine is busy: {self._waiting} requests are waiting")
             self._waiting += 1
+            test = self._self_test_job
+            if test is not None and job is not test:
+                test.cancel.set()  # the self-test yields to real requests, and runs again later
         self._jobs.put(lambda: self._generate(job))
+
+    def _run_self_test(self, load: int, idle_poll: float = 0.2) -> None:
+        """Makes one forced tool call when the engine is idle, and records whether it parsed."""
+        fmt = self.tool_format
+        if fmt is None:
+            return
+        try:
+            grammar = self_test.grammar(fmt)
+        except PeregrineError as exc:
+            self.tool_self_test = (False, f"the grammar failed: {exc}")
+            return
+        while self._loads == load:
+            with self._lock:
+                idle = self._waiting == 0 and self._current is None and self.state == "ready"
+            if not idle:
+                threading.Event().wait(idle_poll)
+                continue
+            events: queue.Queue[JobEvent] = queue.Queue()
+            job = Job(
+                prompt=PromptSpec(messages=self_test.MESSAGES, tools=self_test.template_tools()),
+                sampling=SamplingParams(temperature=0.0),
+                max_tokens=self_test.MAX_TOKENS,
+                stop=[],
+                speculative=SpecParams(type="none"),
+                emit=events.put,
+                grammar=grammar,
+            )
+            self._self_test_job = job
+            try:
+                self.submit(job)
+            except (QueueFull, NotReady):
+                self._self_test_job = None
+                return
+            done = events.get()
+            while not isinstance(done, Done):
+                done = events.get()
+            self._self_test_job = None
+            if self._loads != load:
+                return
+            if done.result is not None and done.result.finish_reason != "cancelled":
+                self.tool_self_test = self_test.check(
+                    fmt, done.result.text, done.result.finish_reason
+                )
+                log.info("tool self-test (%s): %s", fmt.name, self.tool_self_test)
+                return
+            if done.error is not None:
+                self.tool_self_test = (False, f"the call failed: {done.error}")
+                return
+            # Cancelled by a real request: try again once the engine is idle.
 
     def count_tokens(self, prompt: PromptSpec, timeout: float = 60.0) -> int:
         """The prompt's size in tokens, rendered and tokenized on the decode thread (blocks)."""

@@ -433,6 +433,7 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
         validate=_validate_model,
         preflight=_preflight_load,
         chat_template=chat_template,
+        tool_self_test=True,
     )
     config = ServerConfig(
         api_key=api_key,

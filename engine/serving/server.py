@@ -486,9 +486,15 @@ class _Api:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": self.engine.health()})
 
+    def _model(self, model_id: str) -> dict[str, Any]:
+        """OpenAI's model object, with the tool-call format and its self-test (docs/api.md)."""
+        tools = self.engine.status().tool_format
+        extra = {"tool_format": tools.model_dump(mode="json")} if tools is not None else {}
+        return {**_model_object(model_id), **extra}
+
     async def models(self, request: web.Request) -> web.Response:
         model_id = self.engine.model_id
-        data = [_model_object(model_id)] if model_id else []
+        data = [self._model(model_id)] if model_id else []
         return web.json_response({"object": "list", "data": data})
 
     async def model(self, request: web.Request) -> web.Response:
@@ -503,7 +509,7 @@ class _Api:
                 code="model_not_found",
                 param="model",
             )
-        return web.json_response(_model_object(model_id))
+        return web.json_response(self._model(model_id))
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(self.engine.status().model_dump(mode="json"))
