@@ -17,7 +17,7 @@ import jsonschema
 import openai
 import pytest
 
-from tests.engine_proc import EngineProc, running_engine
+from tests.engine_proc import EngineProc, running_engine, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -261,10 +261,19 @@ def test_bad_tool_requests_get_a_400_naming_the_field(
     assert needle in error["message"]
 
 
-def test_status_reports_the_tool_format(engine: EngineProc) -> None:
+def test_the_self_test_passes_and_shows_in_status_and_models(engine: EngineProc) -> None:
     with engine.client() as c:
-        status = c.get("/v1/engine/status").json()
-    assert status["tool_format"]["name"] == "generic"  # SmolLM2's template takes no tools
+
+        def tested() -> bool:
+            return c.get("/v1/engine/status").json()["tool_format"]["self_test"] is not None
+
+        # It runs in the background once the engine is idle (the tests above keep it busy).
+        assert wait_for(tested, timeout=120, interval=0.2)
+        status = c.get("/v1/engine/status").json()["tool_format"]
+        models = c.get("/v1/models").json()["data"][0]["tool_format"]
+    # SmolLM2's template takes no tools: the generic format, with tools injected.
+    assert status == {"name": "generic", "self_test": True, "detail": None}
+    assert models == status
 
 
 # --- native formats: real templates paired with the built-in model ------------------
@@ -292,6 +301,13 @@ def test_each_native_format_through_the_engine(native: tuple[str, EngineProc]) -
     name, engine = native
     with engine.client() as c:
         assert c.get("/v1/engine/status").json()["tool_format"]["name"] == name
+        # The self-test's forced call parses back in this format too.
+        assert wait_for(
+            lambda: c.get("/v1/engine/status").json()["tool_format"]["self_test"] is not None,
+            timeout=120,
+            interval=0.2,
+        )
+        assert c.get("/v1/engine/status").json()["tool_format"]["self_test"] is True
     client = openai.OpenAI(base_url=engine.base_url + "/v1", api_key=engine.key, max_retries=0)
     # Mistral's template insists on nine-character call ids.
     call_id = "abcDEF123"

@@ -446,12 +446,15 @@ class Engine:
             # Behind a pending load a request waits for the model it brings.
             if self.model is None and not self._pending_loads:
                 raise NotReady(self.error or "no model is loaded")
-            if self._waiting >= self.queue_limit:
-                raise QueueFull(f"the engine is busy: {self._waiting} requests are waiting")
-            self._waiting += 1
             test = self._self_test_job
-            if test is not None and job is not test:
-                test.cancel.set()  # the self-test yields to real requests, and runs again later
+            if job is not test:
+                if self._waiting >= self.queue_limit:
+                    raise QueueFull(f"the engine is busy: {self._waiting} requests are waiting")
+                self._waiting += 1
+                if test is not None:
+                    # The self-test yields to real requests (it runs again later) and
+                    # never takes a place in the queue.
+                    test.cancel.set()
         self._jobs.put(lambda: self._generate(job))
 
     def _run_self_test(self, load: int, idle_poll: float = 0.2) -> None:
@@ -530,10 +533,12 @@ class Engine:
 
     def _generate(self, job: Job) -> None:
         with self._lock:
-            self._waiting -= 1
+            if job is not self._self_test_job:
+                self._waiting -= 1
             self._current = job
             previous = self.state
-            if not self._pending_loads:
+            # The tool self-test runs in idle time: the engine still shows as ready.
+            if not self._pending_loads and job is not self._self_test_job:
                 self.state = "generating"
         result: GenerationResult | None = None
         error: BaseException | None = None

@@ -91,6 +91,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--chat-template-file",
         help="Jinja chat template to use instead of the model's own (llama-server's flag)",
     )
+    g.add_argument(
+        "--tool-self-test",
+        choices=["on", "off"],
+        default="on",
+        help="after each load, make one forced tool call in idle time and report it (default on)",
+    )
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=0, help="port, 0 for a free one (default 0)")
@@ -433,7 +439,7 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
         validate=_validate_model,
         preflight=_preflight_load,
         chat_template=chat_template,
-        tool_self_test=True,
+        tool_self_test=args.tool_self_test == "on",
     )
     config = ServerConfig(
         api_key=api_key,

@@ -95,6 +95,10 @@ class ServerFigures:
     memory_parts: dict[str, int] = field(default_factory=dict)
     drafter: str | None = None
     acceptance: float | None = None
+    # The model's tool-call format and its self-test: None while it has not run.
+    tool_format: str | None = None
+    tool_self_test: bool | None = None
+    tool_detail: str | None = None
 
 
 class CancelToken:
@@ -331,6 +335,9 @@ class EngineClient:
                 },
                 drafter=status.speculative.drafter,
                 acceptance=status.speculative.acceptance,
+                tool_format=status.tool_format.name if status.tool_format else None,
+                tool_self_test=status.tool_format.self_test if status.tool_format else None,
+                tool_detail=status.tool_format.detail if status.tool_format else None,
             )
         root = self.endpoint.api_root.removesuffix("/v1")
         try:
