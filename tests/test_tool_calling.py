@@ -139,7 +139,7 @@ def test_parallel_calls_when_asked_for(client: openai.OpenAI) -> None:
         tools=TOOLS,
         tool_choice="required",
         parallel_tool_calls=True,
-        max_tokens=200,
+        max_tokens=120,
         temperature=0,
     )
     # The model may stop after one call or write several; each is valid.
