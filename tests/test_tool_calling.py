@@ -268,7 +268,7 @@ def test_the_self_test_passes_and_shows_in_status_and_models(engine: EngineProc)
             return c.get("/v1/engine/status").json()["tool_format"]["self_test"] is not None
 
         # It runs in the background once the engine is idle (the tests above keep it busy).
-        assert wait_for(tested, timeout=120, interval=0.2)
+        assert wait_for(tested, timeout=600, interval=0.2)
         status = c.get("/v1/engine/status").json()["tool_format"]
         models = c.get("/v1/models").json()["data"][0]["tool_format"]
     # SmolLM2's template takes no tools: the generic format, with tools injected.
@@ -304,7 +304,7 @@ def test_each_native_format_through_the_engine(native: tuple[str, EngineProc]) -
         # The self-test's forced call parses back in this format too.
         assert wait_for(
             lambda: c.get("/v1/engine/status").json()["tool_format"]["self_test"] is not None,
-            timeout=120,
+            timeout=600,
             interval=0.2,
         )
         assert c.get("/v1/engine/status").json()["tool_format"]["self_test"] is True
