@@ -9,6 +9,7 @@ import socket
 import stat
 from pathlib import Path
 
+import anthropic
 import openai
 import psutil
 import pytest
@@ -107,6 +108,21 @@ def test_the_api_key_from_settings_reaches_the_engine_and_survives_restarts(
         f'client = OpenAI(base_url="{base_url}", api_key="{secret}")'
     )
     assert secret not in view.api_key.text() and secret not in view.api_example.text()
+    # The agent-framework example is real Python with the real URL and key.
+    view.copy_agent.click()
+    agent = QApplication.clipboard().text()
+    compile(agent, "agent_example", "exec")
+    assert f'AsyncOpenAI(base_url="{base_url}", api_key="{secret}")' in agent
+    assert "@function_tool" in agent and secret not in view.agent_example.text()
+    # The Claude Code line reaches the Messages API with its own client.
+    view.copy_anthropic.click()
+    env = dict(part.split("=", 1) for part in QApplication.clipboard().text().split()[:2])
+    assert env["ANTHROPIC_API_KEY"] == secret and secret not in view.anthropic_example.text()
+    claude = anthropic.Anthropic(
+        base_url=env["ANTHROPIC_BASE_URL"], api_key=env["ANTHROPIC_API_KEY"], max_retries=0
+    )
+    counted = claude.messages.count_tokens(model="m", messages=[{"role": "user", "content": "Hi"}])
+    assert counted.input_tokens > 0
     client = openai.OpenAI(base_url=base_url, api_key=secret, max_retries=0)
     assert [m.id for m in client.models.list()] == ["SmolLM2-135M-Instruct.Q4_1"]
     with pytest.raises(openai.AuthenticationError):

@@ -15,6 +15,7 @@ hung on one) sees it.
 from __future__ import annotations
 
 import datetime
+import json
 import subprocess
 import sys
 import time
@@ -185,6 +186,16 @@ def plain_render(source: str, messages: list[dict[str, Any]], **extra: Any) -> s
     )
     env.globals["raise_exception"] = _plain_raise
     env.globals["strftime_now"] = lambda fmt: datetime.datetime.now().strftime(fmt)
+    # Templates are written for Hugging Face's `tojson`: keys in order, no HTML escaping.
+    env.filters["tojson"] = (
+        lambda value, ensure_ascii=False, indent=None, separators=None, sort_keys=False: json.dumps(
+            value,
+            ensure_ascii=ensure_ascii,
+            indent=indent,
+            separators=separators,
+            sort_keys=sort_keys,
+        )
+    )
     variables = {
         "messages": messages,
         "add_generation_prompt": True,

@@ -229,3 +229,10 @@ def test_secrets_are_saved_0600_and_never_in_a_repr() -> None:
     assert loaded.local_api.client_example("K") == (
         'client = OpenAI(base_url="http://127.0.0.1:8788/v1", api_key="K")'
     )
+    compile(loaded.local_api.agent_example("K"), "agent", "exec")
+    assert 'AsyncOpenAI(base_url="http://127.0.0.1:8788/v1", api_key="K")' in (
+        loaded.local_api.agent_example("K")
+    )
+    assert loaded.local_api.anthropic_example("K") == (
+        "ANTHROPIC_BASE_URL=http://127.0.0.1:8788 ANTHROPIC_API_KEY=K claude"
+    )

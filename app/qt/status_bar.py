@@ -39,6 +39,7 @@ class StatusBar(QStatusBar):
         self.speed = QLabel()
         self.ttft = QLabel()
         self.speculative = QLabel()
+        self.tools = QLabel()
         self.memory = QLabel()
         self.addWidget(self.state)
         self.addWidget(self.progress)
@@ -48,6 +49,7 @@ class StatusBar(QStatusBar):
             self.speed,
             self.ttft,
             self.speculative,
+            self.tools,
             self.memory,
         ):
             self.addPermanentWidget(label)
@@ -62,6 +64,8 @@ class StatusBar(QStatusBar):
         self.speed.setText(f"{DASH} tok/s")
         self.ttft.setText(f"TTFT {DASH}")
         self.speculative.setText(f"Spec {DASH}")
+        self.tools.setText(f"Tools {DASH}")
+        self.tools.setToolTip("")
         self.memory.setText(f"Memory {DASH}")
         self.memory.setToolTip("")
         self._draw_context()
@@ -98,7 +102,26 @@ class StatusBar(QStatusBar):
                 else "no drafts yet"
             )
             self.speculative.setToolTip(f"Draft model {figures.draft_model}: {accepted}")
+        if figures.tool_format is not None:
+            self._draw_tools(figures)
         self._draw_context()
+
+    def _draw_tools(self, figures: ServerFigures) -> None:
+        """The model's tool-call format, with a mark for its self-test."""
+        name = figures.tool_format
+        if figures.tool_self_test is None:
+            self.tools.setText(f"Tools {name} …")
+            self.tools.setToolTip(f"Tool calls use the {name} format; the self-test is pending")
+        elif figures.tool_self_test:
+            self.tools.setText(f"Tools {name} ✓")
+            self.tools.setToolTip(
+                f"Tool calls use the {name} format; a forced test call parsed back after load"
+            )
+        else:
+            self.tools.setText(f"Tools {name} ✗")
+            self.tools.setToolTip(
+                f"Tool calls use the {name} format; the self-test failed: {figures.tool_detail}"
+            )
 
     def set_answer_figures(self, timings: dict[str, Any], ttft_ms: float | None) -> None:
         tps = timings.get("predicted_per_second")

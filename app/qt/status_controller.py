@@ -10,7 +10,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from typing import Any
 
-from PySide6.QtCore import QObject
+from PySide6.QtCore import QObject, QTimer
 
 from app.qt.engine_controller import EngineController
 from app.qt.status_bar import StatusBar
@@ -18,6 +18,10 @@ from app.qt.workers import BackgroundCalls
 from app.services.engine.client import Endpoint, EngineClient, ServerFigures
 from app.services.engine.launch import SupervisorState
 from app.services.settings import Settings
+
+# How often, and how many times, the bar looks again for a pending tool self-test.
+SELF_TEST_POLL_MS = 2000
+SELF_TEST_POLLS = 30
 
 STATE_WORDS = {
     SupervisorState.STARTING: "Engine: starting…",
@@ -48,6 +52,7 @@ class StatusController(QObject):
         self._endpoint = endpoint
         self._background = background
         self._generation = 0  # figures fetched for an earlier server are dropped
+        self._self_test_polls = 0
         self.closing = False
         s = engine.supervisor
         s.state_changed.connect(self._on_state)
@@ -65,6 +70,7 @@ class StatusController(QObject):
     def server_changed(self) -> None:
         """Answers come from another server (or model): forget the old figures, fetch new."""
         self._generation += 1
+        self._self_test_polls = 0
         self.bar.reset()
         self._draw_local()
         self.refresh()
@@ -93,6 +99,15 @@ class StatusController(QObject):
         def done(figures: ServerFigures | None) -> None:
             if generation == self._generation and not self.closing:
                 self.bar.set_figures(figures)
+                if (
+                    figures is not None
+                    and figures.tool_format is not None
+                    and figures.tool_self_test is None
+                    and self._self_test_polls < SELF_TEST_POLLS
+                ):
+                    # The tool self-test runs once the engine is idle: look again shortly.
+                    self._self_test_polls += 1
+                    QTimer.singleShot(SELF_TEST_POLL_MS, self.refresh)
 
         def failed(_message: str) -> None:
             pass  # the figures stay dashes; a failing answer says what is wrong

@@ -126,6 +126,25 @@ class LocalApi(BaseModel):
         """One line of Python with the official `openai` client pointed at this API."""
         return f'client = OpenAI(base_url="{self.base_url}", api_key="{key}")'
 
+    def agent_example(self, key: str) -> str:
+        """An agent with a tool, in the OpenAI Agents SDK, running on this API."""
+        return (
+            "from agents import Agent, OpenAIChatCompletionsModel, Runner, function_tool\n"
+            "from openai import AsyncOpenAI\n\n"
+            f'client = AsyncOpenAI(base_url="{self.base_url}", api_key="{key}")\n'
+            'model = OpenAIChatCompletionsModel(model="local", openai_client=client)\n\n'
+            "@function_tool\n"
+            "def get_weather(city: str) -> str:\n"
+            '    return f"Sunny in {city}"\n\n'
+            'agent = Agent(name="Assistant", tools=[get_weather], model=model)\n'
+            'print(Runner.run_sync(agent, "Weather in Paris?").final_output)'
+        )
+
+    def anthropic_example(self, key: str) -> str:
+        """Claude Code (or any Anthropic client) pointed at this API's Messages route."""
+        root = self.base_url.removesuffix("/v1")
+        return f"ANTHROPIC_BASE_URL={root} ANTHROPIC_API_KEY={key} claude"
+
 
 class Settings(BaseModel):
     """Everything the desktop app remembers between runs."""

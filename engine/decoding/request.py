@@ -91,3 +91,4 @@ class GenerationResult:
     completion_tokens: int
     timings: Timings
     logprobs: list[TokenLogprob] | None = None  # when the request asked for them
+    stop_sequence: str | None = None  # the stop string that ended the answer, if one did

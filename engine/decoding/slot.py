@@ -45,6 +45,7 @@ class StopMatcher:
         self.stops = [s for s in stops if s]
         self._pending = ""
         self.stopped = False
+        self.matched: str | None = None  # the stop string that ended the answer
 
     def feed(self, text: str) -> str:
         if not self.stops:
@@ -53,6 +54,9 @@ class StopMatcher:
         cut = min((i for i in (self._pending.find(s) for s in self.stops) if i >= 0), default=-1)
         if cut >= 0:
             self.stopped = True
+            self.matched = min(
+                (s for s in self.stops if s in self._pending), key=self._pending.find
+            )
             out, self._pending = self._pending[:cut], ""
             return out
         hold = 0
@@ -179,7 +183,12 @@ class Slot:
 
     def result(self) -> GenerationResult:
         return GenerationResult(
-            "".join(self.pieces), self.finish, self.generated, self.timings, self.logprobs
+            "".join(self.pieces),
+            self.finish,
+            self.generated,
+            self.timings,
+            self.logprobs,
+            stop_sequence=self.stopper.matched,
         )
 
     @property

@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import datetime
 import functools
+import json
 import math
 import re
 import threading
@@ -377,6 +378,7 @@ class BoundedSandbox(ImmutableSandboxedEnvironment):
         self.globals.pop("lipsum", None)
         self.filters = {name: self._bounded_filter(name, f) for name, f in FILTERS.items()}
         self.filters["sum"] = self._bounded_filter("sum", _bounded_sum)
+        self.filters["tojson"] = self._bounded_filter("tojson", _tojson)
         self.concat = self._bounded_concat_list  # type: ignore[method-assign]
 
     # --- budget -------------------------------------------------------------------
@@ -677,6 +679,23 @@ def _bounded_sum(
     return total
 
 
+def _tojson(
+    value: Any,
+    ensure_ascii: bool = False,
+    indent: int | str | None = None,
+    separators: tuple[str, str] | None = None,
+    sort_keys: bool = False,
+) -> str:
+    """JSON as Hugging Face's templates expect it: `ensure_ascii` and friends, no HTML escaping.
+
+    Jinja's own filter escapes `<` and `>` (a tool description would reach
+    the model as `\u003c`) and refuses `ensure_ascii`, which GLM's template passes.
+    """
+    return json.dumps(
+        value, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+    )
+
+
 def _raise_exception(message: str) -> None:
     raise TemplateError(f"the model's chat template refused the messages: {message}")
 
@@ -781,7 +800,11 @@ class ChatTemplate:
             self._env.end_render()
 
     def render_segments(
-        self, messages: Sequence[dict[str, Any]], *, add_generation_prompt: bool = True
+        self,
+        messages: Sequence[dict[str, Any]],
+        *,
+        add_generation_prompt: bool = True,
+        tools: Sequence[dict[str, Any]] | None = None,
     ) -> list[tuple[str, bool]] | None:
         """The prompt as (text, is_message_content) pieces, in order.
 
@@ -792,7 +815,7 @@ class ChatTemplate:
         """
         marks = [f"\ue000{i}\ue001" for i in range(len(messages))]
         masked = [{**m, "content": marks[i]} for i, m in enumerate(messages)]
-        text = self.render(masked, add_generation_prompt=add_generation_prompt)
+        text = self.render(masked, add_generation_prompt=add_generation_prompt, tools=tools)
         if any(text.count(mark) != 1 for mark in marks):
             return None
         pieces: list[tuple[str, bool]] = []

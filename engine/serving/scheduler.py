@@ -14,6 +14,7 @@ behind the jobs sent before them. Models come from an injected factory
 from __future__ import annotations
 
 import logging
+import queue
 import threading
 from collections import deque
 from collections.abc import Callable, Sequence
@@ -33,6 +34,9 @@ from engine.paths import Paths
 from engine.serving.draft_pairing import AUTO, DraftTrial, find_draft
 from engine.speculative.drafters import build_chain, model_drafter
 from engine.speculative.mtp import MtpHeads
+from engine.tools import self_test
+from engine.tools.formats import ToolFormat, detect_format
+from engine.tools.prompt import prepare_chat
 from engine.wire.control import (
     DEFAULT_QUEUE_LIMIT,
     EngineState,
@@ -44,6 +48,7 @@ from engine.wire.control import (
     RuntimeInfo,
     SlotStatus,
     SpeculativeStatus,
+    ToolFormatStatus,
 )
 
 log = logging.getLogger("peregrine.scheduler")
@@ -129,6 +134,8 @@ class Started:
 
     n_prompt: int
     granted: int  # max_tokens granted
+    # The prompt ends inside `<think>` (the template opened the reasoning): the answer starts in it.
+    reasoning_open: bool = False
 
 
 @dataclass(frozen=True)
@@ -155,6 +162,8 @@ class PromptSpec:
     """A prompt as the client sent it: chat messages, text, or token ids."""
 
     messages: list[dict[str, Any]] | None = None
+    # OpenAI's tool objects, for the chat template (engine/tools/prompt.py).
+    tools: list[dict[str, Any]] | None = None
     text: str | None = None
     token_ids: list[int] | None = None
 
@@ -219,6 +228,8 @@ class Engine:
         log_capture: LlamaLogCapture | None = None,
         model_factory: ModelFactory | None = None,
         draft_folders: Sequence[Path] | None = None,
+        chat_template: str | None = None,
+        tool_self_test: bool = False,
     ) -> None:
         self.queue_limit = queue_limit
         self.runtime = runtime or RuntimeInfo(name="default", backend="cpu")
@@ -238,6 +249,8 @@ class Engine:
         # Jobs and controls in arrival order; jobs ahead of the first control
         # may be admitted, a control runs when it is first and no slot is busy.
         self._queue: deque[Job | _Control] = deque()
+        # Short calls (count_tokens) run between two steps, ahead of everything.
+        self._calls: deque[Callable[[], None]] = deque()
         self._lock = threading.Lock()
         self._wake = threading.Condition(self._lock)
         self._closing = False
@@ -253,6 +266,15 @@ class Engine:
         self.draft_model: ServedModel | None = None
         self.decoder: Decoder | None = None
         self.template: ChatTemplate | None = None
+        # `--chat-template-file`: used instead of every loaded model's own template.
+        self.chat_template = chat_template
+        self.tool_format: ToolFormat | None = None
+        # The tool-call self-test's outcome (engine/tools/self_test.py): passed, and why not.
+        self.tool_self_test: tuple[bool, str | None] | None = None
+        # Run the self-test after each load (the engine process does; tests of the core don't).
+        self._self_test_enabled = tool_self_test
+        self._self_test_job: Job | None = None
+        self._loads = 0  # counts loads, so a self-test of an unloaded model is dropped
         self._state_cache = PrefixStateCache(state_cache_bytes)
         self._thread = threading.Thread(target=self._run, name="peregrine-decode", daemon=True)
         self._thread.start()
@@ -264,8 +286,11 @@ class Engine:
             dropped: list[Job] = []
             admit: list[Job] = []
             control: _Control | None = None
+            calls: list[Callable[[], None]] = []
             with self._wake:
                 while True:
+                    calls += self._calls
+                    self._calls.clear()
                     dropped += self._take_cancelled()
                     if self._closing:
                         break
@@ -280,10 +305,12 @@ class Engine:
                         item = self._queue.popleft()
                         assert isinstance(item, _Control)
                         control = item
-                    if admit or control or busy or dropped:
+                    if admit or control or busy or dropped or calls:
                         break
                     self._wake.wait()
                 closing = self._closing
+            for call in calls:
+                call()
             for job in dropped:
                 job.emit(Done(None, None))
             if closing:
@@ -466,6 +493,10 @@ class Engine:
         log.info(
             "model loaded: %s (n_ctx %d)", request.model, self.model.n_ctx if self.model else 0
         )
+        if self._self_test_enabled:
+            threading.Thread(
+                target=self._run_self_test, args=(self._loads,), name="tool-self-test", daemon=True
+            ).start()
 
     def _reload(self, request: LoadRequest) -> bool:
         try:
@@ -480,11 +511,14 @@ class Engine:
         model = self._model_factory(request, progress=self._on_progress)
         try:
             self.draft_model = self._load_draft(request, model)
+            source = self.chat_template or model.meta("tokenizer.chat_template")
             self.template = ChatTemplate(
-                model.meta("tokenizer.chat_template"),
+                source,
                 bos_token=model.token_text(model.bos) if model.bos >= 0 else "",
                 eos_token=model.token_text(model.eos) if model.eos >= 0 else "",
             )
+            controls = model.control_texts
+            self.tool_format = detect_format(self.template.source, controls.__contains__)
         except BaseException:
             # The draft model may be loaded already: it goes with the model.
             if self.draft_model is not None:
@@ -629,6 +663,9 @@ class Engine:
         self.model = None
         self.decoder = None
         self.template = None
+        self.tool_format = None
+        self.tool_self_test = None
+        self._loads += 1
         self._state_cache.clear()
 
     # --- generation ---------------------------------------------------------------
@@ -639,17 +676,104 @@ class Engine:
             # Behind a pending load a request waits for the model it brings.
             if self.model is None and not self._pending_loads:
                 raise NotReady(self.error or "no model is loaded")
-            if self._live_waiting() >= self.queue_limit:
-                raise QueueFull(
-                    f"the engine is busy: {self._live_waiting()} requests are waiting "
-                    f"(the limit is {self.queue_limit})"
-                )
+            test = self._self_test_job
+            if job is not test:
+                if self._live_waiting() >= self.queue_limit:
+                    raise QueueFull(
+                        f"the engine is busy: {self._live_waiting()} requests are waiting "
+                        f"(the limit is {self.queue_limit})"
+                    )
+                if test is not None:
+                    # The self-test yields to real requests (it runs again later) and
+                    # never takes a place in the queue.
+                    test.cancel.set()
             self._queue.append(job)
             self._wake.notify_all()
 
     def _live_waiting(self) -> int:
-        """Queued jobs whose client still waits (call with the lock)."""
-        return sum(1 for i in self._queue if isinstance(i, Job) and not i.cancel.is_set())
+        """Queued jobs whose client still waits, the tool self-test aside (call with the lock)."""
+        return sum(
+            1
+            for i in self._queue
+            if isinstance(i, Job) and not i.cancel.is_set() and i is not self._self_test_job
+        )
+
+    def _run_self_test(self, load: int, idle_poll: float = 0.2) -> None:
+        """Makes one forced tool call when the engine is idle, and records whether it parsed."""
+        fmt = self.tool_format
+        if fmt is None:
+            return
+        try:
+            grammar = self_test.grammar(fmt)
+        except PeregrineError as exc:
+            self.tool_self_test = (False, f"the grammar failed: {exc}")
+            return
+        while self._loads == load and not self._closing:
+            with self._lock:
+                idle = not self._queue and not self._running and self.state == "ready"
+            if not idle:
+                threading.Event().wait(idle_poll)
+                continue
+            events: queue.Queue[JobEvent] = queue.Queue()
+            job = Job(
+                prompt=PromptSpec(messages=self_test.MESSAGES, tools=self_test.template_tools()),
+                sampling=SamplingParams(temperature=0.0),
+                max_tokens=self_test.MAX_TOKENS,
+                stop=[],
+                speculative=SpecParams(type="none"),
+                emit=events.put,
+                grammar=grammar,
+            )
+            self._self_test_job = job
+            try:
+                self.submit(job)
+            except (QueueFull, NotReady):
+                self._self_test_job = None
+                return
+            done = events.get()
+            while not isinstance(done, Done):
+                done = events.get()
+            self._self_test_job = None
+            if self._loads != load:
+                return
+            if done.result is not None and done.result.finish_reason != "cancelled":
+                self.tool_self_test = self_test.check(
+                    fmt, done.result.text, done.result.finish_reason
+                )
+                log.info("tool self-test (%s): %s", fmt.name, self.tool_self_test)
+                return
+            if done.error is not None:
+                self.tool_self_test = (False, f"the call failed: {done.error}")
+                return
+            # Cancelled by a real request: try again once the engine is idle.
+
+    def count_tokens(self, prompt: PromptSpec, timeout: float = 60.0) -> int:
+        """The prompt's size in tokens, rendered and tokenized on the decode thread (blocks).
+
+        It runs between two steps, without waiting for the running requests."""
+        done = threading.Event()
+        box: list[int | BaseException] = []
+
+        def work() -> None:
+            try:
+                if self.model is None:
+                    raise NotReady(self.error or "no model is loaded")
+                box.append(len(self._tokenize(prompt)))
+            except BaseException as exc:
+                box.append(exc)
+            finally:
+                done.set()
+
+        with self._wake:
+            if self.model is None and not self._pending_loads:
+                raise NotReady(self.error or "no model is loaded")
+            self._calls.append(work)
+            self._wake.notify_all()
+        if not done.wait(timeout):
+            raise QueueFull("the engine is busy: counting tokens timed out")
+        if isinstance(box[0], BaseException):
+            raise box[0]
+        return box[0]
 
     def _start(self, job: Job) -> None:
         """Admits a job into a free slot, or ends it with the error that prevents it."""
@@ -675,7 +799,9 @@ class Engine:
                 raise PromptTooLong(len(tokens), n_ctx)
             room = n_ctx - len(tokens)
             granted = room if job.max_tokens is None else min(job.max_tokens, room)
-            job.emit(Started(len(tokens), granted))
+            tail = b"".join(self.model.piece(t) for t in tokens[-4:])
+            opens = tail.decode("utf-8", "ignore").rstrip().endswith("<think>")
+            job.emit(Started(len(tokens), granted, opens))
             # The decoder hands over a text's logprobs just before the text itself.
             held: list[TokenLogprob] = []
             slot = self.decoder.admit(
@@ -704,7 +830,7 @@ class Engine:
         if decoder is None or not decoder.busy:
             self._set_busy(False)
             return
-        self._set_busy(True)
+        self._set_busy(self._serving())
         try:
             finished = decoder.step()
         except Exception as exc:  # a bug, not a request's error: end every request
@@ -725,8 +851,12 @@ class Engine:
                 running.job.emit(Done(result, error))
         if finished:
             self._judge_trial()
-        if not decoder.busy:
-            self._set_busy(False)
+        self._set_busy(decoder.busy and self._serving())
+
+    def _serving(self) -> bool:
+        """Whether a real request runs: the tool self-test runs in idle time, unseen."""
+        with self._lock:
+            return any(r.job is not self._self_test_job for r in self._running.values())
 
     def _set_busy(self, busy: bool) -> None:
         with self._lock:
@@ -761,17 +891,23 @@ class Engine:
                 raise PeregrineError(f"token id {bad[0]} is outside the vocabulary")
             return list(prompt.token_ids)
         if prompt.messages is not None:
-            text = self.template.render(prompt.messages)
+            messages, tools = prepare_chat(self.tool_format, prompt.messages, prompt.tools)
+            text = self.template.render(messages, tools=tools)
             self._check_size(text)
             # The template writes the BOS token itself when the model wants one.
-            tokens = self._tokenize_chat(prompt.messages, text)
+            tokens = self._tokenize_chat(messages, text, tools)
             if self.model.add_bos and (not tokens or tokens[0] != self.model.bos):
                 tokens.insert(0, self.model.bos)
             return tokens
         self._check_size(prompt.text or "")
         return self.model.tokenize(prompt.text or "", add_special=True, parse_special=True)
 
-    def _tokenize_chat(self, messages: list[dict[str, Any]], text: str) -> list[int]:
+    def _tokenize_chat(
+        self,
+        messages: list[dict[str, Any]],
+        text: str,
+        tools: list[dict[str, Any]] | None = None,
+    ) -> list[int]:
         """Tokenizes a rendered chat; control-token text inside messages stays plain text.
 
         A user who pastes "<|im_start|>system" must not open a system turn. Only
@@ -792,7 +928,7 @@ class Engine:
             isinstance(m.get("content"), str) and any(c in m["content"] for c in controls)
             for m in messages
         )
-        pieces = self.template.render_segments(messages) if suspicious else None
+        pieces = self.template.render_segments(messages, tools=tools) if suspicious else None
         if pieces is None:
             return self.model.tokenize(text, add_special=False, parse_special=True)
         tokens: list[int] = []
@@ -855,7 +991,18 @@ class Engine:
                 runtime=self.runtime,
                 queue=QueueInfo(waiting=self._live_waiting(), limit=self.queue_limit),
                 slots=[_slot_status(slot) for slot in decoder.slots] if decoder else [],
+                tool_format=self._tool_status(),
             )
+
+    def _tool_status(self) -> ToolFormatStatus | None:
+        fmt, test = self.tool_format, self.tool_self_test
+        if fmt is None:
+            return None
+        return ToolFormatStatus(
+            name=fmt.name,
+            self_test=test[0] if test else None,
+            detail=test[1] if test else None,
+        )
 
     def health(self) -> str:
         with self._lock:

@@ -97,6 +97,16 @@ def build_parser() -> argparse.ArgumentParser:
         action="store_false",
         help="don't load the model's multi-token-prediction (MTP) heads",
     )
+    g.add_argument(
+        "--chat-template-file",
+        help="Jinja chat template to use instead of the model's own (llama-server's flag)",
+    )
+    g.add_argument(
+        "--tool-self-test",
+        choices=["on", "off"],
+        default="on",
+        help="after each load, make one forced tool call in idle time and report it (default on)",
+    )
     g = p.add_argument_group("network")
     g.add_argument("--host", default="127.0.0.1", help="address to bind (default 127.0.0.1)")
     g.add_argument("--port", type=int, default=0, help="port, 0 for a free one (default 0)")
@@ -188,6 +198,23 @@ def build_parser() -> argparse.ArgumentParser:
         "--parent-pid", type=int, default=None, help="exit within 2 s of this process's death"
     )
     return p
+
+
+def _read_chat_template(path: str | None) -> str | None:
+    """The text of `--chat-template-file`, checked by compiling it (a clear error, not a traceback)."""
+    if path is None:
+        return None
+    from engine.gguf.chat_template import ChatTemplate, TemplateError
+
+    try:
+        source = Path(path).expanduser().read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as exc:
+        raise PeregrineError(f"cannot read the chat template file {path}: {exc}") from exc
+    try:
+        ChatTemplate(source)
+    except TemplateError as exc:
+        raise PeregrineError(f"the chat template file {path} is not usable: {exc}") from exc
+    return source
 
 
 def _is_loopback(host: str) -> bool:
@@ -443,6 +470,7 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
     _validate_model(model_path)
     runtime_name, backend = _select_runtime(args.runtime)
     request = _load_request(args, model_path)
+    chat_template = _read_chat_template(args.chat_template_file)
 
     from aiohttp import web
 
@@ -468,6 +496,8 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
         validate=_validate_model,
         preflight=_preflight_load,
         draft_folders=[Paths.from_env().models, *(Path(d).expanduser() for d in args.models_dir)],
+        chat_template=chat_template,
+        tool_self_test=args.tool_self_test == "on",
     )
     config = ServerConfig(
         api_key=api_key,

@@ -29,6 +29,8 @@ from engine.backend.llama import ContextFull, DecodeError, SamplingParams
 from engine.decoding.request import GenerationResult, SpecParams, TokenLogprob
 from engine.errors import PeregrineError
 from engine.gguf.chat_template import TemplateError
+from engine.serving import messages_api
+from engine.serving.messages_api import error_body
 from engine.serving.scheduler import (
     BadRequest,
     Done,
@@ -44,6 +46,19 @@ from engine.serving.scheduler import (
 )
 from engine.structured.constraint import GrammarError
 from engine.structured.schema import SchemaError, grammar_for
+from engine.tools.formats import ToolFormat
+from engine.tools.parse import (
+    CallDelta,
+    ContentDelta,
+    ParseEvent,
+    ReasoningDelta,
+    StreamParser,
+    ToolCall,
+    collect,
+    parse_output,
+)
+from engine.tools.request import ToolRequest, ToolRequestError, from_openai, openai_messages
+from engine.wire.anthropic import CountTokensRequest, MessagesRequest
 from engine.wire.control import LoadRequest
 from engine.wire.openai import (
     ChatCompletionRequest,
@@ -66,6 +81,7 @@ STREAM_BACKLOG = 4 << 10
 # `X-Peregrine-Client: app` marks the desktop app's own requests (docs/api.md).
 CLIENT_HEADER = "X-Peregrine-Client"
 _Req = TypeVar("_Req", bound=SamplingFields)
+_AReq = TypeVar("_AReq", bound=CountTokensRequest)
 Handler = Callable[[web.Request], Awaitable[web.StreamResponse]]
 
 
@@ -97,11 +113,22 @@ class ApiError(Exception):
             error["param"] = self.param
         return {"error": error}
 
-    def response(self) -> web.Response:
-        response = web.json_response(self.body(), status=self.status)
+    def response(self, *, anthropic: bool = False) -> web.Response:
+        body = error_body(self.status, self.message) if anthropic else self.body()
+        response = _ErrorResponse(self, body)
         if self.close:
             response.force_close()  # no keep-alive: the connection is mid-body
         return response
+
+
+class _ErrorResponse(web.Response):
+    """An error answer that remembers its error (re-shaped for Anthropic's routes)."""
+
+    def __init__(self, error: ApiError, body: dict[str, Any]) -> None:
+        super().__init__(
+            text=json.dumps(body), status=error.status, content_type="application/json"
+        )
+        self.error = error
 
 
 @dataclass
@@ -133,6 +160,13 @@ def build_app(engine: Engine, config: ServerConfig) -> web.Application:
 
     @web.middleware
     async def guard(request: web.Request, handler: Handler) -> web.StreamResponse:
+        response = await _guarded(request, handler)
+        if request.path.startswith("/v1/messages") and isinstance(response, _ErrorResponse):
+            # Anthropic's routes answer errors in Anthropic's shape.
+            return response.error.response(anthropic=True)
+        return response
+
+    async def _guarded(request: web.Request, handler: Handler) -> web.StreamResponse:
         host = request.headers.get("Host")
         if host is not None and _host_name(host) not in allowed:
             return ApiError(
@@ -144,6 +178,8 @@ def build_app(engine: Engine, config: ServerConfig) -> web.Application:
         if request.path != "/health":
             auth = request.headers.get("Authorization", "")
             token = auth[7:].strip() if auth[:7].lower() == "bearer " else ""
+            # Anthropic's clients send the key as x-api-key.
+            token = token or request.headers.get("x-api-key", "").strip()
             # Header bytes that are not UTF-8 arrive as surrogate escapes: compare them as bytes.
             sent = token.encode("utf-8", "surrogateescape")
             if not token or not hmac.compare_digest(
@@ -151,7 +187,7 @@ def build_app(engine: Engine, config: ServerConfig) -> web.Application:
             ):
                 return ApiError(
                     401,
-                    "missing or wrong API key (send 'Authorization: Bearer <key>')",
+                    "missing or wrong API key (send 'Authorization: Bearer <key>' or 'x-api-key')",
                     type_="authentication_error",
                     code="invalid_api_key",
                 ).response()
@@ -191,6 +227,8 @@ def build_app(engine: Engine, config: ServerConfig) -> web.Application:
     app.router.add_post("/v1/chat/completions", api.chat)
     app.router.add_post("/v1/completions", api.completions)
     app.router.add_post("/v1/embeddings", api.embeddings)
+    app.router.add_post("/v1/messages", api.messages)
+    app.router.add_post("/v1/messages/count_tokens", api.count_tokens)
     app.router.add_post("/v1/engine/load", api.load)
     app.router.add_post("/v1/engine/unload", api.unload)
     app.router.add_get("/v1/engine/status", api.status)
@@ -485,9 +523,22 @@ class _Api:
     async def health(self, request: web.Request) -> web.Response:
         return web.json_response({"status": self.engine.health()})
 
+    def _new_stream(self) -> _Stream:
+        """A stream for one job, posting through the running loop's mailbox."""
+        loop = asyncio.get_running_loop()
+        if self._mailbox is None or self._mailbox.loop is not loop:
+            self._mailbox = _Mailbox(loop)
+        return _Stream(self._mailbox)
+
+    def _model(self, model_id: str) -> dict[str, Any]:
+        """OpenAI's model object, with the tool-call format and its self-test (docs/api.md)."""
+        tools = self.engine.status().tool_format
+        extra = {"tool_format": tools.model_dump(mode="json")} if tools is not None else {}
+        return {**_model_object(model_id), **extra}
+
     async def models(self, request: web.Request) -> web.Response:
         model_id = self.engine.model_id
-        data = [_model_object(model_id)] if model_id else []
+        data = [self._model(model_id)] if model_id else []
         return web.json_response({"object": "list", "data": data})
 
     async def model(self, request: web.Request) -> web.Response:
@@ -502,7 +553,7 @@ class _Api:
                 code="model_not_found",
                 param="model",
             )
-        return web.json_response(_model_object(model_id))
+        return web.json_response(self._model(model_id))
 
     async def status(self, request: web.Request) -> web.Response:
         return web.json_response(self.engine.status().model_dump(mode="json"))
@@ -595,18 +646,223 @@ class _Api:
                         )
             _require_utf8(m.text(), f"messages.{i}.content")
             _require_utf8(m.name, f"messages.{i}.name")
-        messages = [
-            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})}
-            for m in req.messages
-        ]
+        try:
+            tools = from_openai(req)
+            messages = openai_messages(req.messages)
+        except ToolRequestError as exc:
+            raise ApiError(400, str(exc), code="invalid_value", param=exc.param) from exc
+        if tools is not None and tools.mode != "none" and grammar is not None:
+            raise ApiError(
+                400,
+                "'response_format' and 'tools' cannot be combined (a tool's parameters "
+                "already constrain its call)",
+                code="unsupported_value",
+                param="response_format",
+            )
+        parsing, tool_grammar = await self._tools(
+            tools, legacy=bool(req.functions) and not req.tools
+        )
         return await self._run(
             request,
             req,
-            PromptSpec(messages=messages),
-            grammar,
+            PromptSpec(messages=messages, tools=tools.template_tools() if tools else None),
+            tool_grammar or grammar,
             req.requested_logprobs(),
             chat=True,
+            parsing=parsing,
         )
+
+    # --- Anthropic's Messages API (engine/serving/messages_api.py) -----------------
+
+    async def _anthropic_body(self, request: web.Request, model: type[_AReq]) -> _AReq:
+        body = {
+            k: v for k, v in (await _json_body(request, self.io_timeout)).items() if v is not None
+        }
+        try:
+            return model.model_validate(body)
+        except ValidationError as exc:
+            raise _validation_error(exc) from exc
+
+    def _anthropic_prompt(self, req: CountTokensRequest) -> tuple[PromptSpec, ToolRequest | None]:
+        try:
+            messages = messages_api.chat_messages(req)
+            tools = messages_api.tools_of(req)
+        except ToolRequestError as exc:
+            raise ApiError(400, str(exc), code="invalid_value", param=exc.param) from exc
+        for i, m in enumerate(messages):
+            _require_utf8(m.get("content"), f"messages.{i}.content")
+        return PromptSpec(messages=messages, tools=tools.template_tools() if tools else None), tools
+
+    async def count_tokens(self, request: web.Request) -> web.Response:
+        """`POST /v1/messages/count_tokens`: the prompt's size, as the model's template renders it."""
+        req = await self._anthropic_body(request, CountTokensRequest)
+        prompt, _tools = self._anthropic_prompt(req)
+        try:
+            n = await asyncio.get_running_loop().run_in_executor(
+                None, self.engine.count_tokens, prompt
+            )
+        except (PeregrineError, TemplateError) as exc:
+            raise _api_error_for(exc) from exc
+        return web.json_response({"input_tokens": n})
+
+    async def messages(self, request: web.Request) -> web.StreamResponse:
+        """`POST /v1/messages`: Anthropic's Messages API, streamed or not."""
+        req = await self._anthropic_body(request, MessagesRequest)
+        prompt, tools = self._anthropic_prompt(req)
+        stops = req.stop_sequences or []
+        if len(stops) > 16:
+            raise ApiError(
+                400,
+                "'stop_sequences' takes at most 16",
+                code="invalid_value",
+                param="stop_sequences",
+            )
+        parsing, grammar = await self._tools(tools, force=True)
+        assert parsing is not None
+        d = SamplingParams()
+        sampling = SamplingParams(
+            temperature=d.temperature if req.temperature is None else req.temperature,
+            top_k=d.top_k if req.top_k is None else req.top_k,
+            top_p=d.top_p if req.top_p is None else req.top_p,
+        )
+        stream = self._new_stream()
+        job = Job(
+            prompt=prompt,
+            sampling=sampling,
+            max_tokens=req.max_tokens,
+            stop=stops,
+            speculative=SpecParams(),
+            emit=stream.put,
+            grammar=grammar,
+        )
+        self._submit(job)
+        msg_id = messages_api.message_id()
+        model = req.model or self.engine.model_id or "unknown"
+        try:
+            started = await self._await_start(request, stream, job)
+            parser = parsing.parser(started.reasoning_open, messages_api.tool_use_id)
+            if req.stream:
+                return await self._anthropic_stream(
+                    request, stream, job, parser, msg_id, model, started.n_prompt
+                )
+            while True:
+                event = await self._next(request, stream, job)
+                if isinstance(event, Done):
+                    if event.error is not None or event.result is None:
+                        raise _api_error_for(event.error, "messages")
+                    result = event.result
+                    parsed = collect(parser.feed(result.text) + parser.finish())
+                    return web.json_response(
+                        messages_api.message_body(
+                            msg_id=msg_id,
+                            model=model,
+                            parsed=parsed,
+                            finish=result.finish_reason,
+                            stop_sequence=result.stop_sequence,
+                            input_tokens=started.n_prompt,
+                            output_tokens=result.completion_tokens,
+                        )
+                    )
+        finally:
+            job.cancel.set()
+            self.jobs.pop(id(job), None)
+
+    async def _anthropic_stream(
+        self,
+        request: web.Request,
+        stream: _Stream,
+        job: Job,
+        parser: StreamParser,
+        msg_id: str,
+        model: str,
+        n_prompt: int,
+    ) -> web.StreamResponse:
+        response = web.StreamResponse(
+            headers={
+                "Content-Type": "text/event-stream; charset=utf-8",
+                "Cache-Control": "no-cache",
+                "X-Accel-Buffering": "no",
+            }
+        )
+        await response.prepare(request)
+        send = _Sender(request, response, job, self.io_timeout)
+        blocks = messages_api.EventWriter()
+        start = {
+            "type": "message_start",
+            "message": {
+                "id": msg_id,
+                "type": "message",
+                "role": "assistant",
+                "model": model,
+                "content": [],
+                "stop_reason": None,
+                "stop_sequence": None,
+                "usage": {"input_tokens": n_prompt, "output_tokens": 0},
+            },
+        }
+        try:
+            await send.named("message_start", start)
+            await send.named("ping", {"type": "ping"})
+            while True:
+                event = await self._next(request, stream, job)
+                if isinstance(event, TextDelta):
+                    for name, payload in blocks.feed(parser.feed(event.text)):
+                        await send.named(name, payload)
+                elif isinstance(event, Done):
+                    result = event.result
+                    if event.error is not None or result is None:
+                        error = _api_error_for(event.error, "messages")
+                        await send.named("error", error_body(error.status, error.message))
+                        break
+                    for name, payload in blocks.feed(parser.finish()) + blocks.finish():
+                        await send.named(name, payload)
+                    reason = messages_api.stop_reason(
+                        result.finish_reason, bool(parser.calls), result.stop_sequence
+                    )
+                    await send.named(
+                        "message_delta",
+                        {
+                            "type": "message_delta",
+                            "delta": {"stop_reason": reason, "stop_sequence": result.stop_sequence},
+                            "usage": {"output_tokens": result.completion_tokens},
+                        },
+                    )
+                    await send.named("message_stop", {"type": "message_stop"})
+                    break
+            await asyncio.wait_for(response.write_eof(), self.io_timeout)
+        except (ConnectionResetError, ConnectionError):
+            job.cancel.set()
+        except TimeoutError:
+            send.give_up()
+        return response
+
+    def _submit(self, job: Job) -> None:
+        try:
+            self.engine.submit(job)
+        except QueueFull as exc:
+            raise ApiError(503, str(exc), type_="server_error", code="queue_full") from exc
+        except NotReady as exc:
+            raise ApiError(503, str(exc), type_="server_error", code="model_not_ready") from exc
+        self.jobs[id(job)] = job
+
+    async def _tools(
+        self, tools: ToolRequest | None, *, legacy: bool = False, force: bool = False
+    ) -> tuple[_Parsing | None, str | None]:
+        """How to read the answer (tool calls, reasoning) and the grammar its tool choice needs."""
+        fmt = self.engine.tool_format
+        if fmt is None:
+            if tools is None:
+                return None, None
+            raise ApiError(503, "no model is loaded", type_="server_error", code="model_not_ready")
+        grammar = None
+        if tools is not None:
+            try:
+                grammar = await asyncio.get_running_loop().run_in_executor(None, tools.grammar, fmt)
+            except SchemaError as exc:
+                raise ApiError(400, str(exc), code="unsupported_schema", param=exc.param) from exc
+        if tools is None and not fmt.reasoning and not force:
+            return None, grammar
+        return _Parsing(fmt, tools.schemas() if tools else None, legacy), grammar
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req, grammar = await self._parse(request, CompletionRequest, "completions")
@@ -638,11 +894,9 @@ class _Api:
         logprobs: int | None,
         *,
         chat: bool,
+        parsing: _Parsing | None = None,
     ) -> web.StreamResponse:
-        loop = asyncio.get_running_loop()
-        if self._mailbox is None or self._mailbox.loop is not loop:
-            self._mailbox = _Mailbox(loop)
-        stream = _Stream(self._mailbox)
+        stream = self._new_stream()
         spec_opts = req.speculative
         job = Job(
             prompt=prompt,
@@ -663,19 +917,13 @@ class _Api:
             # The desktop app marks its own chat, admitted ahead of queued API requests.
             priority="app" if request.headers.get(CLIENT_HEADER, "").lower() == "app" else "api",
         )
-        try:
-            self.engine.submit(job)
-        except QueueFull as exc:
-            raise ApiError(503, str(exc), type_="server_error", code="queue_full") from exc
-        except NotReady as exc:
-            raise ApiError(503, str(exc), type_="server_error", code="model_not_ready") from exc
-        self.jobs[id(job)] = job
-
+        self._submit(job)
         meta = _ResponseMeta(
             id=("chatcmpl-" if chat else "cmpl-") + uuid.uuid4().hex[:24],
             created=int(time.time()),
             model=self.engine.model_id or "unknown",
             chat=chat,
+            parsing=parsing,
         )
         try:
             if req.stream:
@@ -702,24 +950,25 @@ class _Api:
             except TimeoutError:
                 continue
 
-    async def _await_start(self, request: web.Request, stream: _Stream, job: Job) -> int:
-        """Waits for the job to start; returns its prompt size or raises ApiError."""
+    async def _await_start(self, request: web.Request, stream: _Stream, job: Job) -> Started:
+        """Waits for the job to start; returns its Started event or raises ApiError."""
         event = await self._next(request, stream, job)
         if isinstance(event, Done):
             raise _api_error_for(event.error, _prompt_field(job))
         assert isinstance(event, Started), event
-        return event.n_prompt
+        return event
 
     async def _collect(
         self, request: web.Request, stream: _Stream, job: Job, meta: _ResponseMeta
     ) -> web.Response:
-        n_prompt = await self._await_start(request, stream, job)
+        started = await self._await_start(request, stream, job)
+        meta.reasoning_open = started.reasoning_open
         while True:
             event = await self._next(request, stream, job)
             if isinstance(event, Done):
                 if event.error is not None or event.result is None:
                     raise _api_error_for(event.error, _prompt_field(job))
-                return web.json_response(meta.full(event.result, n_prompt))
+                return web.json_response(meta.full(event.result, started.n_prompt))
 
     async def _stream(
         self,
@@ -729,7 +978,8 @@ class _Api:
         meta: _ResponseMeta,
         req: SamplingFields,
     ) -> web.StreamResponse:
-        n_prompt = await self._await_start(request, stream, job)
+        started = await self._await_start(request, stream, job)
+        n_prompt = started.n_prompt
         include_usage = req.stream_options is not None and req.stream_options.include_usage
         response = web.StreamResponse(
             headers={
@@ -744,9 +994,15 @@ class _Api:
             if meta.chat:
                 await send.event(meta.chunk({"role": "assistant", "content": ""}, None))
             offset = 0  # text_offset of the next chunk (completions' logprobs)
+            parser = (
+                meta.parsing.parser(started.reasoning_open) if meta.parsing is not None else None
+            )
             while True:
                 event = await self._next(request, stream, job)
-                if isinstance(event, TextDelta):
+                if isinstance(event, TextDelta) and parser is not None:
+                    for chunk in meta.parsed_chunks(parser.feed(event.text)):
+                        await send.event(chunk)
+                elif isinstance(event, TextDelta):
                     text = event.text
                     lp = (
                         meta.logprobs(event.logprobs, offset)
@@ -760,7 +1016,16 @@ class _Api:
                     if event.error is not None or result is None:
                         await send.event(_api_error_for(event.error, _prompt_field(job)).body())
                     else:
-                        final = meta.chunk({} if meta.chat else "", result.finish_reason)
+                        finish: str = result.finish_reason
+                        if parser is not None:
+                            for chunk in meta.parsed_chunks(parser.finish()):
+                                await send.event(chunk)
+                            finish = _finish_with_calls(
+                                finish,
+                                parser.calls,
+                                meta.parsing is not None and meta.parsing.legacy,
+                            )
+                        final = meta.chunk({} if meta.chat else "", finish)
                         final["timings"] = result.timings.to_json()
                         usage = meta.usage(result, n_prompt)
                         if include_usage:
@@ -810,6 +1075,11 @@ class _Sender:
     async def event(self, payload: dict[str, Any]) -> None:
         await self.raw(b"data: " + json.dumps(payload, ensure_ascii=False).encode() + b"\n\n")
 
+    async def named(self, name: str, payload: dict[str, Any]) -> None:
+        """An SSE event with a name (Anthropic's streams)."""
+        data = json.dumps(payload, ensure_ascii=False).encode()
+        await self.raw(b"event: " + name.encode() + b"\ndata: " + data + b"\n\n")
+
     async def raw(self, data: bytes) -> None:
         try:
             await asyncio.wait_for(self._write(data), self.timeout)
@@ -847,6 +1117,8 @@ def _api_error_for(error: BaseException | None, prompt_field: str = "messages") 
         return ApiError(400, str(error), code="context_length_exceeded", param=prompt_field)
     if isinstance(error, NotReady):
         return ApiError(503, str(error), type_="server_error", code="model_not_ready")
+    if isinstance(error, QueueFull):
+        return ApiError(503, str(error), type_="server_error", code="queue_full")
     if isinstance(error, BadRequest):
         return ApiError(400, str(error), code="invalid_value", param=error.param)
     if isinstance(error, ContextFull):
@@ -873,12 +1145,72 @@ def _api_error_for(error: BaseException | None, prompt_field: str = "messages") 
     )
 
 
+@dataclass(frozen=True)
+class _Parsing:
+    """How a chat answer is read: the model's tool format, and the tools that may be called."""
+
+    fmt: ToolFormat
+    tools: dict[str, Any] | None  # None: no call is parsed (no tools, or tool_choice "none")
+    # The request used the legacy `functions`: answer with `function_call` (the first call).
+    legacy: bool = False
+
+    def parser(
+        self, in_reasoning: bool = False, new_id: Callable[[], str] | None = None
+    ) -> StreamParser:
+        return StreamParser(self.fmt, self.tools, in_reasoning=in_reasoning, new_id=new_id)
+
+
+# Arguments go out in fragments of this many characters (as OpenAI streams them).
+ARGUMENT_FRAGMENT = 24
+
+
+def _finish_with_calls(finish: str, calls: Sequence[ToolCall], legacy: bool = False) -> str:
+    if not calls or finish != "stop":
+        return finish
+    return "function_call" if legacy else "tool_calls"
+
+
+def _tool_call_json(index: int, call: ToolCall) -> dict[str, Any]:
+    return {
+        "index": index,
+        "id": call.id,
+        "type": "function",
+        "function": {"name": call.name, "arguments": call.arguments},
+    }
+
+
 @dataclass
 class _ResponseMeta:
     id: str
     created: int
     model: str
     chat: bool
+    parsing: _Parsing | None = None
+    reasoning_open: bool = False
+
+    def parsed_chunks(self, events: Sequence[ParseEvent]) -> list[dict[str, Any]]:
+        """Stream chunks for parsed events: content, reasoning_content, tool_calls fragments."""
+        chunks = []
+        for e in events:
+            if isinstance(e, ContentDelta):
+                chunks.append(self.chunk({"content": e.text}, None))
+            elif isinstance(e, ReasoningDelta):
+                chunks.append(self.chunk({"reasoning_content": e.text}, None))
+            elif isinstance(e, CallDelta) and self.parsing is not None and self.parsing.legacy:
+                if e.index == 0:  # the legacy form carries one call
+                    fn = {"name": e.call.name, "arguments": e.call.arguments}
+                    chunks.append(self.chunk({"function_call": fn}, None))
+            elif isinstance(e, CallDelta):
+                head = _tool_call_json(e.index, e.call)
+                head["function"]["arguments"] = ""
+                chunks.append(self.chunk({"tool_calls": [head]}, None))
+                args = e.call.arguments
+                for at in range(0, len(args), ARGUMENT_FRAGMENT):
+                    piece = {"arguments": args[at : at + ARGUMENT_FRAGMENT]}
+                    chunks.append(
+                        self.chunk({"tool_calls": [{"index": e.index, "function": piece}]}, None)
+                    )
+        return chunks
 
     def chunk(
         self,
@@ -932,7 +1264,30 @@ class _ResponseMeta:
 
     def full(self, result: GenerationResult, n_prompt: int) -> dict[str, Any]:
         lp = self.logprobs(result.logprobs) if result.logprobs is not None else None
-        if self.chat:
+        if self.chat and self.parsing is not None:
+            parsed = parse_output(
+                self.parsing.fmt,
+                result.text,
+                self.parsing.tools,
+                in_reasoning=self.reasoning_open,
+            )
+            msg: dict[str, Any] = {
+                "role": "assistant",
+                "content": parsed.content if parsed.content or not parsed.calls else None,
+            }
+            if parsed.reasoning is not None:
+                msg["reasoning_content"] = parsed.reasoning
+            legacy = self.parsing.legacy
+            if parsed.calls and legacy:
+                first = parsed.calls[0]
+                msg["function_call"] = {"name": first.name, "arguments": first.arguments}
+            elif parsed.calls:
+                msg["tool_calls"] = [_tool_call_json(i, c) for i, c in enumerate(parsed.calls)]
+                for call in msg["tool_calls"]:
+                    del call["index"]
+            finish = _finish_with_calls(result.finish_reason, parsed.calls, legacy)
+            body = self._envelope("chat.completion", {"message": msg}, finish, lp)
+        elif self.chat:
             message = {"message": {"role": "assistant", "content": result.text}}
             body = self._envelope("chat.completion", message, result.finish_reason, lp)
         else:

@@ -98,6 +98,15 @@ class SlotStatus(BaseModel):
     n_ctx_used: int = 0  # KV cells the slot's sequence holds
 
 
+class ToolFormatStatus(BaseModel):
+    """The loaded model's tool-call syntax, and whether a forced call parsed back after load."""
+
+    name: str
+    # None until the self-test has run (it waits for idle time).
+    self_test: bool | None = None
+    detail: str | None = None
+
+
 class EngineStatus(BaseModel):
     state: EngineState
     load_progress: float
@@ -109,3 +118,4 @@ class EngineStatus(BaseModel):
     runtime: RuntimeInfo
     queue: QueueInfo
     slots: list[SlotStatus] = Field(default_factory=list)
+    tool_format: ToolFormatStatus | None = None

@@ -28,21 +28,11 @@ REFUSED_FIELDS: dict[str, tuple[frozenset[str], tuple[Any, ...], str]] = {
     "modalities": (frozenset({"chat"}), ([], ["text"]), "text only"),
     "prediction": (frozenset({"chat"}), (), "predicted outputs are not supported"),
     "web_search_options": (frozenset({"chat"}), (), "no web search"),
-    "tools": (frozenset({"chat"}), ([],), "tool calling is not supported yet"),
-    "tool_choice": (frozenset({"chat"}), ("none", "auto"), "tool calling is not supported yet"),
-    "functions": (frozenset({"chat"}), ([],), "tool calling is not supported yet"),
-    "function_call": (
-        frozenset({"chat"}),
-        ("none", "auto"),
-        "tool calling is not supported yet",
-    ),
 }
 
 # Accepted and without effect (so are unknown fields, and stream_options fields
 # other than include_usage).
-IGNORED_FIELDS = frozenset(
-    {"user", "metadata", "store", "service_tier", "parallel_tool_calls", "safety_identifier"}
-)
+IGNORED_FIELDS = frozenset({"user", "metadata", "store", "service_tier", "safety_identifier"})
 
 
 def refused_field(
@@ -75,10 +65,61 @@ class ContentPart(WireModel):
     text: str | None = None
 
 
+# OpenAI's rule for function names; it also keeps names safe inside call markup.
+TOOL_NAME_PATTERN = r"^[A-Za-z0-9_.-]{1,64}$"
+
+
+class FunctionDef(WireModel):
+    """A tool's function: its name, what it does, and a JSON schema of its arguments."""
+
+    name: str = Field(pattern=TOOL_NAME_PATTERN)
+    description: str | None = None
+    parameters: dict[str, Any] | None = None
+    strict: bool | None = None
+
+
+class ToolDef(WireModel):
+    type: Literal["function"]
+    function: FunctionDef
+
+
+class NamedFunction(WireModel):
+    name: str
+
+
+class NamedToolChoice(WireModel):
+    """`tool_choice: {"type": "function", "function": {"name": ...}}`."""
+
+    type: Literal["function"]
+    function: NamedFunction
+
+
+class FunctionCall(WireModel):
+    """A call the assistant made: the function's name and its arguments as JSON text."""
+
+    name: str
+    arguments: str
+
+
+class ToolCallIn(WireModel):
+    """An assistant turn's tool call, sent back in the history."""
+
+    id: str | None = None
+    type: Literal["function"] = "function"
+    function: FunctionCall
+
+
 class ChatMessage(WireModel):
-    role: Literal["system", "user", "assistant", "tool", "developer"]
+    # "function" is the legacy form of "tool" (a function's result).
+    role: Literal["system", "user", "assistant", "tool", "developer", "function"]
     content: str | list[ContentPart] | None = None
     name: str | None = None
+    tool_calls: list[ToolCallIn] | None = None
+    tool_call_id: str | None = None
+    # Legacy: the assistant's one function call.
+    function_call: FunctionCall | None = None
+    # An earlier answer's reasoning, for templates that show it again.
+    reasoning_content: str | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -157,6 +198,12 @@ class SamplingFields(WireModel):
 
 class ChatCompletionRequest(SamplingFields):
     messages: list[ChatMessage] = Field(min_length=1)
+    tools: list[ToolDef] | None = None
+    tool_choice: Literal["none", "auto", "required"] | NamedToolChoice | None = None
+    parallel_tool_calls: bool | None = None
+    # The legacy forms of tools and tool_choice.
+    functions: list[FunctionDef] | None = None
+    function_call: Literal["none", "auto"] | NamedFunction | None = None
     logprobs: bool = False
     top_logprobs: int | None = Field(default=None, ge=0, le=MAX_TOP_LOGPROBS)
 

@@ -259,6 +259,31 @@ class SettingsView(QScrollArea):
         example_row.addWidget(self.api_example, 1)
         example_row.addWidget(self.copy_example, 0, Qt.AlignmentFlag.AlignTop)
         section.form.addRow("Python", example_row)
+
+        # Agent frameworks call tools; the engine parses and enforces them (docs/api.md).
+        agent_row = QHBoxLayout()
+        self.agent_example = QLabel()
+        self.agent_example.setObjectName("code")
+        self.agent_example.setWordWrap(True)
+        self.copy_agent = QPushButton("Copy")
+        self.copy_agent.clicked.connect(
+            lambda: self._copy(self.controller.settings.local_api.agent_example(self._key()))
+        )
+        agent_row.addWidget(self.agent_example, 1)
+        agent_row.addWidget(self.copy_agent, 0, Qt.AlignmentFlag.AlignTop)
+        section.form.addRow("Agent", agent_row)
+
+        claude_row = QHBoxLayout()
+        self.anthropic_example = QLabel()
+        self.anthropic_example.setObjectName("code")
+        self.anthropic_example.setWordWrap(True)
+        self.copy_anthropic = QPushButton("Copy")
+        self.copy_anthropic.clicked.connect(
+            lambda: self._copy(self.controller.settings.local_api.anthropic_example(self._key()))
+        )
+        claude_row.addWidget(self.anthropic_example, 1)
+        claude_row.addWidget(self.copy_anthropic, 0, Qt.AlignmentFlag.AlignTop)
+        section.form.addRow("Claude Code", claude_row)
         return section
 
     # drawing ---------------------------------------------------------------------
@@ -317,6 +342,8 @@ class SettingsView(QScrollArea):
         self.api_url.setText(api.base_url)
         self.api_key.setText(masked(key) if key else "made when access is first allowed")
         self.api_example.setText(api.client_example(masked(key) or "…"))
+        self.agent_example.setText(api.agent_example(masked(key) or "…"))
+        self.anthropic_example.setText(api.anthropic_example(masked(key) or "…"))
         for button in (self.copy_url, self.copy_key, self.copy_example, self.new_key):
             button.setEnabled(api.shared and bool(key))
         self._draw_api_dirty()

@@ -97,6 +97,10 @@ class ServerFigures:
     acceptance: float | None = None
     draft_model: str | None = None
     draft_acceptance: float | None = None
+    # The model's tool-call format and its self-test: None while it has not run.
+    tool_format: str | None = None
+    tool_self_test: bool | None = None
+    tool_detail: str | None = None
 
 
 class CancelToken:
@@ -337,6 +341,9 @@ class EngineClient:
                 acceptance=status.speculative.acceptance,
                 draft_model=status.speculative.draft_model,
                 draft_acceptance=status.speculative.draft_acceptance,
+                tool_format=status.tool_format.name if status.tool_format else None,
+                tool_self_test=status.tool_format.self_test if status.tool_format else None,
+                tool_detail=status.tool_format.detail if status.tool_format else None,
             )
         root = self.endpoint.api_root.removesuffix("/v1")
         try:
