@@ -34,7 +34,9 @@ def ask(engine: EngineProc, topic: str, log: list[tuple[str, str, float]] | None
     stream = client(engine).chat.completions.create(
         model="default",
         messages=[{"role": "user", "content": f"Write one sentence about {topic}."}],
-        max_tokens=16,
+        # Long enough that the last stream's first token comes before the first
+        # stream's end even when the client's threads start late on a busy machine.
+        max_tokens=48,
         temperature=0,
         stream=True,
     )
