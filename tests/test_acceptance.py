@@ -198,3 +198,18 @@ def test_missing_distributions_are_refused() -> None:
     rows = ScriptedRows(P1, P2, [1, 4])
     with pytest.raises(ValueError, match="every draft token"):
         speculative_sampling(rows, [1, 4], [Q1], np.random.default_rng(0))
+
+
+def test_any_request_seed_seeds_the_rule() -> None:
+    # OpenAI clients send any integer as a seed, negative ones and 2**64 + 3 included.
+    from engine.backend.llama import SamplingParams
+    from engine.decoding.request import GenerationRequest
+    from engine.decoding.sampling import sampler_for
+    from tests.fake_model import FakeModel, answer_after
+
+    model = FakeModel(answer_after([1], [2]))
+    for seed in (2**64 + 3, -(2**63), -1, 0, None):
+        req = GenerationRequest([1], SamplingParams(temperature=0.0, seed=seed), 4)
+        sampler = sampler_for(model, req)  # type: ignore[arg-type]
+        assert 0.0 <= sampler.rng.random() < 1.0
+        sampler.close()

@@ -50,8 +50,9 @@ class TokenSampler:
         # None: no logprobs; 0..20: the sampled token's, plus that many alternatives.
         self.top_logprobs = top_logprobs
         self._logprobs: deque[TokenLogprob] = deque()
-        # Speculative sampling's draws (accept or not, resample), seeded with the request.
-        self.rng = np.random.default_rng(seed)
+        # Speculative sampling's draws (accept or not, resample), seeded with the
+        # request (any integer: numpy takes non-negative seeds only).
+        self.rng = np.random.default_rng(None if seed is None else seed % (1 << 64))
 
     def sample(self, row: int) -> int:
         """Samples the next token from output row `row` and accepts it into chain and grammar."""

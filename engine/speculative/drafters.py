@@ -273,7 +273,7 @@ class DraftModelDrafter:
                 params, repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0
             )
         )
-        seed = None if params.seed is None else params.seed + 1
+        seed = None if params.seed is None else (params.seed + 1) % (1 << 64)
         self._rng = np.random.default_rng(seed)
 
     def reset(self, tokens: Sequence[int]) -> None:
