@@ -28,6 +28,9 @@ class LoadRequest(WireModel):
     n_batch: int = Field(default=512, ge=1, le=1 << 16)
     n_ubatch: int = Field(default=512, ge=1, le=1 << 16)
     threads: int = Field(default=0, ge=0, le=1024)  # 0: the engine picks
+    # Matrix products that round the same for any batch size (docs/architecture.md,
+    # "Exactness"): no repacked weights and no tiled K-quant product.
+    batch_invariant: bool = False
 
 
 EngineState = Literal["idle", "loading", "ready", "generating", "error"]
