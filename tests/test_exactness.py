@@ -76,14 +76,7 @@ def model_files(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -
 CASES = {"Q4_1": [], "Q4_0": [], "Q4_K_M": ["--batch-invariant"]}
 
 
-# Until the batch-invariant mode's Q4_K_M run is seen passing through the engine.
-UNVERIFIED = pytest.mark.xfail(reason="batch-invariant mode not yet run here", strict=False)
-
-
-@pytest.fixture(
-    scope="module",
-    params=["Q4_1", "Q4_0", pytest.param("Q4_K_M", marks=UNVERIFIED)],
-)
+@pytest.fixture(scope="module", params=list(CASES))
 def engine(request: pytest.FixtureRequest, model_files: dict[str, Path]) -> Iterator[EngineProc]:
     model = model_files[request.param]
     args = ["--model", str(model), "--ctx", "2048", "--flash-attn", "on", "--threads", "2"]
