@@ -51,7 +51,9 @@ TARGET = 0.97
 class Worker:
     """A filled context that measures prompt and decode speed at a given depth."""
 
-    def __init__(self, model: str, max_depth: int, prompt_tokens: int, threads: int) -> None:
+    def __init__(
+        self, model: str, max_depth: int, prompt_tokens: int, threads: int, repack: bool = True
+    ) -> None:
         import llama_cpp
         import numpy as np
 
@@ -59,9 +61,9 @@ class Worker:
         self._silence = llama_cpp.llama_log_callback(lambda *_: None)  # kept alive: C calls it
         llama_cpp.llama_log_set(self._silence, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
-        self.model = llama_cpp.llama_model_load_from_file(
-            model.encode(), llama_cpp.llama_model_default_params()
-        )
+        mp = llama_cpp.llama_model_default_params()
+        mp.use_extra_bufts = repack
+        self.model = llama_cpp.llama_model_load_from_file(model.encode(), mp)
         cp = llama_cpp.llama_context_default_params()
         cp.n_ctx = max_depth + prompt_tokens + 256
         cp.n_batch = cp.n_ubatch = 512
@@ -121,7 +123,9 @@ class Worker:
 
 
 def worker_main(args: argparse.Namespace) -> int:
-    w = Worker(args.model, max(args.depth_list), args.prompt_tokens, args.threads)
+    w = Worker(
+        args.model, max(args.depth_list), args.prompt_tokens, args.threads, not args.no_repack
+    )
     print(json.dumps({"ready": True}), flush=True)
     for line in sys.stdin:
         depth = int(json.loads(line)["depth"])
@@ -185,6 +189,34 @@ def render(summary: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
+def add_run_args(parser: argparse.ArgumentParser, depths: str, threads: int, out: Path) -> None:
+    """The options this benchmark shares with bench.batch_invariant."""
+    parser.add_argument("--depths", default=depths)
+    parser.add_argument("--prompt-tokens", type=int, default=512)
+    parser.add_argument("--decode-tokens", type=int, default=32)
+    parser.add_argument("--threads", type=int, default=threads)
+    parser.add_argument("--repeats", type=int, default=3)
+    parser.add_argument("--min-idle", type=float, default=0.85)
+    parser.add_argument("--max-wait", type=float, default=60.0)
+    parser.add_argument("--out", type=Path, default=out)
+
+
+def write_record(
+    args: argparse.Namespace, summary: dict[str, Any], records: list[dict[str, Any]], table: str
+) -> None:
+    """The full record of a run, next to the table printed."""
+    args.out.parent.mkdir(parents=True, exist_ok=True)
+    record = {
+        "machine": machine(),
+        "code": code_version(),
+        "args": {k: str(v) for k, v in vars(args).items()},
+        "summary": summary,
+        "records": records,
+        "table": table,
+    }
+    args.out.write_text(json.dumps(record, indent=2) + "\n")
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="bench.flash_attention")
     parser.add_argument("--baseline", type=Path, help="unpatched wheel or llama_cpp/lib folder")
@@ -192,15 +224,9 @@ def main(argv: list[str] | None = None) -> int:
         "--patched", type=Path, help="patched wheel or lib folder (default: installed)"
     )
     parser.add_argument("--model", default=None)
-    parser.add_argument("--depths", default="512,2048,8192")
-    parser.add_argument("--prompt-tokens", type=int, default=512)
-    parser.add_argument("--decode-tokens", type=int, default=32)
-    parser.add_argument("--threads", type=int, default=2)
-    parser.add_argument("--repeats", type=int, default=3)
-    parser.add_argument("--min-idle", type=float, default=0.85)
-    parser.add_argument("--max-wait", type=float, default=60.0)
-    parser.add_argument("--out", type=Path, default=RESULTS)
+    add_run_args(parser, depths="512,2048,8192", threads=2, out=RESULTS)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--no-repack", action="store_true", help=argparse.SUPPRESS)
     args = parser.parse_args(argv)
     args.depth_list = [int(d) for d in args.depths.split(",")]
     if args.model is None:
@@ -264,21 +290,7 @@ def main(argv: list[str] | None = None) -> int:
         summary[str(depth)] = s
     table = render(summary)
     print(table)
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(
-        json.dumps(
-            {
-                "machine": machine(),
-                "code": code_version(),
-                "args": {k: str(v) for k, v in vars(args).items()},
-                "summary": summary,
-                "records": records,
-                "table": table,
-            },
-            indent=2,
-        )
-        + "\n"
-    )
+    write_record(args, summary, records, table)
     ok = all(s["prompt_ratio"] >= TARGET and s["decode_ratio"] >= TARGET for s in summary.values())
     return 0 if ok else 1
 

@@ -166,6 +166,24 @@ def default_threads() -> int:
     return max(1, cores or os.cpu_count() or 1)
 
 
+# The user's own setting, restored when a load without batch_invariant follows one with it.
+_TILED_MM_ENV = os.environ.get("GGML_CPU_TILED_MM")
+
+
+def _set_batch_invariant_products(on: bool) -> None:
+    """The CPU products of `LoadRequest.batch_invariant` (docs/architecture.md,
+    "Exactness"). Repacked weights are a model parameter; llama.cpp's tiled K-quant
+    product (8 rows or more; fewer go through vec_dot, rounding differently) is
+    switched by GGML_CPU_TILED_MM, which our build reads at every product.
+    """
+    if on:
+        os.environ["GGML_CPU_TILED_MM"] = "0"
+    elif _TILED_MM_ENV is None:
+        os.environ.pop("GGML_CPU_TILED_MM", None)
+    else:
+        os.environ["GGML_CPU_TILED_MM"] = _TILED_MM_ENV
+
+
 def _apply_expert_offload(mparams: Any, request: LoadRequest) -> Any:
     """Keeps MoE expert tensors in system RAM: all of them (`expert_offload`,
     llama-server's --cpu-moe) or those of the first `n_cpu_moe` layers (--n-cpu-moe),
@@ -209,6 +227,8 @@ class LlamaModel:
             self._tensor_split = arr
             mparams.tensor_split = arr
         self._overrides = _apply_expert_offload(mparams, request)
+        mparams.use_extra_bufts = not request.batch_invariant
+        _set_batch_invariant_products(request.batch_invariant)
         # Keep the callback referenced for the whole load. `progress` returning
         # False aborts the load (a newer load replaced this one).
         self._progress_cb = llama_cpp.llama_progress_callback(

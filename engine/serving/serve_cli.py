@@ -193,6 +193,13 @@ def build_parser() -> argparse.ArgumentParser:
         help="auto: let the memory planner pick settings not given explicitly",
     )
     g.add_argument("--runtime", default=None, help="engine runtime under PEREGRINE_HOME/runtimes/")
+    g.add_argument(
+        "--batch-invariant",
+        action="store_true",
+        default=None,
+        help="CPU matrix products that round the same for any batch size (exact answers "
+        "for K-quant models too; slower prompts for them)",
+    )
     g = p.add_argument_group("lifetime")
     g.add_argument(
         "--parent-pid", type=int, default=None, help="exit within 2 s of this process's death"
@@ -264,6 +271,7 @@ def _load_request(args: argparse.Namespace, model_path: str) -> LoadRequest:
         "expert_offload": args.cpu_moe or None,
         "n_parallel": _parallel(args.parallel),
         "kv_unified": args.kv_unified,
+        "batch_invariant": args.batch_invariant,
     }
     base.update({k: v for k, v in explicit.items() if v is not None})
     try:

@@ -43,6 +43,9 @@ class LoadRequest(WireModel):
     # all); off: each slot gets n_ctx / n_parallel cells of its own.
     kv_unified: bool = True
     mtp: bool = True  # load the model's MTP heads, if it has usable ones (--no-mtp)
+    # Matrix products that round the same for any batch size (docs/architecture.md,
+    # "Exactness"): no repacked weights and no tiled K-quant product.
+    batch_invariant: bool = False
 
 
 EngineState = Literal["idle", "loading", "ready", "generating", "error"]
