@@ -81,6 +81,9 @@ def engine(request: pytest.FixtureRequest, model_files: dict[str, Path]) -> Iter
     model = model_files[request.param]
     args = ["--model", str(model), "--ctx", "2048", "--flash-attn", "on", "--threads", "2"]
     args += ["--cache-type-k", "f16", "--cache-type-v", "f16", "--cache-ram", "0"]
+    # One slot: `forget` then replaces the live context (with several, it would take
+    # another slot and leave the long prompt cached); no tool self-test in that slot.
+    args += ["--parallel", "1", "--tool-self-test", "off"]
     with running_engine(*args, *CASES[request.param]) as eng:
         yield eng
 

@@ -84,6 +84,8 @@ def load_memory(hw: Hardware, cand: ModelCandidate, load: LoadRequest) -> Memory
         n_cpu_moe=load.n_cpu_moe,
         n_ubatch=load.n_ubatch,
         host=Device("CPU", "cpu", hw.ram.available),
+        n_seq=load.n_parallel,
+        kv_unified=load.kv_unified,
     )
 
 

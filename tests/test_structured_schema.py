@@ -117,10 +117,10 @@ def test_refused_fields_no_ops_and_routes() -> None:
         "modalities",
         "prediction",
         "web_search_options",
-        "tools",
-        "tool_choice",
     }
-    no_ops = {"n": 1, "tools": [], "tool_choice": "none", "modalities": ["text"], "audio": None}
+    # Tool calling is served now: neither field is refused (tests/test_tool_calling.py).
+    assert not {"tools", "tool_choice"} & set(REFUSED_FIELDS)
+    no_ops = {"n": 1, "modalities": ["text"], "audio": None}
     assert refused_field(no_ops, "chat") is None
     assert refused_field({"echo": False, "suffix": "", "best_of": 1}, "completions") is None
     assert refused_field({"n": 2}, "chat") == (

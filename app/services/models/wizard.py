@@ -47,7 +47,7 @@ from engine.planning.planner import (
 )
 from engine.planning.probe import MeasuredMemory
 from engine.wire.base import MAX_N_CTX, FlashAttn, KVType
-from engine.wire.control import LoadRequest
+from engine.wire.control import AUTO_PARALLEL, LoadRequest
 
 log = logging.getLogger(__name__)
 
@@ -78,7 +78,7 @@ class Choices:
     n_cpu_moe: int = 0  # MoE experts of the first n layers in RAM; n_layer or more: all
     tensor_split: tuple[float, ...] | None = None
     threads: int = 0
-    n_parallel: int = 1  # sent only once LoadRequest has the field
+    n_parallel: int = AUTO_PARALLEL  # parallel slots, sharing one unified KV cache
 
 
 @dataclass(frozen=True)
@@ -332,6 +332,7 @@ class LoadWizard:
             type_v=load.type_v,
             flash_attn=load.flash_attn,
             threads=load.threads,
+            n_parallel=load.n_parallel,
             auto_placement=True,
         )
         self._take_placement(rec.plan)
@@ -357,9 +358,8 @@ class LoadWizard:
             "type_v": c.type_v,
             "flash_attn": c.flash_attn,
             "threads": c.threads,
+            "n_parallel": c.n_parallel,
         }
-        if "n_parallel" in LoadRequest.model_fields:
-            fields["n_parallel"] = c.n_parallel
         return LoadRequest.model_validate(fields)
 
     def estimated(self) -> MemoryBreakdown:
@@ -382,6 +382,8 @@ class LoadWizard:
             n_cpu_moe=load.n_cpu_moe,
             n_ubatch=load.n_ubatch,
             host=Device("CPU", "cpu", self.hardware.ram.available),
+            n_seq=load.n_parallel,
+            kv_unified=load.kv_unified,
         )
 
     def wants_dry_run(self) -> LoadRequest | None:
@@ -472,6 +474,7 @@ class LoadWizard:
             type_k=c.type_k,
             type_v=c.type_v,
             flash_attn="on" if c.flash_attn == "auto" else c.flash_attn,
+            n_parallel=c.n_parallel,
         )
         try:
             placed = plan(self.hardware, [self._candidate()], pins)
