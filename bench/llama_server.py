@@ -1,7 +1,8 @@
 """Starts upstream llama-server (built from the same vendored llama.cpp) for comparisons.
 
 The binary is never part of the repository. Build it outside, as bench/README.md
-says, and point `LLAMA_SERVER_BIN` at it (default /work/llama-server-build/bin/llama-server).
+says, and point `LLAMA_SERVER_BIN` at it (default: build/llama-server/bin/llama-server in the
+checkout).
 Benchmarks call `start_llama_server` and skip their llama-server rows when it returns None.
 """
 
@@ -20,7 +21,7 @@ import httpx2 as httpx
 
 log = logging.getLogger("bench.llama_server")
 
-DEFAULT_BIN = "/work/llama-server-build/bin/llama-server"
+DEFAULT_BIN = str(Path(__file__).resolve().parent.parent / "build/llama-server/bin/llama-server")
 
 
 def llama_server_bin() -> Path | None:

@@ -1,7 +1,7 @@
 """Profiles the engine's path of one token, from llama_decode to the SSE write, with py-spy.
 
     .venv/bin/pip install py-spy          # a tool, not a project dependency
-    .venv/bin/python -m bench.token_profile --out /tmp/profile.txt
+    .venv/bin/python -m bench.token_profile --out profile.txt
 
 Starts the engine (`--parallel 1`), streams `--rounds` completions of
 `--tokens` tokens through the official openai client while py-spy samples the
