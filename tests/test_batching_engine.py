@@ -16,7 +16,17 @@ import pytest
 
 from tests.engine_proc import EngineProc, running_engine, wait_for
 
-EXACT = ("--cache-type-k", "q8_0", "--cache-type-v", "q8_0", "--flash-attn", "on")
+# q8_0 KV takes the per-row attention path; --batch-invariant keeps the matrix products
+# the same for one row and for eight (no repacked gemv/gemm split, no tiled product).
+EXACT = (
+    "--cache-type-k",
+    "q8_0",
+    "--cache-type-v",
+    "q8_0",
+    "--flash-attn",
+    "on",
+    "--batch-invariant",
+)
 TOPICS = ["rivers", "owls", "copper", "tea", "glaciers", "bees", "violins", "deserts"]
 
 

@@ -281,11 +281,31 @@ class Decoder:
             try:
                 return self.model.decode_batch([part for _slot, part in planned])
             except ContextFull:
+                # A request that ended in an earlier part of this step (cancelled: the
+                # tool self-test a new request preempted) no longer needs its cells.
+                ended = [s for s in self.slots if s.state is SlotState.DONE and s.tokens]
+                if ended:
+                    for slot in ended:
+                        self._empty(slot)
+                    continue
                 idle = [s for s in self.slots if s.state is SlotState.IDLE and s.tokens]
                 if idle:
                     for slot in idle:
                         self._stash(slot)
                         self._empty(slot)
+                    continue
+                # A request already cancelled (the tool self-test a new request
+                # preempted, a client that left) goes first: it ends as cancelled
+                # and frees its cells without failing a live request.
+                gone = [
+                    s for s, _p in planned if s.request is not None and s.request.cancel.is_set()
+                ]
+                if gone:
+                    for slot in gone:
+                        slot.finish = "cancelled"
+                        slot.state = SlotState.DONE
+                        self._empty(slot)
+                    planned = [(s, p) for s, p in planned if s not in gone]
                     continue
                 victim = max((slot for slot, _part in planned), key=lambda s: s.age_key)
                 log.warning("the context is full: ending the newest request (slot %d)", victim.seq)
