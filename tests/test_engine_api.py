@@ -21,7 +21,7 @@ pytestmark = pytest.mark.slow
 
 @pytest.fixture(scope="module")
 def engine() -> Iterator[EngineProc]:
-    with running_engine("--ctx", "2048", "--threads", "2") as proc:
+    with running_engine("--ctx", "2048", "--threads", "2", "--tool-self-test", "off") as proc:
         yield proc
 
 
