@@ -435,30 +435,12 @@ class LlamaModel:
         if logits_all and len(tokens) > self._batch_capacity:
             raise DecodeError("verify batch larger than n_batch")
         self._check_seq(seq)
-        start = time.perf_counter()
-        batch = self._batch
+        ms = 0.0
         step = self._batch_capacity
         for offset in range(0, len(tokens), step):
             chunk = tokens[offset : offset + step]
-            last_chunk = offset + step >= len(tokens)
-            n = len(chunk)
-            for i, token in enumerate(chunk):
-                batch.token[i] = token
-                batch.pos[i] = pos0 + offset + i
-                batch.n_seq_id[i] = 1
-                batch.seq_id[i][0] = seq
-                batch.logits[i] = logits_all
-            if last_chunk:
-                batch.logits[n - 1] = True
-            batch.n_tokens = n
-            rc = llama_cpp.llama_decode(self.ctx, batch)
-            if rc == 1:
-                raise ContextFull("the context is full")
-            if rc != 0:
-                raise DecodeError(f"llama_decode failed ({rc})")
-            if self.mtp is not None:
-                self.mtp.decoded(seq, chunk, pos0 + offset)
-        return (time.perf_counter() - start) * 1000.0
+            ms += self.decode_batch([BatchPart(seq, chunk, pos0 + offset, logits_all)])
+        return ms
 
     def decode_batch(self, parts: Sequence[BatchPart]) -> float:
         """Evaluates several sequences' tokens in one llama_decode; the wall time in ms.

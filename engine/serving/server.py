@@ -486,6 +486,19 @@ class _Mailbox:
             queue.put_nowait(event)
 
 
+async def _open_sse(request: web.Request) -> web.StreamResponse:
+    """A prepared server-sent-events response (no caching, no proxy buffering)."""
+    response = web.StreamResponse(
+        headers={
+            "Content-Type": "text/event-stream; charset=utf-8",
+            "Cache-Control": "no-cache",
+            "X-Accel-Buffering": "no",
+        }
+    )
+    await response.prepare(request)
+    return response
+
+
 class _Stream:
     """Carries one job's events from the decode thread to the request's coroutine."""
 
@@ -777,14 +790,7 @@ class _Api:
         model: str,
         n_prompt: int,
     ) -> web.StreamResponse:
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
-        await response.prepare(request)
+        response = await _open_sse(request)
         send = _Sender(request, response, job, self.io_timeout)
         blocks = messages_api.EventWriter()
         start = {
@@ -981,14 +987,7 @@ class _Api:
         started = await self._await_start(request, stream, job)
         n_prompt = started.n_prompt
         include_usage = req.stream_options is not None and req.stream_options.include_usage
-        response = web.StreamResponse(
-            headers={
-                "Content-Type": "text/event-stream; charset=utf-8",
-                "Cache-Control": "no-cache",
-                "X-Accel-Buffering": "no",
-            }
-        )
-        await response.prepare(request)
+        response = await _open_sse(request)
         send = _Sender(request, response, job, self.io_timeout)
         try:
             if meta.chat:

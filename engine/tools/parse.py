@@ -113,18 +113,26 @@ def _json_at(text: str, pos: int) -> tuple[Any, int] | None:
         return None
 
 
-def _hermes(text: str, pos: int, final: bool) -> tuple[list[_RawCall], int] | None:
-    """`<tool_call>{"name": …, "arguments": {…}}</tool_call>` (Hermes, Qwen2.5, the fallback)."""
+def _marked_call(text: str, pos: int, marker: str) -> tuple[_RawCall, int] | None:
+    """`marker` then one JSON call object, from `pos` (whitespace allowed around the
+    marker): the call and the offset just past the object."""
     start = _skip_ws(text, pos)
-    if not text.startswith("<tool_call>", start):
+    if not text.startswith(marker, start):
         return None
-    decoded = _json_at(text, _skip_ws(text, start + len("<tool_call>")))
+    decoded = _json_at(text, _skip_ws(text, start + len(marker)))
     if decoded is None:
         return None
     call = _call_from_object(decoded[0])
-    if call is None:
+    return None if call is None else (call, decoded[1])
+
+
+def _hermes(text: str, pos: int, final: bool) -> tuple[list[_RawCall], int] | None:
+    """`<tool_call>{"name": …, "arguments": {…}}</tool_call>` (Hermes, Qwen2.5, the fallback)."""
+    found = _marked_call(text, pos, "<tool_call>")
+    if found is None:
         return None
-    end = _skip_ws(text, decoded[1])
+    call, end = found
+    end = _skip_ws(text, end)
     if text.startswith("</tool_call>", end):
         return [call], end + len("</tool_call>")
     if final and end == len(text):
@@ -199,16 +207,10 @@ def _glm(tools: Mapping[str, Any]) -> Callable[[str, int, bool], tuple[list[_Raw
 
 def _llama3(text: str, pos: int, final: bool) -> tuple[list[_RawCall], int] | None:
     """`<|python_tag|>{"name": …, "parameters": {…}}`, several separated by `;`."""
-    start = _skip_ws(text, pos)
-    if not text.startswith("<|python_tag|>", start):
+    found = _marked_call(text, pos, "<|python_tag|>")
+    if found is None:
         return None
-    decoded = _json_at(text, _skip_ws(text, start + len("<|python_tag|>")))
-    if decoded is None:
-        return None
-    call = _call_from_object(decoded[0])
-    if call is None:
-        return None
-    end = decoded[1]
+    call, end = found
     if text.startswith(";", end):
         end += 1
     return [call], end
