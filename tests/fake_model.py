@@ -162,7 +162,11 @@ class FakeModel:
         return bytearray(json.dumps(self.kv[seq]).encode())
 
     def restore_state(self, seq: int, data: bytes | bytearray) -> bool:
-        self.kv[seq] = list(json.loads(bytes(data)))
+        cells = list(json.loads(bytes(data)))
+        self.kv[seq] = []
+        if sum(len(c) for c in self.kv) + len(cells) > self.kv_cells:
+            return False  # no room: llama.cpp refuses, leaving the sequence empty
+        self.kv[seq] = cells
         return True
 
     def sampler(self, params: SamplingParams) -> FakeSampler:

@@ -43,7 +43,9 @@ def request(
 
 def run_all(decoder: Decoder, slots: list[Slot]) -> int:
     steps = 0
-    while any(s.state in (SlotState.PREFILL, SlotState.GENERATING) for s in slots):
+    while any(
+        s.state in (SlotState.PREFILL, SlotState.GENERATING, SlotState.PARKED) for s in slots
+    ):
         decoder.step()
         steps += 1
     return steps
@@ -101,19 +103,67 @@ def test_a_long_prefill_delays_a_short_request_by_at_most_one_chunk() -> None:
     assert long_slot.result().text == solo(echo_script, [7] * 1500, n_ctx=2048, max_tokens=2)
 
 
-def test_a_full_shared_cache_ends_the_newest_request_and_the_others_carry_on() -> None:
+def test_a_prompt_alone_goes_in_chunks_sized_by_time_once_a_token_is_measured() -> None:
+    model = FakeModel(echo_script, n_seq_max=2, n_ctx=4096, n_batch=512)
+    decoder = Decoder(model, state_cache=PrefixStateCache(0))
+    slot = decoder.admit(request([7] * 3000, max_tokens=2), lambda _t: None)
+    decoder.step()  # unmeasured: a whole n_batch chunk
+    assert len(model.batches[-1][0].tokens) == 512
+    decoder.step()  # alone, yet about 250 ms (the fake: ~9 ms a token)
+    assert 16 <= len(model.batches[-1][0].tokens) < 40
+    run_all(decoder, [slot])
+    assert slot.result().text == solo(echo_script, [7] * 3000, n_ctx=4096, max_tokens=2)
+
+
+def test_a_full_shared_cache_parks_the_newest_request_in_host_ram_and_resumes_it() -> None:
+    model = FakeModel(echo_script, n_seq_max=2, n_ctx=64, kv_cells=70)
+    decoder = Decoder(model, state_cache=PrefixStateCache(0))
+    old = decoder.admit(request([5] * 20, max_tokens=30), lambda _t: None)
+    decoder.step()
+    young_text: list[str] = []
+    young = decoder.admit(request([6] * 20, max_tokens=30), young_text.append)
+    seen: list[SlotState] = []
+    free_while_parked: set[int] = set()
+    while any(s.state is not SlotState.DONE for s in (old, young)):
+        decoder.step()
+        seen.append(young.state)
+        if young.state is SlotState.PARKED:
+            assert model.kv[young.seq] == []  # its cells were given back
+            free_while_parked.add(decoder.free_slots)
+    assert SlotState.PARKED in seen
+    assert free_while_parked == {0}  # nothing new is admitted while one waits
+    # Both ran to their natural end, each with its solo answer: nothing was cut or repeated.
+    assert old.error is None and young.error is None
+    assert old.result().text == solo(echo_script, [5] * 20, max_tokens=30)
+    assert young.result().text == "".join(young_text) == solo(echo_script, [6] * 20, max_tokens=30)
+    assert young.result().finish_reason == "stop"
+
+
+def test_a_parked_request_that_is_cancelled_ends_as_cancelled() -> None:
     model = FakeModel(echo_script, n_seq_max=2, n_ctx=64, kv_cells=70)
     decoder = Decoder(model, state_cache=PrefixStateCache(0))
     old = decoder.admit(request([5] * 20, max_tokens=30), lambda _t: None)
     decoder.step()
     young = decoder.admit(request([6] * 20, max_tokens=30), lambda _t: None)
-    run_all(decoder, [old, young])
-    assert isinstance(young.error, ContextFull)
-    assert "newest" in str(young.error) and "fewer parallel slots" in str(young.error)
-    assert model.kv[young.seq] == [] and young.tokens == []
-    assert old.error is None
+    while young.state is not SlotState.PARKED:
+        decoder.step()
+    assert young.request is not None
+    young.request.cancel.set()
+    finished = decoder.step()
+    assert young in finished and young.result().finish_reason == "cancelled"
+    young.release()
+    run_all(decoder, [old])
     assert old.result().text == solo(echo_script, [5] * 20, max_tokens=30)
-    assert old.result().finish_reason == "stop"  # the script's end, not a cut
+
+
+def test_a_request_alone_on_a_full_cache_ends_with_a_clear_error() -> None:
+    model = FakeModel(echo_script, n_seq_max=2, n_ctx=64, kv_cells=40)
+    decoder = Decoder(model, state_cache=PrefixStateCache(0))
+    slot = decoder.admit(request([5] * 20, max_tokens=30), lambda _t: None)
+    run_all(decoder, [slot])
+    assert isinstance(slot.error, ContextFull)
+    assert "fewer parallel slots" in str(slot.error)
+    assert model.kv[slot.seq] == [] and slot.tokens == []
 
 
 def test_idle_slots_give_up_their_cached_tokens_before_a_request_is_ended() -> None:

@@ -8,11 +8,14 @@ made here with llama_model_quantize: unlike Q4_1 they take llama.cpp's
 repacked CPU kernels (Q4_0, Q4_K), its tinyBLAS products (Q4_0, Q5_0, Q8_0)
 and its tiled K-quant product (Q4_K, Q6_K), which have separate few-row and
 many-row paths. Q4_K_M runs in the engine's batch-invariant mode
-(`--batch-invariant`). docs/architecture.md, "Exactness", says why this holds.
+(`--batch-invariant`). And alone or beside other requests, with a KV stream
+per slot (`--no-kv-unified`). docs/architecture.md, "Exactness", says why this holds.
 """
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -134,3 +137,43 @@ def test_greedy_text_is_the_same_fresh_speculative_and_from_a_cached_prefix(
     recomputed = ask(engine, turn, PLAIN)
     assert recomputed["timings"]["cache_n"] < 10
     assert cached["text"] == recomputed["text"]
+
+
+# Two other requests, long enough to share the steps of PROMPT's prefill and answer.
+OTHERS = [
+    [{"role": "user", "content": f"Explain what this code does:\n\n{SOURCE}"}],
+    [{"role": "user", "content": f"List every function name in:\n\n{SOURCE}"}],
+]
+
+
+def test_greedy_text_is_the_same_alone_and_among_other_requests(
+    engine: EngineProc, model_files: dict[str, Path], request: pytest.FixtureRequest
+) -> None:
+    forget(engine)
+    alone = ask(engine, PROMPT, PLAIN)
+    assert alone["timings"]["cache_n"] < 10
+    name = request.node.callspec.params["engine"]
+    # Three slots, each with a KV stream of its own (docs/architecture.md, "Exactness").
+    args = ["--model", str(model_files[name]), "--ctx", "3072", "--flash-attn", "on"]
+    args += ["--threads", "2", "--cache-type-k", "f16", "--cache-type-v", "f16"]
+    args += ["--parallel", "3", "--no-kv-unified", "--tool-self-test", "off"]
+    with running_engine(*args, *CASES[name]) as shared:
+        replies: dict[int, dict[str, Any]] = {}
+        spans: dict[int, tuple[float, float]] = {}
+
+        def run(i: int, messages: list[dict[str, str]]) -> None:
+            start = time.monotonic()
+            replies[i] = ask(shared, messages, PLAIN)
+            spans[i] = (start, time.monotonic())
+
+        threads = [
+            threading.Thread(target=run, args=(i, m)) for i, m in enumerate([PROMPT, *OTHERS])
+        ]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(600)
+    assert replies[0]["timings"]["prompt_n"] > 520  # evaluated there, among the others
+    # The three were in flight together (each started before any ended).
+    assert max(s for s, _e in spans.values()) < min(e for _s, e in spans.values())
+    assert replies[0]["text"] == alone["text"]

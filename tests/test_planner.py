@@ -367,8 +367,11 @@ def test_plan_json_has_the_contract_shape(families: dict[str, list[ModelCandidat
     assert Hardware.from_json(data["hardware"]) == MACHINES["3090+3060"]
 
 
-def test_a_draft_model_is_counted_on_the_host(families: dict[str, list[ModelCandidate]]) -> None:
+def test_a_draft_model_is_counted_where_the_engine_loads_it(
+    families: dict[str, list[ModelCandidate]],
+) -> None:
     from engine.planning.estimate import estimate, shape_from_header
+    from engine.serving.scheduler import _draft_placement
 
     draft = shape_from_header(families["llama8b"][-1].header)  # a big draft: Q2_K of 8B
     hw = MACHINES["rtx3090-24gb"]
@@ -378,10 +381,26 @@ def test_a_draft_model_is_counted_on_the_host(families: dict[str, list[ModelCand
     expected = estimate(draft, n_ctx=8192, type_k="q8_0", type_v="q8_0").total
     if paired.quant_file == alone.quant_file and paired.load == alone.load:
         assert paired.memory.total - alone.memory.total == expected
-        host = next(d for d in paired.memory.devices if d.name == "CPU")
-        host_alone = next(d for d in alone.memory.devices if d.name == "CPU")
-        assert host.total - host_alone.total == expected
+        # Fully offloaded: the draft sits on the GPU with the output head, not the host.
+        growth = {
+            d.name: d.total - a.total
+            for d, a in zip(paired.memory.devices, alone.memory.devices, strict=True)
+        }
+        assert growth == {"CPU": 0, "CUDA0": expected}
+    # The engine loads it there: all its layers on GPUs, and only on the last one used.
+    assert _draft_placement(paired.load)[0] == -1
     assert_within_budget(paired, hw, replace(pins, draft=draft))
+    # Split over two GPUs, the draft goes whole to the one holding the output head.
+    two = MACHINES["3090+3060"]
+    gib = 1 << 30
+    tight = replace(pins, draft=draft, budget_bytes=[8 * gib, 10 * gib, 48 * gib])
+    split_plan = plan(two, families["llama8b"], tight)
+    assert_within_budget(split_plan, two, tight)
+    used = split_plan.load.tensor_split
+    assert used is not None and sum(f > 0 for f in used) == 2
+    assert _draft_placement(split_plan.load) == (-1, [0.0, 1.0])
+    # Nothing offloaded: the draft stays on the host, as the planner counts it.
+    assert _draft_placement(split_plan.load.model_copy(update={"n_gpu_layers": 0})) == (0, None)
     # On a machine where the model alone just fits, the draft takes room from it.
     laptop = machine([], 16)
     cpu_alone = plan(laptop, families["llama8b"])

@@ -40,6 +40,8 @@ STEP_MS = 250.0
 MIN_CHUNK = 16
 
 BUSY = (SlotState.PREFILL, SlotState.GENERATING)
+# A parked request still owns its slot: the decoder keeps stepping until it resumes.
+ACTIVE = (*BUSY, SlotState.PARKED)
 
 
 class NoFreeSlot(RuntimeError):
@@ -158,11 +160,15 @@ class Decoder:
 
     @property
     def free_slots(self) -> int:
+        # While a request waits for cells to resume into, a new one would only
+        # take them first: nothing is admitted until it has resumed.
+        if any(s.state is SlotState.PARKED for s in self.slots):
+            return 0
         return sum(1 for s in self.slots if s.state is SlotState.IDLE)
 
     @property
     def busy(self) -> bool:
-        return any(s.state in BUSY for s in self.slots)
+        return any(s.state in ACTIVE for s in self.slots)
 
     def pick_slot(self, prompt: Sequence[int]) -> Slot:
         """The free slot whose cached tokens share the longest prefix with `prompt`
@@ -188,16 +194,16 @@ class Decoder:
 
     # --- one step -----------------------------------------------------------------
 
-    def _prefill_budget(self, rows: int, n_busy: int) -> int:
+    def _prefill_budget(self, rows: int) -> int:
         """Prompt tokens this step may take besides `rows` generation rows.
 
-        A prompt alone in the step goes in whole n_batch chunks, as it always
-        did: the time bound protects other streams, and a request decoded
-        alone keeps the same chunks, so the same greedy answer, however busy
-        the machine is.
+        Sized by time even for a prompt alone in the step: a request that
+        arrives during a long prefill waits at most for the chunk in flight.
+        Until a prompt token's cost is measured, a whole n_batch chunk (which
+        measures it).
         """
         room = self.model.n_batch - rows
-        if self._ms_per_token is None or n_busy <= 1:
+        if self._ms_per_token is None:
             return room
         by_time = int(self.step_ms / self._ms_per_token) - rows
         return max(0, min(room, max(MIN_CHUNK, by_time)))
@@ -207,6 +213,7 @@ class Decoder:
 
         A finished slot (DONE) holds its result or `error` until `release()`.
         """
+        ended = self._resume()
         busy = [s for s in self.slots if s.state in BUSY]
         planned: list[tuple[Slot, BatchPart]] = []
         generating = [s for s in busy if s.state is SlotState.GENERATING]
@@ -226,7 +233,7 @@ class Decoder:
         prefilling = sorted(
             (s for s in busy if s.state is SlotState.PREFILL), key=lambda s: s.prefill_left
         )
-        budget = self._prefill_budget(rows, len(busy))
+        budget = self._prefill_budget(rows)
         n_prompt = 0
         for slot in prefilling:
             part = self._guarded(slot, partial(slot.plan, budget))
@@ -234,7 +241,8 @@ class Decoder:
                 planned.append((slot, part))
                 budget -= len(part.tokens)
                 n_prompt += len(part.tokens)
-        ms = self._decode(planned)
+        # A full cache may take parts out of the batch: rows follow what was decoded.
+        ms, planned = self._decode(planned)
         if ms is not None:
             self._learn(ms, len(planned), rows, n_prompt)
             row = 0
@@ -245,7 +253,80 @@ class Decoder:
                         self.last_drafter = "+".join(d.name for d in slot.drafters)
                 row += len(part.tokens)
         self._steps += 1
-        return [s for s in busy if s.state is SlotState.DONE]
+        return ended + [s for s in busy if s.state is SlotState.DONE]
+
+    # --- a full shared cache: park a request in host RAM, resume it later --------
+
+    def _free_cells(self) -> int:
+        return self.model.n_ctx - sum(len(s.tokens) for s in self.slots)
+
+    def _resume(self) -> list[Slot]:
+        """Brings parked requests back, oldest first, once their cells fit again
+        (with a batch of room to go on); returns those cancelled meanwhile."""
+        ended: list[Slot] = []
+        parked = sorted(
+            (s for s in self.slots if s.state is SlotState.PARKED), key=lambda s: s.age_key
+        )
+        for slot in parked:
+            assert slot.request is not None
+            if slot.request.cancel.is_set():
+                slot.finish = "cancelled"
+                slot.state = SlotState.DONE
+                slot.release_parked()
+                ended.append(slot)
+                continue
+            others = any(s.state in BUSY for s in self.slots)
+            need = slot.parked_cells + self.model.n_batch
+            if self._free_cells() < need:
+                self._evict_idle()
+            if others and self._free_cells() < need:
+                break  # oldest first: a younger one does not overtake it
+            if slot.parked_cells == 0 or self.model.restore_state(slot.seq, slot.parked_state()):
+                slot.unpark()
+                log.info("slot %d resumed (%d cells)", slot.seq, len(slot.tokens))
+            elif not others:
+                # Alone and still refused: it can never resume.
+                slot.unpark()
+                slot.tokens = []
+                slot.fail(ContextFull("the context is full: a parked request could not resume"))
+                self._empty(slot)
+                ended.append(slot)
+            else:
+                break
+        return ended
+
+    def _evict_idle(self) -> bool:
+        """Frees the cells idle slots keep for prefix reuse (saved to the prefix
+        cache when worth it), and those of finished requests not yet released;
+        False if there were none."""
+        idle = [s for s in self.slots if s.state in (SlotState.IDLE, SlotState.DONE) and s.tokens]
+        for slot in idle:
+            self._stash(slot)
+            self._empty(slot)
+        return bool(idle)
+
+    def _park(self, slot: Slot) -> bool:
+        """Saves the slot's sequence to host RAM and frees its cells; False if it can't."""
+        if self.model.has_recurrent_state or self.model.n_ctx_seq < self.model.n_ctx:
+            return False  # a per-slot cache does not fill from other slots' cells
+        try:
+            state = self.model.save_state(slot.seq) if slot.tokens else bytearray()
+        except Exception as exc:
+            log.warning("could not save slot %d's cells: %s", slot.seq, exc)
+            return False
+        slot.park(state)
+        if not self.model.truncate(slot.seq, 0):
+            slot.unpark()
+            return False
+        slot.tokens = []
+        log.warning(
+            "the context is full: slot %d's %d cells were saved to host RAM (%.1f MiB); "
+            "it resumes when the others leave room",
+            slot.seq,
+            slot.parked_cells,
+            len(state) / 2**20,
+        )
+        return True
 
     def _learn(self, ms: float, n_parts: int, rows: int, n_prompt: int) -> None:
         if n_prompt >= MIN_CHUNK:
@@ -270,29 +351,24 @@ class Decoder:
         """After an error the slot's sequence is unknown: empty it."""
         self._empty(slot)
 
-    def _decode(self, planned: list[tuple[Slot, BatchPart]]) -> float | None:
+    def _decode(
+        self, planned: list[tuple[Slot, BatchPart]]
+    ) -> tuple[float | None, list[tuple[Slot, BatchPart]]]:
         """Decodes the step's batch; on a full cache, frees room and retries.
 
-        Idle slots' cached tokens go first (saved to the prefix cache when
-        worth it); then the youngest request is ended with a clear error, so
-        the others carry on. Any other failure ends every request of the batch.
+        Returns the time it took (None when nothing was decoded) and the parts
+        that were. Idle slots' cached tokens go first (saved to the prefix
+        cache when worth it); then the youngest request is parked in host RAM
+        while the others go on, or, alone, ended with a clear error. Any other
+        failure ends every request of the batch.
         """
         while planned:
             try:
-                return self.model.decode_batch([part for _slot, part in planned])
+                return self.model.decode_batch([part for _slot, part in planned]), planned
             except ContextFull:
-                # A request that ended in an earlier part of this step (cancelled: the
-                # tool self-test a new request preempted) no longer needs its cells.
-                ended = [s for s in self.slots if s.state is SlotState.DONE and s.tokens]
-                if ended:
-                    for slot in ended:
-                        self._empty(slot)
-                    continue
-                idle = [s for s in self.slots if s.state is SlotState.IDLE and s.tokens]
-                if idle:
-                    for slot in idle:
-                        self._stash(slot)
-                        self._empty(slot)
+                # Requests that ended (in an earlier part of this step: the tool
+                # self-test a new request preempted) no longer need their cells.
+                if self._evict_idle():
                     continue
                 # A request already cancelled (the tool self-test a new request
                 # preempted, a client that left) goes first: it ends as cancelled
@@ -308,6 +384,11 @@ class Decoder:
                     planned = [(s, p) for s, p in planned if s not in gone]
                     continue
                 victim = max((slot for slot, _part in planned), key=lambda s: s.age_key)
+                # The newest request waits in host RAM while the others go on.
+                others = any(s.state in BUSY and s is not victim for s in self.slots)
+                if others and self._park(victim):
+                    planned = [(s, p) for s, p in planned if s is not victim]
+                    continue
                 log.warning("the context is full: ending the newest request (slot %d)", victim.seq)
                 used = sum(len(s.tokens) for s in self.slots)
                 victim.fail(
@@ -325,8 +406,8 @@ class Decoder:
                 for slot, _part in planned:
                     slot.fail(exc)
                 self._reset_context()
-                return None
-        return None
+                return None, []
+        return None, []
 
     # --- one request alone --------------------------------------------------------
 

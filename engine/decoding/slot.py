@@ -79,6 +79,9 @@ class SlotState(enum.Enum):
     PREFILL = "prefill"  # evaluating the prompt, one chunk per step
     GENERATING = "generating"  # one decode per step
     DONE = "done"  # finished: `result()` (or `error`) holds the outcome until `release()`
+    # Its cells were saved to host RAM when the shared cache filled up; it
+    # resumes where it stopped once there is room again (`Decoder._resume`).
+    PARKED = "parked"
 
 
 class Slot:
@@ -131,6 +134,10 @@ class Slot:
         self._source: Drafter | None = None
         self._dists: list[TokenDist] | None = None
         self._strength = 0
+        # While PARKED: the sequence's saved state, its tokens, and the state to go back to.
+        self._parked: tuple[bytearray, list[int], SlotState] | None = None
+        # The pending token was emitted before the slot was parked: offer it, don't emit it again.
+        self._pending_emitted = False
 
     # --- lifecycle ----------------------------------------------------------------
 
@@ -166,6 +173,37 @@ class Slot:
         self.error = error
         self.state = SlotState.DONE
 
+    def park(self, state: bytearray) -> None:
+        """Sets the request aside: `state` holds its sequence (saved by the decoder,
+        which then empties the cells). The step's rows it planned are dropped;
+        a draft is proposed again after `unpark`."""
+        assert self.state in (SlotState.PREFILL, SlotState.GENERATING)
+        if self._part is not None and self.state is SlotState.GENERATING:
+            self._pending_emitted = True
+        self._part = None
+        self._draft, self._source, self._dists = [], None, None
+        self._parked = (state, list(self.tokens), self.state)
+        self.state = SlotState.PARKED
+
+    @property
+    def parked_cells(self) -> int:
+        """The cells a parked slot needs back."""
+        return len(self._parked[1]) if self._parked is not None else 0
+
+    def parked_state(self) -> bytearray:
+        assert self._parked is not None
+        return self._parked[0]
+
+    def unpark(self) -> None:
+        """The decoder restored the saved state into the sequence: carry on."""
+        assert self._parked is not None
+        _state, self.tokens, self.state = self._parked
+        self._parked = None
+
+    def release_parked(self) -> None:
+        """A parked request ended (cancelled): its saved state is dropped."""
+        self._parked = None
+
     def release(self) -> None:
         """Frees the request's sampler; the sequence's tokens stay for the next request."""
         if self.sampler is not None:
@@ -174,6 +212,7 @@ class Slot:
         self.request = None
         self.on_text = _ignore
         self._part = None
+        self._parked = None
         self.last_used = self.clock()
         self.state = SlotState.IDLE
 
@@ -237,7 +276,9 @@ class Slot:
             chunk = self._todo[:budget]
             self._part = BatchPart(self.seq, chunk, len(self.tokens))
             return self._part
-        if self._take_pending():
+        if self._pending_emitted:
+            self._pending_emitted = False  # streamed before the slot was parked
+        elif self._take_pending():
             self._finish()
             return None
         draft, source, strength, dists = self._propose()

@@ -46,6 +46,7 @@ from engine.planning.estimate import (
     compute_bytes,
     estimate,
     kv_layer_bytes,
+    layer_layout,
     mtp_compute_bytes,
     shape_from_header,
 )
@@ -119,7 +120,8 @@ class Pins:
     kv_unified: bool = True
     # A draft model for speculative decoding, loaded beside the model: its
     # weights, its KV cache (the same context and cache types, one sequence per
-    # slot within it) and its compute buffer are counted on the host.
+    # slot within it) and its compute buffer are counted on the device that
+    # holds the model's output head (a GPU when fully offloaded, else the host).
     draft: ModelShape | None = None
 
 
@@ -226,7 +228,13 @@ class _Context:
     _costs: dict[tuple[str, str, str, int], _Costs] = field(default_factory=dict)
 
     def draft_bytes(self, n_ctx: int, type_k: str, type_v: str) -> MemoryBreakdown | None:
-        """The draft model's memory at this context (Pins.draft), all on the host."""
+        """The draft model's memory at this context (Pins.draft), on one device.
+
+        The engine loads the draft whole onto the device that holds the
+        model's output head: the GPU with the model's last layers when the
+        model is fully offloaded, else the host (engine/serving/scheduler.py,
+        `_load_draft`). Its KV has one sequence per slot, as the model's.
+        """
         draft = self.pins.draft
         if draft is None:
             return None
@@ -238,18 +246,35 @@ class _Context:
             flash_attn=self.flash_attn,
             n_ubatch=self.pins.n_ubatch,
             host=self.host,
+            n_seq=self.pins.n_parallel,
+            kv_unified=self.pins.kv_unified,
         )
 
+    def output_device(
+        self, shape: ModelShape, n_gpu_layers: int, split: Sequence[float] | None
+    ) -> str:
+        """The device name (the host's for "CPU") holding the model's output head."""
+        names = [g.name for g in self.gpus]
+        where = layer_layout(shape.n_layer, names, n_gpu_layers, split).devices[-1]
+        return self.host.name if where == "CPU" else where
+
     def with_draft(
-        self, mem: MemoryBreakdown, n_ctx: int, type_k: str, type_v: str, sign: int = 1
+        self,
+        mem: MemoryBreakdown,
+        n_ctx: int,
+        type_k: str,
+        type_v: str,
+        sign: int = 1,
+        device: str | None = None,
     ) -> MemoryBreakdown:
-        """`mem` plus (sign -1: minus) the draft model's memory on the host."""
+        """`mem` plus (sign -1: minus) the draft model's memory on `device` (the host by default)."""
         extra = self.draft_bytes(n_ctx, type_k, type_v)
         if extra is None:
             return mem
+        device = device or self.host.name
         devices = [replace(d) for d in mem.devices]
         for d in devices:
-            if d.name == self.host.name:
+            if d.name == device:
                 d.weights += sign * extra.weights
                 d.kv += sign * extra.kv
                 d.compute += sign * extra.compute
@@ -264,7 +289,11 @@ class _Context:
         )
 
     def evaluate(self, c: _Config) -> MemoryBreakdown:
-        return self.with_draft(self._evaluate(c), c.n_ctx, c.type_k, c.type_v)
+        shape = self.shapes[c.cand.file_name]
+        ngl = _load_ngl(c, shape) if self.gpus else 0
+        split = [float(n) for n in c.counts] if c.n_offloaded else None
+        device = self.output_device(shape, ngl, split)
+        return self.with_draft(self._evaluate(c), c.n_ctx, c.type_k, c.type_v, device=device)
 
     def _evaluate(self, c: _Config) -> MemoryBreakdown:
         shape = self.shapes[c.cand.file_name]
@@ -388,7 +417,8 @@ class _Costs:
         first_expert = min(max(a, n_cpu_moe), b)
         total = self.base[b] - self.base[a] + self.exp[b] - self.exp[first_expert]
         if with_output:
-            total += self.head_gpu + self.mtp_compute
+            # The draft model goes where the output head is (Pins.draft).
+            total += self.head_gpu + self.mtp_compute + self.draft
         return total + self.compute(b > a, with_output) + overhead
 
     def host(self, s: int, out_on_cpu: bool, n_cpu_moe: int) -> int:
@@ -397,12 +427,12 @@ class _Costs:
         moved_end = min(max(s, n_cpu_moe), self.n)
         total = shape.input_bytes + self.base[s] + self.exp[s] + self.exp[moved_end] - self.exp[s]
         if out_on_cpu:
-            total += shape.output_bytes + self.mtp_compute
+            total += shape.output_bytes + self.mtp_compute + self.draft
         if s == 0 and not out_on_cpu:
             compute = 2 * self.ctx.pins.n_ubatch * shape.n_embd * 4
         else:
             compute = self.compute(s > 0 or (n_cpu_moe > 0 and self.moe), out_on_cpu)
-        return total + compute + (shape.n_vocab + shape.n_embd) * 4 + self.draft
+        return total + compute + (shape.n_vocab + shape.n_embd) * 4
 
     def host_experts(self, s: int, n_cpu_moe: int) -> int:
         """Expert bytes the host holds (what a memory-mapped plan may page)."""
@@ -1243,9 +1273,17 @@ def _checked_by_dry_run(
         )
         # The dry run loads the model alone: the draft model stays estimated.
         load = current.load
-        target_only = ctx.with_draft(current.memory, load.n_ctx, load.type_k, load.type_v, -1)
+        shape = ctx.shapes[candidate.file_name]
+        at = ctx.output_device(shape, load.n_gpu_layers, load.tensor_split)
+        target_only = ctx.with_draft(
+            current.memory, load.n_ctx, load.type_k, load.type_v, -1, device=at
+        )
         mem = ctx.with_draft(
-            measured_breakdown(target_only, measured), load.n_ctx, load.type_k, load.type_v
+            measured_breakdown(target_only, measured),
+            load.n_ctx,
+            load.type_k,
+            load.type_v,
+            device=at,
         )
         over = ctx.overshoot(mem, current.paged_bytes)
         if not over:

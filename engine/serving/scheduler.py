@@ -554,11 +554,13 @@ class Engine:
                 return None
             path = str(found)
             log.info("draft model auto: trying %s", path)
+        n_gpu_layers, split = _draft_placement(request)
         draft = self._model_factory(
             LoadRequest(
                 model=path,
                 n_ctx=model.n_ctx,
-                n_gpu_layers=request.n_gpu_layers,
+                n_gpu_layers=n_gpu_layers,
+                tensor_split=split,
                 # The same cache types as the model's (what the planner counts).
                 type_k=request.type_k,
                 type_v=request.type_v,
@@ -1011,6 +1013,20 @@ class Engine:
             if self.state == "error":
                 return "error"
             return "ok"
+
+
+def _draft_placement(request: LoadRequest) -> tuple[int, list[float] | None]:
+    """Where the draft model goes: whole onto the device that holds the model's
+    output head (as the planner counts it, engine/planning/planner.py): the
+    last GPU the model's layers are split over when any are offloaded, else
+    the host. Returns the draft's n_gpu_layers and tensor split."""
+    if request.n_gpu_layers == 0:
+        return 0, None
+    split = request.tensor_split
+    if not split or not any(f > 0 for f in split):
+        return -1, None  # one GPU (or llama.cpp's own split): the draft follows its default
+    last = max(i for i, f in enumerate(split) if f > 0)
+    return -1, [1.0 if i == last else 0.0 for i in range(len(split))]
 
 
 def _slot_status(slot: Slot) -> SlotStatus:

@@ -86,7 +86,7 @@ class QueueInfo(BaseModel):
     limit: int
 
 
-SlotStateName = Literal["idle", "prefill", "generating", "done"]
+SlotStateName = Literal["idle", "prefill", "generating", "parked", "done"]
 
 
 class SlotStatus(BaseModel):
