@@ -16,6 +16,9 @@ on disk (a real model, or the tiny MTP fixture written by
 - per drafter (n-gram, MTP heads where the model has usable ones, the draft
   model when given), with the controller choosing k and with k forced to 3:
   tokens per second, the ratio to plain, and the acceptance rate;
+- at temperature 0.8 (seeded), plain decoding and each drafter that draws
+  like the request (MTP heads, the draft model), verified by speculative
+  sampling: the acceptance sampled requests get (`@0.8` rows);
 - llama-server's plain and speculative rates beside them, when given a binary
   built from the same llama.cpp (`--llama-server`, or LLAMA_SERVER_BIN).
 
@@ -37,34 +40,36 @@ from pathlib import Path
 from typing import Any
 
 from bench.speculative import PROMPTS, llama_server_rate
-from engine.backend.llama import LlamaModel, SamplingParams
+from engine.backend.llama import BatchPart, LlamaModel, SamplingParams
 from engine.decoding.decoder import Decoder
 from engine.decoding.prefix_cache import PrefixStateCache
 from engine.decoding.request import GenerationRequest, SpecParams
 from engine.default_model import default_model_path
 from engine.gguf.chat_template import ChatTemplate
-from engine.speculative.drafters import build_chain
+from engine.speculative.drafters import SamplingDrafter, build_chain
 from engine.wire.control import LoadRequest
 
 MAX_K = 16
 FORCED_K = 3
+GREEDY = SamplingParams(temperature=0.0)
+# The sampled rows' temperature; their draws are seeded per run.
+SAMPLED = 0.8
 
 
 class TimedModel:
-    """Counts the wall time spent in llama_decode (the target's `decode`)."""
+    """Counts the wall time spent in llama_decode (the target's `decode_batch`, which
+    the decoder calls and `decode` goes through)."""
 
     def __init__(self, model: LlamaModel) -> None:
         self.decode_ms = 0.0
-        inner: Callable[..., float] = model.decode
+        inner: Callable[[Sequence[BatchPart]], float] = model.decode_batch
 
-        def decode(
-            seq: int, tokens: Sequence[int], pos0: int, *, logits_all: bool = False
-        ) -> float:
-            ms = inner(seq, tokens, pos0, logits_all=logits_all)
+        def decode_batch(parts: Sequence[BatchPart]) -> float:
+            ms = inner(parts)
             self.decode_ms += ms
             return ms
 
-        model.decode = decode  # type: ignore[method-assign]
+        model.decode_batch = decode_batch  # type: ignore[method-assign]
 
 
 def load(path: str, args: argparse.Namespace, **changes: Any) -> LlamaModel:
@@ -107,10 +112,15 @@ def verify_costs(model: LlamaModel, prompt: list[int], reps: int) -> dict[int, f
 
 
 def generate(
-    decoder: Decoder, timed: TimedModel, prompt: list[int], spec: SpecParams, tokens: int
+    decoder: Decoder,
+    timed: TimedModel,
+    prompt: list[int],
+    spec: SpecParams,
+    tokens: int,
+    sampling: SamplingParams = GREEDY,
 ) -> dict[str, Any]:
     decoder.drop_context()
-    request = GenerationRequest(prompt, SamplingParams(temperature=0.0), tokens, speculative=spec)
+    request = GenerationRequest(prompt, sampling, tokens, speculative=spec)
     timed.decode_ms = 0.0
     start = time.perf_counter()
     result = decoder.generate(request, lambda _text: None)
@@ -234,16 +244,27 @@ def main(argv: Sequence[str] | None = None) -> int:
             type=drafter.name, n_max=FORCED_K, n_min=FORCED_K
         )
     modes["auto"] = SpecParams(type="auto", n_max=8)
-    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in modes}
-    for _ in range(args.reps):
-        for prompt in prompts:
+    # Sampled rows: plain, and the drafters that draw like the request.
+    sampled = {f"plain@{SAMPLED}": SpecParams(type="none")}
+    for drafter in decoder.drafters:
+        if isinstance(drafter, SamplingDrafter):
+            sampled[f"{drafter.name}@{SAMPLED}"] = SpecParams(type=drafter.name, n_max=8)
+    runs: dict[str, list[dict[str, Any]]] = {m: [] for m in [*modes, *sampled]}
+    for rep in range(args.reps):
+        for i, prompt in enumerate(prompts):
             for mode, spec in modes.items():  # alternating modes: drift hits all alike
                 runs[mode].append(generate(decoder, timed, prompt, spec, args.tokens))
+            seeded = SamplingParams(temperature=SAMPLED, seed=rep * len(prompts) + i)
+            for mode, spec in sampled.items():
+                runs[mode].append(generate(decoder, timed, prompt, spec, args.tokens, seeded))
     plain_rate = statistics.median(r["tok_s"] for r in runs["plain"])
-    table = {mode: summarize(r, plain_rate) for mode, r in runs.items()}
+    sampled_rate = statistics.median(r["tok_s"] for r in runs[f"plain@{SAMPLED}"])
+    table = {mode: summarize(r, plain_rate) for mode, r in runs.items() if mode in modes}
+    table |= {mode: summarize(r, sampled_rate) for mode, r in runs.items() if mode in sampled}
     identical = all(
         r["text"] == plain["text"]
         for mode, rs in runs.items()
+        if mode in modes
         for r, plain in zip(rs, runs["plain"], strict=True)
     )
     overhead = statistics.median(r["overhead_us_per_token"] for r in runs["plain"])

@@ -45,8 +45,21 @@ def _copy_vocab(writer: gguf.GGUFWriter, source: Path) -> int:
     return n_vocab
 
 
-def tiny_mtp_model(path: Path, vocab_from: Path, *, seed: int = 0, n_trunk: int = N_TRUNK) -> Path:
-    """Writes the fixture to `path`: 64 embd, 4 heads / 2 KV heads of 16, 4 experts of 32."""
+def tiny_mtp_model(
+    path: Path,
+    vocab_from: Path,
+    *,
+    seed: int = 0,
+    n_trunk: int = N_TRUNK,
+    output_scale: float = 0.5,
+) -> Path:
+    """Writes the fixture to `path`: 64 embd, 4 heads / 2 KV heads of 16, 4 experts of 32.
+
+    `output_scale` sets the spread of the logits (of the trunk and of the MTP
+    head, which share the output matrix): the default makes greedy picks
+    clear-cut; a small one makes every distribution nearly flat, so that a
+    request's logit bias shapes the target's and the head's alike.
+    """
     rng = np.random.default_rng(seed)
     n_embd, n_head, n_kv, hd, n_exp, n_ff = N_EMBD, 4, 2, 16, 4, 64
     n_ff_exp = 32
@@ -111,7 +124,7 @@ def tiny_mtp_model(path: Path, vocab_from: Path, *, seed: int = 0, n_trunk: int 
         ones(f"blk.{i}.nextn.hnorm.weight", n_embd)
         ones(f"blk.{i}.nextn.shared_head_norm.weight", n_embd)
     ones("output_norm.weight", n_embd)
-    t("output.weight", n_vocab, n_embd, scale=0.5, f16=True)
+    t("output.weight", n_vocab, n_embd, scale=output_scale, f16=True)
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()

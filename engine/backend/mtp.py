@@ -19,8 +19,10 @@ How the pieces meet (docs/architecture.md, "MTP heads"):
   would be accepted and silently ignore the hidden state.
 - Drafting starts from the last sampled token and the hidden state of the
   position before it; each further draft chains on the MTP context's own
-  output row (`llama_get_embeddings_nextn_ith(mtp, 0)`). Draft rows are then
-  cut off again with `llama_memory_seq_rm`, as the target's rejected rows are.
+  output row (`llama_get_embeddings_nextn_ith(mtp, 0)`). Each draft token is
+  picked from the head's logits by the caller (greedily, or drawn like the
+  request samples: engine/speculative/mtp.py). Draft rows are then cut off
+  again with `llama_memory_seq_rm`, as the target's rejected rows are.
 
 The hidden-state functions are bound only in `llama_cpp.llama_cpp_ext`,
 which llama-cpp-python marks private: every use goes through `MtpBindings`,
@@ -43,7 +45,10 @@ from engine.planning.estimate import MTP_ARCHITECTURES
 from engine.wire.base import KV_TYPE_IDS
 
 if TYPE_CHECKING:
-    from engine.backend.llama import LlamaModel
+    from engine.backend.llama import LlamaModel, SamplerChain, SamplingParams
+
+# Picks a draft token from an MTP head's logits (a view valid until the next decode).
+Pick = Callable[[NDArray[np.float32]], int]
 
 # Hidden-state rows kept per sequence from the target's last decode: enough for
 # the longest verify batch (16 drafts + the pending token).
@@ -228,12 +233,21 @@ class MtpContext:
 
     # --- drafting -----------------------------------------------------------------
 
-    def draft(self, seq: int, token: int, n_past: int, k: int) -> tuple[list[int], list[float]]:
-        """Up to k greedy drafts after `token`, the last sampled token, at position n_past.
+    def sampler(self, params: SamplingParams) -> SamplerChain:
+        """A sampler chain over this model's vocabulary, for drawing drafts like a request."""
+        return self.target.sampler(params)
 
-        The target's cache must hold exactly the n_past tokens before it.
-        Returns the drafts and the MTP head's probability of each. Empty when
-        the hidden state of position n_past - 1 is unknown (nothing decoded yet).
+    def draft(
+        self, seq: int, token: int, n_past: int, k: int, pick: Pick | None = None
+    ) -> tuple[list[int], list[float]]:
+        """Up to k drafts after `token`, the last sampled token, at position n_past.
+
+        Each draft is `pick(logits)` of the head's output (the argmax without
+        `pick`), and the next one chains on it. The target's cache must hold
+        exactly the n_past tokens before it. Returns the drafts and the MTP
+        head's own probability of each (a softmax of the raw logits). Empty
+        when the hidden state of position n_past - 1 is unknown (nothing
+        decoded yet).
         """
         state = self._seqs[seq]
         h = self._row(state, n_past - 1)
@@ -261,9 +275,9 @@ class MtpContext:
                 logits = np.ctypeslib.as_array(
                     llama_cpp.llama_get_logits_ith(self.ctx, 0), shape=(self.n_vocab,)
                 )
-                token = int(np.argmax(logits))
-                top = float(logits[token])
-                probs.append(float(1.0 / np.exp(logits - top).sum()))
+                token = int(np.argmax(logits)) if pick is None else pick(logits)
+                top = float(np.max(logits))
+                probs.append(float(np.exp(logits[token] - top) / np.exp(logits - top).sum()))
                 out.append(token)
                 if i == k - 1 or self.target.is_eog(token):
                     break

@@ -11,7 +11,8 @@ that say which distribution each token was drawn from.
 Two optional abilities, found by `isinstance`: a `SamplingDrafter` draws its
 tokens the way the request samples (and reports the distributions), and a
 `PrefillDrafter` evaluates the prompt during prompt processing, in chunks,
-so that its drafting cost is measured on drafting alone.
+so that its drafting cost is measured on drafting alone. The drafters that
+run a model (a draft model, MTP heads) draw through one `DraftSampling`.
 """
 
 from __future__ import annotations
@@ -58,6 +59,14 @@ class Draft:
     cost_ms: float = 0.0
     probs: list[float] | None = None
     dists: list[TokenDist] | None = None
+
+    @staticmethod
+    def drawn(tokens: list[int], dists: list[TokenDist] | None, cost_ms: float) -> Draft:
+        """A costly drafter's tokens, with the distributions they were drawn from (or None)."""
+        if dists is None:
+            return Draft(tokens, cost_ms=cost_ms)
+        probs = [d.prob(t) for d, t in zip(dists, tokens, strict=True)]
+        return Draft(tokens, cost_ms=cost_ms, probs=probs, dists=dists)
 
 
 class Drafter(Protocol):
@@ -113,6 +122,56 @@ class Sampler(Protocol):
         self, logits: NDArray[np.float32]
     ) -> tuple[NDArray[np.int64], NDArray[np.float64]]: ...
     def close(self) -> None: ...
+
+
+class DraftSampling:
+    """How a drafter that runs a model draws its tokens like the request samples.
+
+    Under a sampling request (`sample_like`), `draw(logits)` runs the
+    request's chain over the drafter's logits (logit bias,
+    top-k/top-p/min-p, temperature; not the penalties, which follow the
+    target's history, not the drafter's) and draws from what is left with a
+    generator of its own, seeded from the request's seed plus `stream` (each
+    drafter has its own stream, none the verifier's). It returns the token
+    and the distribution it was drawn from: speculative sampling needs that
+    distribution. Under a greedy request `active` is False and the drafter
+    picks greedily (q = 1 on its pick), verified by sample and compare.
+    """
+
+    def __init__(self, make_chain: Callable[[SamplingParams], Sampler], *, stream: int) -> None:
+        self._make_chain = make_chain
+        self.stream = stream
+        self._chain: Sampler | None = None
+        self._rng = np.random.default_rng()
+
+    @property
+    def active(self) -> bool:
+        return self._chain is not None
+
+    def sample_like(self, params: SamplingParams | None) -> None:
+        """Draws like `params` from now on (None, or a greedy request: greedy drafts)."""
+        self.close()
+        if params is None or params.greedy:
+            return
+        self._chain = self._make_chain(
+            dataclasses.replace(
+                params, repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0
+            )
+        )
+        seed = None if params.seed is None else (params.seed + self.stream) % (1 << 64)
+        self._rng = np.random.default_rng(seed)
+
+    def draw(self, logits: NDArray[np.float32]) -> tuple[int, TokenDist]:
+        """A token drawn from the chain's distribution over `logits`, and that distribution."""
+        assert self._chain is not None, "draw() without a sampling request"
+        ids, weights = self._chain.distribution(logits)
+        dist = TokenDist.of(ids, weights)
+        return dist.draw(float(self._rng.random())), dist
+
+    def close(self) -> None:
+        if self._chain is not None:
+            self._chain.close()
+            self._chain = None
 
 
 class DraftModel(Protocol):
@@ -254,8 +313,8 @@ class DraftModelDrafter:
         self.history: list[int] = []
         self._in_kv: list[int] = []
         self._greedy: Sampler = model.greedy_sampler()
-        self._chain: Sampler | None = None  # the request's, when it samples
-        self._rng = np.random.default_rng()
+        # The request's chain when it samples; the stream keeps the draws apart from MTP's.
+        self._sampling = DraftSampling(model.sampler, stream=1)
         self._last_k = 0
         self.prefill_ms = 0.0
 
@@ -263,18 +322,7 @@ class DraftModelDrafter:
         return 0.7
 
     def sample_like(self, params: SamplingParams) -> None:
-        if self._chain is not None:
-            self._chain.close()
-            self._chain = None
-        if not self.sample or params.greedy:
-            return
-        self._chain = self.model.sampler(
-            dataclasses.replace(
-                params, repeat_penalty=1.0, frequency_penalty=0.0, presence_penalty=0.0
-            )
-        )
-        seed = None if params.seed is None else (params.seed + 1) % (1 << 64)
-        self._rng = np.random.default_rng(seed)
+        self._sampling.sample_like(params if self.sample else None)
 
     def reset(self, tokens: Sequence[int]) -> None:
         self.history = list(tokens)
@@ -337,13 +385,11 @@ class DraftModelDrafter:
         try:
             room = self.model.n_ctx - len(self._in_kv) - 1
             for i in range(min(k, room)):
-                if self._chain is None:
-                    token = self._greedy.sample(-1)
-                else:
-                    ids, weights = self._chain.distribution(self.model.logits(-1))
-                    dist = TokenDist.of(ids, weights)
-                    token = dist.draw(float(self._rng.random()))
+                if self._sampling.active:
+                    token, dist = self._sampling.draw(self.model.logits(-1))
                     dists.append(dist)
+                else:
+                    token = self._greedy.sample(-1)
                 out.append(token)
                 if self.model.is_eog(token) or i == k - 1:
                     break
@@ -360,13 +406,8 @@ class DraftModelDrafter:
         share = 1.0 if caught_up <= in_step else in_step / caught_up
         self._last_k = len(out)
         cost_ms = ((mid - start) * share + (end - mid)) * 1000.0
-        if self._chain is None:
-            return Draft(out, cost_ms=cost_ms)
-        probs = [d.prob(t) for d, t in zip(dists, out, strict=True)]
-        return Draft(out, cost_ms=cost_ms, probs=probs, dists=dists)
+        return Draft.drawn(out, dists if self._sampling.active else None, cost_ms)
 
     def close(self) -> None:
         self._greedy.close()
-        if self._chain is not None:
-            self._chain.close()
-            self._chain = None
+        self._sampling.close()
