@@ -148,6 +148,33 @@ class DetailsView(QPlainTextEdit):
         self.setFixedHeight(min(DETAILS_MAX_HEIGHT, height))
 
 
+class BlockHeader(QToolButton):
+    """A block's header button whose one line ends in "…" when the block is narrow."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._full = ""
+        # Ignored: the text never widens the chat; it is elided to fit instead.
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        self.setMinimumWidth(80)
+
+    def set_full_text(self, text: str) -> None:
+        self._full = text
+        self.setToolTip(text + "\n(Space shows or hides the details)")
+        self._elide()
+
+    def full_text(self) -> str:
+        return self._full
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        super().resizeEvent(event)
+        self._elide()
+
+    def _elide(self) -> None:
+        room = max(20, self.width() - 20)  # the button's padding
+        self.setText(self.fontMetrics().elidedText(self._full, Qt.TextElideMode.ElideRight, room))
+
+
 class ToolBlock(QFrame):
     """A collapsible block: a one-line header that opens to show details.
 
@@ -168,13 +195,11 @@ class ToolBlock(QFrame):
         row.setSpacing(6)
         self._title = title
         self._brief = brief
-        self.header = QToolButton()
+        self.header = BlockHeader()
         self.header.setObjectName("toolHeader")
         self.header.setCheckable(True)
         self.header.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self.header.setCursor(Qt.CursorShape.PointingHandCursor)
-        self.header.setSizePolicy(QSizePolicy.Policy.Expanding, QSizePolicy.Policy.Fixed)
-        self.header.setToolTip("Show or hide the details (Space)")
         self.header.toggled.connect(self._on_toggled)
         row.addWidget(self.header, 1)
         self.state = QLabel()
@@ -194,7 +219,7 @@ class ToolBlock(QFrame):
     def _on_toggled(self, expanded: bool) -> None:
         mark = "▾" if expanded else "▸"
         brief = f"   {self._brief}" if self._brief else ""
-        self.header.setText(f"{mark}  {self._title}{brief}")
+        self.header.set_full_text(f"{mark}  {self._title}{brief}")
         self.details.setVisible(expanded)
         self.toggled.emit(expanded)
 
