@@ -201,12 +201,15 @@ QFrame#bubble_assistant {{
 QFrame#bubble_tool {{ background: transparent; }}
 QFrame#toolBlock {{ background: {p.surface}; border: 1px solid {p.border}; border-radius: 8px; }}
 QFrame#toolBlock QLabel {{ background: transparent; }}
-QToolButton#toolHeader {{
+QPushButton#toolHeader {{
     font-family: {MONO_FAMILY}; font-size: 9.5pt; color: {p.text}; text-align: left;
-    padding: 4px 6px; border: 1px solid transparent;
+    padding: 4px 6px; border: 1px solid transparent; background: transparent;
 }}
-QToolButton#toolHeader:hover {{ background: {p.surface_hi}; }}
-QToolButton#toolHeader:focus {{ border: 1px solid {p.accent}; }}
+QPushButton#toolHeader:hover, QPushButton#toolHeader:checked:hover {{
+    background: {p.surface_hi};
+}}
+QPushButton#toolHeader:checked {{ background: transparent; }}
+QPushButton#toolHeader:focus {{ border: 1px solid {p.accent}; }}
 QLabel#toolWaiting {{ color: {p.warn}; font-size: 9pt; }}
 QPlainTextEdit#toolDetails, QPlainTextEdit#toolsEditor, QPlainTextEdit#toolResultInput {{
     font-family: {MONO_FAMILY}; font-size: 9.5pt;

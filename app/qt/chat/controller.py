@@ -6,6 +6,7 @@ back from workers as plain data, and widgets are redrawn from the store.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -403,7 +404,13 @@ class ChatController(QObject):
             self.runner.cancel()
 
     def copy_message(self, message_id: int) -> None:
-        QGuiApplication.clipboard().setText(self.store.message(message_id).content)
+        message = self.store.message(message_id)
+        text = message.content
+        if message.tool_calls:
+            # An answer that called tools: its text, then the calls in OpenAI's JSON.
+            calls = json.dumps(message.tool_calls, indent=2, ensure_ascii=False)
+            text = f"{text}\n\n{calls}" if text else calls
+        QGuiApplication.clipboard().setText(text)
 
     def _begin_stream(self, generation: Generation, endpoint: Endpoint) -> None:
         generation_id = generation.id

@@ -142,14 +142,37 @@ class DetailsView(QPlainTextEdit):
         self.setReadOnly(True)
         self.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
         self.setPlainText(text)
-        lines = max(1, text.count("\n") + 1)
-        wide = any(len(line) > 100 for line in text.splitlines())
-        height = lines * self.fontMetrics().lineSpacing() + 18 + (14 if wide else 0)
-        self.setFixedHeight(min(DETAILS_MAX_HEIGHT, height))
+        self._lines = max(1, text.count("\n") + 1)
+        self._fit()
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        if event.type() in (QEvent.Type.FontChange, QEvent.Type.StyleChange):
+            self._fit()  # the style sheet's monospace font arrives after construction
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        super().resizeEvent(event)
+        if event.size().width() != event.oldSize().width():
+            self._fit()  # a horizontal scroll bar comes and goes with the width
+
+    def _fit(self) -> None:
+        margins = self.contentsMargins()
+        frame = margins.top() + margins.bottom()
+        document = 2 * self.document().documentMargin()
+        bar = self.horizontalScrollBar().sizeHint().height()
+        wide = self.document().idealWidth() > self.viewport().width() > 0
+        # Half a line to spare: QPlainTextEdit scrolls by lines and wants a part-line more.
+        spacing = self.fontMetrics().lineSpacing()
+        height = self._lines * spacing + spacing // 2 + frame + int(document)
+        self.setFixedHeight(min(DETAILS_MAX_HEIGHT, height + (bar if wide else 0)))
 
 
-class BlockHeader(QToolButton):
-    """A block's header button whose one line ends in "…" when the block is narrow."""
+class BlockHeader(QPushButton):
+    """A block's header button whose one line ends in "…" when the block is narrow.
+
+    A push button, not a tool button: only push buttons align their text left in
+    a style sheet.
+    """
 
     def __init__(self) -> None:
         super().__init__()
@@ -198,7 +221,6 @@ class ToolBlock(QFrame):
         self.header = BlockHeader()
         self.header.setObjectName("toolHeader")
         self.header.setCheckable(True)
-        self.header.setFocusPolicy(Qt.FocusPolicy.StrongFocus)
         self.header.setCursor(Qt.CursorShape.PointingHandCursor)
         self.header.toggled.connect(self._on_toggled)
         row.addWidget(self.header, 1)
