@@ -21,6 +21,7 @@ from PySide6.QtGui import QFont
 from PySide6.QtWidgets import QApplication
 
 SHOTS = ("chat-tools-editor.png", "chat-tool-call.png", "chat-tools.png", "chat-tools-light.png")
+SYSTEM = "You are a helpful assistant. Answer in plain sentences."
 PROMPT = "What will the weather be in Paris for the next 3 days?"
 RESULT = '{"city": "Paris", "forecast": "sunny, then showers on day 3", "high_c": 24}'
 TOOLS = [
@@ -92,6 +93,7 @@ def main(argv: list[str] | None = None) -> int:
             return
         window.chat.new_chat()
         window.chat_view.header.preset_box.setCurrentText("Precise")
+        window.chat.set_system_prompt(SYSTEM)
         window.chat_view.header.tools_button.click()
         dialog = window.chat.tools_dialog
         dialog.edit.setPlainText(json.dumps(TOOLS, indent=2))
