@@ -131,13 +131,13 @@ class ToolsDialog(QDialog):
     def _on_text(self) -> None:
         """Checks the JSON as it is typed; the verdict shows under the editor."""
         self._fill_choices(str(self.choice.currentData() or "auto"))
+        self.example_button.setEnabled(not self.edit.toPlainText().strip())
         try:
             tools = parse_tools(self.edit.toPlainText())
         except ToolSpecError as exc:
             self._show_problem(str(exc))
             return
         self._show_problem("")
-        self.example_button.setEnabled(not self.edit.toPlainText().strip())
         if tools:
             names = ", ".join(tool_names(tools))
             self.problem.setObjectName("hint")
