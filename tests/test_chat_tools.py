@@ -205,6 +205,13 @@ def test_the_request_carries_the_tools_and_the_choice(tmp_path: Path) -> None:
     with pytest.raises(ChatServiceError, match="not in this chat"):
         service.send_tool_result(answer.id, "call_nope", "x")
     assert service.send_tool_result(answer.id, "call_two", "second") is None
+    # Regenerating the calls drops them with the result given so far.
+    gen = service.regenerate(chat.id)
+    assert [m["role"] for m in gen.messages] == ["user"]
+    assert [m.role for m in store.messages(chat.id)] == ["user", "assistant"]
+    service.on_finished(gen.id, Finished("tool_calls", tool_calls=calls))
+    answer = store.messages(chat.id)[-1]
+    assert service.send_tool_result(answer.id, "call_two", "second") is None
     with pytest.raises(ChatServiceError, match="already has its result"):
         service.send_tool_result(answer.id, "call_two", "again")
     cont = service.send_tool_result(answer.id, "call_abc", "first")

@@ -39,6 +39,7 @@ WEATHER = {
     "required": ["city", "days"],
     "additionalProperties": False,
 }
+RESULT = '{"forecast": "sunny", "high_c": 24}'
 TOOLS = [
     {
         "type": "function",
@@ -119,14 +120,24 @@ def test_a_forced_call_is_shown_answered_by_the_user_and_the_answer_goes_on(
     # The app runs no tools: the user types the result and sends it.
     assert block.result_input is not None and block.send_button is not None
     assert "waiting" in block.state.text()
-    qtbot.keyClicks(block.result_input, '{"forecast": "sunny", "high_c": 24}')
+    qtbot.keyClicks(block.result_input, RESULT)
     with qtbot.waitSignal(window.chat.answer_finished, timeout=ANSWER_MS):
         qtbot.keyClick(block.result_input, Qt.Key.Key_Return, Qt.KeyboardModifier.ControlModifier)
+        continuation = window.chat.service.active
+    # What went to the engine: the call and its result in OpenAI's shape, and the
+    # named choice relaxed to auto, so the model answers instead of calling again.
+    assert continuation is not None
+    assert continuation.messages[-2:] == [
+        {"role": "assistant", "content": answer.content or None, "tool_calls": [call]},
+        {"role": "tool", "tool_call_id": call["id"], "content": RESULT},
+    ]
+    assert continuation.params["tools"] == TOOLS
+    assert continuation.params["tool_choice"] == "auto"
     messages = window.store.messages(chat_id)
     assert [m.role for m in messages] == ["user", "assistant", "tool", "assistant"]
     result, final = messages[2], messages[3]
     assert result.tool_call_id == call["id"]
-    assert result.content == '{"forecast": "sunny", "high_c": 24}'
+    assert result.content == RESULT
     assert final.status == "complete", final.meta
     assert final.content or final.tool_calls
     # The engine took the history in OpenAI's shape (it would have refused it, 400).

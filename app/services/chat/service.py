@@ -131,16 +131,23 @@ class ChatService:
     def regenerate(self, chat_id: int) -> Generation:
         """Replaces the last answer with a new one.
 
-        The answer follows the last question or tool result: regenerating the
-        answer to a tool result keeps the call and the result.
+        The last answer goes with whatever came after it (results of its tool
+        calls); the answer to a tool result is regenerated from that result, so
+        the call and the result stay.
         """
         self._check_idle()
         self.flush_pending()
         messages = self.store.messages(chat_id)
-        last_prompt = _last(messages, "user", "tool")
-        if last_prompt is None:
+        if _last(messages, "user") is None:
             raise ChatServiceError("there is no question to answer again")
-        self.store.delete_messages_after(last_prompt.id)
+        answer = _last(messages, "assistant")
+        if answer is not None:
+            self.store.delete_messages_after(answer.id)
+            self.store.delete_message(answer.id)
+        else:
+            prompt = _last(messages, "user", "tool")
+            assert prompt is not None
+            self.store.delete_messages_after(prompt.id)
         return self._start(chat_id)
 
     def send_tool_result(self, message_id: int, call_id: str, text: str) -> Generation | None:
