@@ -738,3 +738,49 @@ def test_restart_policy_and_stall_watch_follow_the_clock() -> None:
     assert not watch.stalled()
     now[0] += 2
     assert watch.stalled()
+
+
+def _call_chunk(index: int, **piece: object) -> bytes:
+    choice = {"index": 0, "delta": {"tool_calls": [{"index": index, **piece}]}}
+    return json.dumps({"choices": [choice]}).encode()
+
+
+def test_streamed_tool_calls_are_assembled(scripted: _ScriptedServer) -> None:
+    # As the engine and OpenAI send them: index, id, type and name first, then
+    # fragments of the arguments; two calls interleaved; a name split in two
+    # (some servers do; the openai client joins them); a call without an id.
+    events = [
+        _chunk("Checking."),
+        _call_chunk(0, id="call_a", type="function", function={"name": "get_", "arguments": ""}),
+        _call_chunk(0, function={"name": "weather"}),
+        _call_chunk(1, type="function", function={"name": "get_time", "arguments": '{"zone"'}),
+        _call_chunk(0, function={"arguments": '{"city": "Pa'}),
+        _call_chunk(0, function={"arguments": 'ris"}'}),
+        _call_chunk(1, function={"arguments": ': "Europe/Oslo"}'}),
+        _chunk(finish="tool_calls"),
+    ]
+    scripted.reply = _sse(b"".join(b"data: " + e + b"\n\n" for e in events) + b"data: [DONE]\n\n")
+    texts, finished = _collect(scripted)
+    assert texts == ["Checking."]
+    assert finished.finish_reason == "tool_calls"
+    first, second = finished.tool_calls
+    assert first == {
+        "id": "call_a",
+        "type": "function",
+        "function": {"name": "get_weather", "arguments": '{"city": "Paris"}'},
+    }
+    assert second["function"] == {"name": "get_time", "arguments": '{"zone": "Europe/Oslo"}'}
+    assert second["id"].startswith("call_") and len(second["id"]) == len("call_") + 24
+
+
+def test_a_whole_answer_with_tool_calls_and_a_bad_one(scripted: _ScriptedServer) -> None:
+    call = {"id": "c1", "type": "function", "function": {"name": "f", "arguments": "{}"}}
+    message = {"role": "assistant", "content": None, "tool_calls": [call]}
+    body = {"choices": [{"index": 0, "message": message, "finish_reason": "tool_calls"}]}
+    scripted.reply = _reply("200 OK", "application/json", json.dumps(body).encode())
+    texts, finished = _collect(scripted)
+    assert (texts, finished.tool_calls) == ([], (call,))
+    bad = {"choices": [{"index": 0, "delta": {"tool_calls": {"index": 0}}}]}
+    scripted.reply = _sse(b"data: " + json.dumps(bad).encode() + b"\n\n")
+    with pytest.raises(EngineClientError, match="tool_calls that is an object, not a list"):
+        _collect(scripted)

@@ -198,6 +198,24 @@ QFrame#bubble_user {{ background: {p.user_bubble}; border-radius: 10px; }}
 QFrame#bubble_assistant {{
     background: {p.panel}; border: 1px solid {p.border}; border-radius: 10px;
 }}
+QFrame#bubble_tool {{ background: transparent; }}
+QFrame#toolBlock {{ background: {p.surface}; border: 1px solid {p.border}; border-radius: 8px; }}
+QFrame#toolBlock QLabel {{ background: transparent; }}
+QPushButton#toolHeader {{
+    font-family: {MONO_FAMILY}; font-size: 9.5pt; color: {p.text}; text-align: left;
+    padding: 4px 6px; border: 1px solid transparent; background: transparent;
+}}
+QPushButton#toolHeader:hover, QPushButton#toolHeader:checked:hover {{
+    background: {p.surface_hi};
+}}
+QPushButton#toolHeader:checked {{ background: transparent; }}
+QPushButton#toolHeader:focus {{ border: 1px solid {p.accent}; }}
+QLabel#toolWaiting {{ color: {p.warn}; font-size: 9pt; }}
+QPlainTextEdit#toolDetails, QPlainTextEdit#toolsEditor, QPlainTextEdit#toolResultInput {{
+    font-family: {MONO_FAMILY}; font-size: 9.5pt;
+}}
+QPlainTextEdit#toolDetails {{ background: {p.bg}; }}
+QPushButton#toolsButton[active="true"] {{ border: 1px solid {p.accent}; color: {p.accent_hi}; }}
 QFrame#card {{ background: {p.panel}; border: 1px solid {p.border}; border-radius: 10px; }}
 QFrame#card QLabel {{ background: transparent; }}
 QFrame#notice {{ background: {p.panel}; border: 1px solid {p.warn}; border-radius: 8px; }}

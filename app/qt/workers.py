@@ -40,7 +40,7 @@ class StreamWorker(QObject):
         self,
         generation_id: int,
         endpoint: Endpoint,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         params: dict[str, Any],
     ) -> None:
         super().__init__()

@@ -6,6 +6,7 @@ back from workers as plain data, and widgets are redrawn from the store.
 
 from __future__ import annotations
 
+import json
 import logging
 import time
 from collections.abc import Callable
@@ -19,6 +20,7 @@ from app.qt import theme
 from app.qt.chat.view import ChatView
 from app.qt.dialogs.add_server import AddServerDialog
 from app.qt.dialogs.system_prompt import SystemPromptDialog
+from app.qt.dialogs.tools import ToolsDialog
 from app.qt.engine_controller import EngineController
 from app.qt.error_panel import ErrorReporter
 from app.qt.settings.controller import SettingsController
@@ -99,12 +101,14 @@ class ChatController(QObject):
         v.conversation.copy_requested.connect(self.copy_message)
         v.conversation.edit_requested.connect(self.begin_edit)
         v.conversation.regenerate_requested.connect(lambda _m: self.regenerate())
+        v.conversation.result_submitted.connect(self.send_tool_result)
         v.composer.send_requested.connect(self.submit)
         v.composer.stop_requested.connect(self.stop)
         v.composer.edit_cancelled.connect(self.cancel_edit)
         h = v.header
         h.preset_chosen.connect(self._on_preset)
         h.system_prompt_requested.connect(self._ask_system_prompt)
+        h.tools_requested.connect(self._ask_tools)
         h.server_chosen.connect(self.use_endpoint)
         h.add_server_requested.connect(self._ask_server)
         h.model_chosen.connect(lambda path: self.engine.load(Path(path)))
@@ -209,6 +213,7 @@ class ChatController(QObject):
         chat = self.store.chat(chat_id)
         self.view.header.title.setText(chat.title)
         self.view.header.set_preset(chat.preset)
+        self._draw_tools()
         self.view.conversation.set_messages(self.store.messages(chat_id))
         self.cancel_edit()
         self.refresh_chats()
@@ -231,6 +236,7 @@ class ChatController(QObject):
             self.current_chat = None
             self.view.header.title.setText("New chat")
             self.view.conversation.set_messages([])
+            self._draw_tools()
         # An answer still winding down for this chat has nowhere to go now.
         self.service.forget_chat(chat_id)
         try:
@@ -271,6 +277,60 @@ class ChatController(QObject):
             current, self.set_system_prompt, self._parent_widget()
         )
         self.prompt_dialog.open()
+
+    # tools --------------------------------------------------------------------
+
+    def set_tools(self, text: str, enabled: bool, choice: str) -> None:
+        """Saves the current chat's tools; raises ToolSpecError (nothing saved) when wrong."""
+        if self.current_chat is None:
+            self.new_chat()
+        assert self.current_chat is not None
+        self.service.set_tools(self.current_chat, text, enabled, choice)
+        self._draw_tools()
+
+    def _draw_tools(self) -> None:
+        if self.current_chat is None:
+            self.view.header.set_tools_state(0, False)
+            return
+        chat = self.store.chat(self.current_chat)
+        tools = self.service.tools(self.current_chat)
+        self.view.header.set_tools_state(
+            len(tools.tools), chat.tools_enabled and bool(tools.tools), chat.tool_choice
+        )
+
+    def _ask_tools(self) -> None:
+        if self.current_chat is not None:
+            chat = self.store.chat(self.current_chat)
+            text, enabled, choice = chat.tools, chat.tools_enabled, chat.tool_choice
+        else:
+            text, enabled, choice = "", False, "auto"
+        self.tools_dialog = ToolsDialog(
+            text, enabled, choice, self.set_tools, self._parent_widget()
+        )
+        self.tools_dialog.open()
+
+    def send_tool_result(self, message_id: int, call_id: str, text: str) -> None:
+        """A call's "Send result": saves it as a tool message and continues the answer."""
+        if self.runner.busy:
+            return
+        endpoint = self.endpoint()
+        if endpoint is None:
+            # The result stays typed in its box; nothing is lost.
+            self._explain_no_endpoint("the result will be ready to send in a moment.")
+            return
+        try:
+            generation = self.service.send_tool_result(message_id, call_id, text)
+        except PeregrineError as exc:
+            self._errors.show(str(exc))
+            return
+        self.view.conversation.forget_draft(call_id)
+        self._errors.clear_unless_engine()
+        if generation is None:
+            # Other calls of this answer still wait for their results.
+            chat_id = self.store.message(message_id).chat_id
+            self.view.conversation.sync_messages(self.store.messages(chat_id))
+            return
+        self._begin_stream(generation, endpoint)
 
     # sending ------------------------------------------------------------------
 
@@ -344,7 +404,13 @@ class ChatController(QObject):
             self.runner.cancel()
 
     def copy_message(self, message_id: int) -> None:
-        QGuiApplication.clipboard().setText(self.store.message(message_id).content)
+        message = self.store.message(message_id)
+        text = message.content
+        if message.tool_calls:
+            # An answer that called tools: its text, then the calls in OpenAI's JSON.
+            calls = json.dumps(message.tool_calls, indent=2, ensure_ascii=False)
+            text = f"{text}\n\n{calls}" if text else calls
+        QGuiApplication.clipboard().setText(text)
 
     def _begin_stream(self, generation: Generation, endpoint: Endpoint) -> None:
         generation_id = generation.id
@@ -407,6 +473,9 @@ class ChatController(QObject):
             return
         self.answer_figures.emit(result.timings, result.ttft_ms)
         self._final_render(message.id, message.content, message.status)
+        if message.tool_calls and message.chat_id == self.current_chat:
+            # The calls arrive with the end of the answer: draw their blocks.
+            self.view.conversation.sync_messages(self.store.messages(message.chat_id))
 
     @Slot(int, str, object)
     def _on_failed(self, generation_id: int, error: str, kind: ErrorKind) -> None:

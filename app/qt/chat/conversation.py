@@ -6,6 +6,8 @@ main window decides what happens.
 
 from __future__ import annotations
 
+import json
+from dataclasses import dataclass, field
 from typing import Any
 
 from PySide6.QtCore import QEvent, QObject, Qt, QTimer, QUrl, Signal
@@ -27,6 +29,7 @@ from PySide6.QtWidgets import (
 from app.qt import theme
 from app.qt.markdown_render import MarkdownRenderer, Rendered
 from app.services.chat.store import Message
+from app.services.chat.tools import pretty, summary
 
 STATUS_TAGS = {
     "stopped": "stopped",
@@ -79,19 +82,287 @@ class MarkdownView(QTextBrowser):
             self.setFixedHeight(height)
 
 
+# A tool block's details grow with their text up to this height, then scroll.
+DETAILS_MAX_HEIGHT = 240
+
+
+@dataclass
+class ToolState:
+    """What the view knows about a chat's tool calls, shared by its message widgets.
+
+    names: call id -> tool name; answered: calls that have a result; open: calls
+    that can take a result now (the latest answer's, while nothing came after
+    them but results); drafts: results being typed, kept across redraws;
+    expanded: blocks the user opened ("call:ID", "result:MESSAGE_ID").
+    """
+
+    names: dict[str, str] = field(default_factory=dict)
+    answered: set[str] = field(default_factory=set)
+    open: set[str] = field(default_factory=set)
+    drafts: dict[str, str] = field(default_factory=dict)
+    expanded: set[str] = field(default_factory=set)
+
+    @classmethod
+    def of(cls, messages: list[Message], keep: ToolState | None = None) -> ToolState:
+        names: dict[str, str] = {}
+        for m in messages:
+            for call in m.tool_calls:
+                names[str(call.get("id", ""))] = str(call.get("function", {}).get("name", ""))
+        answered = {m.tool_call_id for m in messages if m.role == "tool"}
+        open_calls: set[str] = set()
+        for m in reversed(messages):
+            if m.role == "tool":
+                continue
+            if m.role == "assistant" and m.status == "complete":
+                open_calls = {str(c.get("id", "")) for c in m.tool_calls} - answered
+            break
+        state = cls(names, answered, open_calls)
+        if keep is not None:
+            state.drafts, state.expanded = keep.drafts, keep.expanded
+        return state
+
+    def shape(self, message: Message) -> tuple[Any, ...]:
+        """What a message's widget shows of this state: it is rebuilt when this changes."""
+        if message.role == "tool":
+            return (self.names.get(message.tool_call_id, ""),)
+        ids = [str(c.get("id", "")) for c in message.tool_calls]
+        return (
+            json.dumps(message.tool_calls),
+            tuple(i in self.answered for i in ids),
+            tuple(i in self.open for i in ids),
+        )
+
+
+class DetailsView(QPlainTextEdit):
+    """Read-only monospace text that is as tall as its lines, up to DETAILS_MAX_HEIGHT."""
+
+    def __init__(self, text: str, parent: QWidget | None = None) -> None:
+        super().__init__(parent)
+        self.setObjectName("toolDetails")
+        self.setReadOnly(True)
+        self.setLineWrapMode(QPlainTextEdit.LineWrapMode.NoWrap)
+        self.setPlainText(text)
+        self._lines = max(1, text.count("\n") + 1)
+        self._fit()
+
+    def changeEvent(self, event: QEvent) -> None:
+        super().changeEvent(event)
+        if event.type() in (QEvent.Type.FontChange, QEvent.Type.StyleChange):
+            self._fit()  # the style sheet's monospace font arrives after construction
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        super().resizeEvent(event)
+        if event.size().width() != event.oldSize().width():
+            self._fit()  # a horizontal scroll bar comes and goes with the width
+
+    def _fit(self) -> None:
+        margins = self.contentsMargins()
+        frame = margins.top() + margins.bottom()
+        document = 2 * self.document().documentMargin()
+        bar = self.horizontalScrollBar().sizeHint().height()
+        wide = self.document().idealWidth() > self.viewport().width() > 0
+        # Half a line to spare: QPlainTextEdit scrolls by lines and wants a part-line more.
+        spacing = self.fontMetrics().lineSpacing()
+        height = self._lines * spacing + spacing // 2 + frame + int(document)
+        self.setFixedHeight(min(DETAILS_MAX_HEIGHT, height + (bar if wide else 0)))
+
+
+class BlockHeader(QPushButton):
+    """A block's header button whose one line ends in "…" when the block is narrow.
+
+    A push button, not a tool button: only push buttons align their text left in
+    a style sheet.
+    """
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._full = ""
+        # Ignored: the text never widens the chat; it is elided to fit instead.
+        self.setSizePolicy(QSizePolicy.Policy.Ignored, QSizePolicy.Policy.Fixed)
+        self.setMinimumWidth(80)
+
+    def set_full_text(self, text: str) -> None:
+        self._full = text
+        self.setToolTip(text + "\n(Space shows or hides the details)")
+        self._elide()
+
+    def full_text(self) -> str:
+        return self._full
+
+    def resizeEvent(self, event: QResizeEvent) -> None:
+        super().resizeEvent(event)
+        self._elide()
+
+    def _elide(self) -> None:
+        room = max(20, self.width() - 20)  # the button's padding
+        self.setText(self.fontMetrics().elidedText(self._full, Qt.TextElideMode.ElideRight, room))
+
+
+class ToolBlock(QFrame):
+    """A collapsible block: a one-line header that opens to show details.
+
+    The header is a button: Tab reaches it, Space or Enter opens and closes it.
+    """
+
+    toggled = Signal(bool)
+
+    def __init__(
+        self, title: str, brief: str, details: str, expanded: bool, parent: QWidget | None = None
+    ) -> None:
+        super().__init__(parent)
+        self.setObjectName("toolBlock")
+        self._lay = lay = QVBoxLayout(self)
+        lay.setContentsMargins(8, 4, 8, 6)
+        lay.setSpacing(4)
+        row = QHBoxLayout()
+        row.setSpacing(6)
+        self._title = title
+        self._brief = brief
+        self.header = BlockHeader()
+        self.header.setObjectName("toolHeader")
+        self.header.setCheckable(True)
+        self.header.setCursor(Qt.CursorShape.PointingHandCursor)
+        self.header.toggled.connect(self._on_toggled)
+        row.addWidget(self.header, 1)
+        self.state = QLabel()
+        self.state.setObjectName("tag")
+        row.addWidget(self.state)
+        lay.addLayout(row)
+        self.details = DetailsView(details)
+        self.details.setAccessibleName(f"{title} details")
+        lay.addWidget(self.details)
+        self.header.setChecked(expanded)
+        self._on_toggled(expanded)
+
+    @property
+    def expanded(self) -> bool:
+        return self.header.isChecked()
+
+    def _on_toggled(self, expanded: bool) -> None:
+        mark = "▾" if expanded else "▸"
+        brief = f"   {self._brief}" if self._brief else ""
+        self.header.set_full_text(f"{mark}  {self._title}{brief}")
+        self.details.setVisible(expanded)
+        self.toggled.emit(expanded)
+
+
+class ToolCallBlock(ToolBlock):
+    """One tool call: name and arguments; while it waits, a box for the tool's result."""
+
+    result_submitted = Signal(str, str)  # call id, result text
+    draft_changed = Signal(str, str)  # call id, text typed so far
+
+    def __init__(
+        self,
+        call: dict[str, Any],
+        state: ToolState,
+        parent: QWidget | None = None,
+    ) -> None:
+        self.call_id = str(call.get("id", ""))
+        function = call.get("function", {})
+        self.name = str(function.get("name", "")) or "tool"
+        arguments = str(function.get("arguments", ""))
+        super().__init__(
+            f"Call {self.name}",
+            summary(arguments),
+            pretty(arguments),
+            f"call:{self.call_id}" in state.expanded,
+            parent,
+        )
+        self.setObjectName("toolBlock")
+        self.header.setAccessibleName(f"Tool call {self.name}")
+        self.result_input: QPlainTextEdit | None = None
+        self.send_button: QPushButton | None = None
+        if self.call_id in state.open:
+            self.state.setText("waiting for its result")
+            self.state.setObjectName("toolWaiting")
+            row = QHBoxLayout()
+            row.setSpacing(6)
+            self.result_input = QPlainTextEdit(state.drafts.get(self.call_id, ""))
+            self.result_input.setObjectName("toolResultInput")
+            self.result_input.setPlaceholderText(
+                f"Peregrine runs no tools: type what {self.name} returned (text or JSON), "
+                "then Ctrl+Enter"
+            )
+            self.result_input.setAccessibleName(f"Result of {self.name}")
+            self.result_input.setTabChangesFocus(True)
+            self.result_input.setFixedHeight(58)
+            self.result_input.installEventFilter(self)
+            self.result_input.textChanged.connect(
+                lambda: self.draft_changed.emit(self.call_id, self._draft())
+            )
+            self.send_button = QPushButton("Send result")
+            self.send_button.setObjectName("primary")
+            self.send_button.setToolTip("Adds the result to the chat and continues the answer")
+            self.send_button.clicked.connect(self._submit)
+            row.addWidget(self.result_input, 1)
+            row.addWidget(self.send_button, 0, Qt.AlignmentFlag.AlignBottom)
+            self._lay.addLayout(row)
+        elif self.call_id in state.answered:
+            self.state.setText("answered below")
+        else:
+            self.state.setText("no result")
+            self.state.setToolTip("The chat went on without this tool's result")
+
+    def _draft(self) -> str:
+        return self.result_input.toPlainText() if self.result_input is not None else ""
+
+    def _submit(self) -> None:
+        text = self._draft()
+        if text.strip():
+            self.result_submitted.emit(self.call_id, text)
+        elif self.result_input is not None:
+            self.result_input.setFocus()
+
+    def set_enabled(self, enabled: bool) -> None:
+        if self.send_button is not None:
+            self.send_button.setEnabled(enabled)
+
+    def eventFilter(self, watched: QObject, event: QEvent) -> bool:
+        if watched is self.result_input and event.type() == QEvent.Type.KeyPress:
+            assert isinstance(event, QKeyEvent)
+            if event.key() in (Qt.Key.Key_Return, Qt.Key.Key_Enter) and (
+                event.modifiers() & Qt.KeyboardModifier.ControlModifier
+            ):
+                if self.send_button is not None and self.send_button.isEnabled():
+                    self._submit()
+                return True
+        return super().eventFilter(watched, event)
+
+
 class MessageWidget(QFrame):
-    """One message: role header, actions, and the rendered text."""
+    """One message: role header, actions, and the rendered text.
+
+    An assistant's tool calls follow its text as ToolCallBlocks; a tool
+    message (a result) is one ToolBlock of its own.
+    """
 
     copy_requested = Signal(int)
     edit_requested = Signal(int)
     regenerate_requested = Signal(int)
+    result_submitted = Signal(int, str, str)  # assistant message id, call id, result
+    draft_changed = Signal(str, str)  # call id, text
+    block_toggled = Signal(str, bool)  # "call:ID" or "result:MESSAGE_ID", expanded
 
-    def __init__(self, message: Message, renderer: MarkdownRenderer, last: bool) -> None:
+    def __init__(
+        self,
+        message: Message,
+        renderer: MarkdownRenderer,
+        last: bool,
+        tools: ToolState | None = None,
+    ) -> None:
         super().__init__()
         self.message = message
         self._renderer = renderer
         self._rendered = Rendered("")
+        tools = tools or ToolState()
+        self.shape = tools.shape(message)
+        self.call_blocks: list[ToolCallBlock] = []
+        self.result_block: ToolBlock | None = None
         self.setObjectName(f"bubble_{message.role}")
+        if message.role == "tool":
+            self._build_result(message, tools)
+            return
         outer = QVBoxLayout(self)
         outer.setContentsMargins(14, 10, 14, 10)
         outer.setSpacing(4)
@@ -121,12 +392,44 @@ class MessageWidget(QFrame):
         self.body = MarkdownView()
         self.body.copy_code.connect(self._copy_code)
         outer.addWidget(self.body)
+        for call in message.tool_calls:
+            block = ToolCallBlock(call, tools)
+            key = f"call:{block.call_id}"
+            block.toggled.connect(lambda on, key=key: self.block_toggled.emit(key, on))
+            block.result_submitted.connect(
+                lambda call_id, text: self.result_submitted.emit(message.id, call_id, text)
+            )
+            block.draft_changed.connect(self.draft_changed)
+            outer.addWidget(block)
+            self.call_blocks.append(block)
         self.set_content(message.content, message.status)
+
+    def _build_result(self, message: Message, tools: ToolState) -> None:
+        """A tool's result: one collapsible block, indented under the call it answers."""
+        self.text: str = message.content
+        self.status: str = message.status
+        self.edit_button = self.regenerate_button = None
+        self.tag = QLabel()
+        outer = QVBoxLayout(self)
+        outer.setContentsMargins(24, 0, 0, 0)
+        name = tools.names.get(message.tool_call_id, "") or "tool"
+        key = f"result:{message.id}"
+        self.result_block = ToolBlock(
+            f"Result of {name}",
+            summary(message.content),
+            pretty(message.content),
+            key in tools.expanded,
+        )
+        self.result_block.header.setAccessibleName(f"Result of {name}")
+        self.result_block.toggled.connect(lambda on: self.block_toggled.emit(key, on))
+        outer.addWidget(self.result_block)
 
     def set_actions_enabled(self, enabled: bool) -> None:
         for button in (self.edit_button, self.regenerate_button):
             if button is not None:
                 button.setEnabled(enabled)
+        for block in self.call_blocks:
+            block.set_enabled(enabled)
 
     def _action(self, text: str, slot: object) -> QToolButton:
         button = QToolButton()
@@ -139,7 +442,11 @@ class MessageWidget(QFrame):
         self.text = text
         self.status = status
         self.tag.setText(STATUS_TAGS.get(status, ""))
+        if self.result_block is not None:
+            return  # a result's text never changes
         muted = self._renderer.palette.muted
+        # An answer that is only tool calls has no text to show.
+        self.body.setVisible(bool(text) or not self.call_blocks)
         if not text and status == "streaming":
             self.body.setHtml(f"<p style='color:{muted}'>…</p>")
             return
@@ -160,10 +467,12 @@ class ConversationView(QScrollArea):
     copy_requested = Signal(int)
     edit_requested = Signal(int)
     regenerate_requested = Signal(int)
+    result_submitted = Signal(int, str, str)  # assistant message id, call id, result
 
     def __init__(self, parent: QWidget | None = None) -> None:
         super().__init__(parent)
         self.setWidgetResizable(True)
+        self.tools = ToolState()
         self.setHorizontalScrollBarPolicy(Qt.ScrollBarPolicy.ScrollBarAlwaysOff)
         self._renderer = MarkdownRenderer()
         # Warm the highlighter now: its first use imports lexer modules (~100 ms),
@@ -212,6 +521,7 @@ class ConversationView(QScrollArea):
             self._layout.removeWidget(widget)
             widget.deleteLater()
         self.widgets = {}
+        self.tools = ToolState.of(messages, self.tools)
         last_assistant = max((m.id for m in messages if m.role == "assistant"), default=None)
         for m in messages:
             self._add(m, last=m.id == last_assistant)
@@ -236,11 +546,16 @@ class ConversationView(QScrollArea):
             self._layout.removeWidget(gone)
             gone.deleteLater()
         last_assistant = max((m.id for m in messages if m.role == "assistant"), default=None)
+        self.tools = ToolState.of(messages, self.tools)
         for m in messages:
             last = m.id == last_assistant
             widget = self.widgets.get(m.id)
-            if widget is not None and (widget.regenerate_button is not None) != last:
-                # The Regenerate button moves to the newest answer: rebuild this one.
+            if widget is not None and (
+                (widget.regenerate_button is not None) != last
+                or widget.shape != self.tools.shape(m)
+            ):
+                # The Regenerate button moves to the newest answer, or its tool calls
+                # got their calls or results: rebuild this one.
                 index = self._layout.indexOf(widget)
                 self._layout.removeWidget(widget)
                 widget.deleteLater()
@@ -255,10 +570,13 @@ class ConversationView(QScrollArea):
         QTimer.singleShot(0, self._scroll_to_bottom)
 
     def _add(self, message: Message, last: bool, index: int | None = None) -> MessageWidget:
-        widget = MessageWidget(message, self._renderer, last)
+        widget = MessageWidget(message, self._renderer, last, self.tools)
         widget.copy_requested.connect(self.copy_requested)
         widget.edit_requested.connect(self.edit_requested)
         widget.regenerate_requested.connect(self.regenerate_requested)
+        widget.result_submitted.connect(self.result_submitted)
+        widget.draft_changed.connect(self._on_draft)
+        widget.block_toggled.connect(self._on_block_toggled)
         if message.role == "user":
             # User bubbles hug the right, as in every chat app.
             widget.setSizePolicy(QSizePolicy.Policy.Preferred, QSizePolicy.Policy.Preferred)
@@ -283,6 +601,22 @@ class ConversationView(QScrollArea):
         widget = self.widgets.get(message_id)
         if widget is not None:
             widget.set_content(text, status)
+
+    def forget_draft(self, call_id: str) -> None:
+        """Drops a result's typed text once it has been sent."""
+        self.tools.drafts.pop(call_id, None)
+
+    def _on_draft(self, call_id: str, text: str) -> None:
+        if text:
+            self.tools.drafts[call_id] = text
+        else:
+            self.tools.drafts.pop(call_id, None)
+
+    def _on_block_toggled(self, key: str, expanded: bool) -> None:
+        if expanded:
+            self.tools.expanded.add(key)
+        else:
+            self.tools.expanded.discard(key)
 
     def _on_scrolled(self, value: int) -> None:
         bar = self.verticalScrollBar()

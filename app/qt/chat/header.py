@@ -50,6 +50,7 @@ class ChatHeader(QWidget):
     manage_models = Signal()
     preset_chosen = Signal(str)
     system_prompt_requested = Signal()
+    tools_requested = Signal()
     server_chosen = Signal(object)  # a remote server's name, or None for the local engine
     add_server_requested = Signal()
 
@@ -84,6 +85,11 @@ class ChatHeader(QWidget):
         self.system_button.setToolTip("The system prompt of this chat")
         self.system_button.clicked.connect(self.system_prompt_requested)
         lay.addWidget(self.system_button)
+        self.tools_button = QPushButton("Tools…")
+        self.tools_button.setObjectName("toolsButton")
+        self.tools_button.clicked.connect(self.tools_requested)
+        lay.addWidget(self.tools_button)
+        self.set_tools_state(0, False)
         self.server_box = QComboBox()
         self.server_box.setToolTip("Where answers come from")
         self.server_box.setMinimumContentsLength(8)
@@ -140,6 +146,30 @@ class ChatHeader(QWidget):
         box.blockSignals(False)
         # The local model picker means nothing while answers come from elsewhere.
         self.model_box.setVisible(active is None)
+
+    def set_tools_state(self, count: int, enabled: bool, choice: str = "auto") -> None:
+        """Says on the Tools button whether this chat sends tools, and how many."""
+        if enabled:
+            self.tools_button.setText(f"Tools ({count})")
+            forced = {"required": ", a call is required", "none": ", calls are off"}.get(
+                choice,
+                f", always {choice.removeprefix('function:')}"
+                if choice.startswith("function:")
+                else "",
+            )
+            self.tools_button.setToolTip(
+                f"{count} function tool{'s' if count != 1 else ''} sent with each message"
+                f"{forced}; click to edit"
+            )
+        else:
+            self.tools_button.setText("Tools…")
+            self.tools_button.setToolTip(
+                "Function tools the model may call in this chat (OpenAI JSON)"
+                + ("; now off" if count else "")
+            )
+        self.tools_button.setProperty("active", enabled)
+        self.tools_button.style().unpolish(self.tools_button)
+        self.tools_button.style().polish(self.tools_button)
 
     def set_preset(self, preset: str) -> None:
         self._quiet = True

@@ -22,6 +22,7 @@ from app.services.chat.store import (
     Message,
     Status,
 )
+from app.services.chat.tools import ToolSettings, check_settings, settings_of
 from app.services.engine.client import Finished
 from engine.errors import PeregrineError
 
@@ -48,7 +49,7 @@ class Generation:
     id: int
     chat_id: int
     assistant_message_id: int
-    messages: list[dict[str, str]]
+    messages: list[dict[str, Any]]
     params: dict[str, Any]
     started_at: float = 0.0
 
@@ -74,6 +75,7 @@ class _PendingSave:
     text: str
     status: Status
     meta: dict[str, Any]
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
 
 
 @dataclass
@@ -98,6 +100,16 @@ class ChatService:
     def set_preset(self, chat_id: int, preset: str) -> Chat:
         return self.store.set_preset(chat_id, _preset(preset))
 
+    def tools(self, chat_id: int) -> ToolSettings:
+        """The chat's tools as they are sent."""
+        chat = self.store.chat(chat_id)
+        return settings_of(chat.tools, chat.tools_enabled, chat.tool_choice)
+
+    def set_tools(self, chat_id: int, text: str, enabled: bool, choice: str) -> Chat:
+        """Checks and saves a chat's tools; raises ToolSpecError (nothing saved) when wrong."""
+        checked = check_settings(text, enabled, choice)
+        return self.store.set_tools(chat_id, text, checked.enabled, checked.choice)
+
     @property
     def active(self) -> Generation | None:
         return self._active.generation if self._active else None
@@ -117,15 +129,53 @@ class ChatService:
         return self._start(chat_id)
 
     def regenerate(self, chat_id: int) -> Generation:
-        """Replaces the last answer with a new one."""
+        """Replaces the last answer with a new one.
+
+        The last answer goes with whatever came after it (results of its tool
+        calls); the answer to a tool result is regenerated from that result, so
+        the call and the result stay.
+        """
         self._check_idle()
         self.flush_pending()
         messages = self.store.messages(chat_id)
-        last_user = _last(messages, "user")
-        if last_user is None:
+        if _last(messages, "user") is None:
             raise ChatServiceError("there is no question to answer again")
-        self.store.delete_messages_after(last_user.id)
+        answer = _last(messages, "assistant")
+        if answer is not None:
+            self.store.delete_messages_after(answer.id)
+            self.store.delete_message(answer.id)
+        else:
+            prompt = _last(messages, "user", "tool")
+            assert prompt is not None
+            self.store.delete_messages_after(prompt.id)
         return self._start(chat_id)
+
+    def send_tool_result(self, message_id: int, call_id: str, text: str) -> Generation | None:
+        """Saves what a tool returned for one call of an answer, as a `tool` message.
+
+        Once every call of that answer has its result, the answer continues (the
+        returned Generation); before that it returns None and waits for the rest.
+        """
+        if not text.strip():
+            raise ChatServiceError("type the tool's result first")
+        self._check_idle()
+        self.flush_pending()
+        message = self.store.message(message_id)
+        call_ids = [str(c.get("id", "")) for c in message.tool_calls]
+        if message.role != "assistant" or call_id not in call_ids:
+            raise ChatServiceError("that tool call is not in this chat any more")
+        later = [m for m in self.store.messages(message.chat_id) if m.id > message_id]
+        if any(m.role != "tool" for m in later):
+            raise ChatServiceError(
+                "the chat has gone on since this call; only the latest calls take results"
+            )
+        answered = {m.tool_call_id for m in later}
+        if call_id in answered:
+            raise ChatServiceError("this call already has its result")
+        self.store.add_message(message.chat_id, "tool", text, tool_call_id=call_id)
+        if set(call_ids) - answered - {call_id}:
+            return None
+        return self._start(message.chat_id)
 
     def edit_and_resend(self, message_id: int, text: str) -> Generation:
         """Changes a user message, drops everything after it and answers again."""
@@ -185,6 +235,8 @@ class ChatService:
         if active is None:
             return None
         stopped = result.finish_reason == "cancelled" or active.stop_requested
+        # A stopped answer's calls may be cut short: only a finished answer's calls count.
+        calls = [] if stopped else list(result.tool_calls)
         meta: dict[str, Any] = {
             "finish_reason": result.finish_reason,
             "timings": result.timings,
@@ -193,7 +245,7 @@ class ChatService:
             "model": result.model,
         }
         self._active = None
-        return self._finish(active, "stopped" if stopped else "complete", meta)
+        return self._finish(active, "stopped" if stopped else "complete", meta, calls)
 
     def on_failed(self, generation_id: int, error: str) -> Message | None:
         """Keeps whatever text arrived (status interrupted) and records the error."""
@@ -214,7 +266,7 @@ class ChatService:
                 if save.text:
                     self.store.append_delta(save.message_id, save.text)
                     save.text = ""
-                self.store.finish_message(save.message_id, save.status, save.meta)
+                self.store.finish_message(save.message_id, save.status, save.meta, save.tool_calls)
             except ChatStoreUnavailable:
                 raise
             except ChatStoreError:
@@ -230,8 +282,16 @@ class ChatService:
     def has_unsaved(self) -> bool:
         return bool(self._pending) or bool(self._active and self._active.unsaved)
 
-    def _finish(self, active: _Active, status: Status, meta: dict[str, Any]) -> Message:
-        save = _PendingSave(active.generation.assistant_message_id, active.unsaved, status, meta)
+    def _finish(
+        self,
+        active: _Active,
+        status: Status,
+        meta: dict[str, Any],
+        tool_calls: list[dict[str, Any]] | None = None,
+    ) -> Message:
+        save = _PendingSave(
+            active.generation.assistant_message_id, active.unsaved, status, meta, tool_calls or []
+        )
         self._pending.append(save)
         self.flush_pending()
         return self.store.message(save.message_id)
@@ -244,14 +304,34 @@ class ChatService:
 
     # helpers ----------------------------------------------------------------
 
-    def payload(self, chat_id: int) -> list[dict[str, str]]:
-        """The conversation as OpenAI messages, for the next answer."""
+    def payload(self, chat_id: int) -> list[dict[str, Any]]:
+        """The conversation as OpenAI messages, for the next answer.
+
+        An assistant's tool calls go back as `tool_calls` (content null when it
+        wrote nothing else), each result as a `tool` message with its call's id.
+        Calls the user went past without a result are left out: OpenAI-compatible
+        servers refuse a call that no tool message answers.
+        """
         chat = self.store.chat(chat_id)
-        out: list[dict[str, str]] = []
+        out: list[dict[str, Any]] = []
         if chat.system_prompt.strip():
             out.append({"role": "system", "content": chat.system_prompt})
-        for m in self.store.messages(chat_id):
-            if m.status in ("error", "streaming") or not m.content:
+        messages = [
+            m for m in self.store.messages(chat_id) if m.status not in ("error", "streaming")
+        ]
+        answered = {m.tool_call_id for m in messages if m.role == "tool"}
+        for m in messages:
+            if m.role == "assistant" and m.tool_calls:
+                calls = [c for c in m.tool_calls if c.get("id") in answered]
+                if calls:
+                    out.append(
+                        {"role": "assistant", "content": m.content or None, "tool_calls": calls}
+                    )
+                    continue
+            if m.role == "tool":
+                out.append({"role": "tool", "tool_call_id": m.tool_call_id, "content": m.content})
+                continue
+            if not m.content:
                 continue
             out.append({"role": m.role, "content": m.content})
         return out
@@ -260,9 +340,11 @@ class ChatService:
         chat = self.store.chat(chat_id)
         messages = self.payload(chat_id)
         assistant = self.store.add_message(chat_id, "assistant", "", status="streaming")
+        after_result = bool(messages) and messages[-1]["role"] == "tool"
         params = {
             **PRESETS.get(chat.preset, PRESETS[DEFAULT_PRESET]),
             "max_tokens": self.max_tokens,
+            **self.tools(chat_id).request_fields(after_tool_result=after_result),
         }
         generation = Generation(
             id=next(self._ids),
@@ -292,9 +374,9 @@ def _preset(name: str) -> str:
     return name
 
 
-def _last(messages: list[Message], role: str) -> Message | None:
+def _last(messages: list[Message], *roles: str) -> Message | None:
     for m in reversed(messages):
-        if m.role == role:
+        if m.role in roles:
             return m
     return None
 

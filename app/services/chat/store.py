@@ -18,35 +18,76 @@ from typing import Any, Literal
 
 from engine.errors import PeregrineError
 
-Role = Literal["system", "user", "assistant"]
+Role = Literal["system", "user", "assistant", "tool"]
 # streaming: being written; complete: the model finished; stopped: the user
 # stopped it; interrupted: the engine or the app died; error: nothing usable.
 Status = Literal["streaming", "complete", "stopped", "interrupted", "error"]
 
-_SCHEMA = """
-CREATE TABLE IF NOT EXISTS chats (
+# The schema's version is SQLite's user_version. 0: the first schema (no tools);
+# 1: a chat's tools (JSON text, on/off, tool_choice), and messages with role
+# "tool", an assistant's tool_calls (OpenAI's shape, JSON) and a result's
+# tool_call_id. Older files are migrated at open (_migrate).
+SCHEMA_VERSION = 1
+
+_MESSAGES_TABLE = """
+CREATE TABLE {name} (
+    id INTEGER PRIMARY KEY AUTOINCREMENT,
+    chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
+    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant', 'tool')),
+    content TEXT NOT NULL DEFAULT '',
+    status TEXT NOT NULL DEFAULT 'complete',
+    meta TEXT NOT NULL DEFAULT '{{}}',
+    created_at REAL NOT NULL,
+    tool_calls TEXT NOT NULL DEFAULT '[]',
+    tool_call_id TEXT NOT NULL DEFAULT ''
+);
+"""
+
+_SCHEMA = (
+    """
+CREATE TABLE chats (
     id INTEGER PRIMARY KEY AUTOINCREMENT,
     title TEXT NOT NULL,
     system_prompt TEXT NOT NULL DEFAULT '',
     preset TEXT NOT NULL DEFAULT 'Balanced',
     created_at REAL NOT NULL,
-    updated_at REAL NOT NULL
+    updated_at REAL NOT NULL,
+    tools TEXT NOT NULL DEFAULT '',
+    tools_enabled INTEGER NOT NULL DEFAULT 0,
+    tool_choice TEXT NOT NULL DEFAULT 'auto'
 );
-CREATE TABLE IF NOT EXISTS messages (
-    id INTEGER PRIMARY KEY AUTOINCREMENT,
-    chat_id INTEGER NOT NULL REFERENCES chats(id) ON DELETE CASCADE,
-    role TEXT NOT NULL CHECK (role IN ('system', 'user', 'assistant')),
-    content TEXT NOT NULL DEFAULT '',
-    status TEXT NOT NULL DEFAULT 'complete',
-    meta TEXT NOT NULL DEFAULT '{}',
-    created_at REAL NOT NULL
-);
-CREATE INDEX IF NOT EXISTS messages_by_chat ON messages(chat_id, id);
 """
+    + _MESSAGES_TABLE.format(name="messages")
+    + """
+CREATE INDEX messages_by_chat ON messages(chat_id, id);
+"""
+)
+
+# Version 0 to 1. SQLite cannot change a CHECK constraint in place, so messages
+# is rebuilt (SQLite's documented ALTER TABLE procedure) in one transaction:
+# a failure leaves the file as it was.
+_MIGRATE_0_TO_1 = (
+    """
+ALTER TABLE chats ADD COLUMN tools TEXT NOT NULL DEFAULT '';
+ALTER TABLE chats ADD COLUMN tools_enabled INTEGER NOT NULL DEFAULT 0;
+ALTER TABLE chats ADD COLUMN tool_choice TEXT NOT NULL DEFAULT 'auto';
+"""
+    + _MESSAGES_TABLE.format(name="messages_v1")
+    + """
+INSERT INTO messages_v1(id, chat_id, role, content, status, meta, created_at)
+    SELECT id, chat_id, role, content, status, meta, created_at FROM messages;
+DROP TABLE messages;
+ALTER TABLE messages_v1 RENAME TO messages;
+CREATE INDEX messages_by_chat ON messages(chat_id, id);
+"""
+)
 
 
 class ChatStoreError(PeregrineError):
     """A chat or message that does not exist, or input the store refuses."""
+
+
+ToolChoice = str  # "auto", "required", "none", or "function:NAME" (one named tool)
 
 
 @dataclass(frozen=True)
@@ -59,6 +100,12 @@ class Chat:
     preset: str
     created_at: float
     updated_at: float
+    # The chat's OpenAI function tools as the user wrote them (JSON text, validated
+    # by app.services.chat.tools before it is saved), whether they are sent, and
+    # tool_choice.
+    tools: str = ""
+    tools_enabled: bool = False
+    tool_choice: ToolChoice = "auto"
 
 
 @dataclass(frozen=True)
@@ -72,6 +119,11 @@ class Message:
     status: Status
     created_at: float
     meta: dict[str, Any] = field(default_factory=dict)
+    # An assistant's calls, in OpenAI's shape ({"id", "type": "function",
+    # "function": {"name", "arguments"}}, arguments as JSON text).
+    tool_calls: list[dict[str, Any]] = field(default_factory=list)
+    # A tool message: the id of the call it answers.
+    tool_call_id: str = ""
 
 
 class ChatStoreUnavailable(ChatStoreError):
@@ -162,8 +214,8 @@ class ChatStore:
         try:
             self._db.execute("PRAGMA journal_mode=WAL")
             self._db.execute("PRAGMA synchronous=NORMAL")
+            self._create_or_migrate()
             self._db.execute("PRAGMA foreign_keys=ON")
-            self._db.executescript(_SCHEMA)
             row = self._db.execute("PRAGMA quick_check").fetchone()
             if row is None or row[0] != "ok":
                 raise ChatStoreUnavailable(
@@ -176,6 +228,36 @@ class ChatStore:
         except BaseException:
             raw.close()
             raise
+
+    def _create_or_migrate(self) -> None:
+        """Creates the tables in a new file or brings an older file to SCHEMA_VERSION."""
+        version = int(self._db.execute("PRAGMA user_version").fetchone()[0])
+        if version > SCHEMA_VERSION:
+            raise ChatStoreUnavailable(
+                f"the chat database ({self.path}) was written by a newer Peregrine "
+                f"(schema {version}; this one reads up to {SCHEMA_VERSION}); update Peregrine "
+                "to open it",
+                "NEWER_SCHEMA",
+            )
+        if version == SCHEMA_VERSION:
+            return
+        tables = {
+            row[0] for row in self._db.execute("SELECT name FROM sqlite_master WHERE type='table'")
+        }
+        # executescript commits first; BEGIN inside the script keeps it one transaction.
+        if "chats" not in tables:
+            script = _SCHEMA
+        else:
+            # AUTOINCREMENT's high-water mark: ids of deleted messages stay unused.
+            row = self._db.execute(
+                "SELECT seq FROM sqlite_sequence WHERE name='messages'"
+            ).fetchone()
+            seq = int(row[0]) if row else 0
+            script = (
+                _MIGRATE_0_TO_1
+                + f"UPDATE sqlite_sequence SET seq=max(seq, {seq}) WHERE name='messages';\n"
+            )
+        self._db.executescript(f"BEGIN;\n{script}\nPRAGMA user_version={SCHEMA_VERSION};\nCOMMIT;")
 
     @classmethod
     def open_or_recover(
@@ -225,7 +307,7 @@ class ChatStore:
         row = self._db.execute("SELECT * FROM chats WHERE id=?", (chat_id,)).fetchone()
         if row is None:
             raise ChatStoreError(f"chat {chat_id} does not exist")
-        return Chat(**dict(row))
+        return _chat(row)
 
     def list_chats(self, search: str = "") -> list[Chat]:
         """Chats, most recently active first; `search` matches titles and message text."""
@@ -241,7 +323,7 @@ class ChatStore:
             rows = self._db.execute(
                 "SELECT * FROM chats ORDER BY updated_at DESC, id DESC"
             ).fetchall()
-        return [Chat(**dict(r)) for r in rows]
+        return [_chat(r) for r in rows]
 
     def rename_chat(self, chat_id: int, title: str) -> Chat:
         self._update_chat(chat_id, "title", _clean_title(title))
@@ -253,6 +335,16 @@ class ChatStore:
 
     def set_preset(self, chat_id: int, preset: str) -> Chat:
         self._update_chat(chat_id, "preset", preset)
+        return self.chat(chat_id)
+
+    def set_tools(self, chat_id: int, tools: str, enabled: bool, tool_choice: ToolChoice) -> Chat:
+        """Saves a chat's tools (validated by the caller: see app.services.chat.tools)."""
+        cur = self._db.execute(
+            "UPDATE chats SET tools=?, tools_enabled=?, tool_choice=?, updated_at=? WHERE id=?",
+            (tools, int(enabled), tool_choice, self._clock(), chat_id),
+        )
+        if cur.rowcount == 0:
+            raise ChatStoreError(f"chat {chat_id} does not exist")
         return self.chat(chat_id)
 
     def delete_chat(self, chat_id: int) -> None:
@@ -271,16 +363,24 @@ class ChatStore:
     # messages ---------------------------------------------------------------
 
     def add_message(
-        self, chat_id: int, role: Role, content: str, status: Status = "complete"
+        self,
+        chat_id: int,
+        role: Role,
+        content: str,
+        status: Status = "complete",
+        tool_call_id: str = "",
     ) -> Message:
+        """Adds a message; a tool message names the call it answers in tool_call_id."""
         self.chat(chat_id)  # a clear error instead of a foreign-key failure
+        if (role == "tool") != bool(tool_call_id):
+            raise ChatStoreError("a tool message, and only a tool message, has a tool_call_id")
         now = self._clock()
         with self._db:
             self._db.execute("BEGIN")
             cur = self._db.execute(
-                "INSERT INTO messages(chat_id, role, content, status, created_at)"
-                " VALUES (?, ?, ?, ?, ?)",
-                (chat_id, role, content, status, now),
+                "INSERT INTO messages(chat_id, role, content, status, created_at, tool_call_id)"
+                " VALUES (?, ?, ?, ?, ?, ?)",
+                (chat_id, role, content, status, now, tool_call_id),
             )
             self._db.execute("UPDATE chats SET updated_at=? WHERE id=?", (now, chat_id))
         return self.message(_rowid(cur))
@@ -306,11 +406,16 @@ class ChatStore:
             raise ChatStoreError(f"message {message_id} does not exist")
 
     def finish_message(
-        self, message_id: int, status: Status, meta: dict[str, Any] | None = None
+        self,
+        message_id: int,
+        status: Status,
+        meta: dict[str, Any] | None = None,
+        tool_calls: list[dict[str, Any]] | None = None,
     ) -> Message:
+        """Ends a streamed message: its status, figures and the tool calls it made."""
         cur = self._db.execute(
-            "UPDATE messages SET status=?, meta=? WHERE id=?",
-            (status, json.dumps(meta or {}), message_id),
+            "UPDATE messages SET status=?, meta=?, tool_calls=? WHERE id=?",
+            (status, json.dumps(meta or {}), json.dumps(tool_calls or []), message_id),
         )
         if cur.rowcount == 0:
             raise ChatStoreError(f"message {message_id} does not exist")
@@ -342,7 +447,14 @@ class ChatStore:
 def _message(row: sqlite3.Row) -> Message:
     data = dict(row)
     data["meta"] = json.loads(data["meta"] or "{}")
+    data["tool_calls"] = json.loads(data["tool_calls"] or "[]")
     return Message(**data)
+
+
+def _chat(row: sqlite3.Row) -> Chat:
+    data = dict(row)
+    data["tools_enabled"] = bool(data["tools_enabled"])
+    return Chat(**data)
 
 
 def _rowid(cur: sqlite3.Cursor) -> int:

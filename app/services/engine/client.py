@@ -14,6 +14,7 @@ import math
 import socket
 import threading
 import time
+import uuid
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from enum import StrEnum
@@ -81,6 +82,9 @@ class Finished:
     usage: dict[str, Any] = field(default_factory=dict)
     ttft_ms: float | None = None
     model: str = ""
+    # The answer's tool calls, assembled, in OpenAI's shape: {"id", "type":
+    # "function", "function": {"name", "arguments"}}, arguments as JSON text.
+    tool_calls: tuple[dict[str, Any], ...] = ()
 
 
 StreamEvent = Delta | Finished
@@ -179,11 +183,12 @@ class EngineClient:
 
     def stream_chat(
         self,
-        messages: list[dict[str, str]],
+        messages: list[dict[str, Any]],
         params: dict[str, Any] | None = None,
         cancel: CancelToken | None = None,
     ) -> Iterator[StreamEvent]:
-        """Yields Delta per token and one Finished last; raises EngineClientError."""
+        """Yields Delta per token and one Finished last (with the answer's tool calls);
+        raises EngineClientError."""
         cancel = cancel or CancelToken()
         if cancel.cancelled:
             yield Finished("cancelled")
@@ -459,6 +464,7 @@ class _Answer:
         self.usage: dict[str, Any] = {}
         self.model = ""
         self._ignored: set[str] = set()
+        self._calls: dict[int, _CallParts] = {}
 
     def finished(self, reason: str | None = None) -> Finished:
         return Finished(
@@ -467,6 +473,7 @@ class _Answer:
             dict(self.usage),
             self.ttft_ms,
             self.model,
+            tuple(self._calls[i].as_call() for i in sorted(self._calls)),
         )
 
     def take_payload(self, payload: str) -> Iterator[Delta]:
@@ -524,19 +531,84 @@ class _Answer:
                     ErrorKind.PROTOCOL,
                 )
             text = _content_text(choice.get(part), part)
+            calls = self._take_calls(choice.get(part), part)
+            if (text or calls) and self.ttft_ms is None:
+                self.ttft_ms = (self._clock() - self._started) * 1000.0
             if text:
-                if self.ttft_ms is None:
-                    self.ttft_ms = (self._clock() - self._started) * 1000.0
                 yield Delta(text)
             reason = choice.get("finish_reason")
             if isinstance(reason, str) and reason:
                 self.finish_reason = reason
+
+    def _take_calls(self, container: Any, part: str) -> bool:
+        """Adds a delta's (or a message's) tool-call pieces; True when it had any.
+
+        Streamed calls come as OpenAI sends them: the first piece of a call has
+        its index, id and name, later pieces add fragments of the arguments.
+        A whole message's calls are complete pieces at indexes 0, 1, ...
+        """
+        if not isinstance(container, dict):
+            return False
+        calls = container.get("tool_calls")
+        if calls is None:
+            return False
+        if not isinstance(calls, list):
+            raise EngineClientError(
+                f"the server sent {part}.tool_calls that is {_kind(calls)}, not a list",
+                ErrorKind.PROTOCOL,
+            )
+        for position, piece in enumerate(calls):
+            if not isinstance(piece, dict):
+                raise EngineClientError(
+                    f"the server sent a tool call that is {_kind(piece)}, not an object",
+                    ErrorKind.PROTOCOL,
+                )
+            index = piece.get("index", position) if part == "delta" else position
+            if not isinstance(index, int) or isinstance(index, bool):
+                raise EngineClientError(
+                    "the server sent a tool call without a numeric index", ErrorKind.PROTOCOL
+                )
+            self._calls.setdefault(index, _CallParts()).add(piece)
+        return bool(calls)
 
     def _ignore(self, name: str, value: Any) -> None:
         # Figures are extras: a malformed one is dropped, not a reason to lose the answer.
         if name not in self._ignored:
             self._ignored.add(name)
             log.warning("ignoring the server's %s: %s, not an object", name, _kind(value))
+
+
+class _CallParts:
+    """One tool call as its pieces arrive."""
+
+    def __init__(self) -> None:
+        self.id = ""
+        self.name = ""
+        self.arguments = ""
+
+    def add(self, piece: dict[str, Any]) -> None:
+        if isinstance(piece.get("id"), str) and piece["id"]:
+            self.id = piece["id"]
+        function = piece.get("function")
+        if not isinstance(function, dict):
+            return
+        # Names come whole in one piece (OpenAI, Peregrine); some servers split
+        # them, and the openai client joins them, so they are joined here too.
+        if isinstance(function.get("name"), str):
+            self.name += function["name"]
+        arguments = function.get("arguments")
+        if isinstance(arguments, str):
+            self.arguments += arguments
+        elif isinstance(arguments, dict):  # a server that sends an object, not JSON text
+            self.arguments += json.dumps(arguments)
+
+    def as_call(self) -> dict[str, Any]:
+        return {
+            # A result names its call by id; a server that sent none gets one made up.
+            "id": self.id or f"call_{uuid.uuid4().hex[:24]}",
+            "type": "function",
+            "function": {"name": self.name, "arguments": self.arguments or "{}"},
+        }
 
 
 def _numbers(figures: dict[str, Any]) -> dict[str, Any]:
