@@ -7,6 +7,7 @@ Anthropic's error shape and `x-api-key`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -16,6 +17,7 @@ import jsonschema
 import pytest
 
 from tests.engine_proc import EngineProc, running_engine
+from tests.test_tool_calling import WRITE
 
 pytestmark = pytest.mark.slow
 
@@ -115,6 +117,35 @@ def test_tool_use_whole_and_streamed(client: anthropic.Anthropic, tool_choice: A
     assert [(b.name, b.input) for b in streamed] == [(b.name, b.input) for b in uses]
     assert "input_json" in events  # the client's event for input_json_delta
     assert events[-1] == "message_stop"
+
+
+def test_tool_input_streams_in_pieces_as_it_is_written(client: anthropic.Anthropic) -> None:
+    write = WRITE  # a long string argument, held to 200-300 characters
+    pieces: list[str] = []
+    events: list[str] = []
+    with client.messages.stream(
+        model="m",
+        max_tokens=500,
+        extra_body=GREEDY,
+        messages=[{"role": "user", "content": "Write a poem about the sea to sea.txt."}],
+        tools=[{"name": "write_file", "description": "Writes a text file", "input_schema": write}],
+        tool_choice={"type": "tool", "name": "write_file"},
+    ) as stream:
+        for event in stream:
+            events.append(event.type)
+            if event.type == "input_json":
+                pieces.append(event.partial_json)
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    (use,) = [b for b in final.content if b.type == "tool_use"]
+    jsonschema.validate(use.input, write)
+    # The pieces join into the input, and came as the model wrote it.
+    assert json.loads("".join(pieces)) == use.input
+    assert len(pieces) > 20
+    # One tool_use block: opened before its pieces, closed after them.
+    first, last = events.index("input_json"), len(events) - 1 - events[::-1].index("input_json")
+    assert "content_block_start" in events[:first]
+    assert "content_block_stop" in events[last:]
 
 
 def test_raw_stream_has_ping_and_input_json_deltas(engine: EngineProc) -> None:
