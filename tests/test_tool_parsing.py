@@ -530,8 +530,11 @@ CHECKED = checked_parameters([Tool("get_weather", None, WEATHER)])
 
 def accepted(tok: LLTokenizer, grammar: str, text: str) -> bool:
     """Whether the grammar takes `text` whole, as a complete answer."""
+    return accepted_ids(tok, grammar, tok.tokenize_str(text))
+
+
+def accepted_ids(tok: LLTokenizer, grammar: str, ids: list[int]) -> bool:
     matcher = LLMatcher(tok, grammar, log_level=0)
-    ids = tok.tokenize_str(text)
     if matcher.validate_tokens(ids) != len(ids):
         return False
     return bool(matcher.consume_tokens(ids) and matcher.is_accepting())
@@ -568,6 +571,24 @@ def test_llama3_auto_holds_a_bare_json_start_to_the_schema(tokenizer: LLTokenize
     matcher = LLMatcher(tokenizer, auto, log_level=0)
     ids = tokenizer.tokenize_str('{"name": "get_time"')
     assert matcher.validate_tokens(ids) < len(ids)
+
+
+def test_a_control_token_marker_opens_a_call_only_as_that_token(tokenizer: LLTokenizer) -> None:
+    # `<|im_start|>` is a control token of the built-in vocabulary, standing in
+    # for `<tool_call>` in Qwen's: spelt out in free text it would look like a
+    # call marker that no grammar holds (and the parser streams calls early).
+    fmt = ToolFormat("hermes", ("<|im_start|>",), True, special=frozenset({"<|im_start|>"}))
+    auto = tool_grammar(fmt, CHECKED, "auto")
+    assert auto is not None
+    call = '\n{"name": "get_weather", "arguments": {"city": "Paris"}}\n</tool_call>'
+    marker = tokenizer.tokenize_str("<|im_start|>", parse_special=True)
+    assert len(marker) == 1
+    as_token = tokenizer.tokenize_str("Let me check. ") + marker + tokenizer.tokenize_str(call)
+    assert accepted_ids(tokenizer, auto, as_token)
+    spelt = tokenizer.tokenize_str("Let me check. <|im_start|>" + call)
+    assert marker[0] not in spelt
+    assert not accepted_ids(tokenizer, auto, spelt)
+    assert accepted(tokenizer, auto, "Plain text, no call.")
 
 
 def test_one_call_unless_parallel_calls_are_asked_for(tokenizer: LLTokenizer) -> None:
