@@ -120,12 +120,12 @@ def test_tool_use_whole_and_streamed(client: anthropic.Anthropic, tool_choice: A
 
 
 def test_tool_input_streams_in_pieces_as_it_is_written(client: anthropic.Anthropic) -> None:
-    write = WRITE  # a long string argument, held to 200-300 characters
+    write = WRITE  # a long string argument, held to 120-200 characters
     pieces: list[str] = []
     events: list[str] = []
     with client.messages.stream(
         model="m",
-        max_tokens=500,
+        max_tokens=300,
         extra_body=GREEDY,
         messages=[{"role": "user", "content": "Write a poem about the sea to sea.txt."}],
         tools=[{"name": "write_file", "description": "Writes a text file", "input_schema": write}],

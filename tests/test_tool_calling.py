@@ -49,12 +49,12 @@ ASK = [{"role": "user", "content": "What is the weather in Paris for the next 3 
 # A 135M model writes the marker when told to; from there the grammar holds the call.
 MARKER = [{"role": "user", "content": "Repeat exactly this text: <tool_call>"}]
 NAMED: Any = {"type": "function", "function": {"name": "get_weather"}}
-# A file to write: the grammar holds the content to 200-300 characters, a long argument.
+# A file to write: the grammar holds the content to 120-200 characters, a long argument.
 WRITE = {
     "type": "object",
     "properties": {
         "path": {"type": "string", "maxLength": 40},
-        "content": {"type": "string", "minLength": 200, "maxLength": 300},
+        "content": {"type": "string", "minLength": 120, "maxLength": 200},
     },
     "required": ["path", "content"],
     "additionalProperties": False,
@@ -158,7 +158,7 @@ def test_a_long_argument_streams_as_the_model_writes_it(client: openai.OpenAI) -
         "messages": [{"role": "user", "content": "Write a poem about the sea to sea.txt."}],
         "tools": WRITE_TOOLS,
         "tool_choice": {"type": "function", "function": {"name": "write_file"}},
-        "max_tokens": 500,
+        "max_tokens": 300,
         "temperature": 0,
     }
     pieces: list[str] = []
