@@ -7,6 +7,7 @@ Anthropic's error shape and `x-api-key`.
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from typing import Any
 
@@ -15,7 +16,11 @@ import httpx2 as httpx
 import jsonschema
 import pytest
 
+from engine.serving.messages_api import EventWriter
+from engine.tools.formats import ToolFormat
+from engine.tools.parse import StreamParser
 from tests.engine_proc import EngineProc, running_engine
+from tests.test_tool_calling import WRITE
 
 pytestmark = pytest.mark.slow
 
@@ -115,6 +120,60 @@ def test_tool_use_whole_and_streamed(client: anthropic.Anthropic, tool_choice: A
     assert [(b.name, b.input) for b in streamed] == [(b.name, b.input) for b in uses]
     assert "input_json" in events  # the client's event for input_json_delta
     assert events[-1] == "message_stop"
+
+
+def test_tool_input_streams_in_pieces_as_it_is_written(client: anthropic.Anthropic) -> None:
+    write = WRITE  # a long string argument, held to 120-200 characters
+    pieces: list[str] = []
+    events: list[str] = []
+    with client.messages.stream(
+        model="m",
+        max_tokens=300,
+        extra_body=GREEDY,
+        messages=[{"role": "user", "content": "Write a poem about the sea to sea.txt."}],
+        tools=[{"name": "write_file", "description": "Writes a text file", "input_schema": write}],
+        tool_choice={"type": "tool", "name": "write_file"},
+    ) as stream:
+        for event in stream:
+            events.append(event.type)
+            if event.type == "input_json":
+                pieces.append(event.partial_json)
+        final = stream.get_final_message()
+    assert final.stop_reason == "tool_use"
+    (use,) = [b for b in final.content if b.type == "tool_use"]
+    jsonschema.validate(use.input, write)
+    # The pieces join into the input, and came as the model wrote it.
+    assert json.loads("".join(pieces)) == use.input
+    assert len(pieces) > 20
+    # One tool_use block: opened before its pieces, closed after them.
+    first, last = events.index("input_json"), len(events) - 1 - events[::-1].index("input_json")
+    assert "content_block_start" in events[:first]
+    assert "content_block_stop" in events[last:]
+
+
+def test_a_tool_use_block_opens_at_the_name_and_a_cut_off_one_is_closed_at_the_end() -> None:
+    fmt = ToolFormat("hermes", ("<tool_call>",), True)
+    parser = StreamParser(fmt, {"get_weather": WEATHER}, new_id=lambda: "toolu_1", grammar=True)
+    writer = EventWriter()
+    early = writer.feed(parser.feed('Sure.<tool_call>\n{"name": "get_weather", "arguments": {"ci'))
+    assert [(name, e.get("index")) for name, e in early] == [
+        ("content_block_start", 0),
+        ("content_block_delta", 0),
+        ("content_block_stop", 0),
+        ("content_block_start", 1),
+        ("content_block_delta", 1),
+    ]
+    assert early[3][1]["content_block"] == {
+        "type": "tool_use",
+        "id": "toolu_1",
+        "name": "get_weather",
+        "input": {},
+    }
+    assert early[4][1]["delta"] == {"type": "input_json_delta", "partial_json": '{"ci'}
+    # Cut off by max_tokens: the block still closes, and nothing of the call becomes text.
+    rest = writer.feed(parser.feed('ty": "Pa') + parser.finish()) + writer.finish()
+    assert [name for name, _e in rest] == ["content_block_delta", "content_block_stop"]
+    assert parser.calls == []
 
 
 def test_raw_stream_has_ping_and_input_json_deltas(engine: EngineProc) -> None:

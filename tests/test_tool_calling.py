@@ -49,6 +49,26 @@ ASK = [{"role": "user", "content": "What is the weather in Paris for the next 3 
 # A 135M model writes the marker when told to; from there the grammar holds the call.
 MARKER = [{"role": "user", "content": "Repeat exactly this text: <tool_call>"}]
 NAMED: Any = {"type": "function", "function": {"name": "get_weather"}}
+# A file to write: the grammar holds the content to 120-200 characters, a long argument.
+WRITE = {
+    "type": "object",
+    "properties": {
+        "path": {"type": "string", "maxLength": 40},
+        "content": {"type": "string", "minLength": 120, "maxLength": 200},
+    },
+    "required": ["path", "content"],
+    "additionalProperties": False,
+}
+WRITE_TOOLS: list[Any] = [
+    {
+        "type": "function",
+        "function": {
+            "name": "write_file",
+            "description": "Writes a text file",
+            "parameters": WRITE,
+        },
+    }
+]
 
 
 @pytest.fixture(scope="module")
@@ -132,6 +152,35 @@ def test_calls_are_valid_whole_and_streamed(
     assert "<tool_call>" not in content
 
 
+def test_a_long_argument_streams_as_the_model_writes_it(client: openai.OpenAI) -> None:
+    fields: dict[str, Any] = {
+        "model": "m",
+        "messages": [{"role": "user", "content": "Write a poem about the sea to sea.txt."}],
+        "tools": WRITE_TOOLS,
+        "tool_choice": {"type": "function", "function": {"name": "write_file"}},
+        "max_tokens": 300,
+        "temperature": 0,
+    }
+    pieces: list[str] = []
+    # The official client's stream helper assembles the call from the chunks.
+    with client.chat.completions.stream(**fields) as stream:
+        for event in stream:
+            if event.type == "tool_calls.function.arguments.delta":
+                pieces.append(event.arguments_delta)
+        final = stream.get_final_completion()
+    choice = final.choices[0]
+    assert choice.finish_reason == "tool_calls"
+    assert choice.message.tool_calls is not None
+    (call,) = choice.message.tool_calls
+    args = json.loads(call.function.arguments)
+    jsonschema.validate(args, WRITE)
+    assert "".join(pieces) == call.function.arguments
+    # The arguments came as they were written, a token or so per chunk, not
+    # whole at the end: the content alone spans dozens of chunks.
+    assert len(pieces) > 20
+    assert max(len(p) for p in pieces) < len(args["content"]) // 4
+
+
 def test_parallel_calls_when_asked_for(client: openai.OpenAI) -> None:
     r = client.chat.completions.create(
         model="m",
@@ -196,6 +245,21 @@ def test_legacy_functions_answer_with_function_call(engine: EngineProc) -> None:
     assert choice["finish_reason"] == "function_call"
     assert choice["message"]["function_call"]["name"] == "get_weather"
     jsonschema.validate(json.loads(choice["message"]["function_call"]["arguments"]), WEATHER)
+
+    # Streamed: the name first with "" arguments, then the arguments in pieces.
+    with engine.client() as c:
+        r = c.post("/v1/chat/completions", json={**body, "stream": True})
+    chunks = [json.loads(line[6:]) for line in r.text.splitlines() if line.startswith("data: {")]
+    deltas = [ch["choices"][0]["delta"] for ch in chunks if ch["choices"]]
+    calls = [d["function_call"] for d in deltas if "function_call" in d]
+    assert calls[0] == {"name": "get_weather", "arguments": ""}
+    assert len(calls) > 2 and all(set(fc) == {"arguments"} for fc in calls[1:])
+    assert not any("tool_calls" in d for d in deltas)
+    streamed = json.loads("".join(fc["arguments"] for fc in calls))
+    assert streamed == json.loads(choice["message"]["function_call"]["arguments"])
+    assert [ch["choices"][0]["finish_reason"] for ch in chunks if ch["choices"]][-1] == (
+        "function_call"
+    )
 
 
 @pytest.mark.parametrize(

@@ -15,7 +15,15 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from engine.tools.grammar import Tool
-from engine.tools.parse import CallDelta, ContentDelta, ParsedOutput, ParseEvent, ReasoningDelta
+from engine.tools.parse import (
+    ArgsDelta,
+    CallEnd,
+    CallStart,
+    ContentDelta,
+    ParsedOutput,
+    ParseEvent,
+    ReasoningDelta,
+)
 from engine.tools.request import ToolRequest, ToolRequestError, tool_request
 from engine.wire.anthropic import ContentBlock, CountTokensRequest
 
@@ -195,13 +203,13 @@ def message_body(
     }
 
 
-# Tool input goes out in fragments of this many characters (`input_json_delta`).
-INPUT_FRAGMENT = 24
-
-
 @dataclass
 class EventWriter:
-    """Turns parsed events into Anthropic's content block events, opening and closing blocks."""
+    """Turns parsed events into Anthropic's content block events, opening and closing blocks.
+
+    A tool call is a `tool_use` block opened at its start, its arguments'
+    pieces as `input_json_delta`s as they come, and closed at its end.
+    """
 
     index: int = -1
     open_type: str | None = None
@@ -246,15 +254,12 @@ class EventWriter:
                 if self.open_type != "text":
                     self._open({"type": "text", "text": ""})
                 self._delta({"type": "text_delta", "text": e.text})
-            elif isinstance(e, CallDelta):
+            elif isinstance(e, CallStart):
                 self.calls += 1
-                call = e.call
-                self._open({"type": "tool_use", "id": call.id, "name": call.name, "input": {}})
-                args = json.dumps(_tool_input(call.arguments), ensure_ascii=False)
-                for at in range(0, len(args), INPUT_FRAGMENT):
-                    self._delta(
-                        {"type": "input_json_delta", "partial_json": args[at : at + INPUT_FRAGMENT]}
-                    )
+                self._open({"type": "tool_use", "id": e.id, "name": e.name, "input": {}})
+            elif isinstance(e, ArgsDelta) and self.open_type == "tool_use":
+                self._delta({"type": "input_json_delta", "partial_json": e.text})
+            elif isinstance(e, CallEnd) and self.open_type == "tool_use":
                 self._close()
         out, self.out = self.out, []
         return out

@@ -48,7 +48,8 @@ from engine.structured.constraint import GrammarError
 from engine.structured.schema import SchemaError, grammar_for
 from engine.tools.formats import ToolFormat
 from engine.tools.parse import (
-    CallDelta,
+    ArgsDelta,
+    CallStart,
     ContentDelta,
     ParseEvent,
     ReasoningDelta,
@@ -868,7 +869,9 @@ class _Api:
                 raise ApiError(400, str(exc), code="unsupported_schema", param=exc.param) from exc
         if tools is None and not fmt.reasoning and not force:
             return None, grammar
-        return _Parsing(fmt, tools.schemas() if tools else None, legacy), grammar
+        return _Parsing(
+            fmt, tools.schemas() if tools else None, legacy, grammar is not None
+        ), grammar
 
     async def completions(self, request: web.Request) -> web.StreamResponse:
         req, grammar = await self._parse(request, CompletionRequest, "completions")
@@ -1152,15 +1155,15 @@ class _Parsing:
     tools: dict[str, Any] | None  # None: no call is parsed (no tools, or tool_choice "none")
     # The request used the legacy `functions`: answer with `function_call` (the first call).
     legacy: bool = False
+    # A grammar holds the calls: they stream as they are written (engine/tools/parse.py).
+    grammar: bool = False
 
     def parser(
         self, in_reasoning: bool = False, new_id: Callable[[], str] | None = None
     ) -> StreamParser:
-        return StreamParser(self.fmt, self.tools, in_reasoning=in_reasoning, new_id=new_id)
-
-
-# Arguments go out in fragments of this many characters (as OpenAI streams them).
-ARGUMENT_FRAGMENT = 24
+        return StreamParser(
+            self.fmt, self.tools, in_reasoning=in_reasoning, new_id=new_id, grammar=self.grammar
+        )
 
 
 def _finish_with_calls(finish: str, calls: Sequence[ToolCall], legacy: bool = False) -> str:
@@ -1188,27 +1191,39 @@ class _ResponseMeta:
     reasoning_open: bool = False
 
     def parsed_chunks(self, events: Sequence[ParseEvent]) -> list[dict[str, Any]]:
-        """Stream chunks for parsed events: content, reasoning_content, tool_calls fragments."""
+        """Stream chunks for parsed events: content, reasoning_content, tool calls as they come.
+
+        A call's first chunk has its id, type and name with "" arguments; each
+        piece of its arguments follows in its own chunk (OpenAI's shape). The
+        legacy `function_call` form carries the first call only.
+        """
         chunks = []
+        legacy = self.parsing is not None and self.parsing.legacy
         for e in events:
             if isinstance(e, ContentDelta):
                 chunks.append(self.chunk({"content": e.text}, None))
             elif isinstance(e, ReasoningDelta):
                 chunks.append(self.chunk({"reasoning_content": e.text}, None))
-            elif isinstance(e, CallDelta) and self.parsing is not None and self.parsing.legacy:
-                if e.index == 0:  # the legacy form carries one call
-                    fn = {"name": e.call.name, "arguments": e.call.arguments}
-                    chunks.append(self.chunk({"function_call": fn}, None))
-            elif isinstance(e, CallDelta):
-                head = _tool_call_json(e.index, e.call)
-                head["function"]["arguments"] = ""
+            elif legacy and isinstance(e, CallStart | ArgsDelta) and e.index == 0:
+                fn = (
+                    {"name": e.name, "arguments": ""}
+                    if isinstance(e, CallStart)
+                    else {"arguments": e.text}
+                )
+                chunks.append(self.chunk({"function_call": fn}, None))
+            elif legacy:
+                continue
+            elif isinstance(e, CallStart):
+                head = {
+                    "index": e.index,
+                    "id": e.id,
+                    "type": "function",
+                    "function": {"name": e.name, "arguments": ""},
+                }
                 chunks.append(self.chunk({"tool_calls": [head]}, None))
-                args = e.call.arguments
-                for at in range(0, len(args), ARGUMENT_FRAGMENT):
-                    piece = {"arguments": args[at : at + ARGUMENT_FRAGMENT]}
-                    chunks.append(
-                        self.chunk({"tool_calls": [{"index": e.index, "function": piece}]}, None)
-                    )
+            elif isinstance(e, ArgsDelta):
+                piece = {"index": e.index, "function": {"arguments": e.text}}
+                chunks.append(self.chunk({"tool_calls": [piece]}, None))
         return chunks
 
     def chunk(
@@ -1269,6 +1284,7 @@ class _ResponseMeta:
                 result.text,
                 self.parsing.tools,
                 in_reasoning=self.reasoning_open,
+                grammar=self.parsing.grammar,
             )
             msg: dict[str, Any] = {
                 "role": "assistant",

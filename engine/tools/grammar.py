@@ -6,7 +6,10 @@
   lexeme hands over to the call's grammar (llguidance's `[lazy]`, its form
   of llama.cpp's lazy grammar triggers), so a call the model starts is always
   complete and valid. Formats whose calls may be a bare JSON object (Llama
-  3.x) also turn the grammar on when the answer starts with `{`.
+  3.x) also turn the grammar on when the answer starts with `{`. A marker
+  that is a control token may not be spelt out in the free text either, so
+  every call marker in the answer opens a call the grammar holds (the
+  parser relies on it to stream calls as they are written).
 - `none`: no grammar.
 
 Arguments are compiled with the same allowlist as `response_format`
@@ -152,6 +155,17 @@ def _call_schema(tool: Tool, args_key: str, *, with_id: bool = False) -> dict[st
     }
 
 
+def _regex_literal(text: str) -> str:
+    """`text` as a literal inside a Lark `/…/` regex."""
+    return "".join("\\" + c if c in "\\.+*?()|[]{}^$/" else c for c in text)
+
+
+def _free_text(regex: str, fmt: ToolFormat) -> str:
+    """A free-text lexeme that never contains the text of the format's control-token markers."""
+    spelt = [f" & ~/(.|\\n)*{_regex_literal(t)}(.|\\n)*/" for t in sorted(fmt.special)]
+    return regex + "".join(spelt)
+
+
 def tool_grammar(
     fmt: ToolFormat,
     tools: Sequence[Tool],
@@ -198,10 +212,10 @@ def tool_grammar(
             f"start: {start}",
             *b.rules,
             r"WS: /[ \n]*/",
-            r"TEXT: /(.|\n)*/",
-            r"TEXT_ANY: /(.|\n)*/",
+            "TEXT: " + _free_text(r"/(.|\n)*/", fmt),
+            "TEXT_ANY: " + _free_text(r"/(.|\n)*/", fmt),
             # Llama 3.x auto: plain text never starts with "{" (that is a call).
-            r"TEXT_PLAIN: /([ \n]*[^{ \n](.|\n)*)?/",
+            "TEXT_PLAIN: " + _free_text(r"/([ \n]*[^{ \n](.|\n)*)?/", fmt),
         ]
     )
     grammar = LLMatcher.grammar_from_lark(lark)
