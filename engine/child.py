@@ -16,7 +16,12 @@ CHILD_COMMAND = "_child"
 # The program's entry module: a frozen executable *is* it, so it needs no `_child`.
 ENTRY_MODULE = "app.cli"
 # The modules started as children; each has `main(argv) -> int`.
-CHILD_MODULES = (ENTRY_MODULE, "engine.planning.probe", "engine.planning.hardware")
+CHILD_MODULES = (
+    ENTRY_MODULE,
+    "engine.planning.probe",
+    "engine.planning.hardware",
+    "engine.runtimes",
+)
 
 
 # Windows: no console window flashes up for a child (0 elsewhere, where it means nothing).

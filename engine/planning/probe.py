@@ -194,6 +194,11 @@ def _last_line(text: str) -> str:
 
 def _dry_run(load: LoadRequest) -> dict[str, Any]:
     """Child side: load without allocating and return the logged sizes."""
+    from engine.runtimes import load_backends
+
+    # A backend-DL build registers its backend modules only when asked (docs/api.md).
+    env_lib = os.environ.get("LLAMA_CPP_LIB_PATH")
+    load_backends(Path(env_lib) if env_lib else None)
     import llama_cpp
 
     log_lines: list[str] = []

@@ -27,6 +27,7 @@ from pydantic import ValidationError
 
 from engine.errors import PeregrineError, UsageError
 from engine.paths import Paths
+from engine.runtimes import RuntimeSelector, Selection, activate
 from engine.wire.control import AUTO_PARALLEL, DEFAULT_QUEUE_LIMIT, LoadRequest
 
 log = logging.getLogger("peregrine.serve")
@@ -351,22 +352,12 @@ def _load_roots(args: argparse.Namespace, model_path: str) -> list[Path] | None:
     return roots
 
 
-def _select_runtime(name: str | None) -> tuple[str, str]:
-    """Points llama-cpp-python at an installed runtime before it is imported."""
-    if not name:
-        return "default", "cpu"
-    folder = Paths.from_env().runtimes / name
-    manifest = folder / "runtime.json"
-    if not manifest.is_file():
-        raise PeregrineError(f"engine runtime {name!r} is not installed ({manifest} is missing)")
-    try:
-        info = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PeregrineError(
-            f"engine runtime {name!r} has an unreadable runtime.json: {exc}"
-        ) from exc
-    os.environ["LLAMA_CPP_LIB_PATH"] = str(folder / "lib")
-    return name, str(info.get("backend", "unknown"))
+def _select_runtime(name: str | None) -> Selection:
+    """The runtime to load (the one named if it passes its self-test, else a fallback),
+    made current before llama-cpp-python is imported (docs/api.md, "Engine runtimes")."""
+    selection = RuntimeSelector(Paths.from_env()).choose(name)
+    activate(selection)
+    return selection
 
 
 def _validate_model(path: str) -> object:
@@ -476,8 +467,11 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
     api_key = api_key or secrets.token_urlsafe(32)
     model_path = str(Path(args.model).expanduser()) if args.model else str(default_model_path())
     _validate_model(model_path)
-    runtime_name, backend = _select_runtime(args.runtime)
     request = _load_request(args, model_path)
+    # After planning: `--plan auto` may pick the runtime (the cpu one on a CPU-only machine).
+    runtime = _select_runtime(args.runtime or request.runtime)
+    in_use = runtime.name if runtime.lib_dir is not None else None
+    request = request.model_copy(update={"runtime": in_use})
     chat_template = _read_chat_template(args.chat_template_file)
 
     from aiohttp import web
@@ -500,7 +494,12 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
     engine = Engine(
         queue_limit=args.queue_limit,
         state_cache_bytes=max(args.cache_ram, 0) << 20,
-        runtime=RuntimeInfo(name=runtime_name, backend=backend),
+        runtime=RuntimeInfo(
+            name=runtime.name,
+            backend=runtime.backend,
+            requested=runtime.requested,
+            fallback_reason=runtime.fallback_reason,
+        ),
         validate=_validate_model,
         preflight=_preflight_load,
         draft_folders=[Paths.from_env().models, *(Path(d).expanduser() for d in args.models_dir)],
