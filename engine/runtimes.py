@@ -202,7 +202,11 @@ def read_manifest(folder: Path) -> tuple[Manifest, str]:
     try:
         # A FIFO would block the read and a device never end it: regular files only, capped.
         if not path.is_file():
-            raise ManifestError(f"{MANIFEST} is missing" if not path.exists() else "not a file")
+            raise ManifestError(
+                f"{MANIFEST} is missing"
+                if not path.exists()
+                else f"{MANIFEST} is not a regular file"
+            )
         with path.open("rb") as f:
             raw = f.read(MAX_MANIFEST_BYTES + 1)
     except OSError as exc:

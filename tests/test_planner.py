@@ -281,7 +281,9 @@ def test_asymmetric_kv_is_flagged_unless_the_runtime_has_the_kernels(
     pins = Pins(type_k="q8_0", type_v="f16")
     plain = plan(MACHINES["rtx3090-24gb"], families["llama8b"], pins)
     assert any(r.startswith("warning: K q8_0 / V f16") for r in plain.reasons)
-    rt = Runtime("cuda12-fa-all", "cuda", fa_all_pairs=True, llama_cpp_commit="0c1e570")
+    rt = Runtime(
+        "cuda12-fa-all", "cuda", fa_type_pairs=[["q8_0", "f16"]], llama_cpp_commit="0c1e570"
+    )
     hw = replace(MACHINES["rtx3090-24gb"], runtimes=[rt])
     p = plan(hw, families["llama8b"], pins)
     assert p.load.runtime == "cuda12-fa-all"
