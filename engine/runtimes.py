@@ -401,12 +401,12 @@ def run_self_test(
             why = f"signal {-proc.returncode}"
         last = _crash_line(proc.stderr)
         return SelfTest(
-            False, f"it crashed in the self-test ({why}){': ' + last if last else ''}", now
+            False, f"crashed in the self-test ({why}){': ' + last if last else ''}", now
         )
     if reply and reply.get("error"):
-        return SelfTest(False, f"it failed the self-test: {reply['error']}", now)
+        return SelfTest(False, f"failed the self-test: {reply['error']}", now)
     last = _crash_line(proc.stderr) or "no output"
-    return SelfTest(False, f"it failed the self-test (exit {proc.returncode}): {last}", now)
+    return SelfTest(False, f"failed the self-test (exit {proc.returncode}): {last}", now)
 
 
 def _crash_line(text: str) -> str:
