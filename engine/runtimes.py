@@ -531,6 +531,14 @@ class RuntimeSelector:
             fallback_reason=f"{reason}; using Peregrine's built-in llama.cpp",
         )
 
+    def problem(self, name: str) -> str | None:
+        """Why runtime `name` cannot be used (its self-test runs if not cached); None: it can."""
+        try:
+            self.check(name)
+        except RuntimeProblem as exc:
+            return str(exc)
+        return None
+
     def check(self, name: str) -> Selection:
         """`name` if installed, well-formed and passing its self-test; RuntimeProblem if not."""
         if not _NAME.match(name):

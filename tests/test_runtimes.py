@@ -192,13 +192,9 @@ def test_a_missing_runtime_falls_back_to_the_built_in_llama_cpp() -> None:
     assert chosen.fallback_reason.startswith("runtime 'cuda12' is not installed")
     assert chosen.fallback_reason.endswith("using Peregrine's built-in llama.cpp")
     assert test.calls == []
-    assert (
-        selector(test)
-        .choose("../../etc")
-        .fallback_reason.startswith(  # type: ignore[union-attr]
-            "runtime '../../etc' is not a runtime name"
-        )
-    )
+    odd = selector(test).choose("../../etc")
+    assert odd.fallback_reason is not None
+    assert odd.fallback_reason.startswith("runtime '../../etc' is not a runtime name")
 
 
 def test_a_corrupt_manifest_falls_back_without_running_anything() -> None:
@@ -361,3 +357,19 @@ def test_the_engine_runs_a_working_runtime() -> None:
         assert status["settings"]["runtime"] == "cpu"
         answer = engine.chat([{"role": "user", "content": "Say hi"}], max_tokens=4)
         assert answer["choices"][0]["message"]["content"]
+
+
+@pytest.mark.slow
+def test_the_profile_plans_with_working_runtimes_only() -> None:
+    install_crashing("cpu")
+    (_home() / "cpu" / "runtime.json").write_text(json.dumps({"backend": "cpu"}))
+    install_copy("cpu-copy")
+    out = subprocess.run(
+        [sys.executable, "-m", "app.cli", "profile"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    assert "runtimes: cpu-copy (cpu" in out
+    assert "not probed: runtime cpu: crashed in the self-test (SIGABRT)" in out
+    assert "runtime cpu-copy" in out.split("plan:", 1)[1].splitlines()[0]

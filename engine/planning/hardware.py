@@ -17,7 +17,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -674,6 +674,20 @@ def probe_runtimes(runtimes_dir: Path, missing: list[str]) -> list[Runtime]:
             )
         )
     return found
+
+
+def working_runtimes(hardware: Hardware, problem: Callable[[str], str | None]) -> Hardware:
+    """`hardware` with only the runtimes that pass their self-test (`problem` returns None);
+    each other one goes to `missing` with its reason, so a plan never names a broken one."""
+    kept = []
+    missing = list(hardware.missing)
+    for r in hardware.runtimes:
+        why = problem(r.name)
+        if why is None:
+            kept.append(r)
+        else:
+            missing.append(f"runtime {r.name}: {why}")
+    return replace(hardware, runtimes=kept, missing=missing)
 
 
 def main(argv: list[str] | None = None) -> int:

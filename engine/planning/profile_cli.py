@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from engine.errors import PeregrineError, UsageError
+from engine.paths import Paths
 from engine.planning.estimate import GIB
-from engine.planning.hardware import Hardware, Runtime, detect_hardware
+from engine.planning.hardware import Hardware, Runtime, detect_hardware, working_runtimes
 from engine.planning.planner import ModelCandidate, Pins, Plan, plan, plan_for_file
+from engine.runtimes import RuntimeSelector
 from engine.wire.base import KV_BYTES_PER_ELEMENT
 
 log = logging.getLogger(__name__)
@@ -281,7 +283,13 @@ def make_profile(args: argparse.Namespace) -> Plan:
         if value is not None and not value.strip():
             raise UsageError(f"{flag} needs a value, not an empty string")
     pins = pins_from_args(args)
-    hardware = load_hardware_file(args.hardware) if args.hardware else detect_hardware()
+    if args.hardware:
+        hardware = load_hardware_file(args.hardware)
+    else:
+        hardware = detect_hardware()
+        if not args.estimate_only:
+            # Plan only with runtimes that work here (each self-tested once, then cached).
+            hardware = working_runtimes(hardware, RuntimeSelector(Paths.from_env()).problem)
     if pins.threads is None and hardware.cpu.physical_cores > MAX_THREADS:
         pins.threads = MAX_THREADS
     if args.repo:

@@ -234,25 +234,41 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _load_request(args: argparse.Namespace, model_path: str) -> LoadRequest:
+def _load_request(
+    args: argparse.Namespace,
+    model_path: str,
+    selector: RuntimeSelector | None = None,
+    pinned: Selection | None = None,
+) -> LoadRequest:
+    """The load the command line asks for. With `--plan auto` the planner fills in the rest,
+    choosing among the runtimes that pass their self-test (`pinned`: the one `--runtime` gave)."""
     base: dict[str, Any] = {
         "model": model_path,
         "draft_model": args.draft_model,
         "runtime": args.runtime,
     }
     if args.plan == "auto":
-        from engine.planning.planner import plan_for_file  # the planner is optional at this layer
+        # The planner is optional at this layer.
+        from engine.planning.hardware import detect_hardware, working_runtimes
+        from engine.planning.planner import Pins, plan_for_file
 
-        pins = None
+        pins = Pins()
         if args.draft_model and args.draft_model != "auto":
             from engine.gguf.header import validate_gguf_file
             from engine.planning.estimate import shape_from_header
-            from engine.planning.planner import Pins
 
             # The draft model's weights, KV and compute take room from the plan.
-            draft = shape_from_header(validate_gguf_file(Path(args.draft_model).expanduser()))
-            pins = Pins(draft=draft)
-        planned = plan_for_file(Path(model_path), pins=pins).load.model_dump()
+            pins.draft = shape_from_header(validate_gguf_file(Path(args.draft_model).expanduser()))
+        hardware = detect_hardware()
+        if pinned is not None:
+            # The runtime in use is settled: the plan is made for it (none: the built-in one).
+            in_use = pinned.name if pinned.lib_dir is not None else None
+            hardware.runtimes = [r for r in hardware.runtimes if r.name == in_use]
+            pins.runtime = in_use
+            base["runtime"] = in_use
+        elif selector is not None:
+            hardware = working_runtimes(hardware, selector.problem)
+        planned = plan_for_file(Path(model_path), hardware=hardware, pins=pins).load.model_dump()
         base = {**planned, **{k: v for k, v in base.items() if v is not None}}
     else:
         base.update(n_ctx=4096, flash_attn="auto")
@@ -350,14 +366,6 @@ def _load_roots(args: argparse.Namespace, model_path: str) -> list[Path] | None:
     if args.draft_model and args.draft_model != "auto":
         roots.append(Path(args.draft_model).expanduser())
     return roots
-
-
-def _select_runtime(name: str | None) -> Selection:
-    """The runtime to load (the one named if it passes its self-test, else a fallback),
-    made current before llama-cpp-python is imported (docs/api.md, "Engine runtimes")."""
-    selection = RuntimeSelector(Paths.from_env()).choose(name)
-    activate(selection)
-    return selection
 
 
 def _validate_model(path: str) -> object:
@@ -467,9 +475,12 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
     api_key = api_key or secrets.token_urlsafe(32)
     model_path = str(Path(args.model).expanduser()) if args.model else str(default_model_path())
     _validate_model(model_path)
-    request = _load_request(args, model_path)
-    # After planning: `--plan auto` may pick the runtime (the cpu one on a CPU-only machine).
-    runtime = _select_runtime(args.runtime or request.runtime)
+    selector = RuntimeSelector(Paths.from_env())
+    pinned = selector.choose(args.runtime) if args.runtime else None
+    request = _load_request(args, model_path, selector, pinned)
+    # `--plan auto` may have picked the runtime (the cpu one on a CPU-only machine).
+    runtime = pinned or selector.choose(request.runtime)
+    activate(runtime)
     in_use = runtime.name if runtime.lib_dir is not None else None
     request = request.model_copy(update={"runtime": in_use})
     chat_template = _read_chat_template(args.chat_template_file)
