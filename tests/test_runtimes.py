@@ -373,3 +373,13 @@ def test_the_profile_plans_with_working_runtimes_only() -> None:
     assert "runtimes: cpu-copy (cpu" in out
     assert "not probed: runtime cpu: crashed in the self-test (SIGABRT)" in out
     assert "runtime cpu-copy" in out.split("plan:", 1)[1].splitlines()[0]
+
+
+@pytest.mark.slow
+def test_a_planned_engine_runs_on_the_cpu_runtime_of_a_cpu_only_machine() -> None:
+    install_copy("cpu")
+    with running_engine("--plan", "auto", "--tool-self-test", "off") as engine:
+        with engine.client() as c:
+            status = c.get("/v1/engine/status").json()
+        assert status["runtime"]["name"] == "cpu" and status["settings"]["runtime"] == "cpu"
+        assert status["runtime"]["fallback_reason"] is None
