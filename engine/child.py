@@ -55,3 +55,13 @@ def _console_twin(exe: Path) -> str:
     if exe.name.lower() == "peregrinew.exe" and twin.is_file():
         return str(twin)
     return str(exe)
+
+
+def crash_line(stderr: str) -> str:
+    """The line that says why a child aborted: llama.cpp's assert or C++'s terminate message."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for marker in ("GGML_ASSERT", "GGML_ABORT", "what():", "terminate called", "error"):
+        for line in reversed(lines):
+            if marker in line:
+                return line[:300]
+    return lines[-1][:300] if lines else ""

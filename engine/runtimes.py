@@ -27,7 +27,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.child import NO_WINDOW, module_argv
+from engine.child import NO_WINDOW, crash_line, module_argv
 from engine.errors import PeregrineError
 from engine.paths import Paths
 
@@ -399,23 +399,14 @@ def run_self_test(
             why = signal.Signals(-proc.returncode).name
         except ValueError:
             why = f"signal {-proc.returncode}"
-        last = _crash_line(proc.stderr)
+        last = crash_line(proc.stderr)
         return SelfTest(
             False, f"crashed in the self-test ({why}){': ' + last if last else ''}", now
         )
     if reply and reply.get("error"):
         return SelfTest(False, f"failed the self-test: {reply['error']}", now)
-    last = _crash_line(proc.stderr) or "no output"
+    last = crash_line(proc.stderr) or "no output"
     return SelfTest(False, f"failed the self-test (exit {proc.returncode}): {last}", now)
-
-
-def _crash_line(text: str) -> str:
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for marker in ("GGML_ASSERT", "GGML_ABORT", "what():", "error"):
-        for line in reversed(lines):
-            if marker in line:
-                return line[:300]
-    return lines[-1][:300] if lines else ""
 
 
 def _self_test_child(lib_dir: Path, gpu: bool) -> dict[str, Any]:

@@ -28,6 +28,7 @@ from engine.runtimes import (
     SelfTest,
     all_fa_pairs,
     built_in_lib_dir,
+    driver_version,
     fa_pairs_from_features,
     parse_manifest,
     run_self_test,
@@ -91,6 +92,30 @@ def test_fa_pairs_are_read_back_from_the_cuda_backend_features() -> None:
         ("q8_0", "q8_0"),
         ("q8_0", "q4_0"),
     )
+
+
+class FakeNvml:
+    def __init__(self, version: bytes | None) -> None:
+        self.version = version
+
+    def nvmlInit(self) -> None:
+        if self.version is None:
+            raise RuntimeError("NVML Shared Library Not Found")
+
+    def nvmlSystemGetDriverVersion(self) -> bytes:
+        assert self.version is not None
+        return self.version
+
+    def nvmlShutdown(self) -> None:
+        pass
+
+
+def test_the_driver_version_comes_from_nvml_else_sysfs_else_none(tmp_path: Path) -> None:
+    assert driver_version(lambda: FakeNvml(b"580.65.06"), tmp_path) == "nvidia 580.65.06"
+    assert driver_version(lambda: FakeNvml(None), tmp_path) == "none"
+    (tmp_path / "module" / "amdgpu").mkdir(parents=True)
+    (tmp_path / "module" / "amdgpu" / "version").write_text("6.10.5\n")
+    assert driver_version(lambda: FakeNvml(None), tmp_path) == "amdgpu 6.10.5"
 
 
 # --- runtimes on disk ------------------------------------------------------------------
