@@ -544,7 +544,7 @@ class RuntimeSelector:
         lib_dir = folder / "lib"
         if not lib_dir.is_dir():
             raise RuntimeProblem(f"has no lib/ folder ({lib_dir})")
-        key = f"{name}|{digest}|{self._driver_version()}"
+        key = f"{name}|{digest}|{_fingerprint(lib_dir)}|{self._driver_version()}"
         result = self._cached(key)
         if result is None:
             log.info("self-testing engine runtime %s (%s)", name, manifest.backend)
@@ -617,6 +617,18 @@ class RuntimeSelector:
             tmp.replace(self.cache_file)
         except OSError:
             log.warning("cannot save the runtime self-test result", exc_info=True)
+
+
+def _fingerprint(lib_dir: Path) -> str:
+    """Names, sizes and times of lib/'s files: a rebuilt runtime is tested again."""
+    digest = hashlib.sha256()
+    for path in sorted(lib_dir.iterdir()):
+        try:
+            st = path.lstat()
+        except OSError:
+            continue
+        digest.update(f"{path.name}\0{st.st_size}\0{st.st_mtime_ns}\0".encode())
+    return digest.hexdigest()[:16]
 
 
 def activate(selection: Selection) -> None:

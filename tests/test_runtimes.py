@@ -201,12 +201,15 @@ def test_a_working_runtime_passes_and_its_result_is_cached() -> None:
     [(key, entry)] = cache.items()
     assert key.startswith("cpu|") and key.endswith("|none") and entry["ok"] is True
     assert entry["detail"] == "decoded 8 tokens" and "CPU" in entry["features"]
-    # A new driver, or a changed manifest, is tested again.
+    # A new driver, a changed manifest or rebuilt libraries are tested again.
     selector(test, driver="nvidia 580.1").choose("cpu")
     assert len(test.calls) == 2
     (_home() / "cpu" / "runtime.json").write_text(json.dumps({"backend": "cpu"}))
     selector(test, driver="nvidia 580.1").choose("cpu")
     assert len(test.calls) == 3
+    (_home() / "cpu" / "lib" / "libggml-cpu-haswell.so").write_bytes(b"")
+    selector(test, driver="nvidia 580.1").choose("cpu")
+    assert len(test.calls) == 4
 
 
 def test_a_missing_runtime_falls_back_to_the_built_in_llama_cpp() -> None:
