@@ -8,6 +8,7 @@ run in real child processes on the built-in model.
 
 from __future__ import annotations
 
+import io
 import json
 import os
 import shutil
@@ -33,6 +34,7 @@ from engine.runtimes import (
     parse_manifest,
     run_self_test,
 )
+from engine.serving.serve_cli import EventWriter, _heartbeat
 from tests.engine_proc import running_engine, wait_for
 
 GOOD_MANIFEST: dict[str, Any] = {
@@ -411,3 +413,11 @@ def test_a_planned_engine_runs_on_the_cpu_runtime_of_a_cpu_only_machine() -> Non
             status = c.get("/v1/engine/status").json()
         assert status["runtime"]["name"] == "cpu" and status["settings"]["runtime"] == "cpu"
         assert status["runtime"]["fallback_reason"] is None
+
+
+def test_a_long_self_test_keeps_the_start_from_looking_stalled() -> None:
+    out = io.StringIO()
+    with _heartbeat(EventWriter(out), every_s=0.01):
+        assert wait_for(lambda: out.getvalue().count("\n") >= 2, 30)
+    events = [json.loads(line) for line in out.getvalue().splitlines()]
+    assert all(e == {"event": "loading", "progress": 0.0} for e in events)

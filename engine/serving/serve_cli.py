@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -20,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -368,6 +370,24 @@ def _load_roots(args: argparse.Namespace, model_path: str) -> list[Path] | None:
     return roots
 
 
+@contextlib.contextmanager
+def _heartbeat(events: EventWriter, every_s: float = 5.0) -> Iterator[None]:
+    """Emits `loading` (progress 0) every few seconds while the block runs."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            events.emit("loading", progress=0.0)
+
+    thread = threading.Thread(target=beat, name="start-heartbeat", daemon=True)
+    thread.start()
+    try:
+        yield
+    finally:
+        done.set()
+        thread.join()
+
+
 def _validate_model(path: str) -> object:
     p = Path(path)
     if not p.exists():
@@ -476,10 +496,13 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
     model_path = str(Path(args.model).expanduser()) if args.model else str(default_model_path())
     _validate_model(model_path)
     selector = RuntimeSelector(Paths.from_env())
-    pinned = selector.choose(args.runtime) if args.runtime else None
-    request = _load_request(args, model_path, selector, pinned)
-    # `--plan auto` may have picked the runtime (the cpu one on a CPU-only machine).
-    runtime = pinned or selector.choose(request.runtime)
+    # A runtime's first self-test (and a plan's dry run) may take a while: `loading`
+    # events meanwhile tell the supervisor that the start has not stalled.
+    with _heartbeat(events):
+        pinned = selector.choose(args.runtime) if args.runtime else None
+        request = _load_request(args, model_path, selector, pinned)
+        # `--plan auto` may have picked the runtime (the cpu one on a CPU-only machine).
+        runtime = pinned or selector.choose(request.runtime)
     activate(runtime)
     in_use = runtime.name if runtime.lib_dir is not None else None
     request = request.model_copy(update={"runtime": in_use})
