@@ -9,6 +9,7 @@ export PIP_DISABLE_PIP_VERSION_CHECK := 1
 
 .PHONY: run test lint typecheck unit bench screenshots clean setup
 .PHONY: package bundle package-check package-windows-check icons
+.PHONY: runtime-cpu runtime-vulkan runtime-cuda
 
 setup: $(STAMP)
 
@@ -124,3 +125,24 @@ package-windows-check:
 
 icons: $(STAMP)
 	$(BIN)/python packaging/make_icons.py assets
+
+# --- Engine runtimes (docs/install.md, "Engine runtimes") ------------------------
+# llama.cpp per hardware as backend-DL builds with our patches, written to
+# build/runtimes/<name>/ and packed into dist/runtimes/ with a .sha256. Never part
+# of `make test`: the cpu runtime alone takes 30-45 minutes on 2 cores.
+# RUNTIME_ARGS adds options, e.g. RUNTIME_ARGS="--install" or "--cuda-archs 90".
+RUNTIME_ARGS ?=
+
+runtime-cpu: $(STAMP)
+	bash packaging/runtimes/ensure-tools.sh cpu
+	$(BIN)/python packaging/runtimes/build_runtime.py cpu --self-test $(RUNTIME_ARGS)
+
+# Self-tested on Mesa's lavapipe where no Vulkan GPU is present.
+runtime-vulkan: $(STAMP)
+	bash packaging/runtimes/ensure-tools.sh vulkan
+	$(BIN)/python packaging/runtimes/build_runtime.py vulkan --self-test $(RUNTIME_ARGS)
+
+# Cross-compiled: needs nvcc, not a GPU; the self-test runs where it is installed.
+runtime-cuda: $(STAMP)
+	bash packaging/runtimes/ensure-tools.sh cuda
+	$(BIN)/python packaging/runtimes/build_runtime.py cuda $(RUNTIME_ARGS)

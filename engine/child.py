@@ -16,7 +16,12 @@ CHILD_COMMAND = "_child"
 # The program's entry module: a frozen executable *is* it, so it needs no `_child`.
 ENTRY_MODULE = "app.cli"
 # The modules started as children; each has `main(argv) -> int`.
-CHILD_MODULES = (ENTRY_MODULE, "engine.planning.probe", "engine.planning.hardware")
+CHILD_MODULES = (
+    ENTRY_MODULE,
+    "engine.planning.probe",
+    "engine.planning.hardware",
+    "engine.runtimes",
+)
 
 
 # Windows: no console window flashes up for a child (0 elsewhere, where it means nothing).
@@ -50,3 +55,13 @@ def _console_twin(exe: Path) -> str:
     if exe.name.lower() == "peregrinew.exe" and twin.is_file():
         return str(twin)
     return str(exe)
+
+
+def crash_line(stderr: str) -> str:
+    """The line that says why a child aborted: llama.cpp's assert or C++'s terminate message."""
+    lines = [line.strip() for line in stderr.splitlines() if line.strip()]
+    for marker in ("GGML_ASSERT", "GGML_ABORT", "what():", "terminate called", "error"):
+        for line in reversed(lines):
+            if marker in line:
+                return line[:300]
+    return lines[-1][:300] if lines else ""

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
 import subprocess
@@ -40,11 +39,11 @@ def test_an_old_jinja2_is_refused_at_start_up(tmp_path: Path) -> None:
 
 
 def test_an_unexpected_start_up_failure_is_still_an_error_event(tmp_path: Path) -> None:
-    # A runtime whose lib/ folder is empty: llama.cpp's library cannot be loaded at all.
-    runtime = Path(os.environ["PEREGRINE_HOME"]) / "runtimes" / "broken"
-    (runtime / "lib").mkdir(parents=True)
-    (runtime / "runtime.json").write_text(json.dumps({"backend": "cpu"}))
-    event = start_failure(tmp_path, "--runtime", "broken")
+    # llama-cpp-python pointed at an empty folder: its library cannot be loaded at all.
+    # (A broken --runtime no longer fails: the engine falls back, see test_runtimes.py.)
+    empty = tmp_path / "empty-lib"
+    empty.mkdir()
+    event = start_failure(tmp_path, env={"LLAMA_CPP_LIB_PATH": str(empty)})
     assert event["message"].startswith("the engine failed to start:")
 
 

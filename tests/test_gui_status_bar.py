@@ -26,3 +26,19 @@ def test_the_draft_model_and_its_acceptance_show_in_the_status_bar(qtbot: QtBot)
     )
     bar.set_figures(ServerFigures(drafter="draft", acceptance=None, draft_model="d"))
     assert bar.speculative.toolTip() == "Draft model d: no drafts yet"
+
+
+def test_the_runtime_in_use_and_a_fallback_show_in_the_status_bar(qtbot: QtBot) -> None:
+    bar = StatusBar()
+    qtbot.addWidget(bar)
+    assert bar.runtime.text() == "Runtime —"
+    bar.set_figures(ServerFigures(runtime="cuda12", runtime_backend="cuda"))
+    assert bar.runtime.text() == "Runtime cuda12"
+    assert bar.runtime.toolTip() == "Runtime cuda12 (cuda)"
+    reason = "runtime 'cuda12' crashed in the self-test (SIGSEGV); using the cpu runtime 'cpu'"
+    bar.set_figures(ServerFigures(runtime="cpu", runtime_backend="cpu", runtime_fallback=reason))
+    assert bar.runtime.text() == "Runtime cpu ⚠"
+    assert bar.runtime.toolTip() == f"Runtime cpu (cpu), instead of the one asked for: {reason}"
+    bar.reset()
+    bar.set_figures(ServerFigures(runtime="default", runtime_backend="cpu"))
+    assert bar.runtime.text() == "Runtime built-in"

@@ -192,7 +192,11 @@ def test_runtimes_are_read_and_a_broken_manifest_is_recorded(tmp_path: Path) -> 
     (rt / "broken").mkdir()
     (rt / "broken" / "runtime.json").write_text("{not json")
     hw = detect_hardware(_probes(tmp_path), models_dir=tmp_path)
-    assert [(r.name, r.backend, r.fa_all_pairs) for r in hw.runtimes] == [("cuda12", "cuda", True)]
+    # An old manifest's `fa_all_pairs: true` reads as every CUDA pair.
+    assert [(r.name, r.backend, len(r.fa_type_pairs)) for r in hw.runtimes] == [
+        ("cuda12", "cuda", 49)
+    ]
+    assert ["q8_0", "f16"] in hw.runtimes[0].fa_type_pairs
     assert any(m.startswith("runtime broken:") for m in hw.missing)
 
 

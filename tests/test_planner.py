@@ -281,11 +281,54 @@ def test_asymmetric_kv_is_flagged_unless_the_runtime_has_the_kernels(
     pins = Pins(type_k="q8_0", type_v="f16")
     plain = plan(MACHINES["rtx3090-24gb"], families["llama8b"], pins)
     assert any(r.startswith("warning: K q8_0 / V f16") for r in plain.reasons)
-    rt = Runtime("cuda12-fa-all", "cuda", fa_all_pairs=True, llama_cpp_commit="0c1e570")
+    rt = Runtime(
+        "cuda12-fa-all", "cuda", fa_type_pairs=[["q8_0", "f16"]], llama_cpp_commit="0c1e570"
+    )
     hw = replace(MACHINES["rtx3090-24gb"], runtimes=[rt])
     p = plan(hw, families["llama8b"], pins)
     assert p.load.runtime == "cuda12-fa-all"
     assert not any(r.startswith("warning") for r in p.reasons)
+
+
+CPU_RT = Runtime("cpu", "cpu", cpu_variants=["x64", "haswell"])
+CUDA_RT = Runtime("cuda12", "cuda", fa_type_pairs=[["f16", "f16"], ["q8_0", "q8_0"]])
+VULKAN_RT = Runtime("vulkan", "vulkan")
+
+
+@pytest.mark.parametrize(
+    ("machine_name", "runtimes", "pins", "expected"),
+    [
+        ("laptop-8gb", [CPU_RT], Pins(), "cpu"),  # CPU-only machines get one too
+        ("laptop-8gb", [CUDA_RT], Pins(), None),  # no cpu runtime: the built-in llama.cpp
+        ("rtx3090-24gb", [CPU_RT, CUDA_RT], Pins(), "cuda12"),
+        ("rtx3090-24gb", [CPU_RT, VULKAN_RT], Pins(), "vulkan"),  # no CUDA one: Vulkan drives it
+        ("rtx3090-24gb", [CPU_RT, CUDA_RT], Pins(n_gpu_layers=0), "cpu"),
+        ("rtx3090-24gb", [CPU_RT, CUDA_RT], Pins(runtime="cpu"), "cpu"),
+    ],
+)
+def test_the_planner_picks_a_runtime_for_the_devices_it_uses(
+    families: dict[str, list[ModelCandidate]],
+    machine_name: str,
+    runtimes: list[Runtime],
+    pins: Pins,
+    expected: str | None,
+) -> None:
+    hw = replace(MACHINES[machine_name], runtimes=runtimes)
+    p = plan(hw, families["llama8b"][3:], pins)
+    assert p.load.runtime == expected
+    if expected is not None:
+        backend = next(r.backend for r in runtimes if r.name == expected)
+        assert f"runtime {expected} ({backend})" in p.reasons
+
+
+def test_a_kv_pair_the_runtime_did_not_compile_is_flagged(
+    families: dict[str, list[ModelCandidate]],
+) -> None:
+    hw = replace(MACHINES["rtx3090-24gb"], runtimes=[CUDA_RT])
+    listed = plan(hw, families["llama8b"], Pins(type_k="q8_0", type_v="q8_0"))
+    assert not any(r.startswith("warning") for r in listed.reasons)
+    missing = plan(hw, families["llama8b"], Pins(type_k="q4_0", type_v="q4_0"))
+    assert any(r.startswith("warning: K q4_0 / V q4_0") for r in missing.reasons)
 
 
 def test_fit_badges(families: dict[str, list[ModelCandidate]]) -> None:

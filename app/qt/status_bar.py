@@ -1,4 +1,4 @@
-"""The status bar: engine state, model, context, speed, time to first token, speculation, memory."""
+"""The status bar: engine state, model, context, speed, TTFT, speculation, tools, memory, runtime."""
 
 from __future__ import annotations
 
@@ -9,6 +9,9 @@ from PySide6.QtWidgets import QLabel, QProgressBar, QStatusBar, QWidget
 from app.services.engine.client import ServerFigures
 
 DASH = "—"
+# The engine's name for the llama.cpp built into Peregrine (docs/api.md, "Engine runtimes").
+BUILT_IN_NAME = "default"
+BUILT_IN_WORDS = "built-in"
 
 
 def _mib(n: Any) -> str:
@@ -41,6 +44,7 @@ class StatusBar(QStatusBar):
         self.speculative = QLabel()
         self.tools = QLabel()
         self.memory = QLabel()
+        self.runtime = QLabel()
         self.addWidget(self.state)
         self.addWidget(self.progress)
         for label in (
@@ -51,6 +55,7 @@ class StatusBar(QStatusBar):
             self.speculative,
             self.tools,
             self.memory,
+            self.runtime,
         ):
             self.addPermanentWidget(label)
         self.n_ctx: int | None = None
@@ -68,6 +73,8 @@ class StatusBar(QStatusBar):
         self.tools.setToolTip("")
         self.memory.setText(f"Memory {DASH}")
         self.memory.setToolTip("")
+        self.runtime.setText(f"Runtime {DASH}")
+        self.runtime.setToolTip("")
         self._draw_context()
 
     def set_engine_state(self, text: str, progress: float | None = None) -> None:
@@ -104,7 +111,22 @@ class StatusBar(QStatusBar):
             self.speculative.setToolTip(f"Draft model {figures.draft_model}: {accepted}")
         if figures.tool_format is not None:
             self._draw_tools(figures)
+        if figures.runtime is not None:
+            self._draw_runtime(figures)
         self._draw_context()
+
+    def _draw_runtime(self, figures: ServerFigures) -> None:
+        """The engine runtime in use; a warning mark when it replaced the one asked for."""
+        name = BUILT_IN_WORDS if figures.runtime == BUILT_IN_NAME else figures.runtime
+        backend = f" ({figures.runtime_backend})" if figures.runtime_backend else ""
+        if figures.runtime_fallback:
+            self.runtime.setText(f"Runtime {name} ⚠")
+            self.runtime.setToolTip(
+                f"Runtime {name}{backend}, instead of the one asked for: {figures.runtime_fallback}"
+            )
+        else:
+            self.runtime.setText(f"Runtime {name}")
+            self.runtime.setToolTip(f"Runtime {name}{backend}")
 
     def _draw_tools(self, figures: ServerFigures) -> None:
         """The model's tool-call format, with a mark for its self-test."""

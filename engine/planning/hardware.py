@@ -17,7 +17,7 @@ import os
 import shutil
 import subprocess
 from collections.abc import Callable
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,6 +27,14 @@ import psutil
 from engine.child import NO_WINDOW, module_argv
 from engine.errors import PeregrineError
 from engine.paths import Paths
+from engine.runtimes import (
+    MANIFEST,
+    ManifestError,
+    RuntimeProblem,
+    load_backends,
+    parse_manifest,
+    read_manifest,
+)
 
 log = logging.getLogger(__name__)
 
@@ -70,7 +78,6 @@ _AMD_VENDOR_ID = "0x1002"
 MAX_BYTES = 1 << 60  # 1 EiB of memory or disk
 MAX_CORES = 1 << 16
 MAX_GPUS = 256
-_MAX_RUNTIME_JSON = 1 << 20
 
 
 @dataclass
@@ -108,8 +115,17 @@ class Runtime:
 
     name: str
     backend: str
-    fa_all_pairs: bool = False
+    # Flash-attention K/V type pairs with kernels compiled in; empty: not recorded.
+    fa_type_pairs: list[list[str]] = field(default_factory=list)
     llama_cpp_commit: str | None = None
+    patches: list[str] = field(default_factory=list)
+    cpu_variants: list[str] = field(default_factory=list)
+
+    def has_fa_kernel(self, type_k: str, type_v: str) -> bool:
+        """Whether flash attention has a kernel for this pair here (unrecorded: symmetric only)."""
+        if not self.fa_type_pairs:
+            return type_k == type_v
+        return [type_k, type_v] in self.fa_type_pairs
 
 
 @dataclass
@@ -181,14 +197,7 @@ class Hardware:
                     f"hardware.ram.available ({ram.available}) is more than ram.total ({ram.total})"
                 )
             runtimes = [
-                Runtime(
-                    name=str(r["name"]),
-                    backend=str(r.get("backend", "cpu")),
-                    fa_all_pairs=bool(r.get("fa_all_pairs", False)),
-                    llama_cpp_commit=(
-                        None if r.get("llama_cpp_commit") is None else str(r["llama_cpp_commit"])
-                    ),
-                )
+                _runtime_from_json(r)
                 for r in (
                     _as_obj(x, "runtimes[]") for x in _as_list(data.get("runtimes", []), "runtimes")
                 )
@@ -210,6 +219,32 @@ class Hardware:
             raise PeregrineError(f"hardware is missing the field {exc.args[0]!r}{hint}") from exc
         except TypeError as exc:
             raise PeregrineError(f"hardware has a field of the wrong shape: {exc}") from exc
+
+
+def _runtime_from_json(r: dict[str, Any]) -> Runtime:
+    """One `runtimes[]` entry; an old one's `fa_all_pairs` flag is read as its list of pairs."""
+    name = _text(r["name"], "runtimes[].name")
+    fields = {k: v for k, v in r.items() if k in ("backend", "fa_type_pairs", "fa_all_pairs")}
+    fields.setdefault("backend", "cpu")
+    try:
+        manifest = parse_manifest(fields)
+    except ManifestError as exc:
+        raise PeregrineError(f"hardware.runtimes[] {name!r}: {exc}") from exc
+    commit = r.get("llama_cpp_commit")
+    return Runtime(
+        name=name,
+        backend=manifest.backend,
+        fa_type_pairs=[list(p) for p in manifest.fa_type_pairs],
+        llama_cpp_commit=None if commit is None else _text(commit, "runtimes[].llama_cpp_commit"),
+        patches=[
+            _text(p, "runtimes[].patches[]")
+            for p in _as_list(r.get("patches", []), "runtimes[].patches")
+        ],
+        cpu_variants=[
+            _text(v, "runtimes[].cpu_variants[]")
+            for v in _as_list(r.get("cpu_variants", []), "runtimes[].cpu_variants")
+        ],
+    )
 
 
 def _nonneg_int(value: Any, name: str, limit: int = MAX_BYTES) -> int:
@@ -480,6 +515,11 @@ def _read_first(path: Path) -> str | None:
 def probe_ggml_devices(lib_dir: Path | None) -> list[GPU]:
     """GPUs the installed llama.cpp build can use, through ggml's device API (ctypes)."""
     lib = load_ggml(lib_dir)
+    try:
+        # A backend-DL build lists no device until its backend modules are registered.
+        load_backends(lib_dir)
+    except RuntimeProblem as exc:
+        raise ProbeError(str(exc)) from exc
     lib.ggml_backend_dev_count.restype = ctypes.c_size_t
     lib.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
     lib.ggml_backend_dev_get.restype = ctypes.c_void_p
@@ -617,32 +657,37 @@ def probe_runtimes(runtimes_dir: Path, missing: list[str]) -> list[Runtime]:
     if not runtimes_dir.is_dir():
         return []
     found = []
-    for manifest in sorted(runtimes_dir.glob("*/runtime.json")):
-        name = manifest.parent.name
+    for folder in sorted(p.parent for p in runtimes_dir.glob(f"*/{MANIFEST}")):
         try:
-            # A FIFO would block the read and a device never end it: regular files only, capped.
-            if not manifest.is_file():
-                raise ValueError("not a regular file")
-            with manifest.open("rb") as f:
-                raw = f.read(_MAX_RUNTIME_JSON + 1)
-            if len(raw) > _MAX_RUNTIME_JSON:
-                raise ValueError(f"larger than {_MAX_RUNTIME_JSON} bytes")
-            data = json.loads(raw.decode("utf-8"))
-            if not isinstance(data, dict) or not isinstance(data.get("backend"), str):
-                raise ValueError("needs an object with a string 'backend'")
-        except (OSError, ValueError, RecursionError) as exc:
-            missing.append(f"runtime {name}: unreadable runtime.json ({exc})")
+            manifest, _ = read_manifest(folder)
+        except ManifestError as exc:
+            missing.append(f"runtime {folder.name}: {exc}")
             continue
-        commit = data.get("llama_cpp_commit")
         found.append(
             Runtime(
-                name=name,
-                backend=data["backend"],
-                fa_all_pairs=bool(data.get("fa_all_pairs", False)),
-                llama_cpp_commit=None if commit is None else str(commit),
+                name=folder.name,
+                backend=manifest.backend,
+                fa_type_pairs=[list(p) for p in manifest.fa_type_pairs],
+                llama_cpp_commit=manifest.llama_cpp_commit,
+                patches=[p.name for p in manifest.patches],
+                cpu_variants=list(manifest.cpu_variants),
             )
         )
     return found
+
+
+def working_runtimes(hardware: Hardware, problem: Callable[[str], str | None]) -> Hardware:
+    """`hardware` with only the runtimes that pass their self-test (`problem` returns None);
+    each other one goes to `missing` with its reason, so a plan never names a broken one."""
+    kept = []
+    missing = list(hardware.missing)
+    for r in hardware.runtimes:
+        why = problem(r.name)
+        if why is None:
+            kept.append(r)
+        else:
+            missing.append(f"runtime {r.name}: {why}")
+    return replace(hardware, runtimes=kept, missing=missing)
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -502,14 +502,29 @@ def _check_pins(pins: Pins) -> None:
         raise PeregrineError("the headroom cannot be negative")
 
 
-def _pick_runtime(hardware: Hardware, pins: Pins) -> Runtime | None:
+def _pick_runtime(hardware: Hardware, pins: Pins, gpus: Sequence[Device]) -> Runtime | None:
+    """The pinned runtime, else one whose backend the GPUs in use run, else a cpu runtime.
+
+    None: the llama.cpp built into Peregrine (no runtime installed for the job).
+    """
     if pins.runtime:
         found = next((r for r in hardware.runtimes if r.name == pins.runtime), None)
         if found is None:
             raise PeregrineError(f"runtime {pins.runtime!r} is not installed")
         return found
-    backends = {g.backend for g in hardware.gpus}
-    return next((r for r in hardware.runtimes if r.backend in backends), None)
+    for g in gpus:
+        found = next((r for r in hardware.runtimes if r.backend == g.backend), None)
+        if found is not None:
+            return found
+    if gpus:
+        # A GPU without its backend's runtime: Vulkan drives NVIDIA and AMD GPUs too.
+        found = next((r for r in hardware.runtimes if r.backend == "vulkan"), None)
+        if found is not None:
+            return found
+    return next(
+        (r for r in sorted(hardware.runtimes, key=lambda r: r.name != "cpu") if r.backend == "cpu"),
+        None,
+    )
 
 
 def plan(
@@ -564,7 +579,7 @@ def _make_context(hardware: Hardware, pins: Pins, shapes: dict[str, ModelShape])
         host_budget=host_budget,
         cap=pins.total_budget_bytes,
         flash_attn=(pins.flash_attn or "on") != "off",
-        runtime=_pick_runtime(hardware, pins) if gpus else None,
+        runtime=_pick_runtime(hardware, pins, gpus),
     )
     # Every set of GPUs (fewer GPUs, less split cost), or with many GPUs each alone and
     # all together. The options do not depend on free memory, so more memory only
@@ -1017,15 +1032,19 @@ def _make_plan(ctx: _Context, search: _Search, best: _Scored, notes: list[str]) 
         )
     else:
         reasons.append("flash attention off (pinned): V cache stays f16")
+    runtime = ctx.runtime if used or pins.runtime else _pick_runtime(ctx.hardware, pins, [])
     if (
         used
-        and c.type_k != c.type_v
         and ctx.flash_attn
-        and not (ctx.runtime and ctx.runtime.fa_all_pairs)
+        and not (
+            ctx.runtime.has_fa_kernel(c.type_k, c.type_v)
+            if ctx.runtime is not None
+            else c.type_k == c.type_v
+        )
     ):
         reasons.append(
             f"warning: K {c.type_k} / V {c.type_v} has no fast flash-attention kernel on this "
-            "runtime (asymmetric pairs need a runtime built with GGML_CUDA_FA_QUANTS=all)"
+            "runtime (other pairs need a runtime built with them in GGML_CUDA_FA_QUANTS)"
         )
     # LoadRequest takes at most 1024 threads; more cores than that gain nothing here.
     threads = pins.threads or min(ctx.hardware.cpu.physical_cores, 1024)
@@ -1034,8 +1053,8 @@ def _make_plan(ctx: _Context, search: _Search, best: _Scored, notes: list[str]) 
         if not pins.threads
         else f"threads = {threads}: pinned"
     )
-    if used and ctx.runtime is not None:
-        reasons.append(f"runtime {ctx.runtime.name} ({ctx.runtime.backend})")
+    if runtime is not None:
+        reasons.append(f"runtime {runtime.name} ({runtime.backend})")
     elif used:
         reasons.append(
             f"no installed runtime for {ctx.gpus[0].backend}: the built-in llama.cpp must have "
@@ -1057,7 +1076,7 @@ def _make_plan(ctx: _Context, search: _Search, best: _Scored, notes: list[str]) 
     split = [float(n) for n in c.counts] if used and len(ctx.gpus) > 1 else None
     load = LoadRequest(
         model=c.cand.path or c.cand.file_name,
-        runtime=ctx.runtime.name if ctx.runtime is not None and used else None,
+        runtime=runtime.name if runtime is not None else None,
         n_ctx=c.n_ctx,
         n_gpu_layers=ngl if used else 0,
         tensor_split=split,

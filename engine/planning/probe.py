@@ -23,7 +23,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engine.child import NO_WINDOW, module_argv
+from engine.child import NO_WINDOW, crash_line, module_argv
 from engine.errors import PeregrineError
 from engine.paths import Paths
 from engine.wire.base import KV_TYPE_IDS
@@ -170,21 +170,11 @@ def measure(
             why = signal.Signals(-proc.returncode).name
         except ValueError:
             why = f"signal {-proc.returncode}"
-        last = _crash_line(proc.stderr)
+        last = crash_line(proc.stderr)
         raise DryRunCrashed(f"the memory dry run crashed ({why}){': ' + last if last else ''}")
     raise PeregrineError(
         f"the memory dry run failed (exit {proc.returncode}): {_last_line(proc.stderr) or 'no output'}"
     )
-
-
-def _crash_line(text: str) -> str:
-    """The line that says why a child aborted: llama.cpp's assert or C++'s terminate message."""
-    lines = [line.strip() for line in text.splitlines() if line.strip()]
-    for marker in ("GGML_ASSERT", "GGML_ABORT", "what():", "terminate called", "error"):
-        for line in reversed(lines):
-            if marker in line:
-                return line[:300]
-    return lines[-1][:300] if lines else ""
 
 
 def _last_line(text: str) -> str:
@@ -194,6 +184,11 @@ def _last_line(text: str) -> str:
 
 def _dry_run(load: LoadRequest) -> dict[str, Any]:
     """Child side: load without allocating and return the logged sizes."""
+    from engine.runtimes import load_backends
+
+    # A backend-DL build registers its backend modules only when asked (docs/api.md).
+    env_lib = os.environ.get("LLAMA_CPP_LIB_PATH")
+    load_backends(Path(env_lib) if env_lib else None)
     import llama_cpp
 
     log_lines: list[str] = []

@@ -16,9 +16,11 @@ from pathlib import Path
 from typing import Any, NoReturn
 
 from engine.errors import PeregrineError, UsageError
+from engine.paths import Paths
 from engine.planning.estimate import GIB
-from engine.planning.hardware import Hardware, detect_hardware
+from engine.planning.hardware import Hardware, Runtime, detect_hardware, working_runtimes
 from engine.planning.planner import ModelCandidate, Pins, Plan, plan, plan_for_file
+from engine.runtimes import RuntimeSelector
 from engine.wire.base import KV_BYTES_PER_ELEMENT
 
 log = logging.getLogger(__name__)
@@ -64,6 +66,7 @@ def _parser() -> _Parser:
     )
     pin.add_argument("--headroom-gib", type=float, metavar="G", help="left free per device (1)")
     pin.add_argument("--threads", type=int, metavar="N", help="CPU threads")
+    pin.add_argument("--runtime", metavar="NAME", help="an installed engine runtime")
     pin.add_argument(
         "--parallel",
         metavar="N|auto",
@@ -116,6 +119,7 @@ def pins_from_args(args: argparse.Namespace) -> Pins:
         if not 1 <= args.threads <= MAX_THREADS:
             raise UsageError(f"--threads must be between 1 and {MAX_THREADS}")
         pins.threads = args.threads
+    pins.runtime = args.runtime
     return pins
 
 
@@ -279,7 +283,13 @@ def make_profile(args: argparse.Namespace) -> Plan:
         if value is not None and not value.strip():
             raise UsageError(f"{flag} needs a value, not an empty string")
     pins = pins_from_args(args)
-    hardware = load_hardware_file(args.hardware) if args.hardware else detect_hardware()
+    if args.hardware:
+        hardware = load_hardware_file(args.hardware)
+    else:
+        hardware = detect_hardware()
+        if not args.estimate_only:
+            # Plan only with runtimes that work here (each self-tested once, then cached).
+            hardware = working_runtimes(hardware, RuntimeSelector(Paths.from_env()).problem)
     if pins.threads is None and hardware.cpu.physical_cores > MAX_THREADS:
         pins.threads = MAX_THREADS
     if args.repo:
@@ -301,6 +311,18 @@ def make_profile(args: argparse.Namespace) -> Plan:
     return plan_for_file(path, hardware=hardware, pins=pins, measure=not args.estimate_only)
 
 
+def _runtime_text(r: Runtime) -> str:
+    """One installed runtime: name, backend, and what it was built with."""
+    extras = [r.backend]
+    if r.cpu_variants:
+        extras.append(f"{len(r.cpu_variants)} CPU variants")
+    if r.fa_type_pairs:
+        extras.append(f"{len(r.fa_type_pairs)} flash-attention K/V pairs")
+    if r.llama_cpp_commit:
+        extras.append(f"llama.cpp {r.llama_cpp_commit[:9]}")
+    return f"{r.name} ({', '.join(extras)})"
+
+
 def render_text(result: Plan) -> str:
     """The human-readable profile."""
     hw = result.hardware
@@ -316,6 +338,7 @@ def render_text(result: Plan) -> str:
             f"RAM {hw.ram.available / GIB:.1f}/{hw.ram.total / GIB:.1f} GiB free; "
             f"GPUs: {gpus or 'none'}"
         )
+        lines.append("runtimes: " + (", ".join(_runtime_text(r) for r in hw.runtimes) or "none"))
         for m in hw.missing:
             lines.append(f"  not probed: {m}")
     lines.append(f"model: {result.quant_file}")
@@ -329,6 +352,7 @@ def render_text(result: Plan) -> str:
         + (f", MoE experts of the first {load.n_cpu_moe} layers in RAM" if load.n_cpu_moe else "")
         + (f", split {load.tensor_split}" if load.tensor_split else "")
         + (", weights memory-mapped (slower)" if result.paged_bytes else "")
+        + f", runtime {load.runtime or 'built-in llama.cpp'}"
     )
     lines.append(
         f"memory ({result.method}): {mem.total / GIB:.2f} GiB = weights {mem.weights / GIB:.2f}"

@@ -31,6 +31,7 @@ from engine.decoding.slot import Slot
 from engine.errors import PeregrineError
 from engine.gguf.chat_template import ChatTemplate
 from engine.paths import Paths
+from engine.runtimes import BUILT_IN
 from engine.serving.draft_pairing import AUTO, DraftTrial, find_draft
 from engine.speculative.drafters import build_chain, model_drafter
 from engine.speculative.mtp import MtpHeads
@@ -448,6 +449,10 @@ class Engine:
 
     def _load_now(self, request: LoadRequest) -> None:
         try:
+            if request.runtime and request.runtime == self.runtime.requested:
+                # The runtime asked for at start-up failed; this engine runs its fallback.
+                in_use = None if self.runtime.name == BUILT_IN else self.runtime.name
+                request = request.model_copy(update={"runtime": in_use})
             if request.runtime and request.runtime != self.runtime.name:
                 # A runtime is a llama.cpp library, loaded once per process.
                 raise PeregrineError(

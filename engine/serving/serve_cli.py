@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import contextlib
 import ipaddress
 import json
 import logging
@@ -20,6 +21,7 @@ import socket
 import sys
 import threading
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any, TextIO
 
@@ -27,6 +29,7 @@ from pydantic import ValidationError
 
 from engine.errors import PeregrineError, UsageError
 from engine.paths import Paths
+from engine.runtimes import RuntimeSelector, Selection, activate
 from engine.wire.control import AUTO_PARALLEL, DEFAULT_QUEUE_LIMIT, LoadRequest
 
 log = logging.getLogger("peregrine.serve")
@@ -233,25 +236,41 @@ def _is_loopback(host: str) -> bool:
         return False
 
 
-def _load_request(args: argparse.Namespace, model_path: str) -> LoadRequest:
+def _load_request(
+    args: argparse.Namespace,
+    model_path: str,
+    selector: RuntimeSelector | None = None,
+    pinned: Selection | None = None,
+) -> LoadRequest:
+    """The load the command line asks for. With `--plan auto` the planner fills in the rest,
+    choosing among the runtimes that pass their self-test (`pinned`: the one `--runtime` gave)."""
     base: dict[str, Any] = {
         "model": model_path,
         "draft_model": args.draft_model,
         "runtime": args.runtime,
     }
     if args.plan == "auto":
-        from engine.planning.planner import plan_for_file  # the planner is optional at this layer
+        # The planner is optional at this layer.
+        from engine.planning.hardware import detect_hardware, working_runtimes
+        from engine.planning.planner import Pins, plan_for_file
 
-        pins = None
+        pins = Pins()
         if args.draft_model and args.draft_model != "auto":
             from engine.gguf.header import validate_gguf_file
             from engine.planning.estimate import shape_from_header
-            from engine.planning.planner import Pins
 
             # The draft model's weights, KV and compute take room from the plan.
-            draft = shape_from_header(validate_gguf_file(Path(args.draft_model).expanduser()))
-            pins = Pins(draft=draft)
-        planned = plan_for_file(Path(model_path), pins=pins).load.model_dump()
+            pins.draft = shape_from_header(validate_gguf_file(Path(args.draft_model).expanduser()))
+        hardware = detect_hardware()
+        if pinned is not None:
+            # The runtime in use is settled: the plan is made for it (none: the built-in one).
+            in_use = pinned.name if pinned.lib_dir is not None else None
+            hardware.runtimes = [r for r in hardware.runtimes if r.name == in_use]
+            pins.runtime = in_use
+            base["runtime"] = in_use
+        elif selector is not None:
+            hardware = working_runtimes(hardware, selector.problem)
+        planned = plan_for_file(Path(model_path), hardware=hardware, pins=pins).load.model_dump()
         base = {**planned, **{k: v for k, v in base.items() if v is not None}}
     else:
         base.update(n_ctx=4096, flash_attn="auto")
@@ -351,22 +370,22 @@ def _load_roots(args: argparse.Namespace, model_path: str) -> list[Path] | None:
     return roots
 
 
-def _select_runtime(name: str | None) -> tuple[str, str]:
-    """Points llama-cpp-python at an installed runtime before it is imported."""
-    if not name:
-        return "default", "cpu"
-    folder = Paths.from_env().runtimes / name
-    manifest = folder / "runtime.json"
-    if not manifest.is_file():
-        raise PeregrineError(f"engine runtime {name!r} is not installed ({manifest} is missing)")
+@contextlib.contextmanager
+def _heartbeat(events: EventWriter, every_s: float = 5.0) -> Iterator[None]:
+    """Emits `loading` (progress 0) every few seconds while the block runs."""
+    done = threading.Event()
+
+    def beat() -> None:
+        while not done.wait(every_s):
+            events.emit("loading", progress=0.0)
+
+    thread = threading.Thread(target=beat, name="start-heartbeat", daemon=True)
+    thread.start()
     try:
-        info = json.loads(manifest.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        raise PeregrineError(
-            f"engine runtime {name!r} has an unreadable runtime.json: {exc}"
-        ) from exc
-    os.environ["LLAMA_CPP_LIB_PATH"] = str(folder / "lib")
-    return name, str(info.get("backend", "unknown"))
+        yield
+    finally:
+        done.set()
+        thread.join()
 
 
 def _validate_model(path: str) -> object:
@@ -476,8 +495,17 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
     api_key = api_key or secrets.token_urlsafe(32)
     model_path = str(Path(args.model).expanduser()) if args.model else str(default_model_path())
     _validate_model(model_path)
-    runtime_name, backend = _select_runtime(args.runtime)
-    request = _load_request(args, model_path)
+    selector = RuntimeSelector(Paths.from_env())
+    # A runtime's first self-test (and a plan's dry run) may take a while: `loading`
+    # events meanwhile tell the supervisor that the start has not stalled.
+    with _heartbeat(events):
+        pinned = selector.choose(args.runtime) if args.runtime else None
+        request = _load_request(args, model_path, selector, pinned)
+        # `--plan auto` may have picked the runtime (the cpu one on a CPU-only machine).
+        runtime = pinned or selector.choose(request.runtime)
+    activate(runtime)
+    in_use = runtime.name if runtime.lib_dir is not None else None
+    request = request.model_copy(update={"runtime": in_use})
     chat_template = _read_chat_template(args.chat_template_file)
 
     from aiohttp import web
@@ -500,7 +528,12 @@ async def _serve(args: argparse.Namespace, events: EventWriter) -> int:
     engine = Engine(
         queue_limit=args.queue_limit,
         state_cache_bytes=max(args.cache_ram, 0) << 20,
-        runtime=RuntimeInfo(name=runtime_name, backend=backend),
+        runtime=RuntimeInfo(
+            name=runtime.name,
+            backend=runtime.backend,
+            requested=runtime.requested,
+            fallback_reason=runtime.fallback_reason,
+        ),
         validate=_validate_model,
         preflight=_preflight_load,
         draft_folders=[Paths.from_env().models, *(Path(d).expanduser() for d in args.models_dir)],

@@ -77,8 +77,13 @@ class SpeculativeStatus(BaseModel):
 
 
 class RuntimeInfo(BaseModel):
+    """The engine runtime in use; `default` is the llama.cpp built into Peregrine."""
+
     name: str
     backend: str
+    # The runtime asked for, when another one runs instead, and why (docs/api.md).
+    requested: str | None = None
+    fallback_reason: str | None = None
 
 
 class QueueInfo(BaseModel):

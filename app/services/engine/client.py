@@ -105,6 +105,10 @@ class ServerFigures:
     tool_format: str | None = None
     tool_self_test: bool | None = None
     tool_detail: str | None = None
+    # The engine runtime in use, and why it is not the one asked for (None: it is).
+    runtime: str | None = None
+    runtime_backend: str | None = None
+    runtime_fallback: str | None = None
 
 
 class CancelToken:
@@ -349,6 +353,9 @@ class EngineClient:
                 tool_format=status.tool_format.name if status.tool_format else None,
                 tool_self_test=status.tool_format.self_test if status.tool_format else None,
                 tool_detail=status.tool_format.detail if status.tool_format else None,
+                runtime=status.runtime.name,
+                runtime_backend=status.runtime.backend,
+                runtime_fallback=status.runtime.fallback_reason,
             )
         root = self.endpoint.api_root.removesuffix("/v1")
         try:
