@@ -14,7 +14,7 @@ from pathlib import Path
 
 import pytest
 
-from engine.backend.llama import DecodeError, SamplingParams
+from engine.backend.llama import BatchPart, DecodeError, SamplingParams
 from engine.decoding.decoder import Decoder
 from engine.decoding.prefix_cache import PrefixStateCache
 from engine.decoding.request import GenerationRequest, GenerationResult, SpecParams
@@ -50,6 +50,7 @@ class FakeDraftModel(FakeModel):
         self.fail_next_chunked = False
         self.fail_always = False
         self.cleared = 0
+        self.ms_per_token = MS_PER_TOKEN
 
     def decode(
         self, seq: int, tokens: Sequence[int], pos0: int, *, logits_all: bool = False
@@ -61,7 +62,7 @@ class FakeDraftModel(FakeModel):
             half = len(tokens) // 2
             super().decode(seq, tokens[:half], pos0)
             raise DecodeError("llama_decode failed (-3)")
-        self.clock.now += MS_PER_TOKEN * len(tokens) / 1000.0
+        self.clock.now += self.ms_per_token * len(tokens) / 1000.0
         return super().decode(seq, tokens, pos0, logits_all=logits_all)
 
     def clear(self) -> None:
@@ -69,18 +70,31 @@ class FakeDraftModel(FakeModel):
         super().clear()
 
 
+class GpuLikeModel(FakeModel):
+    """A fake target whose batches of up to 16 rows cost what one row does (a GPU's
+    verify), so that drafting can pay and the controller is free to choose it."""
+
+    def decode_batch(self, parts: Sequence[BatchPart]) -> float:
+        super().decode_batch(parts)
+        return 10.0
+
+
 def setup(
-    prompt: list[int], answer: list[int], *, n_ctx: int = 2048
+    prompt: list[int], answer: list[int], *, n_ctx: int = 2048, gpu_like: bool = False
 ) -> tuple[FakeModel, FakeDraftModel, Decoder, Clock]:
     from engine.speculative.drafters import DraftModelDrafter
 
     clock = Clock()
-    model = FakeModel(answer_after(prompt, answer), n_ctx=n_ctx, n_batch=64)
+    kind = GpuLikeModel if gpu_like else FakeModel
+    model = kind(answer_after(prompt, answer), n_ctx=n_ctx, n_batch=64)
     draft = FakeDraftModel(answer_after(prompt, answer), clock, n_ctx=n_ctx, n_batch=64)
     drafter = DraftModelDrafter(draft, clock=clock)
     decoder = Decoder(
         model, state_cache=PrefixStateCache(0), drafters=[NgramDrafter(), drafter], clock=clock
     )
+    if gpu_like:
+        for n in range(1, 18):  # as if measured: the controller's CPU prior would not draft
+            decoder.controller.record_cost(n, 10.0)
     return model, draft, decoder, clock
 
 
@@ -373,3 +387,41 @@ def test_auto_unloads_a_draft_model_that_measures_no_gain(
         assert ask(engine, prompt).text in texts  # and serving goes on without it
     finally:
         engine.shutdown()
+
+
+def test_a_draft_model_that_does_not_pay_is_left_out_of_later_requests() -> None:
+    # Keeping a draft model in step costs one of its evaluations per token, drafting
+    # or not: before the fix it was probed every 16 tokens, each probe reading all
+    # the tokens since the last, and such requests ran at 0.6 of plain decoding.
+    prompt = [1 + i % 50 for i in range(200)]
+    answer = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, EOG]
+    _model, draft, decoder, _clock = setup(prompt, answer, gpu_like=True)
+    draft.ms_per_token = 30.0  # three of the fake target's tokens per draft token
+    judged = SpecParams(type="draft")  # n_min 0: the controller decides
+    first = generate(decoder, prompt, judged)
+    assert first.text == "ghijklmnop"
+    drafter, ctl = decoder.drafters[1], decoder.controller
+    assert 0 < first.timings.draft_n <= 8  # one draft of at most n_max measures it; then left
+    assert not ctl.pays(drafter)
+    read = len(draft.decodes)
+    second = generate(decoder, prompt, judged)
+    assert second.text == first.text
+    # Not taken at all: no drafts, and not even the prompt read into the draft model.
+    assert second.timings.draft_n == 0 and len(draft.decodes) == read
+    third = generate(decoder, prompt, judged)  # tried again after one request without it
+    assert third.text == first.text and len(draft.decodes) > read
+    # Drafts asked for (n_min) are not judged.
+    forced = generate(decoder, prompt, DRAFT)
+    assert forced.text == first.text and forced.timings.draft_n > 0
+
+
+def test_a_draft_model_that_pays_keeps_drafting() -> None:
+    prompt = [1 + i % 50 for i in range(200)]
+    answer = [7, 8, 9, 10, 11, 12, 13, 14, 15, 16, EOG]
+    # 1 ms a draft token against the target's 10.
+    _model, _draft, decoder, _clock = setup(prompt, answer, gpu_like=True)
+    judged = SpecParams(type="draft")
+    for _ in range(3):
+        result = generate(decoder, prompt, judged)
+        assert result.text == "ghijklmnop" and result.timings.draft_n_accepted >= 8
+    assert decoder.controller.pays(decoder.drafters[1])

@@ -159,9 +159,11 @@ def test_greedy_output_with_mtp_drafts_is_byte_identical(model: LlamaModel, mtp_
     plain = generate(decoder, prompt, SpecParams(type="none"))
     # n_min forces drafts every step, whatever the (random) acceptance.
     forced = generate(decoder, prompt, SpecParams(type="mtp", n_max=4, n_min=4))
+    assert decoder.last_drafter == "mtp"
     auto = generate(decoder, prompt, SpecParams(type="auto"))
     assert forced.timings.draft_n >= 20
-    assert decoder.last_drafter == "mtp+ngram"
+    # Random heads are never accepted: measured not to pay, they sit the next request out.
+    assert decoder.last_drafter == "ngram"
     assert forced.text == plain.text
     assert auto.text == plain.text
     assert forced.completion_tokens == plain.completion_tokens == 40
@@ -204,7 +206,9 @@ def test_the_engine_serves_mtp_and_says_so(mtp_gguf: Path) -> None:
         assert status["mtp_heads"] == 1
         assert status["mtp_unavailable"] is None
         assert ask(proc, {"type": "auto"}) == plain
-        assert speculative_status(proc)["drafter"] == "mtp+ngram"
+        # Random heads are never accepted: once measured, auto leaves them out of a
+        # request (or tries them again on a later one; the tool self-test counts).
+        assert speculative_status(proc)["drafter"] in ("ngram", "mtp+ngram")
 
 
 @pytest.mark.slow

@@ -156,7 +156,11 @@ class Decoder:
         if self.model.has_recurrent_state:
             return []
         kind = req.speculative.type
-        return [d for d in self.chains[slot.seq] if kind == "auto" or d.name == kind]
+        chosen = [d for d in self.chains[slot.seq] if kind == "auto" or d.name == kind]
+        if req.speculative.n_min > 0:
+            return chosen  # drafts were asked for: no judging
+        # A costly drafter that does not pay is left out, prompt reading included.
+        return [d for d in chosen if d.cheap or self.controller.admit_costly(d)]
 
     @property
     def free_slots(self) -> int:

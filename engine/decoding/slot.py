@@ -444,6 +444,10 @@ class Slot:
                     per_draft = ctl.draft_cost(drafter=drafter)
                     k = ctl.choose(0, min(ctl.n_max, room), per_draft, drafter=drafter)
                     if not k:
+                        if not ctl.pays(drafter):
+                            # Probing would cost a catch-up of every token since its
+                            # last draft: it leaves this request.
+                            self.drafters.remove(drafter)
                         continue
                     proposal = drafter.propose(k)
                     ms_per_token = proposal.cost_ms / max(len(proposal.tokens), 1)

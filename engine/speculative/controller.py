@@ -98,6 +98,9 @@ class SpeculationController:
         self._cooldown = 0
         self._probe_wait = 16
         self._draft_ms: dict[str, float] = {}
+        # Costly drafters judged not to pay: requests skipped, and after how many to retry.
+        self._skipped: dict[str, int] = {}
+        self._retry_after: dict[str, int] = {}
         self._probing = False
         # Rows the step's batch holds for other streams (parallel slots): drafts
         # compete with them, so they must pay for the whole step (`expected_gain`).
@@ -201,6 +204,39 @@ class SpeculationController:
             (self.expected_gain(k, table, per_draft) for k in range(1, max(self.n_max, 1) + 1)),
             default=1.0,
         )
+
+    def pays(self, drafter: DraftSource) -> bool:
+        """Whether a costly drafter's measured acceptance and cost make drafting pay
+        (True until both are measured: it has to be tried to be judged)."""
+        if drafter.name not in self._draft_ms or not self._cost_ms.get(1):
+            return True
+        return self.best_gain(drafter) >= self.margin
+
+    def admit_costly(self, drafter: DraftSource) -> bool:
+        """Whether a new request takes a costly drafter (a draft model, MTP heads).
+
+        Keeping a draft model in step costs one of its evaluations per token of
+        the request, drafting or not (the prompt during prompt processing, then
+        what was accepted since its last draft), so one that does not pay is
+        not taken at all, rather than probed. It is tried again on a later
+        request, after 1, 2, 4 ... 64 requests without it, in case the texts
+        got easier to draft.
+        """
+        name = drafter.name
+        if self.pays(drafter):
+            self._retry_after.pop(name, None)
+            self._skipped.pop(name, None)
+            return True
+        skipped = self._skipped.get(name, 0) + 1
+        wait = self._retry_after.get(name, 1)
+        if skipped > wait:
+            self._skipped[name] = 0
+            self._retry_after[name] = min(wait * 2, 64)
+            # A trial: its cost is measured afresh on its next drafts.
+            self._draft_ms.pop(name, None)
+            return True
+        self._skipped[name] = skipped
+        return False
 
     def choose(
         self,
