@@ -6,7 +6,7 @@
 Runs `bench.speculative`'s n-gram section (the built-in model, one request at
 a time, in-process) once per round for each tree, alternating which goes
 first, with this checkout's virtual environment (same llama.cpp build: only
-the engine's Python differs). Per prompt it reports the median tok/s of plain
+the engine's Python differs), both with an f16 KV cache. Per prompt it reports the median tok/s of plain
 decoding and of `auto` and `ngram-8` speculation for both trees, and this
 checkout's rate over the baseline's. The parallel-slots work (docs/benchmarks.md)
 set the target: speculation with one active slot within 3% of before (>= 0.97).
@@ -36,7 +36,9 @@ def run_tree(tree: Path, max_tokens: int) -> dict[str, dict[str, float]]:
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / "speculative.json"
         cmd = [sys.executable, "-m", "bench.speculative", "--reps", "1"]
-        cmd += ["--max-tokens", str(max_tokens), "--json", str(out)]
+        # f16 KV: an older bench.speculative took --kv but loaded its models with the
+        # default (f16); a q8_0 cache would slow only this checkout's verify batches.
+        cmd += ["--max-tokens", str(max_tokens), "--json", str(out), "--kv", "f16"]
         help_text = subprocess.run(
             [sys.executable, "-m", "bench.speculative", "--help"],
             cwd=tree,
