@@ -1,7 +1,7 @@
 """Speculative decoding with one active slot: this checkout against an earlier one, same run.
 
-    git worktree add /tmp/base BASE_COMMIT       # the code to compare against
-    .venv/bin/python -m bench.spec_compare --baseline-tree /tmp/base [--rounds 3]
+    git worktree add ../base BASE_COMMIT         # the code to compare against
+    .venv/bin/python -m bench.spec_compare --baseline-tree ../base [--rounds 3]
 
 Runs `bench.speculative`'s n-gram section (the built-in model, one request at
 a time, in-process) once per round for each tree, alternating which goes
