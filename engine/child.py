@@ -8,6 +8,7 @@ MODULE` command instead (app/cli.py).
 
 from __future__ import annotations
 
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -55,6 +56,17 @@ def _console_twin(exe: Path) -> str:
     if exe.name.lower() == "peregrinew.exe" and twin.is_file():
         return str(twin)
     return str(exe)
+
+
+def crash_reason(returncode: int, stderr: str) -> str:
+    """How a child killed by a signal (a negative return code) died, for one line:
+    the signal's name, then the line that says why ("(SIGABRT): GGML_ASSERT(...)")."""
+    try:
+        why = signal.Signals(-returncode).name
+    except ValueError:
+        why = f"signal {-returncode}"
+    last = crash_line(stderr)
+    return f"({why}): {last}" if last else f"({why})"
 
 
 def crash_line(stderr: str) -> str:

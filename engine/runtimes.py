@@ -18,7 +18,6 @@ import json
 import logging
 import os
 import re
-import signal
 import subprocess
 import sys
 import time
@@ -27,7 +26,7 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from engine.child import NO_WINDOW, crash_line, module_argv
+from engine.child import NO_WINDOW, crash_line, crash_reason, module_argv
 from engine.errors import PeregrineError
 from engine.paths import Paths
 
@@ -395,14 +394,8 @@ def run_self_test(
             features if isinstance(features, dict) else {},
         )
     if proc.returncode < 0:
-        try:
-            why = signal.Signals(-proc.returncode).name
-        except ValueError:
-            why = f"signal {-proc.returncode}"
-        last = crash_line(proc.stderr)
-        return SelfTest(
-            False, f"crashed in the self-test ({why}){': ' + last if last else ''}", now
-        )
+        why = crash_reason(proc.returncode, proc.stderr)
+        return SelfTest(False, f"crashed in the self-test {why}", now)
     if reply and reply.get("error"):
         return SelfTest(False, f"failed the self-test: {reply['error']}", now)
     last = crash_line(proc.stderr) or "no output"

@@ -14,7 +14,6 @@ import ctypes
 import json
 import os
 import re
-import signal
 import subprocess
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass, field
@@ -23,7 +22,7 @@ from typing import Any
 
 from pydantic import ValidationError
 
-from engine.child import NO_WINDOW, crash_line, module_argv
+from engine.child import NO_WINDOW, crash_reason, module_argv
 from engine.errors import PeregrineError
 from engine.paths import Paths
 from engine.wire.base import KV_TYPE_IDS
@@ -166,12 +165,8 @@ def measure(
     if reply and reply.get("error"):
         raise PeregrineError(f"the memory dry run failed: {reply['error']}")
     if proc.returncode < 0:
-        try:
-            why = signal.Signals(-proc.returncode).name
-        except ValueError:
-            why = f"signal {-proc.returncode}"
-        last = crash_line(proc.stderr)
-        raise DryRunCrashed(f"the memory dry run crashed ({why}){': ' + last if last else ''}")
+        why = crash_reason(proc.returncode, proc.stderr)
+        raise DryRunCrashed(f"the memory dry run crashed {why}")
     raise PeregrineError(
         f"the memory dry run failed (exit {proc.returncode}): {_last_line(proc.stderr) or 'no output'}"
     )
