@@ -16,9 +16,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from PySide6.QtCore import QTimer
 from PySide6.QtGui import QFont
 from PySide6.QtWidgets import QApplication
+
+from app.qt.screenshots import Shots
 
 SHOTS = ("chat-tools-editor.png", "chat-tool-call.png", "chat-tools.png", "chat-tools-light.png")
 SYSTEM = "You are a helpful assistant. Answer in plain sentences."
@@ -75,14 +76,8 @@ def main(argv: list[str] | None = None) -> int:
     store = window.store
     window.resize(1280, 820)
     window.show()
-    steps: list[str] = []
-
-    def shot(name: str) -> None:
-        window.grab().save(str(args.out / name))
-        steps.append(name)
-
-    def later(ms: int, fn: object) -> None:
-        QTimer.singleShot(ms, fn)  # type: ignore[call-overload]
+    shots = Shots(window, args.out)
+    steps, shot, later = shots.steps, shots.shot, shots.later
 
     def on_ready(_ready: object) -> None:
         if not steps:
@@ -151,14 +146,10 @@ def main(argv: list[str] | None = None) -> int:
 
     window.supervisor.ready.connect(on_ready)
     window.chat.answer_finished.connect(on_answer)
-    window.closed.connect(app.quit)
-    QTimer.singleShot(400_000, window.shut_down)  # never hang a docs build
-    window.start_engine()
-    app.exec()
+    shots.run(app, timeout_ms=400_000)
     store.close()
     shutil.rmtree(home, ignore_errors=True)
-    print("wrote", ", ".join(str(args.out / s) for s in steps))
-    return 0 if len(steps) == len(SHOTS) else 1
+    return shots.report(SHOTS)
 
 
 if __name__ == "__main__":

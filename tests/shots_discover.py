@@ -19,10 +19,10 @@ import sys
 import tempfile
 from pathlib import Path
 
-from PySide6.QtCore import QTimer
 from PySide6.QtGui import QFont
 from PySide6.QtWidgets import QApplication
 
+from app.qt.screenshots import Shots
 from tests.fake_hub import FakeHub
 
 GiB = 1 << 30
@@ -149,15 +149,9 @@ def main(argv: list[str] | None = None) -> int:
     )
     window.resize(1280, 820)
     window.show()
-    steps: list[str] = []
+    shots = Shots(window, args.out)
+    steps, shot, later = shots.steps, shots.shot, shots.later
     tab = window.models_view.discover
-
-    def shot(name: str) -> None:
-        window.grab().save(str(args.out / name))
-        steps.append(name)
-
-    def later(ms: int, fn: object) -> None:
-        QTimer.singleShot(ms, fn)  # type: ignore[call-overload]
 
     def on_ready(_r: object) -> None:
         if steps or tab.search.text():
@@ -201,15 +195,11 @@ def main(argv: list[str] | None = None) -> int:
         window.shut_down()
 
     window.supervisor.ready.connect(on_ready)
-    window.closed.connect(app.quit)
-    QTimer.singleShot(240_000, window.shut_down)  # never hang a docs build
-    window.start_engine()
-    app.exec()
+    shots.run(app, timeout_ms=240_000)
     window.store.close()
     hub.stop()
     shutil.rmtree(home, ignore_errors=True)
-    print("wrote", ", ".join(str(args.out / s) for s in steps))
-    return 0 if len(steps) == len(SHOTS) else 1
+    return shots.report(SHOTS)
 
 
 if __name__ == "__main__":

@@ -14,7 +14,9 @@ import shutil
 import signal
 import sys
 import tempfile
+from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 from PySide6.QtCore import QTimer
 from PySide6.QtGui import QFont
@@ -42,6 +44,35 @@ def _stock_library(home: Path, model: Path) -> Path:
     lms.mkdir(parents=True)
     shutil.copyfile(model, lms / "SmolLM2-135M-Instruct-Q4_1.gguf")
     return home / "lmstudio"
+
+
+class Shots:
+    """What every screenshot script shares: grab the window into `out`, schedule
+    the next step, and run the app until the last step shuts it down."""
+
+    def __init__(self, window: Any, out: Path) -> None:
+        self.window = window
+        self.out = out
+        self.steps: list[str] = []
+
+    def shot(self, name: str) -> None:
+        self.window.grab().save(str(self.out / name))
+        self.steps.append(name)
+
+    @staticmethod
+    def later(ms: int, fn: object) -> None:
+        QTimer.singleShot(ms, fn)  # type: ignore[call-overload]
+
+    def run(self, app: QApplication, timeout_ms: int) -> None:
+        """Starts the engine and runs the app until a step (or the timeout) shuts it down."""
+        self.window.closed.connect(app.quit)
+        QTimer.singleShot(timeout_ms, self.window.shut_down)  # never hang a docs build
+        self.window.start_engine()
+        app.exec()
+
+    def report(self, expected: Sequence[str]) -> int:
+        print("wrote", ", ".join(str(self.out / s) for s in self.steps))
+        return 0 if len(self.steps) == len(expected) else 1
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -73,14 +104,8 @@ def main(argv: list[str] | None = None) -> int:
     store = window.store
     window.resize(1280, 820)
     window.show()
-    steps: list[str] = []
-
-    def shot(name: str) -> None:
-        window.grab().save(str(args.out / name))
-        steps.append(name)
-
-    def later(ms: int, fn: object) -> None:
-        QTimer.singleShot(ms, fn)  # type: ignore[call-overload]
+    shots = Shots(window, args.out)
+    steps, shot, later = shots.steps, shots.shot, shots.later
 
     def on_ready(_ready: object) -> None:
         if not steps:
@@ -186,14 +211,10 @@ def main(argv: list[str] | None = None) -> int:
 
     window.supervisor.ready.connect(on_ready)
     window.chat.answer_finished.connect(on_answer)
-    window.closed.connect(app.quit)
-    QTimer.singleShot(400_000, window.shut_down)  # never hang a docs build
-    window.start_engine()
-    app.exec()
+    shots.run(app, timeout_ms=400_000)
     store.close()
     shutil.rmtree(home, ignore_errors=True)
-    print("wrote", ", ".join(str(args.out / s) for s in steps))
-    return 0 if len(steps) == len(SHOTS) else 1
+    return shots.report(SHOTS)
 
 
 if __name__ == "__main__":
