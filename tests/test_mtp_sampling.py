@@ -11,7 +11,6 @@ Greedy output with MTP drafts is checked in tests/test_mtp.py.
 from __future__ import annotations
 
 import dataclasses
-import math
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -30,6 +29,7 @@ from engine.speculative.drafters import Draft, build_chain
 from engine.speculative.mtp import MtpDrafter
 from engine.wire.control import LoadRequest
 from tests.mtp_fixture import tiny_mtp_model
+from tests.stats import chi_square
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then"
 COLOURS = (" red", " green", " blue", " yellow")
@@ -146,15 +146,7 @@ def test_sampled_output_distribution_with_mtp_drafts_is_plain_samplings_chi_squa
     assert 0.2 * drafted < accepted < drafted  # many accepted, some rejected
     spec = Counter(r.text for r in spec_runs)
     # Two-sample chi-square over outcomes seen at least 5 times overall (rest pooled).
-    keys = [k for k in set(plain) | set(spec) if plain[k] + spec[k] >= 5]
-    rest_p = n - sum(plain[k] for k in keys)
-    rest_s = n - sum(spec[k] for k in keys)
-    cells = [(plain[k], spec[k]) for k in keys] + ([(rest_p, rest_s)] if rest_p + rest_s else [])
-    chi2 = sum((a - b) ** 2 / (a + b) for a, b in cells if a + b)
-    dof = max(len(cells) - 1, 1)
-    # Critical value at p = 0.0001 (Wilson-Hilferty approximation).
-    z = 3.72
-    critical = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    chi2, critical, cells = chi_square(plain, spec, n)
     assert chi2 < critical, (chi2, critical, cells)
 
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -17,6 +16,7 @@ from engine.gguf.chat_template import ChatTemplate
 from engine.speculative.controller import SpeculationController
 from engine.speculative.drafters import NgramDrafter
 from engine.wire.control import LoadRequest
+from tests.stats import chi_square
 
 CODE = """def compute_total(items):
     total = 0
@@ -146,16 +146,7 @@ def test_output_distribution_is_the_targets_chi_square(decoder: Decoder, model: 
     assert sum(r.timings.draft_n for r in spec_results) > 0
     spec = Counter(r.text for r in spec_results)
     # Two-sample chi-square over outcomes seen at least 5 times overall (rest pooled).
-    keys = [k for k in set(plain) | set(spec) if plain[k] + spec[k] >= 5]
-    rest_p = n - sum(plain[k] for k in keys)
-    rest_s = n - sum(spec[k] for k in keys)
-    cells = [(plain[k], spec[k]) for k in keys] + ([(rest_p, rest_s)] if rest_p + rest_s else [])
-    chi2 = sum((a - b) ** 2 / (a + b) for a, b in cells if a + b)
-    dof = max(len(cells) - 1, 1)
-    # Critical value at p = 0.0001 (Wilson-Hilferty approximation); small cells make
-    # the statistic's tail heavier than chi-square's, hence the strict level.
-    z = 3.72
-    critical = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    chi2, critical, cells = chi_square(plain, spec, n)
     assert chi2 < critical, (chi2, critical, cells)
 
 

@@ -10,7 +10,6 @@ than greedy drafts compared with the target's sample (the rule before).
 
 from __future__ import annotations
 
-import math
 from collections import Counter
 from collections.abc import Iterator
 from pathlib import Path
@@ -24,6 +23,7 @@ from engine.decoding.request import GenerationRequest, GenerationResult, SpecPar
 from engine.gguf.chat_template import ChatTemplate
 from engine.speculative.drafters import DraftModelDrafter
 from engine.wire.control import LoadRequest
+from tests.stats import chi_square
 
 pytestmark = pytest.mark.slow
 
@@ -125,15 +125,7 @@ def test_sampled_output_distribution_is_plain_samplings_chi_square(
     assert sum(r.timings.draft_n_accepted for r in spec_runs) < drafted  # and some rejected
     spec = Counter(r.text for r in spec_runs)
     # Two-sample chi-square over outcomes seen at least 5 times overall (rest pooled).
-    keys = [k for k in set(plain) | set(spec) if plain[k] + spec[k] >= 5]
-    rest_p = n - sum(plain[k] for k in keys)
-    rest_s = n - sum(spec[k] for k in keys)
-    cells = [(plain[k], spec[k]) for k in keys] + ([(rest_p, rest_s)] if rest_p + rest_s else [])
-    chi2 = sum((a - b) ** 2 / (a + b) for a, b in cells if a + b)
-    dof = max(len(cells) - 1, 1)
-    # Critical value at p = 0.0001 (Wilson-Hilferty approximation).
-    z = 3.72
-    critical = dof * (1 - 2 / (9 * dof) + z * math.sqrt(2 / (9 * dof))) ** 3
+    chi2, critical, cells = chi_square(plain, spec, n)
     assert chi2 < critical, (chi2, critical, cells)
 
 
