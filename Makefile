@@ -19,8 +19,11 @@ $(BIN)/python:
 # Our llama-cpp-python: the pinned sdist plus packaging/llama/patches, built
 # once into a wheel cache keyed by sdist, patches and CMake arguments (about
 # 7 minutes on 2 cores the first time), and installed before the project.
-# Native for development; redistributable builds pass their own arguments.
-LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DLLAVA_BUILD=OFF
+# Native for development, and a backend-DL build (the CPU backend is a module
+# that the engine registers at start-up, as it does a runtime's), so that the
+# tests exercise the loading path of the runtimes (docs/api.md, "Engine
+# runtimes"). Redistributable builds pass their own arguments.
+LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=ON -DGGML_BACKEND_DL=ON -DLLAVA_BUILD=OFF
 LLAMA_STAMP := $(VENV)/.stamp-llama
 LLAMA_INPUTS := packaging/llama/build_wheel.py $(wildcard packaging/llama/patches/*.patch)
 

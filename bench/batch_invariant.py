@@ -40,6 +40,10 @@ Q4_K_M = 15  # llama_ftype
 def quantize_default(folder: Path) -> Path:
     import llama_cpp
 
+    from engine.runtimes import ensure_backends
+
+    ensure_backends()
+
     from engine.default_model import default_model_path
 
     out = folder / "smollm2-135m-Q4_K_M.gguf"

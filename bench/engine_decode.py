@@ -250,6 +250,10 @@ def machine() -> dict[str, Any]:
         log.debug("no /proc/cpuinfo: %s", exc)
     import llama_cpp
 
+    from engine.runtimes import ensure_backends
+
+    ensure_backends()
+
     return {
         "cpu": cpu,
         "logical_cores": os.cpu_count(),
@@ -445,6 +449,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     quiet_logging()
 
     import llama_cpp
+
+    from engine.runtimes import ensure_backends
+
+    ensure_backends()
 
     from bench.llama_server import start_llama_server, stop_llama_server
     from engine.default_model import default_model_path

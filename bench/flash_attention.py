@@ -55,6 +55,10 @@ class Worker:
         self, model: str, max_depth: int, prompt_tokens: int, threads: int, repack: bool = True
     ) -> None:
         import llama_cpp
+
+        from engine.runtimes import ensure_backends
+
+        ensure_backends()
         import numpy as np
 
         self.ll = llama_cpp
@@ -150,6 +154,10 @@ def lib_dir(path: Path, scratch: Path) -> Path:
 
 def installed_lib() -> Path:
     import llama_cpp
+
+    from engine.runtimes import ensure_backends
+
+    ensure_backends()
 
     return Path(llama_cpp.__file__).parent / "lib"
 

@@ -150,6 +150,10 @@ def quantized_copy(source: Path, folder: Path, ftype: int = 2) -> Path:
     """A copy of `source` quantized with llama_model_quantize (2: Q4_0)."""
     import llama_cpp
 
+    from engine.runtimes import ensure_backends
+
+    ensure_backends()
+
     out = folder / f"{source.stem}-ftype{ftype}.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype

@@ -33,6 +33,10 @@ def main() -> int:
 
     import llama_cpp
 
+    from engine.runtimes import ensure_backends
+
+    ensure_backends()
+
     import engine.backend.llama as backend
     from engine.backend.llama import LlamaModel, SamplingParams
     from engine.decoding.decoder import Decoder

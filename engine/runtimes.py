@@ -284,6 +284,27 @@ def load_backends(lib_dir: Path | None) -> int:
     return loaded
 
 
+_backends_ready = False
+
+
+def ensure_backends() -> None:
+    """Registers the backends of the llama.cpp this process uses, once (see load_backends).
+
+    That llama.cpp is the one LLAMA_CPP_LIB_PATH names, else the one inside
+    llama-cpp-python. Call before the first model load; a problem is logged,
+    and the model load itself then says what is wrong.
+    """
+    global _backends_ready
+    if _backends_ready:
+        return
+    env_lib = os.environ.get("LLAMA_CPP_LIB_PATH")
+    try:
+        load_backends(Path(env_lib) if env_lib else None)
+    except RuntimeProblem as exc:
+        log.warning("llama.cpp backends: %s", exc)
+    _backends_ready = True
+
+
 def backend_features(lib_dir: Path | None) -> dict[str, dict[str, str]]:
     """What each registered ggml backend says it was built with (ggml_backend_get_features)."""
     lib_dir = lib_dir or built_in_lib_dir()
@@ -630,12 +651,8 @@ def activate(selection: Selection) -> None:
         os.environ["LLAMA_CPP_LIB_PATH"] = str(selection.lib_dir)
         load_backends(selection.lib_dir)
         return
-    env_lib = os.environ.get("LLAMA_CPP_LIB_PATH")
-    try:
-        load_backends(Path(env_lib) if env_lib else None)
-    except RuntimeProblem as exc:
-        # The built-in llama.cpp has no fallback: its own load reports what is wrong.
-        log.warning("built-in llama.cpp: %s", exc)
+    # The built-in llama.cpp has no fallback: its own load reports what is wrong.
+    ensure_backends()
 
 
 def main(argv: list[str] | None = None) -> int:

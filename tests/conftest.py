@@ -11,6 +11,13 @@ import pytest
 os.environ.setdefault("QT_QPA_PLATFORM", "offscreen")
 
 
+def pytest_configure(config: pytest.Config) -> None:
+    """Registers llama.cpp's backend modules for tests that load models in this process."""
+    from engine.runtimes import ensure_backends
+
+    ensure_backends()
+
+
 @pytest.fixture(autouse=True)
 def isolated_home(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[Path]:
     """Points PEREGRINE_HOME, HOME, XDG_* and HF_HOME at a temporary folder."""

@@ -58,6 +58,10 @@ def model_files(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -
     """The built-in Q4_1 model and Q4_0 / Q4_K_M copies quantized from it."""
     import llama_cpp
 
+    from engine.runtimes import ensure_backends
+
+    ensure_backends()
+
     folder = tmp_path_factory.mktemp("quantized")
     files = {"Q4_1": default_model}
     for name, ftype in FTYPES.items():

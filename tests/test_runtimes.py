@@ -283,7 +283,7 @@ FAKE_DL_GGML = """
 #include <stdio.h>
 #include <stdlib.h>
 #include <stddef.h>
-static size_t registered = 0;
+static size_t registered = LINKED;
 size_t ggml_backend_reg_count(void) { return registered; }
 void ggml_backend_load_all_from_path(const char * dir) {
     FILE * f = fopen(getenv("FAKE_GGML_MARK"), "w");
@@ -312,7 +312,7 @@ def _load_backends_in_child(lib_dir: Path, mark: Path) -> subprocess.CompletedPr
 def test_a_backend_dl_build_gets_its_modules_loaded_from_its_own_folder(tmp_path: Path) -> None:
     lib = tmp_path / "dl lib"
     lib.mkdir()
-    gcc(FAKE_DL_GGML, lib / "libggml.so", "-DREGISTERS=2")
+    gcc(FAKE_DL_GGML, lib / "libggml.so", "-DREGISTERS=2", "-DLINKED=0")
     mark = tmp_path / "mark"
     assert _load_backends_in_child(lib, mark).stdout.strip() == "2"
     assert mark.read_text() == str(lib)
@@ -321,17 +321,25 @@ def test_a_backend_dl_build_gets_its_modules_loaded_from_its_own_folder(tmp_path
 def test_a_backend_dl_build_without_modules_is_a_clear_error(tmp_path: Path) -> None:
     lib = tmp_path / "lib"
     lib.mkdir()
-    gcc(FAKE_DL_GGML, lib / "libggml.so", "-DREGISTERS=0")
+    gcc(FAKE_DL_GGML, lib / "libggml.so", "-DREGISTERS=0", "-DLINKED=0")
     out = _load_backends_in_child(lib, tmp_path / "mark").stdout
     assert out.strip() == f"RuntimeProblem no ggml backend module in {lib} could be loaded"
 
 
 def test_a_build_with_linked_backends_needs_no_loading(tmp_path: Path) -> None:
+    lib = tmp_path / "lib"
+    lib.mkdir()
+    gcc(FAKE_DL_GGML, lib / "libggml.so", "-DREGISTERS=2", "-DLINKED=1")
+    mark = tmp_path / "mark"
+    assert _load_backends_in_child(lib, mark).stdout.strip() == "0"
+    assert not mark.exists()
+
+
+def test_the_built_in_llama_cpp_registers_its_cpu_module(tmp_path: Path) -> None:
+    """The development build is itself backend-DL: its CPU backend is a module beside libllama."""
     wheel_lib = built_in_lib_dir()
     assert wheel_lib is not None
-    mark = tmp_path / "mark"
-    assert _load_backends_in_child(wheel_lib, mark).stdout.strip() == "0"
-    assert not mark.exists()
+    assert _load_backends_in_child(wheel_lib, tmp_path / "mark").stdout.strip() == "1"
 
 
 # --- the engine ------------------------------------------------------------------------------

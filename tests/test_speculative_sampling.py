@@ -36,6 +36,10 @@ DRAFT = SpecParams(type="draft", n_max=4, n_min=4)
 def q4_0_copy(default_model: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
     import llama_cpp
 
+    from engine.runtimes import ensure_backends
+
+    ensure_backends()
+
     out = tmp_path_factory.mktemp("quantized") / "smollm2-135m-Q4_0.gguf"
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = Q4_0

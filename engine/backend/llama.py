@@ -27,6 +27,7 @@ from numpy.typing import NDArray
 
 from engine.backend.mtp import MtpContext, attach_mtp, plan_mtp
 from engine.errors import PeregrineError
+from engine.runtimes import ensure_backends
 from engine.wire.base import KV_TYPE_IDS
 from engine.wire.control import LoadRequest
 
@@ -217,6 +218,7 @@ class LlamaModel:
         self.n_seq_max = n_seq_max
         self._log = log_capture
         mark = log_capture.mark() if log_capture else 0
+        ensure_backends()  # a backend-DL build registers none by itself
         llama_cpp.llama_backend_init()
 
         mparams = llama_cpp.llama_model_default_params()

@@ -16,7 +16,9 @@ llama.cpp's native build), --cache-dir DIR (default: $PEREGRINE_WHEEL_CACHE,
 else <user cache>/peregrine/wheels), --sdist FILE (a local copy, checked
 against the pinned sha256), --python PY (the interpreter whose pip builds the
 wheel), --patches-dir DIR (default: packaging/llama/patches; an empty folder
-builds upstream), --print-key. The wheel's absolute path is the last line on stdout;
+builds upstream), --print-key. GGML_NATIVE=ON with GGML_BACKEND_DL=ON is
+built, on x86, with this CPU's features named one by one (see native_flags).
+The wheel's absolute path is the last line on stdout;
 build output goes to stderr. Exit status 0 on success, 1 on any failure.
 """
 
@@ -38,6 +40,23 @@ VERSION = "0.3.36"
 SDIST_NAME = f"llama_cpp_python-{VERSION}.tar.gz"
 SDIST_SHA256 = "832db0699007f1be95a7e41ef12e88926b02ba836461e36a36372db2760c1a2e"
 PATCH_DIR = Path(__file__).resolve().parent / "patches"
+# ggml's x86 CPU feature options and the /proc/cpuinfo flags each one needs.
+X86_FEATURES = (
+    ("GGML_SSE42", ("sse4_2",)),
+    ("GGML_AVX", ("avx",)),
+    ("GGML_AVX2", ("avx2",)),
+    ("GGML_BMI2", ("bmi2",)),
+    ("GGML_FMA", ("fma",)),
+    ("GGML_F16C", ("f16c",)),
+    ("GGML_AVX_VNNI", ("avx_vnni",)),
+    ("GGML_AVX512", ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")),
+    ("GGML_AVX512_VBMI", ("avx512vbmi",)),
+    ("GGML_AVX512_VNNI", ("avx512_vnni",)),
+    ("GGML_AVX512_BF16", ("avx512_bf16",)),
+    ("GGML_AMX_TILE", ("amx_tile",)),
+    ("GGML_AMX_INT8", ("amx_int8",)),
+    ("GGML_AMX_BF16", ("amx_bf16",)),
+)
 # Bump when the way a wheel is built changes without its inputs changing.
 RECIPE = "1"
 
@@ -73,6 +92,40 @@ def default_cache_dir() -> Path:
 
 def patches(folder: Path = PATCH_DIR) -> list[Path]:
     return sorted(folder.glob("*.patch"))
+
+
+def native_flags(cmake_args: str, cpuinfo: str | None = None, machine: str | None = None) -> str:
+    """CMake arguments for a native backend-DL build on x86: the CPU's features, named.
+
+    ggml refuses GGML_NATIVE with GGML_BACKEND_DL on x86 (a CPU module says
+    which features it needs, and -march=native names none), so GGML_NATIVE=ON
+    becomes GGML_NATIVE=OFF plus each feature option that this CPU's
+    /proc/cpuinfo flags allow. Other arguments, and other machines, pass through.
+    """
+    words = cmake_args.split()
+    if "-DGGML_NATIVE=ON" not in words or "-DGGML_BACKEND_DL=ON" not in words:
+        return cmake_args
+    if (machine or platform.machine()).lower() not in ("x86_64", "amd64"):
+        return cmake_args
+    if cpuinfo is None:
+        try:
+            cpuinfo = Path("/proc/cpuinfo").read_text(encoding="utf-8", errors="replace")
+        except OSError:
+            return cmake_args
+    flags: set[str] = set()
+    for line in cpuinfo.splitlines():
+        name, _, value = line.partition(":")
+        if name.strip() == "flags":
+            flags = set(value.split())
+            break
+    if not flags:
+        return cmake_args
+    features = [
+        f"-D{option}={'ON' if all(f in flags for f in needs) else 'OFF'}"
+        for option, needs in X86_FEATURES
+    ]
+    words[words.index("-DGGML_NATIVE=ON")] = "-DGGML_NATIVE=OFF"
+    return " ".join(words + features)
 
 
 def cache_key(cmake_args: str, patch_files: list[Path]) -> str:
@@ -215,6 +268,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     parser.add_argument("--print-key", action="store_true", help="print the cache key and exit")
     args = parser.parse_args(argv)
+    args.cmake_args = native_flags(args.cmake_args)
     cache = (args.cache_dir or default_cache_dir()).expanduser().resolve()
     if args.print_key:
         print(cache_key(args.cmake_args, patches(args.patches_dir)))
