@@ -236,10 +236,18 @@ def built_in_lib_dir() -> Path | None:
 
 
 def _lib_files(lib_dir: Path, stem: str) -> list[Path]:
-    """`stem`'s shared library in lib_dir, in the platform's spellings."""
+    """`stem`'s shared library in lib_dir, in the platform's spellings, the soname first.
+
+    A wheel stores libggml.so, libggml.so.0 and libggml.so.0.25.3 as three
+    copies, and libllama loads the one its soname names (libggml.so.0). Loading
+    another copy by path would give this process two ggml registries, and the
+    backends registered in one would be missing from the one llama.cpp reads.
+    """
+    versioned = sorted(lib_dir.glob(f"lib{stem}.so.*"), key=lambda p: (p.name.count("."), p.name))
     return (
-        sorted(lib_dir.glob(f"lib{stem}.so"))
-        + sorted(lib_dir.glob(f"lib{stem}.so.*"))
+        versioned[:1]
+        + sorted(lib_dir.glob(f"lib{stem}.so"))
+        + versioned[1:]
         + sorted(lib_dir.glob(f"lib{stem}.dylib"))
         + sorted(lib_dir.glob(f"{stem}.dll"))
     )
@@ -263,7 +271,7 @@ def load_backends(lib_dir: Path | None) -> int:
     try:
         # The base library first, globally, so every module resolves against this copy;
         # libllama, loaded later from the same folder, then finds the same registry.
-        for base in _lib_files(lib_dir, "ggml-base"):
+        for base in _lib_files(lib_dir, "ggml-base")[:1]:
             ctypes.CDLL(str(base), mode=ctypes.RTLD_GLOBAL)
         lib = ctypes.CDLL(str(ggml[0]), mode=ctypes.RTLD_GLOBAL)
     except OSError as exc:

@@ -342,6 +342,28 @@ def test_the_built_in_llama_cpp_registers_its_cpu_module(tmp_path: Path) -> None
     assert _load_backends_in_child(wheel_lib, tmp_path / "mark").stdout.strip() == "1"
 
 
+def test_backends_registered_after_llama_cpp_is_imported_reach_llama_cpp(
+    default_model: Path,
+) -> None:
+    """The wheel's libggml.so and libggml.so.0 are copies: the one libllama loaded must be used."""
+    code = (
+        "import sys, llama_cpp\n"
+        "from engine.runtimes import ensure_backends\n"
+        "ensure_backends()\n"
+        "llama_cpp.llama_backend_init()\n"
+        "params = llama_cpp.llama_model_default_params()\n"
+        "model = llama_cpp.llama_model_load_from_file(sys.argv[1].encode(), params)\n"
+        "print('loaded' if model else 'not loaded')\n"
+    )
+    out = subprocess.run(
+        [sys.executable, "-c", code, str(default_model)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert out.stdout.strip() == "loaded", out.stderr[-2000:]
+
+
 # --- the engine ------------------------------------------------------------------------------
 
 
