@@ -50,8 +50,9 @@ from engine.runtimes import (  # noqa: E402
     MANIFEST,
     Manifest,
     Patch,
-    all_fa_pairs,
+    fa_pairs_from_features,
     parse_manifest,
+    read_manifest,
 )
 
 # The llama.cpp commit that llama-cpp-python 0.3.36 vendors.
@@ -114,14 +115,8 @@ def cmake_args(backend: str, cuda_archs: str, fa_quants: str) -> list[str]:
 def fa_type_pairs(backend: str, fa_quants: str) -> list[tuple[str, str]]:
     """The flash-attention K/V pairs a build of `backend` has kernels for."""
     if backend == "cuda":
-        if fa_quants.strip().lower() == "all":
-            return list(all_fa_pairs())
-        pairs = [("f16", "f16")]  # always compiled (ggml/cmake/common.cmake)
-        for item in fa_quants.replace(";", ",").split(","):
-            k, _, v = item.strip().lower().partition("-")
-            if (k, v) not in pairs:
-                pairs.append((k, v))
-        return pairs
+        # What the CUDA backend reports as its FA_QUANTS feature, read the same way.
+        return list(fa_pairs_from_features({"CUDA": {"FA_QUANTS": fa_quants}}) or ())
     if backend == "vulkan":
         # ggml-vulkan's supports_op: any KV type, except bf16 paired with another type.
         return [(k, v) for k in KV_TYPES for v in KV_TYPES if (k == "bf16") == (v == "bf16")]
@@ -138,9 +133,9 @@ def check_tools(backend: str) -> None:
         raise RecipeError("missing build tools: " + ", ".join(missing))
 
 
-def run(cmd: list[str], cwd: Path | None = None) -> None:
+def run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
     log("$ " + " ".join(cmd))
-    result = subprocess.run(cmd, cwd=cwd, check=False)
+    result = subprocess.run(cmd, cwd=cwd, env=env, check=False)
     if result.returncode != 0:
         raise RecipeError(f"{' '.join(cmd[:3])} exited {result.returncode}")
 
@@ -178,8 +173,13 @@ def build(args: argparse.Namespace) -> Path:
     build_wheel.apply_patches(tree, patch_files)
     source = tree / "vendor" / "llama.cpp"
     build_dir = work / "build"
-    run(["cmake", "-S", str(source), "-B", str(build_dir), *cmake])
-    run(["cmake", "--build", str(build_dir), "--target", "llama", "-j", str(args.jobs)])
+    # ggml uses ccache when it is installed. Paths relative to the runtimes' common
+    # parent let every runtime reuse the others' objects: in a backend-DL build the
+    # CPU variants and libllama do not depend on the GPU backend, so after the cpu
+    # runtime a vulkan or cuda build compiles little more than its own module.
+    env = {**os.environ, "CCACHE_BASEDIR": str(work.parent)}
+    run(["cmake", "-S", str(source), "-B", str(build_dir), *cmake], env=env)
+    run(["cmake", "--build", str(build_dir), "--target", "llama", "-j", str(args.jobs)], env=env)
     bin_dir = build_dir / "bin"
     staged = out.with_name(out.name + ".tmp")
     if staged.exists():
@@ -199,7 +199,13 @@ def build(args: argparse.Namespace) -> Path:
         raise RecipeError(f"the build wrote no ggml-cpu-<variant> module to {bin_dir}")
     if backend == "cuda":
         copy_cuda_libs(staged / "lib")
-    manifest = dataclasses.replace(manifest, cpu_variants=variants)
+    # What the build was configured with, read back from it rather than from our arguments.
+    built_quants = cmake_cache(build_dir).get("GGML_CUDA_FA_QUANTS", args.fa_quants)
+    manifest = dataclasses.replace(
+        manifest,
+        cpu_variants=variants,
+        fa_type_pairs=tuple(fa_type_pairs(backend, built_quants)),
+    )
     parse_manifest(manifest.to_json())  # what the engine will read back
     (staged / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
     if out.exists():
@@ -207,6 +213,16 @@ def build(args: argparse.Namespace) -> Path:
     staged.rename(out)
     log(f"runtime {name}: {out} ({len(variants)} CPU variants)")
     return out
+
+
+def cmake_cache(build_dir: Path) -> dict[str, str]:
+    """The NAME:TYPE=VALUE entries of a configured build's CMakeCache.txt."""
+    entries = {}
+    for line in (build_dir / "CMakeCache.txt").read_text(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith(("#", "//")):
+            entries[key.split(":", 1)[0]] = value
+    return entries
 
 
 def copy_cuda_libs(lib_dir: Path) -> None:
@@ -234,6 +250,7 @@ def pack(folder: Path, name: str) -> Path:
         tarfile.open(fileobj=tmp, mode="w:gz") as tar,
     ):
         tar.add(folder, arcname=name)
+    os.chmod(tmp.name, 0o644)  # a temporary file is private; a pack is for publishing
     os.replace(tmp.name, archive)
     digest = build_wheel.sha256_file(archive)
     archive.with_name(archive.name + ".sha256").write_text(f"{digest}  {archive.name}\n")
@@ -258,6 +275,13 @@ def self_test(folder: Path, backend: str) -> None:
     result = run_self_test(folder / "lib", gpu=backend != "cpu")
     if not result.ok:
         raise RecipeError(f"the self-test failed: {result.detail}")
+    manifest, _ = read_manifest(folder)
+    reported = fa_pairs_from_features(result.features)
+    if reported is not None and set(reported) != set(manifest.fa_type_pairs):
+        raise RecipeError(
+            f"the backend reports flash-attention pairs {reported}, {MANIFEST} lists "
+            f"{manifest.fa_type_pairs}"
+        )
     log(f"self-test: {result.detail}; backends {sorted(result.features)}")
 
 

@@ -1,0 +1,334 @@
+#!/usr/bin/env python3
+"""Check a built engine runtime end to end: the engine serves a chat completion on it.
+
+In a scratch data folder (PEREGRINE_HOME) the runtime is installed, its
+self-test runs, and `peregrine serve --runtime NAME` answers a chat completion
+through the openai client. The check then reports which CPU variant llama.cpp
+loaded, how many layers went to a GPU device, the decode speed (for the record
+only), and that the self-test passed and was cached (docs/install.md,
+"Building runtimes").
+
+    python packaging/runtimes/check_runtime.py build/runtimes/cpu
+    python packaging/runtimes/check_runtime.py build/runtimes/cpu --qemu-cpu Haswell \\
+        --expect-variant haswell --tokens 4
+    python packaging/runtimes/check_runtime.py build/runtimes/vulkan --gpu-layers -1
+
+--qemu-cpu MODEL runs the self-test child and the engine under
+`qemu-x86_64 -cpu MODEL` (Debian's qemu-user), an emulated CPU without this
+machine's newer instructions: llama.cpp must pick a CPU variant that model has.
+A process the emulated one starts runs natively, so in that mode the self-test
+is also run under qemu by this script, and its result is the one reported.
+
+Exit status 0 when every check passed; the last stdout line is a JSON summary.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+from typing import Any
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT))
+
+from engine.runtimes import MANIFEST, read_manifest  # noqa: E402
+
+# ggml's log line when it registers a backend module (ggml-backend-reg.cpp).
+LOADED = re.compile(r"loaded (\S+) backend from (\S+)")
+OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
+CPU_MODULE = re.compile(r"libggml-cpu-([A-Za-z0-9_.]+)\.so")
+PROMPT = "Name the capital of France in one word."
+
+
+class CheckFailed(Exception):
+    """A check did not pass; the message says which and why."""
+
+
+def say(message: str) -> None:
+    print(f"check_runtime: {message}", flush=True)
+
+
+def python_argv(qemu_cpu: str | None) -> list[str]:
+    if not qemu_cpu:
+        return [sys.executable]
+    qemu = shutil.which("qemu-x86_64")
+    if qemu is None:
+        raise CheckFailed("--qemu-cpu needs qemu-x86_64 (Debian: apt-get install qemu-user)")
+    return [qemu, "-cpu", qemu_cpu, sys.executable]
+
+
+def install(runtime: Path, home: Path) -> str:
+    manifest, _ = read_manifest(runtime)  # a bad runtime.json fails here, clearly
+    name = runtime.name
+    target = home / "runtimes" / name
+    shutil.copytree(runtime, target, symlinks=True)
+    say(f"installed {runtime} ({manifest.backend}) as runtime {name!r} in {home}")
+    return name
+
+
+def self_test_under_qemu(
+    lib_dir: Path, qemu_cpu: str, gpu: bool, env: dict[str, str]
+) -> dict[str, Any]:
+    """The self-test child under the emulated CPU: its verdict and the variant it loaded."""
+    cmd = [*python_argv(qemu_cpu), "-m", "engine.runtimes", "--self-test", str(lib_dir)]
+    if gpu:
+        cmd.append("--gpu")
+    started = time.monotonic()
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        errors="replace",
+        env={**env, "LLAMA_CPP_LIB_PATH": str(lib_dir)},
+        timeout=1800,
+        check=False,
+    )
+    seconds = time.monotonic() - started
+    lines = proc.stdout.strip().splitlines()
+    reply = json.loads(lines[-1]) if lines and lines[-1].startswith("{") else {}
+    if proc.returncode != 0 or not reply.get("ok"):
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        raise CheckFailed(
+            f"the self-test under qemu -cpu {qemu_cpu} failed (exit {proc.returncode}): "
+            f"{reply.get('error') or tail}"
+        )
+    loaded = dict(LOADED.findall(proc.stderr))
+    say(
+        f"self-test under qemu -cpu {qemu_cpu}: decoded {reply['tokens']} tokens in "
+        f"{seconds:.0f} s; CPU backend from {loaded.get('CPU', '?')}"
+    )
+    return {"seconds": round(seconds, 1), "cpu_module": loaded.get("CPU"), "reply": reply}
+
+
+class Engine:
+    """`peregrine serve` on a free loopback port, its stderr kept."""
+
+    def __init__(self, cmd: list[str], env: dict[str, str], timeout_s: float) -> None:
+        self.stderr: list[str] = []
+        self.proc = subprocess.Popen(
+            cmd,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            errors="replace",
+            env=env,
+        )
+        threading.Thread(target=self._drain, daemon=True).start()
+        self.ready = self._wait_ready(timeout_s)
+
+    def _drain(self) -> None:
+        assert self.proc.stderr is not None
+        for line in self.proc.stderr:
+            self.stderr.append(line.rstrip("\n"))
+
+    def _wait_ready(self, timeout_s: float) -> dict[str, Any]:
+        found: dict[str, Any] = {}
+
+        def read() -> None:
+            assert self.proc.stdout is not None
+            for line in self.proc.stdout:
+                event = json.loads(line)
+                if event.get("event") in ("ready", "error"):
+                    found.update(event)
+                    return
+
+        reader = threading.Thread(target=read, daemon=True)
+        reader.start()
+        reader.join(timeout_s)
+        if found.get("event") != "ready":
+            why = found.get("message") or found.get("error") or f"no ready event in {timeout_s} s"
+            tail = " | ".join(self.stderr[-3:])
+            self.stop()
+            raise CheckFailed(f"the engine did not start: {why} ({tail})")
+        return found
+
+    @property
+    def base_url(self) -> str:
+        return f"http://{self.ready['host']}:{self.ready['port']}"
+
+    def mapped_cpu_modules(self) -> list[str]:
+        """The ggml-cpu variants mapped into the engine (under qemu: the emulator's process)."""
+        try:
+            maps = Path(f"/proc/{self.proc.pid}/maps").read_text()
+        except OSError:
+            return []
+        return sorted(set(CPU_MODULE.findall(maps)))
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+
+
+def chat(engine: Engine, tokens: int, timeout_s: float) -> dict[str, Any]:
+    """One streamed chat completion, with the engine's timings (docs/api.md)."""
+    from openai import OpenAI
+
+    client = OpenAI(
+        base_url=engine.base_url + "/v1", api_key=engine.ready["api_key"], timeout=timeout_s
+    )
+    pieces: list[str] = []
+    timings: dict[str, Any] = {}
+    stream = client.chat.completions.create(
+        model=engine.ready.get("model") or "default",
+        messages=[{"role": "user", "content": PROMPT}],
+        max_tokens=tokens,
+        temperature=0.0,
+        stream=True,
+    )
+    for chunk in stream:
+        if chunk.choices and chunk.choices[0].delta.content:
+            pieces.append(chunk.choices[0].delta.content)
+        extra = chunk.model_extra or {}
+        if isinstance(extra.get("timings"), dict):
+            timings = extra["timings"]
+    text = "".join(pieces)
+    if not text.strip():
+        raise CheckFailed("the chat completion came back empty")
+
+    def rate(key: str) -> float | None:
+        value = timings.get(key)
+        return round(float(value), 1) if isinstance(value, (int, float)) else None
+
+    return {
+        "text": text,
+        "tokens": timings.get("predicted_n"),
+        "prompt_tok_s": rate("prompt_per_second"),
+        "decode_tok_s": rate("predicted_per_second"),
+    }
+
+
+def cached_self_test(home: Path, name: str) -> dict[str, Any]:
+    cache = home / "cache" / "runtime-self-tests.json"
+    try:
+        data = json.loads(cache.read_text())
+    except (OSError, ValueError) as exc:
+        raise CheckFailed(f"no cached self-test result ({cache}: {exc})") from exc
+    entries = [v for k, v in data.items() if k.split("|", 1)[0] == name]
+    if not entries or not all(e.get("ok") for e in entries):
+        raise CheckFailed(f"the cached self-test of {name!r} did not pass: {entries}")
+    return dict(entries[-1])
+
+
+def check(args: argparse.Namespace, home: Path) -> dict[str, Any]:
+    runtime = args.runtime.resolve()
+    if not (runtime / MANIFEST).is_file():
+        raise CheckFailed(f"{runtime} is not a runtime folder (no {MANIFEST})")
+    manifest, _ = read_manifest(runtime)
+    name = install(runtime, home)
+    env = {
+        **os.environ,
+        "PEREGRINE_HOME": str(home),
+        "PYTHONPATH": os.pathsep.join(p for p in (str(ROOT), os.environ.get("PYTHONPATH")) if p),
+    }
+    env.pop("LLAMA_CPP_LIB_PATH", None)
+    summary: dict[str, Any] = {"runtime": name, "backend": manifest.backend}
+    gpu = manifest.backend != "cpu"
+    if args.qemu_cpu:
+        summary["qemu_cpu"] = args.qemu_cpu
+        summary["qemu_self_test"] = self_test_under_qemu(
+            home / "runtimes" / name / "lib", args.qemu_cpu, gpu, env
+        )
+    cmd = [*python_argv(args.qemu_cpu), "-m", "app.cli", "serve", "--port", "0"]
+    cmd += ["--runtime", name, "--tool-self-test", "off", "--ctx", "512", "--parallel", "1"]
+    if args.gpu_layers is not None:
+        cmd += ["--gpu-layers", str(args.gpu_layers)]
+    started = time.monotonic()
+    engine = Engine(cmd, env, args.timeout)
+    try:
+        summary["start_s"] = round(time.monotonic() - started, 1)
+        from urllib.request import Request, urlopen
+
+        request = Request(
+            engine.base_url + "/v1/engine/status",
+            headers={"Authorization": f"Bearer {engine.ready['api_key']}"},
+        )
+        with urlopen(request, timeout=60) as response:
+            status = json.loads(response.read())
+        summary["status_runtime"] = status.get("runtime")
+        in_use = status.get("runtime") or {}
+        if in_use.get("name") != name or in_use.get("fallback_reason"):
+            raise CheckFailed(f"the engine does not run on {name!r}: {in_use}")
+        summary["chat"] = chat(engine, args.tokens, args.timeout)
+        say(f"answer: {summary['chat']['text']!r} ({summary['chat']['decode_tok_s']} tok/s)")
+        summary["cpu_modules_mapped"] = engine.mapped_cpu_modules()
+    finally:
+        engine.stop()
+    log_text = "\n".join(engine.stderr)
+    summary["backends_loaded"] = dict(LOADED.findall(log_text))
+    devices = sorted({m for m in re.findall(r"using device (\S+ \([^)]*\))", log_text)})
+    summary["devices"] = devices
+    offloaded = OFFLOADED.findall(log_text)
+    summary["layers_on_gpu"] = f"{offloaded[-1][0]}/{offloaded[-1][1]}" if offloaded else None
+    cpu_module = summary["backends_loaded"].get("CPU")
+    variant = CPU_MODULE.search(cpu_module or "")
+    summary["cpu_variant"] = variant.group(1) if variant else None
+    say(f"CPU backend loaded from {cpu_module}; mapped: {summary['cpu_modules_mapped']}")
+    if args.qemu_cpu:
+        qemu_module = summary["qemu_self_test"]["cpu_module"] or ""
+        if qemu_module != cpu_module:
+            raise CheckFailed(
+                f"the self-test under qemu loaded {qemu_module}, the engine {cpu_module}"
+            )
+    if args.expect_variant and summary["cpu_variant"] != args.expect_variant:
+        raise CheckFailed(
+            f"llama.cpp loaded the {summary['cpu_variant']!r} CPU variant, "
+            f"not {args.expect_variant!r}"
+        )
+    if (
+        summary["cpu_modules_mapped"]
+        and summary["cpu_variant"] not in summary["cpu_modules_mapped"]
+    ):
+        raise CheckFailed(f"the engine maps {summary['cpu_modules_mapped']}, not the logged one")
+    if gpu:
+        say(f"devices: {devices}; layers on the GPU: {summary['layers_on_gpu']}")
+        if not offloaded or int(offloaded[-1][0]) == 0:
+            raise CheckFailed(f"no layer went to a {manifest.backend} device: {devices}")
+    summary["self_test"] = cached_self_test(home, name)
+    say(f"self-test cached: {summary['self_test']['detail']}")
+    return summary
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=(__doc__ or "").split("\n")[0])
+    parser.add_argument("runtime", type=Path, help="a runtime folder, e.g. build/runtimes/cpu")
+    parser.add_argument("--qemu-cpu", metavar="MODEL", help="run under qemu-x86_64 -cpu MODEL")
+    parser.add_argument("--expect-variant", metavar="NAME", help="the CPU variant to see loaded")
+    parser.add_argument("--gpu-layers", type=int, help="--gpu-layers for the engine")
+    parser.add_argument("--tokens", type=int, default=16, help="max_tokens of the completion")
+    parser.add_argument("--timeout", type=float, default=600.0, help="seconds per step")
+    parser.add_argument("--home", type=Path, help="the scratch data folder (default: a temp one)")
+    args = parser.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="peregrine-check-") as tmp:
+        home = args.home or Path(tmp)
+        try:
+            summary = check(args, home)
+        except (CheckFailed, OSError, subprocess.SubprocessError, ValueError) as exc:
+            say(f"FAILED: {exc}")
+            return 1
+        except Exception as exc:  # the openai client's errors: one line, not a traceback
+            if type(exc).__module__.split(".")[0] != "openai":
+                raise
+            say(f"FAILED: {exc}")
+            return 1
+    say("passed")
+    print(json.dumps(summary))
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
