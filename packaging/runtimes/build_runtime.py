@@ -39,7 +39,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "packaging" / "llama"))
 
@@ -144,7 +145,8 @@ def build(args: argparse.Namespace) -> Path:
     """Builds the runtime folder; returns it."""
     backend, name = args.backend, args.name or args.backend
     cmake = cmake_args(backend, args.cuda_archs, args.fa_quants)
-    patch_files = build_wheel.patches()
+    # Our llama.cpp patches, then those of this backend's runtime only.
+    patch_files = build_wheel.patches() + build_wheel.patches(HERE / "patches" / backend)
     manifest = Manifest(
         backend=backend,
         llama_cpp_commit=LLAMA_CPP_COMMIT,

@@ -41,7 +41,14 @@ from typing import Any
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT))
 
-from engine.runtimes import MANIFEST, read_manifest  # noqa: E402
+from engine.paths import Paths  # noqa: E402
+from engine.runtimes import (  # noqa: E402
+    MANIFEST,
+    RuntimeProblem,
+    RuntimeSelector,
+    read_manifest,
+    run_self_test,
+)
 
 # ggml's log line when it registers a backend module (ggml-backend-reg.cpp).
 LOADED = re.compile(r"loaded (\S+) backend from (\S+)")
@@ -146,7 +153,10 @@ class Engine:
         reader.start()
         reader.join(timeout_s)
         if found.get("event") != "ready":
-            why = found.get("message") or found.get("error") or f"no ready event in {timeout_s} s"
+            why = found.get("message") or found.get("error")
+            if not why and self.proc.poll() is not None:
+                why = f"it exited with status {self.proc.returncode}"
+            why = why or f"no ready event in {timeout_s:.0f} s"
             tail = " | ".join(self.stderr[-3:])
             self.stop()
             raise CheckFailed(f"the engine did not start: {why} ({tail})")
@@ -238,6 +248,19 @@ def check(args: argparse.Namespace, home: Path) -> dict[str, Any]:
     env.pop("LLAMA_CPP_LIB_PATH", None)
     summary: dict[str, Any] = {"runtime": name, "backend": manifest.backend}
     gpu = manifest.backend != "cpu"
+    # The self-test as the engine runs it, cached where the engine looks (with this
+    # check's timeout: a busy machine must not make it inconclusive). Under qemu the
+    # engine's own self-test child would run natively anyway: this is that one.
+    selector = RuntimeSelector(
+        Paths.from_env(env),
+        self_test=lambda lib, on_gpu: run_self_test(lib, on_gpu, timeout_s=args.timeout),
+    )
+    started = time.monotonic()
+    try:
+        selector.check(name)
+    except RuntimeProblem as exc:
+        raise CheckFailed(f"runtime {name!r} {exc}") from exc
+    say(f"self-test passed in {time.monotonic() - started:.0f} s")
     if args.qemu_cpu:
         summary["qemu_cpu"] = args.qemu_cpu
         summary["qemu_self_test"] = self_test_under_qemu(
