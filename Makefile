@@ -137,7 +137,8 @@ runtime-cpu: $(STAMP)
 	bash packaging/runtimes/ensure-tools.sh cpu
 	$(BIN)/python packaging/runtimes/build_runtime.py cpu --self-test $(RUNTIME_ARGS)
 
-# Self-tested on Mesa's lavapipe where no Vulkan GPU is present.
+# ggml-vulkan uses a CPU-type device such as Mesa's lavapipe only when named: with
+# no Vulkan GPU, GGML_VK_VISIBLE_DEVICES=0 make runtime-vulkan self-tests it there.
 runtime-vulkan: $(STAMP)
 	bash packaging/runtimes/ensure-tools.sh vulkan
 	$(BIN)/python packaging/runtimes/build_runtime.py vulkan --self-test $(RUNTIME_ARGS)

@@ -54,6 +54,8 @@ from engine.runtimes import (  # noqa: E402
 LOADED = re.compile(r"loaded (\S+) backend from (\S+)")
 OFFLOADED = re.compile(r"offloaded (\d+)/(\d+) layers to GPU")
 CPU_MODULE = re.compile(r"libggml-cpu-([A-Za-z0-9_.]+)\.so")
+# llama.cpp's log line for each device a model's layers go to.
+DEVICE = re.compile(r"using device (.+?) - \d+ MiB free")
 PROMPT = "Name the capital of France in one word."
 
 
@@ -78,6 +80,8 @@ def install(runtime: Path, home: Path) -> str:
     manifest, _ = read_manifest(runtime)  # a bad runtime.json fails here, clearly
     name = runtime.name
     target = home / "runtimes" / name
+    if target.exists():  # a --home of an earlier check: its cached self-test still holds
+        shutil.rmtree(target)
     shutil.copytree(runtime, target, symlinks=True)
     say(f"installed {runtime} ({manifest.backend}) as runtime {name!r} in {home}")
     return name
@@ -115,6 +119,41 @@ def self_test_under_qemu(
         f"{seconds:.0f} s; CPU backend from {loaded.get('CPU', '?')}"
     )
     return {"seconds": round(seconds, 1), "cpu_module": loaded.get("CPU"), "reply": reply}
+
+
+# The engine logs llama.cpp's warnings only: where a model's layers go is read from
+# a load with llama.cpp's full log, done the engine's way (load_backends, then llama_cpp).
+PLACEMENT_PROBE = """
+import sys
+from pathlib import Path
+from engine.runtimes import load_backends
+load_backends(Path(sys.argv[1]))
+import llama_cpp
+from engine.default_model import default_model_path
+llama_cpp.Llama(str(default_model_path()), n_ctx=256, n_gpu_layers=int(sys.argv[2]), verbose=True)
+"""
+
+
+def placement(lib_dir: Path, gpu_layers: int, env: dict[str, str]) -> dict[str, Any]:
+    """The devices llama.cpp puts the built-in model's layers on with this runtime."""
+    proc = subprocess.run(
+        [sys.executable, "-c", PLACEMENT_PROBE, str(lib_dir), str(gpu_layers)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        env={**env, "LLAMA_CPP_LIB_PATH": str(lib_dir)},
+        timeout=600,
+        check=False,
+    )
+    if proc.returncode != 0:
+        tail = " | ".join(proc.stderr.strip().splitlines()[-3:])
+        raise CheckFailed(f"loading the model with {gpu_layers} GPU layers failed: {tail}")
+    offloaded = OFFLOADED.findall(proc.stderr)
+    return {
+        "devices": sorted(set(DEVICE.findall(proc.stderr))),
+        "layers_on_gpu": f"{offloaded[-1][0]}/{offloaded[-1][1]}" if offloaded else None,
+        "offloaded": int(offloaded[-1][0]) if offloaded else 0,
+    }
 
 
 class Engine:
@@ -293,10 +332,6 @@ def check(args: argparse.Namespace, home: Path) -> dict[str, Any]:
         engine.stop()
     log_text = "\n".join(engine.stderr)
     summary["backends_loaded"] = dict(LOADED.findall(log_text))
-    devices = sorted({m for m in re.findall(r"using device (\S+ \([^)]*\))", log_text)})
-    summary["devices"] = devices
-    offloaded = OFFLOADED.findall(log_text)
-    summary["layers_on_gpu"] = f"{offloaded[-1][0]}/{offloaded[-1][1]}" if offloaded else None
     cpu_module = summary["backends_loaded"].get("CPU")
     variant = CPU_MODULE.search(cpu_module or "")
     summary["cpu_variant"] = variant.group(1) if variant else None
@@ -318,9 +353,16 @@ def check(args: argparse.Namespace, home: Path) -> dict[str, Any]:
     ):
         raise CheckFailed(f"the engine maps {summary['cpu_modules_mapped']}, not the logged one")
     if gpu:
-        say(f"devices: {devices}; layers on the GPU: {summary['layers_on_gpu']}")
-        if not offloaded or int(offloaded[-1][0]) == 0:
-            raise CheckFailed(f"no layer went to a {manifest.backend} device: {devices}")
+        layers = -1 if args.gpu_layers is None else args.gpu_layers
+        where = placement(home / "runtimes" / name / "lib", layers, env)
+        summary["placement"] = where
+        say(f"devices: {where['devices']}; layers on the GPU: {where['layers_on_gpu']}")
+        if not where["offloaded"]:
+            raise CheckFailed(
+                f"no layer went to a {manifest.backend} device ({where['devices']}); ggml-vulkan "
+                "uses a software device such as Mesa's lavapipe only when asked to with "
+                "GGML_VK_VISIBLE_DEVICES=0"
+            )
     summary["self_test"] = cached_self_test(home, name)
     say(f"self-test cached: {summary['self_test']['detail']}")
     return summary
