@@ -129,7 +129,7 @@ icons: $(STAMP)
 # --- Engine runtimes (docs/install.md, "Engine runtimes") ------------------------
 # llama.cpp per hardware as backend-DL builds with our patches, written to
 # build/runtimes/<name>/ and packed into dist/runtimes/ with a .sha256. Never part
-# of `make test`: the cpu runtime alone takes 30-45 minutes on 2 cores.
+# of `make test`: the cpu runtime alone took 19 minutes on 2 busy cores.
 # RUNTIME_ARGS adds options, e.g. RUNTIME_ARGS="--install" or "--cuda-archs 90".
 RUNTIME_ARGS ?=
 
