@@ -11,13 +11,19 @@ only), and that the self-test passed and was cached (docs/install.md,
     python packaging/runtimes/check_runtime.py build/runtimes/cpu
     python packaging/runtimes/check_runtime.py build/runtimes/cpu --qemu-cpu Haswell \\
         --expect-variant haswell --tokens 4
-    python packaging/runtimes/check_runtime.py build/runtimes/vulkan --gpu-layers -1
+    GGML_VK_VISIBLE_DEVICES=0 python packaging/runtimes/check_runtime.py \
+        build/runtimes/vulkan --gpu-layers -1
 
 --qemu-cpu MODEL runs the self-test child and the engine under
 `qemu-x86_64 -cpu MODEL` (Debian's qemu-user), an emulated CPU without this
 machine's newer instructions: llama.cpp must pick a CPU variant that model has.
-A process the emulated one starts runs natively, so in that mode the self-test
-is also run under qemu by this script, and its result is the one reported.
+A process the emulated one starts runs natively (the engine's own self-test
+child too, which is why the self-test is run and cached natively first), so
+this script also runs the self-test child under qemu and checks that it and
+the engine loaded the same variant.
+
+ggml-vulkan uses a CPU-type device such as Mesa's lavapipe only when it is
+named: on a machine without a Vulkan GPU, GGML_VK_VISIBLE_DEVICES=0.
 
 Exit status 0 when every check passed; the last stdout line is a JSON summary.
 """
