@@ -12,6 +12,7 @@ import json
 import subprocess
 import sys
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -71,11 +72,16 @@ def test_the_vulkan_recipe_leaves_out_mixed_bf16_pairs() -> None:
     assert ("bf16", "f16") not in pairs
 
 
-def test_the_recipe_reads_the_flash_attention_pairs_back_from_the_build(tmp_path: Path) -> None:
+def load_recipe() -> Any:
     spec = importlib.util.spec_from_file_location("build_runtime", RECIPE)
     assert spec is not None and spec.loader is not None
     recipe = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(recipe)
+    return recipe
+
+
+def test_the_recipe_reads_the_flash_attention_pairs_back_from_the_build(tmp_path: Path) -> None:
+    recipe = load_recipe()
     (tmp_path / "CMakeCache.txt").write_text(
         "# This is the CMakeCache file.\n"
         "//Which K/V pairs get flash-attention kernels = yes\n"
@@ -86,3 +92,22 @@ def test_the_recipe_reads_the_flash_attention_pairs_back_from_the_build(tmp_path
     assert built == {"GGML_CUDA_FA_QUANTS": "q8_0-q4_0;q4_0-q4_0", "CMAKE_BUILD_TYPE": "Release"}
     pairs = recipe.fa_type_pairs("cuda", built["GGML_CUDA_FA_QUANTS"])
     assert pairs == [("f16", "f16"), ("q8_0", "q4_0"), ("q4_0", "q4_0")]
+
+
+def test_a_cublas_outside_the_toolkit_is_named_to_cmake(tmp_path: Path) -> None:
+    recipe = load_recipe()
+    (tmp_path / "lib").mkdir()
+    (tmp_path / "include").mkdir()
+    (tmp_path / "lib" / "libcublas.so.13").touch()
+    with pytest.raises(recipe.RecipeError, match=r"no libcublasLt\.so in"):
+        recipe.cublas_args(tmp_path)
+    (tmp_path / "lib" / "libcublasLt.so.13").touch()
+    with pytest.raises(recipe.RecipeError, match=r"no cublas_v2\.h in"):
+        recipe.cublas_args(tmp_path)
+    (tmp_path / "include" / "cublas_v2.h").touch()
+    assert recipe.cublas_args(tmp_path) == [
+        f"-DCUDA_cublas_LIBRARY={tmp_path / 'lib' / 'libcublas.so.13'}",
+        f"-DCUDA_cublasLt_LIBRARY={tmp_path / 'lib' / 'libcublasLt.so.13'}",
+        f"-DCMAKE_CUDA_FLAGS=-I{tmp_path / 'include'}",
+    ]
+    assert recipe.cublas_args(None) == []

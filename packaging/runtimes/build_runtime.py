@@ -17,9 +17,12 @@ Usage (run with the project's .venv Python, from the repository root):
     python packaging/runtimes/build_runtime.py cpu
     python packaging/runtimes/build_runtime.py vulkan
     python packaging/runtimes/build_runtime.py cuda [--cuda-archs "90"] [--fa-quants all]
+        [--cublas DIR]
 
 Options: --name NAME (default: the backend), --jobs N, --build-dir DIR,
---sdist FILE, --install (also copy the runtime into PEREGRINE_HOME/runtimes/),
+--sdist FILE, --cublas DIR (a cuBLAS outside the CUDA toolkit), --cmake-arg ARG
+(repeatable; e.g. -DGGML_CUDA_NO_VMM=ON where the toolkit has no libcuda stub),
+--install (also copy the runtime into PEREGRINE_HOME/runtimes/),
 --self-test (load the built-in model with it and decode 8 tokens), --dry-run
 (print the CMake arguments and the manifest, build nothing).
 """
@@ -124,6 +127,30 @@ def fa_type_pairs(backend: str, fa_quants: str) -> list[tuple[str, str]]:
     return [(k, v) for k in KV_TYPES for v in KV_TYPES]  # the CPU's kernel takes any pair
 
 
+def cublas_args(folder: Path | None) -> list[str]:
+    """CMake arguments for a cuBLAS kept outside the CUDA toolkit.
+
+    A toolkit installed without cuBLAS (NVIDIA's packages split it off) can use
+    the one in PyPI's nvidia-cublas wheel: `folder` is its unpacked
+    `nvidia/cu13` (include/ and lib/).
+    """
+    if folder is None:
+        return []
+    libs = {}
+    for stem in ("cublas", "cublasLt"):
+        found = sorted((folder / "lib").glob(f"lib{stem}.so*"))
+        if not found:
+            raise RecipeError(f"--cublas: no lib{stem}.so in {folder / 'lib'}")
+        libs[stem] = found[0]
+    if not (folder / "include" / "cublas_v2.h").is_file():
+        raise RecipeError(f"--cublas: no cublas_v2.h in {folder / 'include'}")
+    return [
+        f"-DCUDA_cublas_LIBRARY={libs['cublas']}",
+        f"-DCUDA_cublasLt_LIBRARY={libs['cublasLt']}",
+        f"-DCMAKE_CUDA_FLAGS=-I{folder / 'include'}",
+    ]
+
+
 def check_tools(backend: str) -> None:
     missing = [t for t in ("cmake", "cc", "c++") if shutil.which(t) is None]
     if backend == "vulkan" and shutil.which("glslc") is None:
@@ -175,6 +202,9 @@ def build(args: argparse.Namespace) -> Path:
     build_wheel.apply_patches(tree, patch_files)
     source = tree / "vendor" / "llama.cpp"
     build_dir = work / "build"
+    if backend == "cuda":
+        cmake += cublas_args(args.cublas)
+    cmake += args.cmake_arg  # last, so they override the recipe's
     # ggml uses ccache when it is installed. Paths relative to the runtimes' common
     # parent let every runtime reuse the others' objects: in a backend-DL build the
     # CPU variants and libllama do not depend on the GPU backend, so after the cpu
@@ -200,7 +230,7 @@ def build(args: argparse.Namespace) -> Path:
     if not variants:
         raise RecipeError(f"the build wrote no ggml-cpu-<variant> module to {bin_dir}")
     if backend == "cuda":
-        copy_cuda_libs(staged / "lib")
+        copy_cuda_libs(staged / "lib", args.cublas / "lib" if args.cublas else None)
     # What the build was configured with, read back from it rather than from our arguments.
     built_quants = cmake_cache(build_dir).get("GGML_CUDA_FA_QUANTS", args.fa_quants)
     manifest = dataclasses.replace(
@@ -227,12 +257,18 @@ def cmake_cache(build_dir: Path) -> dict[str, str]:
     return entries
 
 
-def copy_cuda_libs(lib_dir: Path) -> None:
+def copy_cuda_libs(lib_dir: Path, cublas_lib: Path | None = None) -> None:
     """The CUDA runtime and cuBLAS libraries the CUDA module links, beside it."""
     module = lib_dir / "libggml-cuda.so"
     if not module.is_file():
         raise RecipeError("the build wrote no libggml-cuda.so")
-    text = subprocess.run(["ldd", str(module)], capture_output=True, text=True, check=False).stdout
+    env = dict(os.environ)
+    if cublas_lib is not None:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(cublas_lib), env.get("LD_LIBRARY_PATH")) if p
+        )
+    ldd = ["ldd", str(module)]
+    text = subprocess.run(ldd, capture_output=True, text=True, env=env, check=False).stdout
     for line in text.splitlines():
         soname, _, rest = line.strip().partition(" => ")
         path = rest.split(" (")[0].strip()
@@ -296,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sdist", type=Path)
     parser.add_argument("--cuda-archs", default=CUDA_ARCHS)
     parser.add_argument("--fa-quants", default=CUDA_FA_QUANTS, help='"all" or K-V,K-V...')
+    parser.add_argument("--cublas", type=Path, help="cuBLAS include/ and lib/ (cuda)")
+    parser.add_argument(
+        "--cmake-arg", action="append", default=[], metavar="ARG", help="an extra CMake argument"
+    )
     parser.add_argument("--install", action="store_true")
     parser.add_argument("--self-test", action="store_true")
     parser.add_argument("--dry-run", action="store_true")
