@@ -132,7 +132,7 @@ icons: $(STAMP)
 # --- Engine runtimes (docs/install.md, "Engine runtimes") ------------------------
 # llama.cpp per hardware as backend-DL builds with our patches, written to
 # build/runtimes/<name>/ and packed into dist/runtimes/ with a .sha256. Never part
-# of `make test`: the cpu runtime alone takes 30-45 minutes on 2 cores.
+# of `make test`: the cpu runtime alone took 19 minutes on 2 busy cores.
 # RUNTIME_ARGS adds options, e.g. RUNTIME_ARGS="--install" or "--cuda-archs 90".
 RUNTIME_ARGS ?=
 
@@ -140,7 +140,8 @@ runtime-cpu: $(STAMP)
 	bash packaging/runtimes/ensure-tools.sh cpu
 	$(BIN)/python packaging/runtimes/build_runtime.py cpu --self-test $(RUNTIME_ARGS)
 
-# Self-tested on Mesa's lavapipe where no Vulkan GPU is present.
+# ggml-vulkan uses a CPU-type device such as Mesa's lavapipe only when named: with
+# no Vulkan GPU, GGML_VK_VISIBLE_DEVICES=0 make runtime-vulkan self-tests it there.
 runtime-vulkan: $(STAMP)
 	bash packaging/runtimes/ensure-tools.sh vulkan
 	$(BIN)/python packaging/runtimes/build_runtime.py vulkan --self-test $(RUNTIME_ARGS)

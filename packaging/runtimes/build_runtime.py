@@ -17,9 +17,12 @@ Usage (run with the project's .venv Python, from the repository root):
     python packaging/runtimes/build_runtime.py cpu
     python packaging/runtimes/build_runtime.py vulkan
     python packaging/runtimes/build_runtime.py cuda [--cuda-archs "90"] [--fa-quants all]
+        [--cublas DIR]
 
 Options: --name NAME (default: the backend), --jobs N, --build-dir DIR,
---sdist FILE, --install (also copy the runtime into PEREGRINE_HOME/runtimes/),
+--sdist FILE, --cublas DIR (a cuBLAS outside the CUDA toolkit), --cmake-arg ARG
+(repeatable; e.g. -DGGML_CUDA_NO_VMM=ON where the toolkit has no libcuda stub),
+--install (also copy the runtime into PEREGRINE_HOME/runtimes/),
 --self-test (load the built-in model with it and decode 8 tokens), --dry-run
 (print the CMake arguments and the manifest, build nothing).
 """
@@ -39,7 +42,8 @@ import tarfile
 import tempfile
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parents[2]
+HERE = Path(__file__).resolve().parent
+ROOT = HERE.parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(ROOT / "packaging" / "llama"))
 
@@ -50,8 +54,9 @@ from engine.runtimes import (  # noqa: E402
     MANIFEST,
     Manifest,
     Patch,
-    all_fa_pairs,
+    fa_pairs_from_features,
     parse_manifest,
+    read_manifest,
 )
 
 # The llama.cpp commit that llama-cpp-python 0.3.36 vendors.
@@ -114,18 +119,36 @@ def cmake_args(backend: str, cuda_archs: str, fa_quants: str) -> list[str]:
 def fa_type_pairs(backend: str, fa_quants: str) -> list[tuple[str, str]]:
     """The flash-attention K/V pairs a build of `backend` has kernels for."""
     if backend == "cuda":
-        if fa_quants.strip().lower() == "all":
-            return list(all_fa_pairs())
-        pairs = [("f16", "f16")]  # always compiled (ggml/cmake/common.cmake)
-        for item in fa_quants.replace(";", ",").split(","):
-            k, _, v = item.strip().lower().partition("-")
-            if (k, v) not in pairs:
-                pairs.append((k, v))
-        return pairs
+        # What the CUDA backend reports as its FA_QUANTS feature, read the same way.
+        return list(fa_pairs_from_features({"CUDA": {"FA_QUANTS": fa_quants}}) or ())
     if backend == "vulkan":
         # ggml-vulkan's supports_op: any KV type, except bf16 paired with another type.
         return [(k, v) for k in KV_TYPES for v in KV_TYPES if (k == "bf16") == (v == "bf16")]
     return [(k, v) for k in KV_TYPES for v in KV_TYPES]  # the CPU's kernel takes any pair
+
+
+def cublas_args(folder: Path | None) -> list[str]:
+    """CMake arguments for a cuBLAS kept outside the CUDA toolkit.
+
+    A toolkit installed without cuBLAS (NVIDIA's packages split it off) can use
+    the one in PyPI's nvidia-cublas wheel: `folder` is its unpacked
+    `nvidia/cu13` (include/ and lib/).
+    """
+    if folder is None:
+        return []
+    libs = {}
+    for stem in ("cublas", "cublasLt"):
+        found = sorted((folder / "lib").glob(f"lib{stem}.so*"))
+        if not found:
+            raise RecipeError(f"--cublas: no lib{stem}.so in {folder / 'lib'}")
+        libs[stem] = found[0]
+    if not (folder / "include" / "cublas_v2.h").is_file():
+        raise RecipeError(f"--cublas: no cublas_v2.h in {folder / 'include'}")
+    return [
+        f"-DCUDA_cublas_LIBRARY={libs['cublas']}",
+        f"-DCUDA_cublasLt_LIBRARY={libs['cublasLt']}",
+        f"-DCMAKE_CUDA_FLAGS=-I{folder / 'include'}",
+    ]
 
 
 def check_tools(backend: str) -> None:
@@ -138,9 +161,9 @@ def check_tools(backend: str) -> None:
         raise RecipeError("missing build tools: " + ", ".join(missing))
 
 
-def run(cmd: list[str], cwd: Path | None = None) -> None:
+def run(cmd: list[str], cwd: Path | None = None, env: dict[str, str] | None = None) -> None:
     log("$ " + " ".join(cmd))
-    result = subprocess.run(cmd, cwd=cwd, check=False)
+    result = subprocess.run(cmd, cwd=cwd, env=env, check=False)
     if result.returncode != 0:
         raise RecipeError(f"{' '.join(cmd[:3])} exited {result.returncode}")
 
@@ -149,7 +172,8 @@ def build(args: argparse.Namespace) -> Path:
     """Builds the runtime folder; returns it."""
     backend, name = args.backend, args.name or args.backend
     cmake = cmake_args(backend, args.cuda_archs, args.fa_quants)
-    patch_files = build_wheel.patches()
+    # Our llama.cpp patches, then those of this backend's runtime only.
+    patch_files = build_wheel.patches() + build_wheel.patches(HERE / "patches" / backend)
     manifest = Manifest(
         backend=backend,
         llama_cpp_commit=LLAMA_CPP_COMMIT,
@@ -178,8 +202,16 @@ def build(args: argparse.Namespace) -> Path:
     build_wheel.apply_patches(tree, patch_files)
     source = tree / "vendor" / "llama.cpp"
     build_dir = work / "build"
-    run(["cmake", "-S", str(source), "-B", str(build_dir), *cmake])
-    run(["cmake", "--build", str(build_dir), "--target", "llama", "-j", str(args.jobs)])
+    if backend == "cuda":
+        cmake += cublas_args(args.cublas)
+    cmake += args.cmake_arg  # last, so they override the recipe's
+    # ggml uses ccache when it is installed. Paths relative to the runtimes' common
+    # parent let every runtime reuse the others' objects: in a backend-DL build the
+    # CPU variants and libllama do not depend on the GPU backend, so after the cpu
+    # runtime a vulkan or cuda build compiles little more than its own module.
+    env = {**os.environ, "CCACHE_BASEDIR": str(work.parent)}
+    run(["cmake", "-S", str(source), "-B", str(build_dir), *cmake], env=env)
+    run(["cmake", "--build", str(build_dir), "--target", "llama", "-j", str(args.jobs)], env=env)
     bin_dir = build_dir / "bin"
     staged = out.with_name(out.name + ".tmp")
     if staged.exists():
@@ -198,8 +230,14 @@ def build(args: argparse.Namespace) -> Path:
     if not variants:
         raise RecipeError(f"the build wrote no ggml-cpu-<variant> module to {bin_dir}")
     if backend == "cuda":
-        copy_cuda_libs(staged / "lib")
-    manifest = dataclasses.replace(manifest, cpu_variants=variants)
+        copy_cuda_libs(staged / "lib", args.cublas / "lib" if args.cublas else None)
+    # What the build was configured with, read back from it rather than from our arguments.
+    built_quants = cmake_cache(build_dir).get("GGML_CUDA_FA_QUANTS", args.fa_quants)
+    manifest = dataclasses.replace(
+        manifest,
+        cpu_variants=variants,
+        fa_type_pairs=tuple(fa_type_pairs(backend, built_quants)),
+    )
     parse_manifest(manifest.to_json())  # what the engine will read back
     (staged / MANIFEST).write_text(json.dumps(manifest.to_json(), indent=1) + "\n")
     if out.exists():
@@ -209,12 +247,28 @@ def build(args: argparse.Namespace) -> Path:
     return out
 
 
-def copy_cuda_libs(lib_dir: Path) -> None:
+def cmake_cache(build_dir: Path) -> dict[str, str]:
+    """The NAME:TYPE=VALUE entries of a configured build's CMakeCache.txt."""
+    entries = {}
+    for line in (build_dir / "CMakeCache.txt").read_text(errors="replace").splitlines():
+        key, sep, value = line.partition("=")
+        if sep and not line.startswith(("#", "//")):
+            entries[key.split(":", 1)[0]] = value
+    return entries
+
+
+def copy_cuda_libs(lib_dir: Path, cublas_lib: Path | None = None) -> None:
     """The CUDA runtime and cuBLAS libraries the CUDA module links, beside it."""
     module = lib_dir / "libggml-cuda.so"
     if not module.is_file():
         raise RecipeError("the build wrote no libggml-cuda.so")
-    text = subprocess.run(["ldd", str(module)], capture_output=True, text=True, check=False).stdout
+    env = dict(os.environ)
+    if cublas_lib is not None:
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(
+            p for p in (str(cublas_lib), env.get("LD_LIBRARY_PATH")) if p
+        )
+    ldd = ["ldd", str(module)]
+    text = subprocess.run(ldd, capture_output=True, text=True, env=env, check=False).stdout
     for line in text.splitlines():
         soname, _, rest = line.strip().partition(" => ")
         path = rest.split(" (")[0].strip()
@@ -234,6 +288,7 @@ def pack(folder: Path, name: str) -> Path:
         tarfile.open(fileobj=tmp, mode="w:gz") as tar,
     ):
         tar.add(folder, arcname=name)
+    os.chmod(tmp.name, 0o644)  # a temporary file is private; a pack is for publishing
     os.replace(tmp.name, archive)
     digest = build_wheel.sha256_file(archive)
     archive.with_name(archive.name + ".sha256").write_text(f"{digest}  {archive.name}\n")
@@ -258,6 +313,13 @@ def self_test(folder: Path, backend: str) -> None:
     result = run_self_test(folder / "lib", gpu=backend != "cpu")
     if not result.ok:
         raise RecipeError(f"the self-test failed: {result.detail}")
+    manifest, _ = read_manifest(folder)
+    reported = fa_pairs_from_features(result.features)
+    if reported is not None and set(reported) != set(manifest.fa_type_pairs):
+        raise RecipeError(
+            f"the backend reports flash-attention pairs {reported}, {MANIFEST} lists "
+            f"{manifest.fa_type_pairs}"
+        )
     log(f"self-test: {result.detail}; backends {sorted(result.features)}")
 
 
@@ -270,6 +332,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--sdist", type=Path)
     parser.add_argument("--cuda-archs", default=CUDA_ARCHS)
     parser.add_argument("--fa-quants", default=CUDA_FA_QUANTS, help='"all" or K-V,K-V...')
+    parser.add_argument("--cublas", type=Path, help="cuBLAS include/ and lib/ (cuda)")
+    parser.add_argument(
+        "--cmake-arg", action="append", default=[], metavar="ARG", help="an extra CMake argument"
+    )
     parser.add_argument("--install", action="store_true")
     parser.add_argument("--self-test", action="store_true")
     parser.add_argument("--dry-run", action="store_true")

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # Installs what a runtime recipe needs when it is missing, as root on Debian/Ubuntu:
-# cmake and a compiler for every backend; glslc, the Vulkan headers and Mesa's
+# cmake and a compiler for every backend; glslc, the Vulkan and SPIR-V headers and Mesa's
 # lavapipe (a software Vulkan driver, for the self-test) for vulkan. Elsewhere it
 # only says what is missing. nvcc (cuda) comes from NVIDIA's toolkit, never from here.
 # Usage: ensure-tools.sh cpu|vulkan|cuda
@@ -13,6 +13,7 @@ command -v patch >/dev/null || need+=(patch)
 if [ "$backend" = vulkan ]; then
   command -v glslc >/dev/null || need+=(glslc)
   [ -e /usr/include/vulkan/vulkan.h ] || need+=(libvulkan-dev)
+  [ -e /usr/include/spirv/unified1/spirv.hpp ] || need+=(spirv-headers)
   ls /usr/share/vulkan/icd.d/lvp_icd.*.json >/dev/null 2>&1 || need+=(mesa-vulkan-drivers)
 fi
 if [ "$backend" = cuda ] && ! command -v nvcc >/dev/null; then
