@@ -36,6 +36,8 @@ class PackServer:
     files: dict[str, bytes] = field(default_factory=dict)
     drop_after: dict[str, int] = field(default_factory=dict)
     requests: list[tuple[str, str | None]] = field(default_factory=list)
+    # name -> (offset, event): the answer stops after `offset` bytes until the event is set.
+    gates: dict[str, tuple[int, threading.Event]] = field(default_factory=dict)
     _server: ThreadingHTTPServer | None = None
 
     @property
@@ -118,6 +120,12 @@ def _handler(server: PackServer) -> type[BaseHTTPRequestHandler]:
                 self.wfile.flush()
                 self.close_connection = True
                 return
+            gate = server.gates.get(name)
+            if gate is not None and start < gate[0] < end:
+                self.wfile.write(body[start : gate[0]])
+                self.wfile.flush()
+                gate[1].wait(60)
+                start = gate[0]
             self.wfile.write(body[start:end])
 
     return Handler

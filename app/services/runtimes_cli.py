@@ -13,30 +13,18 @@ from pathlib import Path
 
 from app.services.models.cli import TerminalProgress, _out, _Parser
 from app.services.models.downloads import format_bytes
+from app.services.runtimes import load_snapshot, this_machine
 from engine.errors import PeregrineError, UsageError
 from engine.paths import Paths
-from engine.planning.hardware import HardwareProbes, detect_hardware
 from engine.runtime_packs import (
-    Machine,
     Pack,
-    PackError,
     RuntimePacks,
-    describe_machine,
     fetch_index,
     index_url,
-    suggested,
     unsuitable,
 )
 
 USAGE = "peregrine runtime {list,pull,rm} ..."
-
-
-def this_machine(paths: Paths) -> Machine:
-    """This computer's GPUs, from the vendor probes only (no llama.cpp is loaded)."""
-    hardware = detect_hardware(
-        HardwareProbes(probe_ggml=False, runtimes_dir=paths.runtimes), models_dir=paths.models
-    )
-    return describe_machine(g.backend for g in hardware.gpus)
 
 
 def main(argv: list[str]) -> int:
@@ -63,35 +51,27 @@ def main(argv: list[str]) -> int:
 
 
 def _list(paths: Paths, show_all: bool) -> int:
-    packs = RuntimePacks(paths)
-    installed = packs.installed()
+    snap = load_snapshot(paths)
     _out("installed:")
-    if not installed:
+    if not snap.installed:
         _out("  none (the engine uses the llama.cpp built into Peregrine, on the CPU)")
-    for r in installed:
+    for r in snap.installed:
         state = r.problem or (f"self-test {r.self_test}" if r.self_test else "not self-tested yet")
         _out(f"  {r.name:<12} {r.backend or '?':<8} {state}")
-    try:
-        available = fetch_index()
-    except PackError as exc:
-        _out(f"available: unknown ({exc})")
+    if snap.index_problem:
+        _out(f"available: unknown ({snap.index_problem})")
         return 0
-    machine = this_machine(paths)
-    best = suggested(available, machine)
     _out(f"available ({index_url()}):")
-    shown = 0
-    for pack in available:
-        why = unsuitable(pack, machine)
-        if why is not None and not show_all:
-            continue
-        shown += 1
-        mark = "  <- suggested" if best is not None and pack == best else ""
+    machine = this_machine(paths) if show_all and snap.others else None
+    for pack in snap.available + (snap.others if show_all else []):
+        why = unsuitable(pack, machine) if machine is not None else None
+        mark = "  <- suggested" if pack.name == snap.suggested and not why else ""
         note = f"  (not for this computer: {why})" if why else ""
         _out(
             f"  {pack.name:<12} {pack.backend:<8} {format_bytes(pack.size):>10}  "
             f"{pack.platform}{note}{mark}"
         )
-    if not shown:
+    if not snap.available and not show_all:
         _out("  none for this computer (--all lists every pack)")
     return 0
 
