@@ -90,6 +90,12 @@ def _handler(server: PackServer) -> type[BaseHTTPRequestHandler]:
             pass
 
         def do_GET(self) -> None:
+            try:
+                self._get()
+            except ConnectionError:
+                pass  # the client went away (a cancel, a cut): nothing to answer
+
+        def _get(self) -> None:
             name = self.path.lstrip("/")
             rng = self.headers.get("Range")
             server.requests.append((name, rng))

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import logging
 import threading
-import time
 from collections.abc import Callable
 
 from PySide6.QtCore import QObject, QThread, QTimer, Signal, Slot
@@ -43,7 +42,6 @@ NEXT_START = "The engine uses it from its next start (Settings → Engine, or a 
 class PackWorker(QObject):
     """Downloads and installs one pack; lives on its own thread."""
 
-    progress = Signal(str, int, int)  # name, bytes done, bytes total (about 10 a second)
     done = Signal(str, str)  # name, folder
     failed = Signal(str, str)  # name, message
     finished = Signal(str)
@@ -53,17 +51,15 @@ class PackWorker(QObject):
         self.pack = pack
         self._packs = packs
         self._cancel = threading.Event()
-        self._last = 0.0
+        # (bytes done, bytes total), read by the controller's timer: progress as data.
+        self.latest = (0, pack.size)
 
     def cancel(self) -> None:
         """Safe from the GUI thread while run() blocks on the network."""
         self._cancel.set()
 
     def _progress(self, done: int, total: int) -> None:
-        now = time.monotonic()
-        if now - self._last >= 0.1 or done >= total:
-            self._last = now
-            self.progress.emit(self.pack.name, done, total)
+        self.latest = (done, total)  # one assignment: safe to read from the GUI thread
 
     @Slot()
     def run(self) -> None:
@@ -101,7 +97,7 @@ class RuntimesController(QObject):
         self.paths = paths
         self._background = background
         self._in_use = in_use
-        self._snapshot = snapshot
+        self.snapshot_fn = snapshot
         self._packs = packs
         self.snapshot: RuntimesSnapshot | None = None
         self.loading = False
@@ -111,6 +107,10 @@ class RuntimesController(QObject):
         self._worker: PackWorker | None = None
         self._thread: QThread | None = None
         self._alive: dict[QThread, PackWorker] = {}
+        # Progress is drawn at most 10 times a second, from the worker's latest figures.
+        self._ticker = QTimer(self)
+        self._ticker.setInterval(100)
+        self._ticker.timeout.connect(self._tick)
 
     @property
     def in_use(self) -> str | None:
@@ -123,7 +123,7 @@ class RuntimesController(QObject):
         self.loading = True
         self.changed.emit()
         self._background.run(
-            lambda: self._snapshot(self.paths),
+            lambda: self.snapshot_fn(self.paths),
             self._on_snapshot,
             self._on_snapshot_failed,
             what="Reading the engine runtimes",
@@ -151,7 +151,6 @@ class RuntimesController(QObject):
         thread.setObjectName(f"runtime-{name}")
         worker.moveToThread(thread)
         thread.started.connect(worker.run)
-        worker.progress.connect(self._on_progress)
         worker.done.connect(self._on_done)
         worker.failed.connect(self._on_failed)
         worker.finished.connect(thread.quit)
@@ -164,6 +163,7 @@ class RuntimesController(QObject):
         self.message = f"Downloading the {name} runtime…"
         self.changed.emit()
         thread.start()
+        self._ticker.start()
 
     def cancel(self) -> None:
         if self._worker is not None:
@@ -191,9 +191,13 @@ class RuntimesController(QObject):
             thread.quit()
             thread.wait(wait_ms)
 
-    @Slot(str, int, int)
-    def _on_progress(self, name: str, done: int, total: int) -> None:
-        self.done_bytes = (done, total)
+    @Slot()
+    def _tick(self) -> None:
+        worker = self._worker
+        if worker is None or worker.latest == self.done_bytes:
+            return
+        self.done_bytes = done, total = worker.latest
+        name = worker.pack.name
         if done >= total:
             self.message = f"Checking and self-testing the {name} runtime…"
             self.changed.emit()
@@ -209,6 +213,8 @@ class RuntimesController(QObject):
 
     @Slot(str)
     def _on_finished(self, _name: str) -> None:
+        self._tick()  # the last figures, however soon the work ended
+        self._ticker.stop()
         self._worker, self._thread = None, None
         self.downloading = None
         self.changed.emit()
@@ -245,6 +251,7 @@ class RuntimesSection(QFrame):
         self.grid.setVerticalSpacing(8)
         lay.addLayout(self.grid)
         self.progress = QProgressBar()
+        self.progress.setTextVisible(False)
         self.progress.setVisible(False)
         lay.addWidget(self.progress)
         self.status = QLabel()
@@ -312,8 +319,6 @@ class RuntimesSection(QFrame):
             button = self.buttons.get(downloading)
             if button is not None:
                 button.setText("Cancel")
-            done, total = c.done_bytes
-            self._on_progress(downloading, done, total)
         for name, button in self.buttons.items():
             button.setEnabled(downloading is None or name == downloading)
         self.check.setEnabled(not c.loading and downloading is None)
@@ -325,6 +330,8 @@ class RuntimesSection(QFrame):
         if c.message:
             lines.append(c.message)
         self.status.setText("\n".join(lines))
+        if downloading is not None:
+            self._on_progress(downloading, *c.done_bytes)
 
     def _row(self, row: int, name: str, backend: str, kind: str, state: str, action: str) -> None:
         title = QLabel(name)
@@ -353,4 +360,8 @@ class RuntimesSection(QFrame):
     def _on_progress(self, name: str, done: int, total: int) -> None:
         self.progress.setMaximum(1000)
         self.progress.setValue(int(1000 * done / total) if total else 0)
-        self.progress.setFormat(f"{name}: {format_bytes(done)} of {format_bytes(total)}")
+        self.progress.setToolTip(f"{name}: {format_bytes(done)} of {format_bytes(total)}")
+        if self.controller.downloading == name and done < total:
+            self.status.setText(
+                f"Downloading the {name} runtime: {format_bytes(done)} of {format_bytes(total)}"
+            )
