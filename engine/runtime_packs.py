@@ -343,7 +343,7 @@ def describe_machine(
     nvidia = None
     if "cuda" in backends:
         text = driver()
-        nvidia = text.removeprefix("nvidia ").strip() if text.startswith("nvidia ") else "0"
+        nvidia = text.removeprefix("nvidia ").strip() if text.startswith("nvidia ") else "unknown"
     return Machine(this_platform(), nvidia, bool(backends) and vulkan_loader())
 
 

@@ -199,6 +199,11 @@ def test_an_nvidia_gpu_gets_cuda_and_any_vulkan_gpu_vulkan() -> None:
         "it needs NVIDIA driver 580.65 or newer (this one is 535.104.05)"
     )
     assert suggested(packs, old) == packs[1]
+    no_nvml = describe_machine(["cuda"], driver=lambda: "none", vulkan_loader=lambda: False)
+    assert unsuitable(packs[0], no_nvml) == (
+        "it needs NVIDIA driver 580.65 or newer (this one is unknown)"
+    )
+    assert suggested(packs, no_nvml) == packs[2]
     amd = describe_machine(["hip"], vulkan_loader=lambda: True)
     assert unsuitable(packs[0], amd) == "it needs an NVIDIA GPU"
     assert suggested(packs, amd) == packs[1]
