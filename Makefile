@@ -70,6 +70,7 @@ screenshots: $(STAMP)
 	xvfb-run -a -s "-screen 0 1400x900x24" $(BIN)/python -m bench.wizard docs/screenshots
 	xvfb-run -a -s "-screen 0 1400x900x24" $(BIN)/python -m tests.shots_discover docs/screenshots
 	xvfb-run -a -s "-screen 0 1400x900x24" $(BIN)/python -m tests.shots_chat_tools docs/screenshots
+	xvfb-run -a -s "-screen 0 1400x900x24" $(BIN)/python -m tests.shots_runtimes docs/screenshots
 
 clean:
 	rm -rf $(VENV) .pytest_cache .mypy_cache .ruff_cache *.egg-info build dist

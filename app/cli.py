@@ -25,6 +25,7 @@ COMMANDS: dict[str, tuple[str, str, str]] = {
     "ls": ("app.services.models.cli", "ls_main", "list the models Peregrine can run"),
     "rm": ("app.services.models.cli", "rm_main", "delete a downloaded model"),
     "search": ("app.services.models.cli", "search_main", "search Hugging Face for GGUF models"),
+    "runtime": ("app.services.runtimes_cli", "main", "list, download or remove engine runtimes"),
 }
 
 USAGE = "usage: peregrine [--debug] [--version] [COMMAND] [ARGS...]\n\ncommands:\n" + "".join(

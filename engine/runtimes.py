@@ -566,7 +566,7 @@ class RuntimeSelector:
         lib_dir = folder / "lib"
         if not lib_dir.is_dir():
             raise RuntimeProblem(f"has no lib/ folder ({lib_dir})")
-        key = f"{name}|{digest}|{_fingerprint(lib_dir)}|{self._driver_version()}"
+        key = self._key(name, digest, lib_dir)
         result = self._cached(key)
         if result is None:
             log.info("self-testing engine runtime %s (%s)", name, manifest.backend)
@@ -584,6 +584,19 @@ class RuntimeSelector:
                 reported,
             )
         return Selection(name, manifest.backend, lib_dir)
+
+    def cached_result(self, name: str) -> SelfTest | None:
+        """The cached self-test of installed runtime `name`; None: not tested (or unreadable)."""
+        folder = self.paths.runtimes / name
+        try:
+            _, digest = read_manifest(folder)
+        except ManifestError:
+            return None
+        lib_dir = folder / "lib"
+        return self._cached(self._key(name, digest, lib_dir)) if lib_dir.is_dir() else None
+
+    def _key(self, name: str, digest: str, lib_dir: Path) -> str:
+        return f"{name}|{digest}|{_fingerprint(lib_dir)}|{self._driver_version()}"
 
     def _driver_version(self) -> str:
         if self._driver_text is None:

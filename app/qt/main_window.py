@@ -48,6 +48,7 @@ from app.qt.models.downloads_controller import (
 from app.qt.models.view import ModelsView
 from app.qt.navigation import NavRail, Page
 from app.qt.settings.controller import SettingsController
+from app.qt.settings.runtimes import RuntimesController
 from app.qt.settings.view import SettingsView
 from app.qt.status_bar import StatusBar
 from app.qt.status_controller import StatusController
@@ -173,7 +174,13 @@ class MainWindow(QMainWindow):
             make_downloader=make_downloader,
             parent=self,
         )
-        self.settings_view = SettingsView(self.settings)
+        self.runtimes = RuntimesController(
+            paths or Paths.from_env(),
+            self.background,
+            lambda: self.status.runtime_in_use,
+            parent=self,
+        )
+        self.settings_view = SettingsView(self.settings, self.runtimes)
         self._default_model = default_model
         self.hardware = hardware or HardwareSource()
         self.wizard = WizardController(
@@ -360,6 +367,7 @@ class MainWindow(QMainWindow):
         self.chat.shutdown()
         self.downloads.shutdown()
         self.discover.shutdown()
+        self.runtimes.shutdown()
         self.background.shutdown()
         self.supervisor.stop()
 

@@ -74,6 +74,7 @@ class StatusBar(QStatusBar):
         self.memory.setText(f"Memory {DASH}")
         self.memory.setToolTip("")
         self.runtime.setText(f"Runtime {DASH}")
+        self.runtime_in_use: str | None = None  # the engine's runtime name (Settings marks it)
         self.runtime.setToolTip("")
         self._draw_context()
 
@@ -117,6 +118,7 @@ class StatusBar(QStatusBar):
 
     def _draw_runtime(self, figures: ServerFigures) -> None:
         """The engine runtime in use; a warning mark when it replaced the one asked for."""
+        self.runtime_in_use = figures.runtime
         name = BUILT_IN_WORDS if figures.runtime == BUILT_IN_NAME else figures.runtime
         backend = f" ({figures.runtime_backend})" if figures.runtime_backend else ""
         if figures.runtime_fallback:

@@ -293,7 +293,27 @@ def pack(folder: Path, name: str) -> Path:
     digest = build_wheel.sha256_file(archive)
     archive.with_name(archive.name + ".sha256").write_text(f"{digest}  {archive.name}\n")
     log(f"pack {archive} sha256 {digest}")
+    write_index(archive, folder, name, digest)
     return archive
+
+
+def write_index(archive: Path, folder: Path, name: str, digest: str) -> None:
+    """Adds the pack to dist/runtimes/runtime-index.json, the index the app downloads from."""
+    from engine.runtime_packs import INDEX_FILE, Pack, requirements_of, write_index_entry
+
+    manifest = parse_manifest(json.loads((folder / MANIFEST).read_text()))
+    entry = Pack(
+        name=name,
+        backend=manifest.backend,
+        platform=f"{sys.platform}-{platform.machine().lower()}",
+        url=archive.name,  # beside the index: resolved against the index's address
+        size=archive.stat().st_size,
+        sha256=digest,
+        llama_cpp_commit=manifest.llama_cpp_commit,
+        requires=requirements_of(manifest.backend),
+    )
+    write_index_entry(archive.parent / INDEX_FILE, entry)
+    log(f"index {archive.parent / INDEX_FILE}: {name}")
 
 
 def install(folder: Path, name: str) -> Path:

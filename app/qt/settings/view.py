@@ -1,4 +1,4 @@
-"""The Settings view: appearance, models, engine defaults, and the local API.
+"""The Settings view: appearance, models, engine defaults, engine runtimes, the local API.
 
 It draws `SettingsController.settings` and hands every change to the
 controller, which checks, saves and announces it. Secrets are never put into
@@ -26,6 +26,7 @@ from PySide6.QtWidgets import (
 )
 
 from app.qt.settings.controller import SettingsController
+from app.qt.settings.runtimes import RuntimesController, RuntimesSection
 from app.services.models.library import default_scan_folders
 from app.services.settings import DEFAULT_API_PORT, masked
 
@@ -73,7 +74,12 @@ class _Section(QFrame):
 class SettingsView(QScrollArea):
     """Every setting the app has, in sections; changes take effect (and are saved) at once."""
 
-    def __init__(self, controller: SettingsController, parent: QWidget | None = None) -> None:
+    def __init__(
+        self,
+        controller: SettingsController,
+        runtimes: RuntimesController | None = None,
+        parent: QWidget | None = None,
+    ) -> None:
         super().__init__(parent)
         self.controller = controller
         self.setWidgetResizable(True)
@@ -93,8 +99,10 @@ class SettingsView(QScrollArea):
         self.models = self._models()
         self.engine = self._engine()
         self.api = self._api()
-        for section in (self.appearance, self.models, self.engine, self.api):
-            column.addWidget(section)
+        self.runtimes = RuntimesSection(runtimes) if runtimes is not None else None
+        for section in (self.appearance, self.models, self.engine, self.runtimes, self.api):
+            if section is not None:
+                column.addWidget(section)
         column.addStretch(1)
         wrap = QWidget()
         wrap.setLayout(column)
