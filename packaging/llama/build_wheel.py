@@ -164,8 +164,20 @@ def obtain_sdist(cache: Path, python: str, given: Path | None) -> Path:
         if not source.is_file():
             source.parent.mkdir(parents=True, exist_ok=True)
             with tempfile.TemporaryDirectory(dir=source.parent) as tmp:
+                # Only llama-cpp-python as source: with `--no-binary :all:` pip also
+                # builds its build tools (scikit-build-core and theirs) from source to
+                # read the sdist's metadata, minutes on a machine with no pip cache.
                 pip = [python, "-m", "pip", "download", "--no-deps", "--no-cache-dir"]
-                run([*pip, "--no-binary", ":all:", "-d", tmp, f"llama-cpp-python=={VERSION}"])
+                run(
+                    [
+                        *pip,
+                        "--no-binary",
+                        "llama-cpp-python",
+                        "-d",
+                        tmp,
+                        f"llama-cpp-python=={VERSION}",
+                    ]
+                )
                 fetched = Path(tmp) / SDIST_NAME
                 if not fetched.is_file():
                     raise BuildError(f"pip download did not produce {SDIST_NAME}")
