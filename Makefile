@@ -88,13 +88,14 @@ DEB := dist/peregrine_$(VERSION)_amd64.deb
 PYINSTALLER := pyinstaller==6.22.3
 # llama.cpp for the bundle: no -march=native (GGML_NATIVE=OFF targets x86-64 with AVX2),
 # no multimodal library (the engine does not use it). BUNDLE_LLAMA_WHEEL_CMD prints (last
-# line) the path of a llama-cpp-python wheel built with these arguments, cached per arguments.
+# line) the path of our llama-cpp-python wheel (sdist plus patches) built with these
+# arguments, cached per sdist, patches and arguments.
 BUNDLE_LLAMA_CMAKE_ARGS ?= -DGGML_NATIVE=OFF -DLLAVA_BUILD=OFF -DLLAMA_BUILD_COMMIT=0c1e57098 -DLLAMA_BUILD_NUMBER=0
 BUNDLE_LLAMA_CACHE ?= $(HOME)/.cache/peregrine-build/llama
 BUNDLE_LLAMA_WHEEL_CMD = bash packaging/llama-wheel.sh "$(BUNDLE_LLAMA_CACHE)" "$(BUNDLE_LLAMA_CMAKE_ARGS)"
 BUNDLE_SOURCES := $(shell git ls-files app engine assets 2>/dev/null) packaging/peregrine.spec packaging/peregrine_main.py
 
-$(PKG_STAMP): pyproject.toml packaging/llama-wheel.sh Makefile
+$(PKG_STAMP): pyproject.toml packaging/llama-wheel.sh $(LLAMA_INPUTS) Makefile
 	@bash packaging/linux/ensure-package-tools.sh
 	rm -rf $(PKG_VENV)
 	$(PYTHON) -m venv $(PKG_VENV)
