@@ -284,6 +284,12 @@ def fetch_index(url: str | None = None, client_factory: ClientFactory = _client)
     try:
         with client_factory() as client:
             raw, final = _get_small(client, url, MAX_INDEX_BYTES)
+    except httpx.ConnectError as exc:
+        host = urlsplit(url).hostname or url
+        raise IndexError_(
+            f"could not reach {host} for the runtime index (is this computer online?): "
+            f"{_one_line(exc)}"
+        ) from exc
     except httpx.HTTPError as exc:
         raise IndexError_(
             f"could not fetch the runtime index from {url}: {_one_line(exc)}"

@@ -11,6 +11,7 @@ from __future__ import annotations
 import io
 import json
 import os
+import socket
 import subprocess
 import sys
 import tarfile
@@ -483,3 +484,14 @@ def test_the_cli_lists_pulls_and_removes_a_runtime(pack_bytes: bytes) -> None:
         bad = _cli("list", index_url="http://example.org/index.json")
         assert bad.returncode == 0 and "available: unknown" in bad.stdout
         assert "Traceback" not in bad.stderr
+
+
+def test_an_index_host_that_cannot_be_reached_is_said_in_plain_words() -> None:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]  # closed once the block ends: nothing listens there
+    with pytest.raises(IndexError_) as info:
+        fetch_index(f"http://127.0.0.1:{port}/runtime-index.json")
+    assert str(info.value).startswith(
+        "could not reach 127.0.0.1 for the runtime index (is this computer online?)"
+    )
