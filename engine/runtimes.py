@@ -668,9 +668,11 @@ def _fingerprint(lib_dir: Path) -> str:
 
 def activate(selection: Selection) -> None:
     """Points llama-cpp-python at the chosen runtime; call before it is imported."""
+    global _backends_ready
     if selection.lib_dir is not None:
         os.environ["LLAMA_CPP_LIB_PATH"] = str(selection.lib_dir)
-        load_backends(selection.lib_dir)
+        load_backends(selection.lib_dir)  # a runtime's problem is the caller's to report
+        _backends_ready = True
         return
     # The built-in llama.cpp has no fallback: its own load reports what is wrong.
     ensure_backends()
